@@ -1,0 +1,129 @@
+"""Frozen, validated configuration passed whole to the quantizers.
+
+`QuantConfig` is the integer grid, `SearchConfig` the AWQ scale search, `MethodConfig` a full
+quantization run (method name, both of the above, calibration and method-specific parameters).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import AwqnbError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Group-wise uniform integer grid.
+
+    bits: 2, 3, 4 or 8. group_size: input channels per group, or -1 for one group per row.
+    symmetric: [-(2**(b-1)-1), 2**(b-1)-1] around zero instead of asymmetric [0, 2**b-1].
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise AwqnbError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}.")
+        if self.group_size != -1 and self.group_size < 2:
+            raise AwqnbError(
+                f"group_size={self.group_size} is invalid; use a positive size such as 64 or 128, "
+                "or -1 for one group per output row."
+            )
+
+    @property
+    def tag(self) -> str:
+        g = "ch" if self.group_size == -1 else str(self.group_size)
+        return f"w{self.bits}_g{g}" + ("_sym" if self.symmetric else "")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """AWQ scale search (see METHODS.md, awq).
+
+    salience: 'l1' (E|x|, reference AWQ) or 'l2' (sqrt(E[x^2]), the seeds' default).
+    n_grid: alpha in {0, 1/n_grid, ..., 1}. duo_scaling: AutoAWQ's s = a**alpha / w_mean**(1-alpha).
+    clip: AutoAWQ-style per-group max shrink search. propagate: what the next block sees,
+    'quantized' (block N's quantized output) or 'fp' (the full-precision output).
+    """
+
+    n_grid: int = 20
+    salience: str = "l2"
+    duo_scaling: bool = False
+    clip: bool = False
+    propagate: str = "quantized"
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+    clip_max_tokens: int = 4096
+
+    def __post_init__(self):
+        if self.salience not in ("l1", "l2"):
+            raise AwqnbError(f"salience={self.salience!r} is unknown; use 'l1' or 'l2'.")
+        if self.propagate not in ("quantized", "fp"):
+            raise AwqnbError(f"propagate={self.propagate!r} is unknown; use 'quantized' or 'fp'.")
+        if self.n_grid < 1:
+            raise AwqnbError(f"n_grid={self.n_grid} must be at least 1 (20 gives 21 alpha points).")
+        if not 0.0 < self.clip_max_shrink < 1.0:
+            raise AwqnbError("clip_max_shrink must lie in (0, 1); 0.5 searches 1.0 down to 0.55.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One quantization run.
+
+    method: a registered method name ('rtn', 'awq', ...). params: method-specific parameters
+    (validated by the method). lm_head: 'fp16' keeps it in full precision, 'quantize' rounds it in
+    `lmhead_chunks` row chunks. layer_batch_size: calibration samples per forward chunk.
+    """
+
+    method: str = "awq"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    lm_head: str = "fp16"
+    lmhead_chunks: int = 8
+    layer_batch_size: int = 16
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.lm_head not in ("fp16", "quantize"):
+            raise AwqnbError(f"lm_head={self.lm_head!r} is unknown; use 'fp16' or 'quantize'.")
+        if self.lmhead_chunks < 1:
+            raise AwqnbError("lmhead_chunks must be at least 1.")
+        if self.layer_batch_size < 1:
+            raise AwqnbError("layer_batch_size must be at least 1.")
+        object.__setattr__(self, "params", dict(self.params))
+
+    @property
+    def tag(self) -> str:
+        head = "headfp16" if self.lm_head == "fp16" else "headq"
+        return f"{self.method}_{self.quant.tag}_{head}"
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "quant": self.quant.to_dict(),
+            "search": self.search.to_dict(),
+            "params": dict(self.params),
+            "lm_head": self.lm_head,
+            "lmhead_chunks": self.lmhead_chunks,
+            "layer_batch_size": self.layer_batch_size,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MethodConfig":
+        d = dict(d)
+        d["quant"] = QuantConfig(**d.get("quant", {}))
+        d["search"] = SearchConfig(**d.get("search", {}))
+        return cls(**d)
