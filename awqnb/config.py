@@ -61,7 +61,7 @@ class SearchConfig:
     propagate: str = "quantized"
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
-    clip_max_tokens: int = 4096
+    clip_max_tokens: int = 512
 
     def __post_init__(self):
         if self.salience not in ("l1", "l2"):
@@ -92,7 +92,8 @@ class MethodConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
     lm_head: str = "fp16"
     lmhead_chunks: int = 8
-    layer_batch_size: int = 16
+    layer_batch_size: int = 1
+    calib_batch_size: int = 16
     seed: int = 42
 
     def __post_init__(self):
@@ -102,6 +103,8 @@ class MethodConfig:
             raise AwqnbError("lmhead_chunks must be at least 1.")
         if self.layer_batch_size < 1:
             raise AwqnbError("layer_batch_size must be at least 1.")
+        if self.calib_batch_size < 1:
+            raise AwqnbError("calib_batch_size must be at least 1.")
         object.__setattr__(self, "params", dict(self.params))
 
     @property
@@ -118,6 +121,7 @@ class MethodConfig:
             "lm_head": self.lm_head,
             "lmhead_chunks": self.lmhead_chunks,
             "layer_batch_size": self.layer_batch_size,
+            "calib_batch_size": self.calib_batch_size,
             "seed": self.seed,
         }
 

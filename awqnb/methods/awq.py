@@ -1,0 +1,225 @@
+"""AWQ: activation-aware per-input-channel scaling, searched on a grid of α, folded exactly.
+
+For a scale group with salience `a: [ci]` (L1 `E|x|` or L2 `sqrt(E[x²])`):
+  s(α) = a**α                      (duo_scaling: a**α / (w_mean**(1-α) + 1e-4))
+  s   /= sqrt(max(s) · min(s))
+  W'(α) = Q(W · diag(s)) · diag(s)^-1
+  L(α) = mean‖F(X; W'(α)) − F(X; W)‖²     F = the module the group feeds
+  α* = argmin over α ∈ {0, 1/n_grid, …, 1}; ties → smallest α.
+The chosen s is folded: prev op output channels ÷ s, scaled layers' input columns × s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..arch import ArchSpec, AttnShape, ScaleGroup, get_module
+from ..config import QuantConfig, SearchConfig
+from ..primitives import effective_group_size, expand_groups, fake_quant, group_view
+
+
+@dataclass
+class GroupSearch:
+    """Evidence of one scale group's search: the α→loss curve and the chosen scales.
+
+    scales: `[ci_prev]`, in the space of the previous op's outputs (for the GQA v→o group:
+    `[n_kv * head_dim]`, repeated over query heads to reach o_proj's inputs).
+    """
+
+    name: str
+    alphas: list[float]
+    losses: list[float]
+    best_alpha: float
+    best_loss: float
+    scales: torch.Tensor
+    salience: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rtn_loss(self) -> float:
+        """Loss at α=0: s ≡ 1, i.e. plain round-to-nearest."""
+        return self.losses[0]
+
+
+def salience(x_abs_mean: torch.Tensor, x_sq_mean: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-channel salience `[ci]`: 'l1' → E|x|, 'l2' → sqrt(E[x²])."""
+    return x_abs_mean if kind == "l1" else x_sq_mean.clamp(min=0).sqrt()
+
+
+def kv_space(a: torch.Tensor, attn: AttnShape) -> torch.Tensor:
+    """o_proj-input salience `[n_heads*hd]` → v_proj-output space `[n_kv*hd]`, averaged over
+    the n_rep query heads that read each kv head."""
+    return a.view(attn.n_kv, attn.n_rep, attn.head_dim).mean(1).reshape(-1)
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """AutoAWQ's w_mean `[ci]`: |W| normalised by each (row, group) absmax, averaged over rows."""
+    w = torch.cat([x.float() for x in weights], 0)
+    ci = w.shape[1]
+    wg = group_view(w.abs(), group_size)
+    norm = wg / (wg.amax(dim=-1, keepdim=True) + 1e-6)
+    return norm.reshape(w.shape[0], -1)[:, :ci].mean(0)
+
+
+def scales_for(a: torch.Tensor, alpha: float, w_mean: torch.Tensor | None) -> torch.Tensor:
+    """s(α), normalised so that sqrt(max·min) = 1. `[c]` float32."""
+    a = a.float()
+    if w_mean is not None:
+        s = a.pow(alpha) / (w_mean.pow(1 - alpha) + 1e-4)
+    else:
+        s = a.pow(alpha)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def scaled_fake_quant(w: torch.Tensor, s_full: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
+    """Q(W · diag(s)) · diag(s)^-1 in w's dtype."""
+    wf = w.float() * s_full
+    return (fake_quant(wf, qcfg) / s_full).to(w.dtype)
+
+
+def _rel(path: str, prefix: str) -> str:
+    return path[len(prefix) + 1:] if prefix and path.startswith(prefix + ".") else ("" if path == prefix else path)
+
+
+class InspectRunner:
+    """Runs a group's inspect module on the captured inputs, optionally with substitute weights.
+
+    xs: list of `[b, T, c]` chunk inputs; kwargs: matching per-chunk kwargs for attention modules.
+    """
+
+    def __init__(self, block: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kwargs: list[dict]):
+        self.module = get_module(block, group.inspect)
+        self.group = group
+        self.xs = xs
+        self.kwargs = kwargs
+        self.names = [(_rel(n, group.inspect) + ".weight").lstrip(".") for n in group.layers]
+
+    def _call(self, i: int, params: dict | None):
+        x = self.xs[i]
+        if self.group.inspect_kind == "attention":
+            args, kw = (), dict(hidden_states=x, **self.kwargs[i])
+        else:
+            args, kw = (x,), {}
+        if params is None:
+            out = self.module(*args, **kw)
+        else:
+            out = functional_call(self.module, params, args, kw, strict=False)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    @torch.inference_mode()
+    def outputs(self) -> list[torch.Tensor]:
+        return [self._call(i, None) for i in range(len(self.xs))]
+
+    @torch.inference_mode()
+    def loss(self, weights: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+        """mean((F(X; weights) − ref)²) over all chunks and elements."""
+        params = dict(zip(self.names, weights))
+        tot, n = 0.0, 0
+        for i in range(len(self.xs)):
+            out = self._call(i, params)
+            tot += (out.float() - ref[i].float()).pow(2).sum().item()
+            n += out.numel()
+        return tot / max(n, 1)
+
+
+def search_group(block: nn.Module, group: ScaleGroup, a: torch.Tensor, runner: InspectRunner,
+                 qcfg: QuantConfig, scfg: SearchConfig, attn: AttnShape) -> GroupSearch:
+    """Grid-search α for one scale group. `a`: salience of the layers' input channels `[ci]`."""
+    layers = [get_module(block, n) for n in group.layers]
+    ws = [m.weight.data for m in layers]
+    dev = ws[0].device
+    a = a.to(dev)
+    idx = attn.o_index(dev) if group.gqa_fold else None
+    a_prev = kv_space(a, attn) if group.gqa_fold else a
+    w_mean = None
+    if scfg.duo_scaling:
+        wm = weight_mean(ws, qcfg.group_size)
+        w_mean = kv_space(wm, attn) if group.gqa_fold else wm
+    ref = runner.outputs()
+    alphas = [i / scfg.n_grid for i in range(scfg.n_grid + 1)]
+    losses = []
+    best = (float("inf"), 0.0, None)
+    for alpha in alphas:
+        s = scales_for(a_prev, alpha, w_mean)
+        s_full = s[idx] if idx is not None else s
+        loss = runner.loss([scaled_fake_quant(w, s_full, qcfg) for w in ws], ref)
+        losses.append(loss)
+        if loss < best[0]:  # strict: ties keep the smaller α
+            best = (loss, alpha, s)
+    if best[2] is None:  # every loss was NaN/inf: fall back to s ≡ 1 (RTN)
+        best = (losses[0], 0.0, scales_for(a_prev, 0.0, None))
+    return GroupSearch(group.name, alphas, losses, best[1], best[0], best[2].cpu(), a_prev.float().cpu())
+
+
+@torch.no_grad()
+def fold_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor, spec: ArchSpec, attn: AttnShape) -> torch.Tensor:
+    """Fold s into the block exactly: prev op outputs ÷ s, scaled layers' input columns × s.
+
+    RMSNorm computing x·(offset + w) becomes x·(offset + w)/s, i.e. w' = (offset + w)/s − offset.
+    Returns s expanded to the scaled layers' input channels `[ci]`.
+    """
+    prev = get_module(block, group.prev_op)
+    dev = prev.weight.device
+    s = s.to(dev).float()
+    if group.prev_kind == "norm":
+        w = prev.weight.data.float()
+        prev.weight.data.copy_(((spec.norm_offset + w) / s - spec.norm_offset).to(prev.weight.dtype))
+    else:
+        prev.weight.data.copy_((prev.weight.data.float() / s[:, None]).to(prev.weight.dtype))
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data.copy_((prev.bias.data.float() / s).to(prev.bias.dtype))
+    s_full = s[attn.o_index(dev)] if group.gqa_fold else s
+    for name in group.layers:
+        lin = get_module(block, name)
+        lin.weight.data.copy_((lin.weight.data.float() * s_full[None, :]).to(lin.weight.dtype))
+    return s_full
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, qcfg: QuantConfig, scfg: SearchConfig,
+                oc_batch: int = 256) -> torch.Tensor:
+    """AutoAWQ-style clipping: per (row, group), the absmax shrink r ∈ {1, 1−1/n, …} (down to
+    1 − max_shrink, exclusive) minimising the group's output error on sampled tokens:
+      err_g(r) = mean_t ( x_t,g · (W_g − Q(clamp(W_g, ±r·absmax_g)))) )²
+    w: `[co, ci]`, x: `[n_tok, ci]` (inputs already in the scaled space). Returns max_val `[co, n_group]`."""
+    co, ci = w.shape
+    g = effective_group_size(ci, qcfg.group_size)
+    if x.shape[0] > scfg.clip_max_tokens:
+        step = x.shape[0] // scfg.clip_max_tokens
+        x = x[::step][: scfg.clip_max_tokens]
+    x = x.float()
+    pad = (-ci) % g
+    xg = torch.cat([x, x.new_zeros(x.shape[0], pad)], 1) if pad else x
+    xg = xg.reshape(x.shape[0], -1, g)  # [n_tok, n_group, g]; padded columns carry x = 0
+    n_steps = int(scfg.clip_max_shrink * scfg.clip_grid)
+    out = []
+    for o0 in range(0, co, oc_batch):
+        wb = w[o0:o0 + oc_batch].float()
+        wg = group_view(wb, qcfg.group_size)  # [ob, n_group, g]
+        absmax = wg.abs().amax(-1, keepdim=True)
+        ref = torch.einsum("tng,ong->otn", xg, wg)
+        best_err = torch.full(absmax.shape[:2], float("inf"), device=w.device)
+        best_max = absmax.squeeze(-1).clone()
+        for i in range(n_steps):
+            mx = absmax * (1 - i / scfg.clip_grid)
+            cw = torch.clamp(wg, -mx, mx).reshape(wb.shape[0], -1)[:, :ci]
+            qw = group_view(fake_quant(cw, qcfg), qcfg.group_size)
+            err = (torch.einsum("tng,ong->otn", xg, qw) - ref).pow(2).mean(1)  # [ob, n_group]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better, mx.squeeze(-1), best_max)
+        out.append(best_max)
+    return torch.cat(out, 0)
+
+
+@torch.no_grad()
+def apply_clip(lin: nn.Linear, max_val: torch.Tensor, qcfg: QuantConfig) -> None:
+    """Clamp each (row, group) of the weight to ±max_val `[co, n_group]`."""
+    w = lin.weight.data
+    ci = w.shape[1]
+    mv = expand_groups(max_val.to(w.device).float(), ci, qcfg.group_size)
+    lin.weight.data.copy_(torch.clamp(w.float(), -mv, mv).to(w.dtype))

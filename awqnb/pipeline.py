@@ -1,0 +1,333 @@
+"""quantize(model, method config, calibration) → QuantResult; apply(model, result).
+
+Block by block: capture each block's linear inputs on the calibration set, search and fold the
+scale groups, clip, round, then move on with the hidden states `search.propagate` asks for.
+The result keeps every α→loss curve and the chosen scales, so `apply` can redo the
+quantization on a fresh copy of the model without calibration data.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import methods as _methods  # noqa: F401  (registers methods)
+from .arch import ArchSpec, attn_shape, blocks, get_module, resolve_spec
+from .capture import BlockInputs, ChannelStats, block_output, capture_block_inputs, capture_inputs
+from .config import MethodConfig
+from .errors import AwqnbError
+from .methods.awq import GroupSearch, InspectRunner, apply_clip, fold_scales, search_clip, search_group
+from .methods.base import BlockContext, Method, get_method
+from .primitives import check_weight, effective_group_size, fake_quant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerRecord:
+    """What quantizing one decoder block found and did."""
+
+    index: int
+    groups: dict[str, GroupSearch] = field(default_factory=dict)
+    clip: dict[str, torch.Tensor] = field(default_factory=dict)  # linear → max_val [co, n_group]
+    replay: dict[str, Any] = field(default_factory=dict)  # linear → method replay data
+    evidence: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class QuantResult:
+    """Everything a quantization run decided, serialisable with `save`/`load`."""
+
+    config: MethodConfig
+    model_name: str
+    model_type: str
+    calibration: dict | None
+    layers: list[LayerRecord]
+    timings: dict
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def alphas(self) -> dict[int, dict[str, float]]:
+        """Chosen α per block and scale group."""
+        return {r.index: {g: s.best_alpha for g, s in r.groups.items()} for r in self.layers}
+
+    def curves(self):
+        """Tidy α→loss curves: one row per (layer, group, alpha)."""
+        import pandas as pd
+
+        rows = [
+            {"layer": r.index, "group": g, "alpha": a, "loss": l, "best_alpha": s.best_alpha,
+             "loss_rel_rtn": l / s.rtn_loss if s.rtn_loss > 0 else float("nan")}
+            for r in self.layers for g, s in r.groups.items() for a, l in zip(s.alphas, s.losses)
+        ]
+        return pd.DataFrame(rows, columns=["layer", "group", "alpha", "loss", "best_alpha", "loss_rel_rtn"])
+
+    def metadata(self) -> dict:
+        """JSON-able provenance: method, every parameter, per-layer α and losses, calibration,
+        versions, timings, and each method's evidence."""
+        return {
+            "method": self.method,
+            "config": self.config.to_dict(),
+            "model": self.model_name,
+            "model_type": self.model_type,
+            "calibration": self.calibration,
+            "layers": [
+                {
+                    "index": r.index,
+                    "alpha": {g: s.best_alpha for g, s in r.groups.items()},
+                    "loss": {g: s.best_loss for g, s in r.groups.items()},
+                    "loss_rtn": {g: s.rtn_loss for g, s in r.groups.items()},
+                    "clipped": sorted(r.clip),
+                    "evidence": r.evidence,
+                    "seconds": round(r.seconds, 4),
+                }
+                for r in self.layers
+            ],
+            "timings": self.timings,
+            "versions": self.versions,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """torch.save of plain data (tensors, dicts): load with `QuantResult.load`."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"config": self.config.to_dict(), "model_name": self.model_name,
+                    "model_type": self.model_type, "calibration": self.calibration,
+                    "layers": [vars(r) | {"groups": {g: vars(s) for g, s in r.groups.items()}} for r in self.layers],
+                    "timings": self.timings, "versions": self.versions}, tmp)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantResult":
+        d = torch.load(path, weights_only=False)
+        layers = []
+        for r in d["layers"]:
+            r = dict(r)
+            r["groups"] = {g: GroupSearch(**s) for g, s in r["groups"].items()}
+            layers.append(LayerRecord(**r))
+        return cls(MethodConfig.from_dict(d["config"]), d["model_name"], d["model_type"],
+                   d["calibration"], layers, d["timings"], d["versions"])
+
+
+def _input_keys(spec: ArchSpec) -> dict[str, str]:
+    """linear name → the name of the first layer of its scale group (its input point)."""
+    keys = {}
+    for g in spec.groups:
+        for name in g.layers:
+            keys[name] = g.layers[0]
+    for name in spec.linears:
+        keys.setdefault(name, name)
+    return keys
+
+
+def _chunks(samples: list[torch.Tensor], batch: int, device) -> list[torch.Tensor]:
+    """Stack consecutive equal-length samples into `[b, T]` chunks of at most `batch`."""
+    out, cur = [], []
+    for s in samples:
+        if cur and (len(cur) == batch or cur[0].numel() != s.numel()):
+            out.append(torch.stack(cur).to(device))
+            cur = []
+        cur.append(s.reshape(-1))
+    if cur:
+        out.append(torch.stack(cur).to(device))
+    return out
+
+
+def validate(model: nn.Module, cfg: MethodConfig, spec: ArchSpec) -> None:
+    """Fail before any work: NaN/Inf weights, a group size that does not fit a layer."""
+    for name, p in model.named_parameters():
+        check_weight(name, p.data)
+    for bi, block in enumerate(blocks(model, spec)):
+        for name in spec.linears:
+            effective_group_size(get_module(block, name).in_features, cfg.quant.group_size)
+        if bi == 0:
+            continue
+
+
+def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+
+
+def _capture_block(idx: int, block: nn.Module, spec: ArchSpec, hidden: list[torch.Tensor],
+                   kwargs: list[dict], keys: dict[str, str], keep: bool) -> tuple[dict, dict, list]:
+    """Run block on every chunk, recording its linears' inputs at each input point.
+
+    Returns (inputs: key → list of chunk tensors (empty unless keep), stats: key → ChannelStats,
+    FP outputs per chunk)."""
+    points = sorted(set(keys.values()))
+    inputs = {k: [] for k in points}
+    stats = {k: ChannelStats() for k in points}
+
+    def sink(name, x):
+        stats[name].update(x)
+        if keep:
+            inputs[name].append(x.detach())
+
+    outs = []
+    with capture_inputs({k: get_module(block, k) for k in points}, sink):
+        with torch.inference_mode():
+            for h, kw in zip(hidden, kwargs):
+                outs.append(block_output(block(h, **kw)))
+    return inputs, stats, outs
+
+
+def _quantize_block(method: Method, ctx: BlockContext, rec: LayerRecord) -> None:
+    cfg = method.cfg
+    block, spec, attn = ctx.block, ctx.spec, ctx.attn
+    if method.searches_scales:
+        for group in spec.groups:
+            key = group.layers[0]
+            a = method.salience(ctx, group)
+            runner = InspectRunner(block, group, ctx.inputs[key], [kw for kw in ctx.kwargs])
+            gs = search_group(block, group, a, runner, cfg.quant, cfg.search, attn)
+            s_full = fold_scales(block, group, gs.scales, spec, attn)
+            ctx.inputs[key] = [x / s_full.to(x.dtype) for x in ctx.inputs[key]]
+            ctx.scale_of[key] = s_full
+            rec.groups[group.name] = gs
+    if cfg.search.clip and method.needs_calibration:
+        skip = {n for g in spec.groups for n in g.clip_skip}
+        for name in spec.linears:
+            if name in skip:
+                continue
+            lin = get_module(block, name)
+            mv = search_clip(lin.weight.data, ctx.flat_inputs(ctx.input_key[name]), cfg.quant, cfg.search)
+            apply_clip(lin, mv, cfg.quant)
+            rec.clip[name] = mv.cpu()
+    for name in spec.linears:
+        replay = method.round_linear(ctx, name, get_module(block, name))
+        if replay is not None:
+            rec.replay[name] = replay
+    method.finish_block(ctx)
+    rec.evidence.update(ctx.evidence)
+
+
+@torch.no_grad()
+def _quantize_lm_head(model: nn.Module, cfg: MethodConfig) -> None:
+    """Round lm_head in `lmhead_chunks` row chunks (rows are independent, so this is exact);
+    untie it first so the input embeddings stay in full precision."""
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = nn.Parameter(head.weight.data.clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    w = head.weight.data
+    for rows in torch.chunk(torch.arange(w.shape[0], device=w.device), cfg.lmhead_chunks):
+        w[rows] = fake_quant(w[rows], cfg.quant)
+
+
+def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
+             model_name: str = "", progress: bool = True) -> QuantResult:
+    """Quantize `model` in place with the method `cfg.method`; return the evidence.
+
+    calibration: an `awqnb.data.Calibration` (samples of token ids); required by calibrated methods.
+    device: where the blocks are computed (default: the model's device); the model is moved there.
+    """
+    t0 = time.perf_counter()
+    spec = resolve_spec(model)
+    method = get_method(cfg.method)(cfg)
+    validate(model, cfg, spec)
+    attn = attn_shape(model.config)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    model.eval()
+    bl = blocks(model, spec)
+    keys = _input_keys(spec)
+    records: list[LayerRecord] = []
+    calib_info = None
+    timings: dict[str, float] = {}
+
+    if method.needs_calibration:
+        if calibration is None or not getattr(calibration, "samples", None):
+            raise AwqnbError(
+                f"method {cfg.method!r} needs calibration data but the calibration set is empty; "
+                "pass one from awqnb.data.load_calibration (e.g. --calib-dataset wikitext2 --n-calib 128)."
+            )
+        calib_info = calibration.to_dict() if hasattr(calibration, "to_dict") else None
+        chunks = _chunks(calibration.samples, cfg.calib_batch_size, device)
+        tc = time.perf_counter()
+        binp: BlockInputs = capture_block_inputs(model, bl, chunks)
+        timings["capture_s"] = time.perf_counter() - tc
+        hidden = binp.hidden
+        n = len(bl)
+        it = tqdm(total=n, desc=f"{cfg.method} blocks", disable=not progress)
+        i = 0
+        while i < n:
+            batch = range(i, min(i + cfg.layer_batch_size, n))
+            start = hidden
+            for j in batch:
+                tb = time.perf_counter()
+                kw = [binp.kwargs[c][j] for c in range(len(chunks))]
+                inputs, stats, outs = _capture_block(j, bl[j], spec, hidden, kw, keys, keep=True)
+                ctx = BlockContext(j, bl[j], spec, attn, inputs, stats, kw, keys)
+                rec = LayerRecord(j)
+                _quantize_block(method, ctx, rec)
+                del ctx, inputs
+                hidden = outs  # FP output of block j: what the next block of the batch sees
+                rec.seconds = time.perf_counter() - tb
+                records.append(rec)
+                it.update(1)
+            if cfg.search.propagate == "quantized":
+                hidden = start
+                for j in batch:
+                    hidden = _run_block(bl[j], hidden, [binp.kwargs[c][j] for c in range(len(chunks))])
+            i = batch.stop
+        it.close()
+    else:
+        for j, block in enumerate(tqdm(bl, desc=f"{cfg.method} blocks", disable=not progress)):
+            tb = time.perf_counter()
+            rec = LayerRecord(j)
+            for name in spec.linears:
+                replay = method.round_linear(None, name, get_module(block, name))
+                if replay is not None:
+                    rec.replay[name] = replay
+            rec.seconds = time.perf_counter() - tb
+            records.append(rec)
+    if cfg.lm_head == "quantize":
+        _quantize_lm_head(model, cfg)
+    timings["total_s"] = time.perf_counter() - t0
+    from .models import versions
+
+    return QuantResult(cfg, model_name, model.config.model_type, calib_info, records, timings, versions())
+
+
+@torch.no_grad()
+def apply(model: nn.Module, result: QuantResult, device=None) -> nn.Module:
+    """Redo a quantization on a fresh copy of the FP model from `result`, without searching:
+    fold the recorded scales, clamp the recorded clip ranges, round (replaying recorded flips)."""
+    cfg = result.config
+    spec = resolve_spec(model)
+    if model.config.model_type != result.model_type:
+        raise AwqnbError(f"this result was made for a {result.model_type!r} model, not {model.config.model_type!r}.")
+    method = get_method(cfg.method)(cfg)
+    attn = attn_shape(model.config)
+    if device is not None:
+        model.to(device)
+    bl = blocks(model, spec)
+    if len(bl) != len(result.layers):
+        raise AwqnbError(f"this result has {len(result.layers)} blocks but the model has {len(bl)}.")
+    for rec in result.layers:
+        block = bl[rec.index]
+        for group in spec.groups:
+            if group.name in rec.groups:
+                fold_scales(block, group, rec.groups[group.name].scales, spec, attn)
+        for name, mv in rec.clip.items():
+            apply_clip(get_module(block, name), mv, cfg.quant)
+        for name in spec.linears:
+            method.replay_linear(name, get_module(block, name), rec.replay.get(name))
+    if cfg.lm_head == "quantize":
+        _quantize_lm_head(model, cfg)
+    return model
