@@ -1,0 +1,236 @@
+"""`awqnb quantize | eval | compare | report` — a thin command line over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import AwqnbError
+
+log = logging.getLogger("awqnb")
+
+
+def _parse_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v
+
+
+def _method_params(args) -> dict:
+    params = {}
+    for kv in args.param or []:
+        if "=" not in kv:
+            raise AwqnbError(f"--param {kv!r} must look like key=value, e.g. --param outlier_percent=5")
+        k, v = kv.split("=", 1)
+        params[k.replace("-", "_")] = _parse_value(v)
+    return params
+
+
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="alias, HF directory, GGUF file or Hub id")
+    p.add_argument("--method", default="awq", help="quantization method (see `awqnb quantize --list`)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128, help="-1 = per channel")
+    p.add_argument("--sym", action="store_true", help="symmetric grid [-(2^(b-1)-1), 2^(b-1)-1]")
+    p.add_argument("--n-calib", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-dataset", default="wikitext2", help="wikitext2, wikitext2-simple, c4 or a .txt path")
+    p.add_argument("--n-grid", type=int, default=20)
+    p.add_argument("--salience", choices=["l1", "l2"], default="l2")
+    p.add_argument("--duo-scaling", action="store_true")
+    p.add_argument("--clip", action="store_true", help="AutoAWQ-style weight clipping search")
+    p.add_argument("--propagate", choices=["quantized", "fp"], default="quantized")
+    p.add_argument("--layer-batch-size", type=int, default=1, help="decoder blocks calibrated per pass")
+    p.add_argument("--calib-batch-size", type=int, default=16, help="calibration samples per forward")
+    p.add_argument("--lm-head", choices=["fp16", "quantize"], default="fp16")
+    p.add_argument("--lmhead-chunks", type=int, default=8)
+    p.add_argument("--param", action="append", help="method parameter key=value (repeatable)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="auto")
+
+
+def method_config(args):
+    from .config import MethodConfig, QuantConfig, SearchConfig
+
+    return MethodConfig(
+        method=args.method,
+        quant=QuantConfig(args.bits, args.group_size, args.sym),
+        search=SearchConfig(n_grid=args.n_grid, salience=args.salience, duo_scaling=args.duo_scaling,
+                            clip=args.clip, propagate=args.propagate),
+        params=_method_params(args),
+        lm_head=args.lm_head,
+        lmhead_chunks=args.lmhead_chunks,
+        layer_batch_size=args.layer_batch_size,
+        calib_batch_size=args.calib_batch_size,
+        seed=args.seed,
+    )
+
+
+def cmd_quantize(args) -> int:
+    import torch
+
+    from . import models, pipeline
+    from .data import load_calibration
+    from .methods import get_method
+
+    if args.list:
+        from .methods import REGISTRY
+
+        sys.stdout.write("\n".join(sorted(REGISTRY)) + "\n")
+        return 0
+    cfg = method_config(args)
+    method_cls = get_method(cfg.method)
+    method_cls(cfg)  # validates method params before loading anything
+    out_root = Path(args.output_dir)
+    device = models.resolve_device(args.device)
+    model, tok = models.load_model(args.model, device=device)
+    models.check_supported(model)
+    tag = models.model_tag(args.model, cfg)
+    dest = out_root / tag
+    if dest.exists() and any(dest.iterdir()) and not args.overwrite:
+        raise AwqnbError(f"{dest} already exists; pass --overwrite or choose another --output-dir.")
+    calib = None
+    if method_cls.needs_calibration:
+        calib = load_calibration(tok, args.calib_dataset, n_calib=args.n_calib, seqlen=args.calib_seqlen,
+                                 seed=args.seed)
+    torch.manual_seed(args.seed)
+    result = pipeline.quantize(model, cfg, calib, device=device, model_name=args.model)
+    meta = result.metadata()
+    path = models.save_quantized(model, tok, dest, meta, overwrite=args.overwrite)
+    result.save(path / "quant_result.pt")
+    log.info("saved %s (%.1f s)", path, result.timings["total_s"])
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import models
+    from .data import load_eval_texts, load_eval_tokens
+    from .evaluate import sample_perplexity, token_perplexity
+
+    device = models.resolve_device(args.device)
+    model, tok = models.load_model(args.model, device=device)
+    meta = {"model": args.model, "method": "fp"}
+    qmeta = Path(args.model) / "quantization_metadata.json"
+    if qmeta.is_file():
+        q = json.loads(qmeta.read_text())
+        meta.update(method=q.get("method"), bits=q["config"]["quant"]["bits"],
+                    group_size=q["config"]["quant"]["group_size"], calibration=q.get("calibration"),
+                    model=q.get("model", args.model))
+    if args.dataset in ("wikitext2", "c4"):
+        tokens = load_eval_tokens(tok, args.dataset)
+        max_windows = args.max_windows
+        if args.dataset == "c4" and max_windows is None:
+            max_windows = 256  # GPTQ's C4 protocol: 256 windows
+        res = token_perplexity(model, tokens, seqlen=args.seqlen, max_windows=max_windows, device=device,
+                               dataset=args.dataset)
+    else:
+        texts = load_eval_texts(args.dataset, n_samples=args.n_samples)
+        res = sample_perplexity(model, tok, texts, max_length=args.seqlen, device=device, dataset=args.dataset)
+    res.meta.update(meta)
+    if args.json:
+        res.to_json(args.json)
+    sys.stdout.write(f"{meta['model']} [{meta['method']}] {res.dataset} {res.protocol} ppl seqlen={res.seqlen} "
+                     f"units={res.n_units}: {res.ppl:.4f}\n")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import pandas as pd
+
+    from .evaluate import PerplexityResult, comparison_table
+
+    results: dict = {}
+    names = []
+    for f in args.results:
+        r = PerplexityResult.from_dict(json.loads(Path(f).read_text()))
+        name = r.meta.get("label") or f"{r.meta.get('method', 'fp')}:{Path(f).stem}"
+        names.append(name)
+        results.setdefault(name, {})[r.dataset] = r
+    baseline = args.baseline or names[0]
+    if baseline not in results:
+        raise AwqnbError(f"--baseline {baseline!r} is not one of {names}")
+    df = comparison_table(results, baseline=baseline)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        sys.stdout.write(df.to_string(index=False) + "\n")
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    return 0
+
+
+def cmd_report(args) -> int:
+    import yaml
+
+    from .report import run_batch
+
+    params = {}
+    if args.params:
+        params = yaml.safe_load(Path(args.params).read_text()) or {}
+    models_ = [m for m in (args.models or args.model or "smollm2-135m").split(",") if m]
+    methods = [m for m in args.methods.split(",") if m]
+    index = run_batch(models_, methods, params=params, output_dir=args.output_dir)
+    sys.stdout.write(f"{index}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="awqnb", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it in the HF layout")
+    _quant_args(q)
+    q.add_argument("--output-dir", default="quantized")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--list", action="store_true", help="list the available methods and exit")
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a model (alias, HF dir or GGUF)")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "c4", "ag_news", "c4-sample"])
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--n-samples", type=int, default=2000)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", default=None, help="write the result (with per-window NLL) here")
+    e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("compare", help="compare eval JSON files: delta %%, bootstrap 95%% CI, winner")
+    c.add_argument("results", nargs="+")
+    c.add_argument("--baseline", default=None)
+    c.add_argument("--csv", default=None)
+    c.set_defaults(fn=cmd_compare)
+
+    r = sub.add_parser("report", help="run the report notebooks with papermill")
+    r.add_argument("--model", default=None)
+    r.add_argument("--models", default=None, help="comma-separated models")
+    r.add_argument("--methods", default="rtn,awq")
+    r.add_argument("--params", default=None, help="YAML file of notebook parameters")
+    r.add_argument("--output-dir", default="reports")
+    r.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except AwqnbError as e:
+        sys.stderr.write(f"awqnb: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("awqnb: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

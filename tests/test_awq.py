@@ -1,0 +1,226 @@
+"""AWQ search, exact folding, the block pipeline, apply/replay and bad input."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from awqnb import pipeline
+from awqnb.arch import ArchSpec, AttnShape, ScaleGroup, attn_shape, blocks, get_module, resolve_spec
+from awqnb.capture import StopForward, capture_block_inputs, capture_inputs
+from awqnb.config import MethodConfig, QuantConfig, SearchConfig
+from awqnb.data import load_calibration
+from awqnb.errors import AwqnbError
+from awqnb.methods.awq import InspectRunner, fold_scales, search_group
+from awqnb.models import load_model
+from awqnb.primitives import fake_quant
+
+TINY = ["tiny-random-llama", "tiny-random-gemma3"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    out = {}
+    for name in TINY:
+        model, tok = load_model(name)
+        calib = load_calibration(tok, "wikitext2", n_calib=4, seqlen=64, seed=0)
+        out[name] = (model, tok, calib)
+    return out
+
+
+def _fresh(tiny, name):
+    model, tok, calib = tiny[name]
+    return copy.deepcopy(model), tok, calib
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_folding_random_scales_is_exact(tiny, name):
+    model, tok, calib = _fresh(tiny, name)
+    ids = torch.stack(calib.samples[:2])
+    ref = _logits(model, ids)
+    spec, attn = resolve_spec(model), attn_shape(model.config)
+    assert attn.n_kv < attn.n_heads  # both tiny models use GQA, so the v→o fold is exercised
+    g = torch.Generator().manual_seed(0)
+    for block in blocks(model, spec):
+        for group in spec.groups:
+            c = get_module(block, group.prev_op).weight.shape[0]
+            fold_scales(block, group, torch.rand(c, generator=g) * 4 + 0.1, spec, attn)
+    torch.testing.assert_close(_logits(model, ids), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_gqa_mapping_would_break_exactness(tiny):
+    """The v→o fold must repeat each kv head's scale over its own n_rep query heads: the
+    interleaved mapping h % n_kv (a plausible bug) changes the outputs."""
+    model, tok, calib = _fresh(tiny, "tiny-random-llama")
+    ids = torch.stack(calib.samples[:1])
+    ref = _logits(model, ids)
+    spec, attn = resolve_spec(model), attn_shape(model.config)
+    vo = next(g for g in spec.groups if g.gqa_fold)
+    block = blocks(model, spec)[0]
+    s = torch.rand(attn.n_kv * attn.head_dim) * 4 + 0.1
+    h = torch.arange(attn.n_heads).repeat_interleave(attn.head_dim)
+    d = torch.arange(attn.head_dim).repeat(attn.n_heads)
+    wrong = (h % attn.n_kv) * attn.head_dim + d
+    assert not torch.equal(wrong, attn.o_index())
+    with torch.no_grad():
+        get_module(block, "self_attn.v_proj").weight.div_(s[:, None])
+        get_module(block, "self_attn.o_proj").weight.mul_(s[wrong][None, :])
+    assert (_logits(model, ids) - ref).abs().max() > 1e-3
+
+
+class _Toy(nn.Module):
+    """norm → linear, with a few input channels carrying large activations."""
+
+    def __init__(self, ci=256, co=128):
+        super().__init__()
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.ones(ci))
+        self.fc = nn.Linear(ci, co, bias=False)
+
+
+def _toy_spec():
+    group = ScaleGroup("g", "norm", "norm", ("fc",), "fc", "linear")
+    return group, ArchSpec("toy", ("toy",), "", 0.0, (group,), ("fc",), "hidden_act")
+
+
+def test_awq_beats_rtn_on_outlier_channels():
+    torch.manual_seed(0)
+    toy = _Toy()
+    torch.nn.init.normal_(toy.fc.weight, std=0.05)
+    x = torch.randn(8, 32, 256)
+    x[..., :6] *= 40.0  # outlier input channels
+    group, spec = _toy_spec()
+    qcfg = QuantConfig(4, 64)
+    ref = toy.fc(x)
+    rtn_err = (nn.functional.linear(x, fake_quant(toy.fc.weight.data, qcfg)) - ref).pow(2).mean()
+
+    a = x.reshape(-1, 256).pow(2).mean(0).sqrt()
+    runner = InspectRunner(toy, group, [x], [{}])
+    gs = search_group(toy, group, a, runner, qcfg, SearchConfig(n_grid=10), AttnShape(1, 1, 1))
+    assert gs.best_alpha > 0
+    assert gs.best_loss < gs.rtn_loss
+    assert gs.losses[0] == pytest.approx(rtn_err.item(), rel=1e-4)  # α = 0 is plain RTN
+    fold_scales(toy, group, gs.scales, spec, AttnShape(1, 1, 1))
+    xs = x / gs.scales  # what the folded norm now emits
+    awq_err = (nn.functional.linear(xs, fake_quant(toy.fc.weight.data, qcfg)) - ref).pow(2).mean()
+    assert awq_err.item() == pytest.approx(gs.best_loss, rel=1e-3)
+    assert awq_err < 0.7 * rtn_err
+
+
+def test_ties_choose_the_smallest_alpha():
+    toy = _Toy(ci=64, co=8)
+    group, _ = _toy_spec()
+    x = torch.zeros(1, 4, 64)  # zero input: every α has loss 0
+    runner = InspectRunner(toy, group, [x], [{}])
+    gs = search_group(toy, group, torch.ones(64), runner, QuantConfig(4, 32), SearchConfig(n_grid=4),
+                      AttnShape(1, 1, 1))
+    assert gs.best_alpha == 0.0 and len(gs.losses) == 5
+
+
+def test_hooks_removed_when_forward_raises():
+    lin = nn.Linear(4, 4)
+
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        with capture_inputs({"lin": lin}, boom):
+            lin(torch.randn(2, 4))
+    assert len(lin._forward_pre_hooks) == 0
+
+
+def test_block_capture_removes_hooks_and_stops_early(tiny):
+    model, tok, calib = _fresh(tiny, "tiny-random-llama")
+    bl = blocks(model, resolve_spec(model))
+    inp = capture_block_inputs(model, bl, [torch.stack(calib.samples[:2])])
+    assert inp.hidden[0].shape[:2] == (2, 64)
+    assert all(kw is not None for kw in inp.kwargs[0])
+    assert all(len(b._forward_pre_hooks) == 0 for b in bl)
+    assert issubclass(StopForward, Exception)
+
+
+def _err(model, ref_model, ids):
+    return (_logits(model, ids) - _logits(ref_model, ids)).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_awq_pipeline_beats_rtn_and_apply_replays(tiny, name):
+    fp, tok, calib = _fresh(tiny, name)
+    ids = torch.stack(calib.samples[:2])
+    cfg = MethodConfig("awq", QuantConfig(4, 32), SearchConfig(n_grid=10), calib_batch_size=2)
+    awq_model = copy.deepcopy(fp)
+    res = pipeline.quantize(awq_model, cfg, calib, progress=False)
+    rtn_model = copy.deepcopy(fp)
+    pipeline.quantize(rtn_model, MethodConfig("rtn", QuantConfig(4, 32)), progress=False)
+    assert _err(awq_model, fp, ids) < _err(rtn_model, fp, ids)
+
+    n_layers = len(blocks(fp, resolve_spec(fp)))
+    assert sorted(res.alphas()) == list(range(n_layers))
+    assert set(res.alphas()[0]) == {"qkv", "vo", "gate_up", "down"}
+    curves = res.curves()
+    assert len(curves) == n_layers * 4 * 11
+    meta = res.metadata()
+    assert meta["method"] == "awq" and meta["config"]["quant"]["group_size"] == 32
+
+    replayed = pipeline.apply(copy.deepcopy(fp), res)
+    for (n1, p1), (n2, p2) in zip(awq_model.named_parameters(), replayed.named_parameters()):
+        torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-6, msg=n1)
+
+
+def test_result_save_load_roundtrip(tiny, tmp_path):
+    fp, tok, calib = _fresh(tiny, "tiny-random-llama")
+    cfg = MethodConfig("awq", QuantConfig(4, 32), SearchConfig(n_grid=4, clip=True), calib_batch_size=4)
+    q = copy.deepcopy(fp)
+    res = pipeline.quantize(q, cfg, calib, progress=False)
+    assert res.layers[0].clip and "self_attn.q_proj" not in res.layers[0].clip
+    res.save(tmp_path / "r.pt")
+    back = pipeline.QuantResult.load(tmp_path / "r.pt")
+    assert back.alphas() == res.alphas()
+    replayed = pipeline.apply(copy.deepcopy(fp), back)
+    for p1, p2 in zip(q.parameters(), replayed.parameters()):
+        torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("propagate,lbs", [("fp", 1), ("quantized", 2)])
+def test_propagation_modes_run(tiny, propagate, lbs):
+    fp, tok, calib = _fresh(tiny, "tiny-random-gemma3")
+    cfg = MethodConfig("awq", QuantConfig(4, 64), SearchConfig(n_grid=2, propagate=propagate, salience="l1",
+                                                               duo_scaling=True), layer_batch_size=lbs)
+    res = pipeline.quantize(fp, cfg, calib, progress=False)
+    assert all(0 <= a <= 1 for r in res.alphas().values() for a in r.values())
+
+
+def test_lm_head_quantized_in_chunks_leaves_tied_embeddings(tiny):
+    fp, tok, calib = _fresh(tiny, "tiny-random-llama")
+    emb = fp.get_input_embeddings().weight.detach().clone()
+    cfg = MethodConfig("rtn", QuantConfig(4, 32), lm_head="quantize", lmhead_chunks=3)
+    pipeline.quantize(fp, cfg, progress=False)
+    torch.testing.assert_close(fp.get_input_embeddings().weight, emb)
+    head = fp.get_output_embeddings().weight
+    torch.testing.assert_close(head, fake_quant(emb, QuantConfig(4, 32)))
+
+
+def test_bad_input_errors(tiny):
+    fp, tok, calib = _fresh(tiny, "tiny-random-llama")
+    with pytest.raises(AwqnbError, match="calibration"):
+        pipeline.quantize(copy.deepcopy(fp), MethodConfig("awq"), None, progress=False)
+    with pytest.raises(AwqnbError, match="larger than"):
+        pipeline.quantize(copy.deepcopy(fp), MethodConfig("rtn", QuantConfig(4, 4096)), progress=False)
+    with pytest.raises(AwqnbError, match="unknown method"):
+        pipeline.quantize(copy.deepcopy(fp), MethodConfig("nope"), progress=False)
+    bad = copy.deepcopy(fp)
+    with torch.no_grad():
+        blocks(bad, resolve_spec(bad))[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(AwqnbError, match="NaN"):
+        pipeline.quantize(bad, MethodConfig("rtn"), progress=False)
+
+    class Odd(nn.Module):
+        config = type("C", (), {"model_type": "bert"})()
+
+    with pytest.raises(AwqnbError, match="not supported"):
+        resolve_spec(Odd())
