@@ -24,13 +24,34 @@ def _parse_value(v: str):
 
 
 def _method_params(args) -> dict:
-    params = {}
+    params = {k[3:]: v for k, v in vars(args).items() if k.startswith("mp_") and v is not None}
     for kv in args.param or []:
         if "=" not in kv:
             raise AwqnbError(f"--param {kv!r} must look like key=value, e.g. --param outlier_percent=5")
         k, v = kv.split("=", 1)
         params[k.replace("-", "_")] = _parse_value(v)
     return params
+
+
+def _method_param_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per method parameter of every registered method (`outlier_percent` →
+    `--outlier-percent`; booleans get `--x/--no-x`); the chosen method validates what it gets."""
+    from .methods import REGISTRY
+
+    defaults: dict = {}
+    owners: dict = {}
+    for name, cls in sorted(REGISTRY.items()):
+        for k, v in cls.PARAMS.items():
+            defaults.setdefault(k, v)
+            owners.setdefault(k, []).append(name)
+    g = p.add_argument_group("method parameters")
+    for k, v in sorted(defaults.items()):
+        flag = "--" + k.replace("_", "-")
+        hlp = f"{', '.join(owners[k])} (default {v})"
+        if isinstance(v, bool):
+            g.add_argument(flag, dest=f"mp_{k}", action=argparse.BooleanOptionalAction, default=None, help=hlp)
+        else:
+            g.add_argument(flag, dest=f"mp_{k}", type=type(v) if v is not None else str, default=None, help=hlp)
 
 
 def _quant_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +73,7 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-head", choices=["fp16", "quantize"], default="fp16")
     p.add_argument("--lmhead-chunks", type=int, default=8)
     p.add_argument("--param", action="append", help="method parameter key=value (repeatable)")
+    _method_param_flags(p)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto")
 

@@ -81,9 +81,11 @@ class SearchConfig:
 class MethodConfig:
     """One quantization run.
 
-    method: a registered method name ('rtn', 'awq', ...). params: method-specific parameters
-    (validated by the method). lm_head: 'fp16' keeps it in full precision, 'quantize' rounds it in
-    `lmhead_chunks` row chunks. layer_batch_size: calibration samples per forward chunk.
+    method: a registered method name ('rtn', 'awq', ...); 'full_<name>' is the same method per
+    channel (group_size forced to -1: the seeds' "Full-" variants). params: method-specific
+    parameters (validated by the method). lm_head: 'fp16' keeps it in full precision, 'quantize'
+    rounds it in `lmhead_chunks` row chunks. layer_batch_size: decoder blocks calibrated per pass
+    (their activations are held together). calib_batch_size: calibration samples per forward.
     """
 
     method: str = "awq"
@@ -97,6 +99,9 @@ class MethodConfig:
     seed: int = 42
 
     def __post_init__(self):
+        if self.method.startswith("full_"):
+            object.__setattr__(self, "method", self.method[len("full_"):])
+            object.__setattr__(self, "quant", dataclasses.replace(self.quant, group_size=-1))
         if self.lm_head not in ("fp16", "quantize"):
             raise AwqnbError(f"lm_head={self.lm_head!r} is unknown; use 'fp16' or 'quantize'.")
         if self.lmhead_chunks < 1:

@@ -94,6 +94,9 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def get_method(name: str) -> type[Method]:
+    """The method class for a name; 'full_<name>' is <name> (MethodConfig sets group_size -1)."""
+    if name.startswith("full_"):
+        name = name[len("full_"):]
     if name not in REGISTRY:
         raise AwqnbError(f"unknown method {name!r}; available methods: {', '.join(sorted(REGISTRY))}.")
     return REGISTRY[name]

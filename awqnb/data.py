@@ -1,0 +1,205 @@
+"""Calibration and evaluation data, offline first.
+
+A data set is found in this order: an explicit path (`data_dir=`), `$AWQNB_DATA_DIR`,
+`../shared/data` next to the checkout (or the working directory), then the Hub through
+`datasets`. A set found nowhere is an error naming all four; another set is never substituted.
+`datasets` does the loading in every case (parquet files locally, the Hub ids otherwise).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .errors import AwqnbError
+
+log = logging.getLogger(__name__)
+
+# name → (local file relative to the data dir, Hub (path, config, split))
+SOURCES = {
+    "wikitext2-test": ("wikitext-2-raw-v1/test.parquet", ("wikitext", "wikitext-2-raw-v1", "test")),
+    "wikitext2-validation": ("wikitext-2-raw-v1/validation.parquet", ("wikitext", "wikitext-2-raw-v1", "validation")),
+    "ag_news-test": ("ag_news/test.parquet", ("ag_news", None, "test")),
+    "c4-validation": ("c4/en-validation-00000-head1025.parquet", None),
+    "c4-sample": ("c4/en-validation-sample2k.parquet", None),
+}
+CALIB_SETS = ("wikitext2", "wikitext2-simple", "c4")
+EVAL_TOKEN_SETS = ("wikitext2", "c4")
+EVAL_TEXT_SETS = ("ag_news", "c4-sample", "wikitext2")
+
+
+def data_dirs(data_dir: str | Path | None = None) -> list[Path]:
+    """Candidate local data directories, in resolution order."""
+    out = []
+    if data_dir:
+        out.append(Path(data_dir))
+    if os.environ.get("AWQNB_DATA_DIR"):
+        out.append(Path(os.environ["AWQNB_DATA_DIR"]))
+    repo = Path(__file__).resolve().parents[1]
+    out += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    seen, uniq = set(), []
+    for d in out:
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            uniq.append(d)
+    return uniq
+
+
+@lru_cache(maxsize=16)
+def _load_rows(name: str, data_dir: str | None) -> tuple[str, object]:
+    """(where it came from, datasets.Dataset) for a named source."""
+    import datasets
+
+    rel, hub = SOURCES[name]
+    tried = []
+    for d in data_dirs(data_dir):
+        f = d / rel
+        tried.append(str(f))
+        if f.is_file():
+            ds = datasets.load_dataset("parquet", data_files={"data": str(f)}, split="data")
+            return str(f), ds
+    if hub is not None:
+        path, cfg, split = hub
+        tried.append(f"Hub {path}/{cfg or ''}:{split}")
+        try:
+            return f"hub:{path}/{cfg}:{split}", datasets.load_dataset(path, cfg, split=split)
+        except Exception as e:  # offline or missing: reported below with every place tried
+            log.debug("hub load of %s failed: %s", path, e)
+    raise AwqnbError(
+        f"data set {name!r} was not found. Looked in: the explicit path (data_dir=), $AWQNB_DATA_DIR, "
+        f"../shared/data next to the checkout, and the Hugging Face Hub — tried {'; '.join(tried)}. "
+        f"Put {rel} under a directory and set AWQNB_DATA_DIR to it."
+    )
+
+
+def _texts(name: str, data_dir=None) -> tuple[str, list[str]]:
+    src, ds = _load_rows(name, str(data_dir) if data_dir else None)
+    return src, list(ds["text"])
+
+
+@dataclass
+class Calibration:
+    """Calibration samples: `samples` are 1-D LongTensors of token ids (equal length for block
+    sets, row length for `wikitext2-simple`)."""
+
+    dataset: str
+    n_calib: int
+    seqlen: int
+    seed: int
+    source: str
+    samples: list[torch.Tensor] = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {"dataset": self.dataset, "n_calib": len(self.samples), "seqlen": self.seqlen,
+                "seed": self.seed, "source": self.source,
+                "n_tokens": int(sum(s.numel() for s in self.samples))}
+
+
+def _encode(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids.to(torch.long)
+
+
+def _blocks(ids: torch.Tensor, n: int, seqlen: int, seed: int, what: str) -> list[torch.Tensor]:
+    """n of the non-overlapping `seqlen` blocks of a token stream, chosen with `seed`."""
+    n_avail = ids.numel() // seqlen
+    if n_avail < n:
+        raise AwqnbError(
+            f"{what} has {ids.numel()} tokens: {n_avail} blocks of {seqlen}, fewer than n_calib={n}; "
+            "lower --n-calib or --calib-seqlen, or use a larger calibration set."
+        )
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n_avail, generator=g)[:n].sort().values
+    return [ids[i * seqlen:(i + 1) * seqlen].clone() for i in pick.tolist()]
+
+
+def load_calibration(tokenizer, dataset: str = "wikitext2", n_calib: int = 128, seqlen: int = 512,
+                     seed: int = 42, data_dir=None) -> Calibration:
+    """Calibration set.
+
+    wikitext2: validation rows joined with "\\n\\n", tokenised, cut into non-overlapping blocks of
+    `seqlen`; `n_calib` blocks drawn with `seed`. wikitext2-simple: non-empty validation rows as
+    they are (truncated to `seqlen`, rows under 8 tokens dropped), `n_calib` drawn with `seed`.
+    c4: GPTQ-style, a random `seqlen` window from each of `n_calib` random documents (of the
+    1,025 local validation documents) that are long enough. A path to a .txt file: its text cut
+    into blocks like wikitext2.
+    """
+    if n_calib < 1 or seqlen < 2:
+        raise AwqnbError(f"n_calib={n_calib} and seqlen={seqlen} must be at least 1 and 2.")
+    if dataset == "wikitext2":
+        src, rows = _texts("wikitext2-validation", data_dir)
+        samples = _blocks(_encode(tokenizer, "\n\n".join(rows)), n_calib, seqlen, seed, "WikiText-2 validation")
+    elif dataset == "wikitext2-simple":
+        src, rows = _texts("wikitext2-validation", data_dir)
+        rows = [r for r in rows if r.strip()]
+        g = torch.Generator().manual_seed(seed)
+        samples = []
+        for i in torch.randperm(len(rows), generator=g).tolist():
+            ids = _encode(tokenizer, rows[i])[:seqlen]
+            if ids.numel() >= 8:
+                samples.append(ids)
+            if len(samples) == n_calib:
+                break
+        if len(samples) < n_calib:
+            raise AwqnbError(f"wikitext2-simple has only {len(samples)} usable rows; lower --n-calib.")
+    elif dataset == "c4":
+        src, rows = _texts("c4-validation", data_dir)
+        g = torch.Generator().manual_seed(seed)
+        samples = []
+        for i in torch.randperm(len(rows), generator=g).tolist():
+            ids = _encode(tokenizer, rows[i])
+            if ids.numel() <= seqlen:
+                continue
+            start = int(torch.randint(0, ids.numel() - seqlen, (1,), generator=g))
+            samples.append(ids[start:start + seqlen].clone())
+            if len(samples) == n_calib:
+                break
+        if len(samples) < n_calib:
+            raise AwqnbError(f"only {len(samples)} C4 documents are longer than {seqlen} tokens; lower --n-calib.")
+    else:
+        p = Path(dataset).expanduser()
+        if not p.is_file():
+            raise AwqnbError(f"calibration set {dataset!r} is unknown: use one of {', '.join(CALIB_SETS)} "
+                             "or a path to a UTF-8 text file.")
+        text = p.read_text(encoding="utf-8")
+        if not text.strip():
+            raise AwqnbError(f"calibration file {p} is empty; give a text file with at least n_calib × seqlen tokens.")
+        src = str(p)
+        samples = _blocks(_encode(tokenizer, text), n_calib, seqlen, seed, str(p))
+    return Calibration(dataset, n_calib, seqlen, seed, src, samples)
+
+
+def load_eval_tokens(tokenizer, dataset: str = "wikitext2", data_dir=None) -> torch.Tensor:
+    """The token stream of a token-perplexity set (GPTQ protocol), `[n_tok]`.
+
+    wikitext2: test rows joined with "\\n\\n", tokenised once (SmolLM2: 304,986 tokens).
+    c4: the 1,025 local validation documents joined with " " (GPTQ joins the first 1,100 and
+    keeps 256 windows; ours draws from 1,025).
+    """
+    if dataset == "wikitext2":
+        _, rows = _texts("wikitext2-test", data_dir)
+        return _encode(tokenizer, "\n\n".join(rows))
+    if dataset == "c4":
+        _, rows = _texts("c4-validation", data_dir)
+        return _encode(tokenizer, " ".join(rows))
+    raise AwqnbError(f"token-perplexity set {dataset!r} is unknown; use one of {', '.join(EVAL_TOKEN_SETS)}.")
+
+
+def load_eval_texts(dataset: str = "ag_news", n_samples: int = 2000, seed: int = 42, data_dir=None) -> list[str]:
+    """Texts for sample perplexity: `n_samples` drawn with `seed` (AG News rows cluster by label,
+    so the first n would be biased). ag_news: the `text` column (title + description).
+    c4-sample: the 2,000-document C4 validation sample. wikitext2: non-empty test rows."""
+    names = {"ag_news": "ag_news-test", "c4-sample": "c4-sample", "wikitext2": "wikitext2-test"}
+    if dataset not in names:
+        raise AwqnbError(f"sample-perplexity set {dataset!r} is unknown; use one of {', '.join(EVAL_TEXT_SETS)}.")
+    _, rows = _texts(names[dataset], data_dir)
+    rows = [r for r in rows if r.strip()]
+    if n_samples < 1:
+        raise AwqnbError(f"n_samples={n_samples} must be at least 1.")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(rows), generator=g)[: min(n_samples, len(rows))].sort().values
+    return [rows[i] for i in idx.tolist()]
