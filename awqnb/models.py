@@ -180,7 +180,11 @@ def load_tokenizer_smollm2():
 # --- GGUF → cached safetensors ------------------------------------------------------------
 
 def _alias_gguf(alias: str) -> Path:
+    """The alias's GGUF: `$AWQNB_CACHE/gguf/<alias>.gguf` if present, else from its package."""
     info = GGUF_ALIASES[alias]
+    cached = cache_dir() / "gguf" / f"{alias}.gguf"
+    if cached.is_file():
+        return cached
     spec = importlib.util.find_spec(info["package"])
     if spec is None or not spec.submodule_search_locations:
         raise AwqnbError(
@@ -194,7 +198,7 @@ def _alias_gguf(alias: str) -> Path:
             raise AwqnbError(f"{f} is missing from the installed package; reinstall with `{info['install']}`.")
         return f
     # gemma: assemble the split GGUF once into the cache
-    out = cache_dir() / "gguf" / f"{alias}.gguf"
+    out = cached
     if not out.is_file():
         from importlib import import_module
 
