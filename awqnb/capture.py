@@ -56,6 +56,7 @@ class BlockInputs:
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
 
 
+@torch.no_grad()  # without it autograd keeps every block's activations until the pass aborts
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, chunks: list[torch.Tensor]) -> BlockInputs:
     """Run the model on each chunk of token ids `[b, T]` until the last block starts, recording
     block 0's hidden-state input and every block's keyword arguments."""

@@ -151,8 +151,6 @@ def validate(model: nn.Module, cfg: MethodConfig, spec: ArchSpec) -> None:
     for bi, block in enumerate(blocks(model, spec)):
         for name in spec.linears:
             effective_group_size(get_module(block, name).in_features, cfg.quant.group_size)
-        if bi == 0:
-            continue
 
 
 def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
@@ -229,6 +227,7 @@ def _quantize_lm_head(model: nn.Module, cfg: MethodConfig) -> None:
         w[rows] = fake_quant(w[rows], cfg.quant)
 
 
+@torch.no_grad()
 def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
              model_name: str = "", progress: bool = True) -> QuantResult:
     """Quantize `model` in place with the method `cfg.method`; return the evidence.

@@ -2,8 +2,9 @@
 
 For each group size and method: load the FP model fresh, quantize (timed; peak GPU memory
 from torch.cuda.max_memory_allocated, reset per run), evaluate, and compare every method against
-a baseline method with a paired bootstrap 95% interval. Writes one JSON per (method, group,
-dataset) with per-unit NLL, plus `summary.csv` and `summary.md`.
+a baseline method with a paired bootstrap 95% interval. Writes `results.json` (provenance and
+every evaluation with its per-unit NLL), `metadata.json` (each quantization's metadata: α per
+layer, evidence, timings), `summary.csv` and `summary.md`.
 
 Method specs: a registered method name with its defaults and the seeds' search (L2 salience,
 quantized propagation), `fp` (no quantization), or a preset:
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
     calibs: dict = {}
     specs = [parse_spec(s) for s in args.methods.split(",") if s]
     rows, results = [], {}
+    all_evals, all_meta = [], []  # few files: the device returns at most 8
     fp_state = {k: v.clone() for k, v in fp_model.state_dict().items()}
 
     def evaluate(model, label, g):
@@ -110,7 +112,7 @@ def main(argv=None) -> int:
                 r = sample_perplexity(model, tok, eval_data[ds], max_length=args.seqlen, device=dev, dataset=ds,
                                       batch_size=32 if dev.type == "cuda" else 8, progress=False)
             r.meta.update(model=args.model, method=label, bits=args.bits, group_size=g, eval_dtype=str(eval_dtype))
-            r.to_json(out / f"{label.replace('@', '__').replace('=', '-').replace(',', '_')}_g{g}_{ds}.json")
+            all_evals.append(r.to_dict())
             res[ds] = r
             logging.info("%s g%s %s: ppl %.4f", label, g, ds, r.ppl)
         return res
@@ -143,8 +145,7 @@ def main(argv=None) -> int:
                 row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None
                 row["calibration"] = f"{ck[2]} {ck[0]}x{ck[1]}"
                 row["config"] = cfg.to_dict()
-                (out / f"{label.replace('@', '__').replace('=', '-').replace(',', '_')}_g{g}_metadata.json").write_text(
-                    json.dumps(qr.metadata(), indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+                all_meta.append({"label": label, "group_size": g, **qr.metadata()})
                 logging.info("%s g%s quantized in %.1f s", label, g, row["quant_s"])
             results[g][label] = evaluate(model, label, g)
             for ds, r in results[g][label].items():
@@ -167,7 +168,9 @@ def main(argv=None) -> int:
     summary.to_csv(out / "summary.csv", index=False)
     prov = {"argv": sys.argv, "versions": versions(), "device": str(dev), "eval_dtype": str(eval_dtype),
             "baseline": baseline}
-    (out / "provenance.json").write_text(json.dumps(prov, indent=1))
+    (out / "results.json").write_text(json.dumps({"provenance": prov, "evals": all_evals}, indent=1))
+    (out / "metadata.json").write_text(
+        json.dumps(all_meta, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
     md = [f"model {args.model}, W{args.bits}, calibration {args.calib_dataset} {args.n_calib}x{args.calib_seqlen} "
           f"(seed {args.seed}), eval seqlen {args.seqlen}, device {dev}, eval dtype {eval_dtype}; "
           f"delta % vs {baseline} with paired bootstrap 95% CI", "",
