@@ -1,0 +1,151 @@
+"""Per-channel importance vectors of one decoder block (awq L1, awq L2, praq) and rank correlation.
+
+`importance_vectors(model, calibration, layer)` runs the full-precision model on the calibration
+chunks one at a time, stopping after block `layer`, and reduces the inputs of that block's scale
+groups to streaming statistics (nothing but the current chunk is held). Per scale group and input
+channel j of the group's first linear, with tokens t:
+  l1_j   = E_t|x_tj|                   (reference AWQ salience)
+  l2_j   = sqrt(E_t[x_tj²])            (the seeds' E[X²] metric, as RMS); ex2_j = E_t[x_tj²] raw
+  praq_j = the salience praq hands to the α search (awqnb/methods/praq.py):
+           down: I_j = U_j + P_j·S_j; gate_up: E|x_j|·r_j (back-projection); attention: l1_j
+For the `down` group the praq parts are given too: utility U, spread S, p_live P, risk = P·S,
+z_std (σ of the pre-activation, SiLU units), z_max. Channels of the vo group are o_proj inputs
+`[n_heads·head_dim]` (the search then averages over the query heads of each kv head).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .arch import blocks, get_module, resolve_spec
+from .capture import ChannelStats, StopForward, capture_inputs, hooks
+from .errors import AwqnbError
+from .methods.praq import PRAQ, PraqStats, back_project, block_activation, group_kind
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["layer", "group", "channel", "l1", "l2", "ex2", "praq", "utility", "spread", "p_live", "risk",
+           "z_std", "z_max"]
+
+
+def _chunks(calibration, batch_size: int, device) -> Iterable[torch.Tensor]:
+    """`[b, T]` token-id chunks from a Calibration (`.samples`), a list of 1-D LongTensors or a
+    `[n, T]` tensor; consecutive equal-length samples are stacked, at most `batch_size` at a time."""
+    if isinstance(calibration, torch.Tensor):
+        samples = list(calibration.reshape(-1, calibration.shape[-1]))
+    else:
+        samples = list(getattr(calibration, "samples", calibration) or [])
+    if not samples:
+        raise AwqnbError("importance needs calibration samples; pass awqnb.data.load_calibration(...).")
+    cur: list[torch.Tensor] = []
+    for s in samples:
+        s = s.reshape(-1)
+        if cur and (len(cur) == batch_size or cur[0].numel() != s.numel()):
+            yield torch.stack(cur).to(device)
+            cur = []
+        cur.append(s)
+    if cur:
+        yield torch.stack(cur).to(device)
+
+
+@torch.no_grad()
+def importance_vectors(model: nn.Module, calibration, layer: int, device=None, params: dict | None = None,
+                       batch_size: int = 8):
+    """Importance of every input channel of every scale group of block `layer` → tidy DataFrame,
+    one row per (group, channel), columns `COLUMNS` (praq parts NaN outside the `down` group).
+
+    params: praq parameters (defaults `PRAQ.PARAMS`: beta 3.0, tau −3.0, noise_factor 0.2).
+    device: where to compute (default: the model's device; the model is moved there).
+    """
+    import pandas as pd
+
+    p = {**PRAQ.PARAMS, **(params or {})}
+    unknown = set(p) - set(PRAQ.PARAMS)
+    if unknown:
+        raise AwqnbError(f"unknown praq parameter(s) {sorted(unknown)}; use {sorted(PRAQ.PARAMS)}.")
+    spec = resolve_spec(model)
+    bl = blocks(model, spec)
+    if not -len(bl) <= layer < len(bl):
+        raise AwqnbError(f"layer={layer} is out of range: the model has {len(bl)} decoder blocks (0…{len(bl) - 1}).")
+    layer = layer % len(bl)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    model.eval()
+    block = bl[layer]
+    keys = [g.layers[0] for g in spec.groups]
+    stats = {k: ChannelStats() for k in keys}
+    _, act, c = block_activation(block, spec)
+    wg = get_module(block, spec.mlp_gate).weight.data
+    wu = get_module(block, spec.mlp_up).weight.data
+    pst = PraqStats(wg, wu, act, c)
+
+    def sink(name, x):
+        stats[name].update(x)
+        if name == spec.mlp_gate:
+            pst.update(x)
+
+    def stop(*_):
+        raise StopForward
+
+    with capture_inputs({k: get_module(block, k) for k in keys}, sink):
+        with hooks(lambda: [block.register_forward_hook(stop)]):
+            for ids in _chunks(calibration, batch_size, device):
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except StopForward:
+                    pass
+
+    beta, tau, nf = float(p["beta"]), float(p["tau"]), float(p["noise_factor"])
+    imp = pst.importance(beta, tau, nf)
+    frames = []
+    for g in spec.groups:
+        st = stats[g.layers[0]]
+        l1, ex2 = st.mean_abs, st.mean_sq
+        d = {"layer": layer, "group": g.name, "channel": range(l1.numel()), "l1": l1.cpu().numpy(),
+             "l2": ex2.clamp(min=0).sqrt().cpu().numpy(), "ex2": ex2.cpu().numpy()}
+        kind = group_kind(spec, g)
+        if kind == "down":
+            plive = pst.p_live(beta, tau, nf)
+            d.update(praq=imp, utility=pst.utility, spread=pst.spread, p_live=plive,
+                     risk=plive * pst.spread, z_std=pst.z_std, z_max=pst.z_max.float())
+        elif kind == "gate_up":
+            d["praq"] = back_project(imp, wg, wu, l1)
+        else:
+            d["praq"] = l1
+        d = {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+        frames.append(pd.DataFrame(d))
+    return pd.concat(frames, ignore_index=True).reindex(columns=COLUMNS)
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two equal-length vectors (tensors, arrays or Series): the
+    Pearson correlation of their ranks, ties given their average rank. NaN if either is constant."""
+    import numpy as np
+    import pandas as pd
+
+    def series(v):
+        if isinstance(v, torch.Tensor):
+            v = v.detach().float().cpu().numpy()
+        return pd.Series(np.asarray(v, dtype=float).reshape(-1))
+
+    sa, sb = series(a), series(b)
+    if len(sa) != len(sb):
+        raise AwqnbError(f"spearman needs vectors of equal length, got {len(sa)} and {len(sb)}.")
+    ra, rb = sa.rank(method="average"), sb.rank(method="average")
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+
+
+def correlations(df) -> "pd.DataFrame":
+    """Spearman between the metrics of an `importance_vectors` frame, per (layer, group)."""
+    import pandas as pd
+
+    pairs = [("l1", "l2"), ("l1", "praq"), ("l2", "praq")]
+    rows = []
+    for (layer, group), d in df.groupby(["layer", "group"], sort=False):
+        rows.append({"layer": layer, "group": group, **{f"{x}~{y}": spearman(d[x], d[y]) for x, y in pairs}})
+    return pd.DataFrame(rows)

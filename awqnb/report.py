@@ -1,0 +1,482 @@
+"""Report runs: execute a parameterised notebook with papermill, export it to HTML, keep an index.
+
+Layout (ARCHITECTURE.md): `<output_dir>/<model>/<run>/` holds one executed notebook
+(`<notebook>.ipynb`), its HTML export (`<notebook>.html`, plotly.js embedded: it opens offline),
+the `metrics.json` the notebook wrote and `run.json` (state 'ok' or 'failed', parameters, error).
+`run` = timestamp + a short config tag (`20250101-120000_w4_g128_rtn-awq_1a2b3c`). A run is built
+in a temporary directory next to it and moved into place when done, failed runs included: the
+executed copy keeps the error, and a batch goes on with the next model.
+`<output_dir>/index.html` links every run found under `output_dir` with its headline numbers.
+
+The notebook side: `write_metrics` is the one writer of `metrics.json` (schema below) and
+`read_metrics` its reader, so the index and the notebooks agree on one format.
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import AwqnbError
+
+log = logging.getLogger(__name__)
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+KERNEL_NAME = "python3"
+METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"
+METRICS_SCHEMA = 1
+# What every number in metrics.json carries (and the index shows).
+HEADLINE = ("model", "method", "bits", "group_size", "calibration", "dataset", "protocol", "seqlen", "ppl")
+
+
+# --- small helpers shared with the notebooks ----------------------------------------------
+
+def as_list(value: str | Iterable[str]) -> list[str]:
+    """'rtn,awq' or ['rtn', 'awq'] → ['rtn', 'awq'] (papermill passes either)."""
+    if isinstance(value, str):
+        items = value.split(",")
+    else:
+        items = list(value)
+    out = [str(v).strip() for v in items if str(v).strip()]
+    if not out:
+        raise AwqnbError("no methods given; pass e.g. methods='rtn,awq'.")
+    return out
+
+
+def _clean(o):
+    """JSON-safe copy: NaN/Inf → None, numpy scalars → Python, tensors → lists, Paths → str."""
+    if isinstance(o, Mapping):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, (str, int, bool)) or o is None:
+        return o
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "tolist"):  # numpy scalar/array, torch tensor
+        return _clean(o.tolist())
+    if hasattr(o, "item"):
+        return _clean(o.item())
+    return str(o)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    """Write `text` to a temporary file next to `path`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_metrics(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]], table=None,
+                  **provenance) -> Path:
+    """Write `<output_dir>/metrics.json` atomically.
+
+    results: label → dataset → `PerplexityResult` (the shape `comparison_table` takes); each
+    result's `meta` should hold model, method, bits, group_size and calibration (None for FP /
+    RTN). table: the `comparison_table` of those results (adds delta_pct, ci_low, ci_high,
+    winner). provenance: anything else to record (params, versions, seed, device, timings...).
+
+    Schema: {"schema": 1, "created": ISO time, **provenance, "results": [one row per number:
+    label, model, method, bits, group_size, calibration, dataset, protocol, seqlen, n_units,
+    ppl, eval_seconds, delta_pct, ci_low, ci_high, winner, plus any other meta keys]}.
+    """
+    deltas = {}
+    if table is not None:
+        for r in table.to_dict("records"):
+            deltas[(r["method"], r["dataset"])] = {k: r.get(k) for k in ("delta_pct", "ci_low", "ci_high", "winner")}
+    rows = []
+    for label, per_ds in results.items():
+        for ds, res in per_ds.items():
+            meta = dict(res.meta)
+            row = {"label": label}
+            row.update({k: meta.pop(k, None) for k in ("model", "method", "bits", "group_size", "calibration")})
+            if row["method"] is None:
+                row["method"] = label
+            row.update(dataset=res.dataset, protocol=res.protocol, seqlen=res.seqlen, n_units=res.n_units,
+                       ppl=res.ppl, eval_seconds=res.seconds)
+            row.update(deltas.get((label, ds), {}))
+            row.update(meta)
+            rows.append(row)
+    doc = {"schema": METRICS_SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           **provenance, "results": rows}
+    text = json.dumps(_clean(doc), indent=1, allow_nan=False)
+    return _atomic_write(Path(output_dir) / METRICS_FILE, text)
+
+
+def read_metrics(path: str | Path) -> dict:
+    """A `metrics.json` (file or run directory) as a dict; AwqnbError if missing or unreadable."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AwqnbError(f"cannot read {path}: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
+        raise AwqnbError(f"{path} is not an awqnb metrics file (no 'results' list).")
+    return doc
+
+
+def style_comparison(table):
+    """The comparison table as a pandas Styler: numbers rounded, winners in bold, deltas coloured
+    (green = lower perplexity than the baseline)."""
+    fmt = {"ppl": "{:.3f}", "delta_pct": "{:+.2f}", "ci_low": "{:+.2f}", "ci_high": "{:+.2f}",
+           "seqlen": "{:.0f}", "units": "{:.0f}", "bits": "{:.0f}", "group_size": "{:.0f}"}
+
+    def colour(v):
+        if not isinstance(v, (int, float)) or v != v or v == 0:
+            return ""
+        return "color: #1a7f37" if v < 0 else "color: #b42318"
+
+    sty = table.style.format({k: v for k, v in fmt.items() if k in table.columns}, na_rep="—")
+    if "delta_pct" in table.columns:
+        sty = sty.map(colour, subset=["delta_pct"])
+    if "winner" in table.columns:
+        sty = sty.map(lambda v: "font-weight: bold" if v not in ("", "tie", "(baseline)") else "",
+                      subset=["winner"])
+    return sty.hide(axis="index")
+
+
+# --- kernel, parameters -------------------------------------------------------------------
+
+def kernel_name(name: str = KERNEL_NAME) -> str:
+    """The Jupyter kernel to run notebooks with, checked to be this environment's Python.
+
+    `make setup` installs it into the venv (`python -m ipykernel install --sys-prefix`); Jupyter
+    finds the venv's kernels first when running from the venv. A spec whose argv[0] is a bare
+    'python'/'python3' is run by jupyter_client with this interpreter (`sys.executable`); an
+    absolute path must be in this environment's bin directory."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    fix = f"run `{sys.executable} -m ipykernel install --sys-prefix --name {name}` (make setup does this)"
+    try:
+        spec = KernelSpecManager().get_kernel_spec(name)
+    except NoSuchKernel as e:
+        raise AwqnbError(f"no Jupyter kernel named {name!r}; {fix}.") from e
+    exe = spec.argv[0] if spec.argv else ""
+    bare = {"python", f"python{sys.version_info[0]}", "python%d.%d" % sys.version_info[:2]}
+    if exe in bare:
+        return name
+    here = Path(sys.executable).absolute().parent
+    if Path(exe).absolute().parent != here:
+        raise AwqnbError(f"the Jupyter kernel {name!r} ({spec.resource_dir}) runs {exe}, not this environment's "
+                         f"Python ({sys.executable}), so it would not see this awqnb; {fix}.")
+    return name
+
+
+def notebook_path(notebook: str) -> Path:
+    """`notebooks/<notebook>.ipynb` (a name), or an explicit .ipynb path."""
+    p = Path(notebook)
+    if p.suffix == ".ipynb" and p.is_file():
+        return p
+    cand = NOTEBOOK_DIR / f"{notebook}.ipynb"
+    if not cand.is_file():
+        known = sorted(f.stem for f in NOTEBOOK_DIR.glob("*.ipynb"))
+        raise AwqnbError(f"unknown notebook {notebook!r}: no {cand}; available: {', '.join(known) or 'none'}.")
+    return cand
+
+
+def notebook_parameters(path: Path) -> dict:
+    """name → default (as written) of the notebook's `parameters` cell."""
+    import papermill as pm
+
+    return {k: v.get("default") for k, v in pm.inspect_notebook(str(path)).items()}
+
+
+def _safe(name: str) -> str:
+    from .models import short_name
+
+    s = re.sub(r"[^A-Za-z0-9._+-]+", "_", short_name(str(name))).strip("._") or "model"
+    return s[:80]
+
+
+def run_name(params: Mapping[str, Any], now: datetime | None = None) -> str:
+    """timestamp + short config tag: `20250101-120000_w4_g128_rtn-awq_1a2b3c` (the hash covers
+    every parameter, so two configs never share a name)."""
+    from .config import QuantConfig
+
+    now = now or datetime.now()
+    try:
+        qtag = QuantConfig(int(params.get("bits", 4)), int(params.get("group_size", 128))).tag
+    except (AwqnbError, TypeError, ValueError):
+        qtag = f"w{params.get('bits')}_g{params.get('group_size')}"
+    methods = "-".join(as_list(params.get("methods", "")))[:40] if params.get("methods") else "none"
+    h = hashlib.sha1(json.dumps(_clean(params), sort_keys=True).encode()).hexdigest()[:6]
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", f"{now:%Y%m%d-%H%M%S}_{qtag}_{methods}_{h}")
+
+
+# --- running ------------------------------------------------------------------------------
+
+def _export_html(ipynb: Path, dest: Path, hide_code: bool) -> None:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name="lab")
+    exporter.exclude_input = hide_code
+    exporter.exclude_input_prompt = hide_code
+    body, _ = exporter.from_notebook_node(nbformat.read(str(ipynb), as_version=4))
+    _atomic_write(dest, body)
+
+
+def run_report(model: str, methods: list[str] | str, params: dict | None = None, output_dir: str | Path = "reports",
+               notebook: str = "model_report", *, hide_code: bool = False, timeout: int | None = None) -> Path:
+    """Execute `notebooks/<notebook>.ipynb` for one model into `output_dir/<model>/<run>/`.
+
+    params: overrides of the notebook's parameters (unknown names are an error); `model` and
+    `methods` are set from the arguments, `output_dir` inside the notebook is the run directory.
+    Returns the run directory. A failing notebook is not an exception: the run is kept with
+    state 'failed' (executed copy with the error, its HTML, `run.json` with the message).
+    timeout: seconds per cell (default: none).
+    """
+    import papermill as pm
+
+    nb_in = notebook_path(notebook)
+    known = notebook_parameters(nb_in)
+    params = dict(params or {})
+    if "output_dir" in params:
+        log.warning("ignoring params['output_dir']=%r: the notebook writes into its run directory",
+                    params.pop("output_dir"))
+    for k in ("model", "methods"):
+        if k in params:
+            raise AwqnbError(f"pass {k} as run_report's argument, not in params.")
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise AwqnbError(f"unknown notebook parameter(s) {unknown} for {nb_in.name}; it takes {sorted(known)}.")
+    method_list = as_list(methods)
+    nb_params = {**params, "model": model, "methods": method_list}
+    if "output_dir" in known:
+        nb_params["output_dir"] = "."
+    kernel = kernel_name()
+
+    model_dir = Path(output_dir) / _safe(model)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    name = run_name(nb_params)
+    dest = model_dir / name
+    n = 2
+    while dest.exists():
+        dest = model_dir / f"{name}-{n}"
+        n += 1
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=model_dir))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+    nb_out = tmp / f"{nb_in.stem}.ipynb"
+    record = {"state": "running", "model": model, "methods": method_list, "notebook": nb_in.stem,
+              "parameters": nb_params, "kernel": kernel, "python": sys.executable,
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "error": None}
+    t0 = time.perf_counter()
+    log.info("report %s: running %s with %s", dest, nb_in.name, nb_params)
+    try:
+        pm.execute_notebook(str(nb_in), str(nb_out), parameters=nb_params, kernel_name=kernel, cwd=str(tmp),
+                            progress_bar=False, log_output=False, execution_timeout=timeout)
+        record["state"] = "ok"
+    except KeyboardInterrupt:
+        record.update(state="interrupted", error="KeyboardInterrupt")
+        _finish_run(record, tmp, dest, nb_out, hide_code=False, t0=t0)
+        raise
+    except Exception as e:  # noqa: BLE001  a failed notebook must not stop a batch
+        record["state"] = "failed"
+        record["error"] = f"{type(e).__name__}: {_short_error(e)}"
+        log.error("report %s failed: %s", dest, record["error"])
+    return _finish_run(record, tmp, dest, nb_out, hide_code, t0)
+
+
+def _finish_run(record: dict, tmp: Path, dest: Path, nb_out: Path, hide_code: bool, t0: float) -> Path:
+    """Export HTML, write run.json, move the temporary run directory into place."""
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if nb_out.is_file() and record["state"] != "interrupted":
+        try:
+            _export_html(nb_out, nb_out.with_suffix(".html"), hide_code)
+        except Exception as e:  # noqa: BLE001  the notebook itself is kept
+            record["html_error"] = f"{type(e).__name__}: {e}"
+            log.error("report %s: HTML export failed: %s", dest, e)
+    _atomic_write(tmp / RUN_FILE, json.dumps(_clean(record), indent=1))
+    for i in range(100):
+        target = dest if i == 0 else dest.with_name(f"{dest.name}-{os.getpid()}-{i}")
+        try:
+            tmp.rename(target)  # fails if another run took the name meanwhile
+            break
+        except OSError:
+            if i == 99:
+                raise
+    log.info("report %s: %s (%.1f s)", target, record["state"], record["seconds"])
+    return target
+
+
+def _short_error(e: Exception) -> str:
+    """papermill's error: the exception name and value from the failing cell, not its traceback."""
+    ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
+    if ename:
+        return f"{ename}: {evalue}"
+    return str(e).strip().splitlines()[-1][:500] if str(e).strip() else type(e).__name__
+
+
+def run_batch(models: list[str], methods: list[str] | str, params: dict | None = None,
+              output_dir: str | Path = "reports", notebook: str = "model_report", **kwargs) -> Path:
+    """`run_report` for each model (a failure does not stop the others), then write
+    `output_dir/index.html`; returns its path."""
+    if isinstance(models, str):
+        models = as_list(models)
+    runs = []
+    for m in models:
+        runs.append(run_report(m, methods, params, output_dir=output_dir, notebook=notebook, **kwargs))
+    failed = [r for r in runs if _read_json(r / RUN_FILE).get("state") != "ok"]
+    if failed:
+        log.warning("%d of %d report(s) failed: %s", len(failed), len(runs), ", ".join(map(str, failed)))
+    return write_index(output_dir)
+
+
+# --- index --------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def find_runs(output_dir: str | Path) -> list[dict]:
+    """Every run under `output_dir` (`<model>/<run>/` holding run.json or metrics.json), newest
+    first: {dir, rel, run, model, state, error, started, notebook, html, ipynb, metrics}."""
+    root = Path(output_dir)
+    out = []
+    for d in sorted(root.glob("*/*")):
+        if d.name.startswith(".") or d.parent.name.startswith(".") or not d.is_dir():
+            continue
+        rec = _read_json(d / RUN_FILE)
+        has_metrics = (d / METRICS_FILE).is_file()
+        if not rec and not has_metrics:
+            continue
+        metrics = None
+        if has_metrics:
+            try:
+                metrics = read_metrics(d)
+            except AwqnbError as e:
+                log.warning("%s", e)
+        nb = rec.get("notebook")
+        html_f = d / f"{nb}.html" if nb else next(iter(sorted(d.glob("*.html"))), None)
+        ipynb = d / f"{nb}.ipynb" if nb else next(iter(sorted(d.glob("*.ipynb"))), None)
+        state = rec.get("state") or ("ok" if metrics else "unknown")
+        if state == "ok" and metrics is None:
+            state = "ok (no metrics.json)"
+        out.append({"dir": d, "rel": d.relative_to(root).as_posix(), "run": d.name,
+                    "model": rec.get("model") or d.parent.name, "state": state, "error": rec.get("error"),
+                    "started": rec.get("started") or "", "notebook": nb,
+                    "html": html_f if html_f is not None and html_f.is_file() else None,
+                    "ipynb": ipynb if ipynb is not None and ipynb.is_file() else None, "metrics": metrics})
+    out.sort(key=lambda r: (r["started"], r["run"]), reverse=True)
+    return out
+
+
+def _cell(v, fmt=None) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    if fmt:
+        try:
+            return fmt.format(v)
+        except (TypeError, ValueError):
+            pass
+    return html.escape(str(v))
+
+
+def _calib(c) -> str:
+    if not c:
+        return "—"
+    if isinstance(c, Mapping):
+        return html.escape(f"{c.get('dataset')} {c.get('n_calib')}×{c.get('seqlen')}")
+    return html.escape(str(c))
+
+
+def _bits(row) -> str:
+    b, g = row.get("bits"), row.get("group_size")
+    if b is None:
+        return "—", "—"
+    return f"W{b}", ("per-channel" if g == -1 else _cell(g))
+
+
+def index_html(runs: list[dict], root: Path) -> str:
+    head = ("run", "state", "model", "method", "bits", "group size", "calibration", "dataset", "protocol",
+            "seqlen", "ppl", "Δ % vs FP [95% CI]")
+    rows = []
+    for r in runs:
+        link = r["html"] or r["ipynb"]
+        name = html.escape(r["run"])
+        run_cell = f'<a href="{html.escape(link.relative_to(root).as_posix())}">{name}</a>' if link else name
+        extras = []
+        if r["ipynb"] and r["html"]:
+            extras.append(f'<a href="{html.escape(r["ipynb"].relative_to(root).as_posix())}">ipynb</a>')
+        if r["metrics"]:
+            extras.append(f'<a href="{html.escape(r["rel"])}/{METRICS_FILE}">metrics</a>')
+        run_cell += (" <small>(" + ", ".join(extras) + ")</small>") if extras else ""
+        state = html.escape(r["state"])
+        cls = "ok" if r["state"] == "ok" else "failed"
+        results = (r["metrics"] or {}).get("results") or []
+        if not results:
+            err = f'<br><small>{html.escape(r["error"])}</small>' if r["error"] else ""
+            rows.append(f'<tr class="{cls}"><td>{run_cell}</td><td>{state}{err}</td><td>{html.escape(r["model"])}</td>'
+                        + '<td colspan="9">no metrics</td></tr>')
+            continue
+        for i, m in enumerate(results):
+            bits, gs = _bits(m)
+            d = m.get("delta_pct")
+            delta = "—" if d is None or m.get("winner") == "(baseline)" else (
+                f"{d:+.2f} [{_cell(m.get('ci_low'), '{:+.2f}')}, {_cell(m.get('ci_high'), '{:+.2f}')}]")
+            first = f"<td>{run_cell}</td><td>{state}</td>" if i == 0 else "<td></td><td></td>"
+            rows.append(
+                f'<tr class="{cls}">{first}<td>{_cell(m.get("model"))}</td><td>{_cell(m.get("method"))}</td>'
+                f"<td>{bits}</td><td>{gs}</td><td>{_calib(m.get('calibration'))}</td><td>{_cell(m.get('dataset'))}</td>"
+                f"<td>{_cell(m.get('protocol'))}</td><td>{_cell(m.get('seqlen'))}</td>"
+                f"<td class=num>{_cell(m.get('ppl'), '{:.3f}')}</td><td class=num>{delta}</td></tr>")
+    now = datetime.now().strftime("%Y-%m-%d %H:%M")
+    body = "\n".join(rows) if rows else f'<tr><td colspan="{len(head)}">no runs yet</td></tr>'
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>awqnb reports</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; font-size: 14px; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }}
+th {{ background: #f4f4f4; }} td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+tr.failed td {{ background: #fff1f0; }}
+</style></head><body>
+<h1>awqnb reports</h1>
+<p>{len(runs)} run(s) under <code>{html.escape(str(root))}</code>, newest first; written {now}.
+Perplexity: protocol and seqlen as listed; Δ is against the FP model with a bootstrap 95% interval.</p>
+<table><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead>
+<tbody>
+{body}
+</tbody></table></body></html>
+"""
+
+
+def write_index(output_dir: str | Path) -> Path:
+    """(Re)write `output_dir/index.html` atomically from every run found; returns its path."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    return _atomic_write(root / "index.html", index_html(find_runs(root), root))
