@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 MODEL ?= smollm2-135m
 METHODS ?= rtn,awq
+# Without a GPU the report runs on a smaller calibration/evaluation (stated in the report).
+REPORT_PARAMS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo notebooks/params/cpu.yaml)
 PYTEST_ARGS ?=
 
 .PHONY: setup report test test-fast clean-venv
@@ -23,7 +25,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt Makefile
 	touch $@
 
 report: setup
-	$(BIN)/awqnb report --models $(MODEL) --methods $(METHODS)
+	$(BIN)/awqnb report --models $(MODEL) --methods $(METHODS) $(if $(REPORT_PARAMS),--params $(REPORT_PARAMS))
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -112,6 +112,20 @@ def test_awq_beats_rtn_on_outlier_channels():
     assert awq_err < 0.7 * rtn_err
 
 
+def test_gram_loss_equals_direct_output_error():
+    """Linear groups score α with ΔW·XᵀX·ΔWᵀ; it must equal the output MSE computed directly."""
+    torch.manual_seed(1)
+    toy = _Toy(ci=96, co=24)
+    group, _ = _toy_spec()
+    xs = [torch.randn(2, 16, 96) * 3, torch.randn(1, 16, 96)]
+    runner = InspectRunner(toy, group, xs, [{}, {}])
+    assert runner.gram is not None and runner.outputs() == []
+    w_new = toy.fc.weight.data + 0.01 * torch.randn(24, 96)
+    direct = InspectRunner(toy, group, xs, [{}, {}])
+    direct.gram = None
+    assert runner.loss([w_new], []) == pytest.approx(direct.loss([w_new], direct.outputs()), rel=1e-4)
+
+
 def test_ties_choose_the_smallest_alpha():
     toy = _Toy(ci=64, co=8)
     group, _ = _toy_spec()

@@ -97,6 +97,14 @@ class InspectRunner:
         self.xs = xs
         self.kwargs = kwargs
         self.names = [(_rel(n, group.inspect) + ".weight").lstrip(".") for n in group.layers]
+        # A single linear's output error is a quadratic form in ΔW: mean((X ΔWᵀ)²) =
+        # Σ (ΔW G) ⊙ ΔW / (n_tok·co) with G = XᵀX `[ci, ci]`, so each α costs co·ci² instead of
+        # n_tok·ci·co and the token outputs are never recomputed.
+        self.gram = None
+        if group.inspect_kind == "linear" and len(group.layers) == 1:
+            flat = [x.reshape(-1, x.shape[-1]).float() for x in xs]
+            self.n_tok = sum(f.shape[0] for f in flat)
+            self.gram = sum(f.T @ f for f in flat)
 
     def _call(self, i: int, params: dict | None):
         x = self.xs[i]
@@ -112,11 +120,16 @@ class InspectRunner:
 
     @torch.inference_mode()
     def outputs(self) -> list[torch.Tensor]:
+        if self.gram is not None:
+            return []  # the quadratic form needs no reference outputs
         return [self._call(i, None) for i in range(len(self.xs))]
 
     @torch.inference_mode()
     def loss(self, weights: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
         """mean((F(X; weights) − ref)²) over all chunks and elements."""
+        if self.gram is not None:
+            d = weights[0].float() - self.module.weight.float()  # [co, ci]
+            return ((d @ self.gram) * d).sum().item() / (self.n_tok * d.shape[0])
         params = dict(zip(self.names, weights))
         tot, n = 0.0, 0
         for i in range(len(self.xs)):

@@ -1,0 +1,166 @@
+"""Models (aliases, tiny random models, atomic save) and data (calibration, evaluation, resolution)."""
+import json
+
+import pytest
+import torch
+
+from awqnb import data, models, pipeline
+from awqnb.config import MethodConfig, QuantConfig
+from awqnb.data import load_calibration, load_eval_texts, load_eval_tokens
+from awqnb.errors import AwqnbError
+from awqnb.models import load_model, save_quantized
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return load_model("tiny-random-llama")
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gemma3"])
+def test_tiny_models_have_gqa_and_odd_hidden_and_are_deterministic(name):
+    m1, tok = load_model(name)
+    m2, _ = load_model(name)
+    cfg = m1.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads
+    assert cfg.hidden_size % 128 != 0 and cfg.intermediate_size % 128 != 0
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+    # norms are perturbed with loud channels, so activations have outliers for AWQ to find
+    norm = m1.model.layers[0].input_layernorm.weight + (1.0 if "gemma" in name else 0.0)
+    assert norm.max() / norm.median() > 4
+    assert len(tok) == cfg.vocab_size
+
+
+def test_unknown_model_and_bad_paths_are_clear(tmp_path):
+    with pytest.raises(AwqnbError, match="unknown model 'nope'.*smollm2-135m"):
+        load_model("nope")
+    with pytest.raises(AwqnbError, match="does not exist"):
+        load_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AwqnbError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(AwqnbError, match="architecture 'gpt2' is not supported"):
+        models.check_supported(m)
+    with pytest.raises(AwqnbError, match="not supported"):
+        pipeline.quantize(m, MethodConfig("rtn"), None, progress=False)
+
+
+def test_nan_weights_are_refused_before_any_change(tiny_llama):
+    import copy
+
+    m = copy.deepcopy(tiny_llama[0])
+    m.model.layers[1].mlp.up_proj.weight.data[3, 5] = float("nan")
+    before = m.model.layers[0].self_attn.q_proj.weight.clone()
+    with pytest.raises(AwqnbError, match="NaN"):
+        pipeline.quantize(m, MethodConfig("rtn", QuantConfig(4, 32)), None, progress=False)
+    assert torch.equal(m.model.layers[0].self_attn.q_proj.weight, before)
+
+
+def test_save_is_atomic_and_round_trips(tiny_llama, tmp_path):
+    import copy
+
+    model, tok = tiny_llama
+    m = copy.deepcopy(model)
+    cfg = MethodConfig("rtn", QuantConfig(4, 32))
+    res = pipeline.quantize(m, cfg, None, model_name="tiny-random-llama", progress=False)
+    dest = tmp_path / models.model_tag("tiny-random-llama", cfg)
+    assert dest.name == "tiny-random-llama_rtn_w4_g32_headfp16"
+    save_quantized(m, tok, dest, res.metadata())
+    meta = json.loads((dest / "quantization_metadata.json").read_text())
+    assert meta["method"] == "rtn" and meta["config"]["quant"]["group_size"] == 32
+    assert meta["versions"]["torch"] and meta["calibration"] is None and len(meta["layers"]) == 2
+    m2, _ = load_model(str(dest))
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+    # an existing destination is kept unless overwrite is asked for
+    with pytest.raises(AwqnbError, match="already exists"):
+        save_quantized(m, tok, dest, {})
+    assert json.loads((dest / "quantization_metadata.json").read_text())["method"] == "rtn"
+
+    class Broken:
+        def save_pretrained(self, d):
+            (d / "half-written").write_text("x")
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_quantized(Broken(), None, tmp_path / "new", {})
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(RuntimeError):
+        save_quantized(Broken(), None, dest, {}, overwrite=True)
+    assert (dest / "model.safetensors").is_file()  # the old one survives a failed overwrite
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_calibration_blocks_are_deterministic_and_distinct(tiny_llama):
+    tok = tiny_llama[1]
+    a = load_calibration(tok, "wikitext2", n_calib=6, seqlen=64, seed=1)
+    b = load_calibration(tok, "wikitext2", n_calib=6, seqlen=64, seed=1)
+    c = load_calibration(tok, "wikitext2", n_calib=6, seqlen=64, seed=2)
+    assert all(s.shape == (64,) and s.dtype == torch.long for s in a.samples)
+    assert all(torch.equal(x, y) for x, y in zip(a.samples, b.samples))
+    assert not all(torch.equal(x, y) for x, y in zip(a.samples, c.samples))
+    assert len({tuple(s[:8].tolist()) for s in a.samples}) == 6  # non-overlapping blocks
+    d = a.to_dict()
+    assert d["dataset"] == "wikitext2" and d["n_tokens"] == 6 * 64 and d["seed"] == 1
+    assert d["source"].endswith("validation.parquet")
+    simple = load_calibration(tok, "wikitext2-simple", n_calib=5, seqlen=64)
+    assert len(simple.samples) == 5 and all(8 <= s.numel() <= 64 for s in simple.samples)
+    c4 = load_calibration(tok, "c4", n_calib=3, seqlen=128)
+    assert [s.numel() for s in c4.samples] == [128] * 3
+
+
+def test_calibration_bad_input(tiny_llama, tmp_path):
+    tok = tiny_llama[1]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(AwqnbError, match="is empty"):
+        load_calibration(tok, str(empty))
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words here")
+    with pytest.raises(AwqnbError, match="fewer than n_calib=4"):
+        load_calibration(tok, str(short), n_calib=4, seqlen=64)
+    with pytest.raises(AwqnbError, match="unknown"):
+        load_calibration(tok, "pile")
+    text = tmp_path / "mine.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    mine = load_calibration(tok, str(text), n_calib=4, seqlen=32)
+    assert len(mine.samples) == 4 and mine.source == str(text)
+    with pytest.raises(AwqnbError, match="calibration set is empty"):
+        pipeline.quantize(tiny_llama[0], MethodConfig("awq"), None, progress=False)
+
+
+def test_absent_dataset_names_every_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("AWQNB_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data, "data_dirs", lambda d=None: [tmp_path])
+    data._load_rows.cache_clear()
+    try:
+        with pytest.raises(AwqnbError, match=r"not found.*AWQNB_DATA_DIR.*shared/data.*Hub"):
+            data._load_rows("c4-validation", None)
+    finally:
+        data._load_rows.cache_clear()
+
+
+def test_explicit_data_dir_wins(tmp_path, tiny_llama):
+    import pandas as pd
+
+    (tmp_path / "ag_news").mkdir()
+    pd.DataFrame({"text": ["alpha beta", "gamma delta"], "label": [0, 1]}).to_parquet(tmp_path / "ag_news/test.parquet")
+    assert load_eval_texts("ag_news", 5, data_dir=tmp_path) == ["alpha beta", "gamma delta"]
+
+
+def test_eval_sets(tiny_llama):
+    tok = tiny_llama[1]
+    ids = load_eval_tokens(tok, "wikitext2")
+    assert ids.numel() == 304_986  # SmolLM2's tokenizer on the joined WikiText-2 test split
+    texts = load_eval_texts("ag_news", 50, seed=3)
+    assert len(texts) == 50 and texts == load_eval_texts("ag_news", 50, seed=3)
+    assert len(set(texts)) == 50
+    with pytest.raises(AwqnbError, match="unknown"):
+        load_eval_tokens(tok, "ptb")
