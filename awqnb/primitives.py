@@ -69,7 +69,9 @@ def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def expand_groups(p: torch.Tensor, ci: int, group_size: int) -> torch.Tensor:
     """Per-group parameters `[co, n_group]` → per-column `[co, ci]`."""
-    return p[:, column_groups(ci, group_size, device=p.device)]
+    g = effective_group_size(ci, group_size)
+    co, n_g = p.shape
+    return p[:, :, None].expand(co, n_g, g).reshape(co, n_g * g)[:, :ci]
 
 
 def compute_qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +79,11 @@ def compute_qparams(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, to
 
     Computed in float32 whatever the weight dtype, so bf16 models get the same grid.
     """
-    wg = group_view(w.float(), cfg.group_size)
+    return _grouped_qparams(group_view(w.float(), cfg.group_size), cfg)
+
+
+def _grouped_qparams(wg: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """compute_qparams on a group view `[co, n_group, g]` (float32)."""
     if cfg.symmetric:
         qmax = 2 ** (cfg.bits - 1) - 1
         scale = wg.abs().amax(dim=-1).clamp(min=SCALE_EPS) / qmax
@@ -107,9 +113,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: Qu
 
 
 def fake_quant(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
-    """Round-to-nearest `Q(W)`, returned in `w`'s dtype."""
-    scale, zero = compute_qparams(w, cfg)
-    return dequantize(quantize(w, scale, zero, cfg), scale, zero, cfg).to(w.dtype)
+    """Round-to-nearest `Q(W)`, returned in `w`'s dtype.
+
+    The same arithmetic as dequantize(quantize(...)), done on the group view `[co, n_group, g]`
+    so that the per-group parameters broadcast instead of being expanded to `[co, ci]`."""
+    co, ci = w.shape
+    wg = group_view(w.float(), cfg.group_size)
+    scale, zero = _grouped_qparams(wg, cfg)
+    scale, zero = scale[..., None], zero[..., None]
+    lo, hi = qrange(cfg)
+    out = (torch.clamp(torch.round(wg / scale) + zero, lo, hi) - zero) * scale
+    return out.reshape(co, -1)[:, :ci].contiguous().to(w.dtype)
 
 
 def check_weight(name: str, w: torch.Tensor) -> None:
