@@ -151,33 +151,48 @@ def main(argv=None) -> int:
             for ds, r in results[g][label].items():
                 rows.append({**row, "dataset": ds, "protocol": r.protocol, "seqlen": r.seqlen, "ppl": r.ppl})
             model.to(dtype=torch.float32)
+            write_outputs(out, args, dev, eval_dtype, specs, rows, results, all_evals, all_meta, final=False)
 
+    md = write_outputs(out, args, dev, eval_dtype, specs, rows, results, all_evals, all_meta, final=True)
+    sys.stdout.write(md)
+    return 0
+
+
+def write_outputs(out: Path, args, dev, eval_dtype, specs, rows, results, all_evals, all_meta, final: bool) -> str:
+    """(Re)write the summary and results files; called after every run so a cut-off run keeps
+    what it measured."""
     import pandas as pd
 
     labels = [s[0] for s in specs]
     baseline = args.baseline or ("rtn" if "rtn" in labels else labels[0])
     tables = []
     for g, res in results.items():
-        t = comparison_table(res, baseline=baseline)
-        t["group_size"] = g
-        tables.append(t)
-    cmp = pd.concat(tables)
+        if baseline in res:
+            t = comparison_table(res, baseline=baseline)
+            t["group_size"] = g
+            tables.append(t)
     summary = pd.DataFrame(rows).drop(columns=["config"], errors="ignore")
-    summary = summary.merge(cmp[["group_size", "method", "dataset", "delta_pct", "ci_low", "ci_high", "winner"]],
-                            on=["group_size", "method", "dataset"], how="left")
+    if tables:
+        cmp = pd.concat(tables)
+        summary = summary.merge(cmp[["group_size", "method", "dataset", "delta_pct", "ci_low", "ci_high", "winner"]],
+                                on=["group_size", "method", "dataset"], how="left")
+        base_t = summary[summary.method == baseline].groupby("group_size").quant_s.first()
+        summary["time_vs_base"] = [q / base_t.get(g, float("nan")) if base_t.get(g) else float("nan")
+                                   for q, g in zip(summary.quant_s, summary.group_size)]
     summary.to_csv(out / "summary.csv", index=False)
     prov = {"argv": sys.argv, "versions": versions(), "device": str(dev), "eval_dtype": str(eval_dtype),
-            "baseline": baseline}
+            "baseline": baseline, "complete": final}
     (out / "results.json").write_text(json.dumps({"provenance": prov, "evals": all_evals}, indent=1))
     (out / "metadata.json").write_text(
         json.dumps(all_meta, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
     md = [f"model {args.model}, W{args.bits}, calibration {args.calib_dataset} {args.n_calib}x{args.calib_seqlen} "
-          f"(seed {args.seed}), eval seqlen {args.seqlen}, device {dev}, eval dtype {eval_dtype}; "
-          f"delta % vs {baseline} with paired bootstrap 95% CI", "",
+          f"(seed {args.seed}) unless the method says otherwise, eval seqlen {args.seqlen} (token ppl) / max length "
+          f"{args.seqlen} (sample ppl, {args.n_samples} texts), device {dev}, eval dtype {eval_dtype}; "
+          f"delta % vs {baseline} with paired bootstrap 95% CI; time_vs_base = quantization wall time / {baseline}'s"
+          + ("" if final else " (INCOMPLETE: run cut off)"), "",
           summary.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else summary.to_string(index=False)]
     (out / "summary.md").write_text("\n".join(md) + "\n")
-    sys.stdout.write("\n".join(md) + "\n")
-    return 0
+    return "\n".join(md) + "\n"
 
 
 def _has_tabulate() -> bool:
