@@ -77,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--eval-dtype", default="bfloat16", help="dtype the quantized model is evaluated in on GPU")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--calib-batch-size", type=int, default=None,
+                   help="calibration samples per forward (default 64 on GPU, 16 on CPU)")
     p.add_argument("--out", default="bench/results/quality")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -128,7 +130,8 @@ def main(argv=None) -> int:
                 row.update(quant_s=0.0, peak_mem_gb=None)
             else:
                 cfg = MethodConfig(method=method, quant=QuantConfig(args.bits, g),
-                                   search=SearchConfig(**search), params=params, seed=args.seed)
+                                   search=SearchConfig(**search), params=params, seed=args.seed,
+                                   calib_batch_size=args.calib_batch_size or (64 if dev.type == "cuda" else 16))
                 ck = tuple(run.get(k, getattr(args, k)) for k in RUN_KEYS)
                 if ck not in calibs:
                     calibs[ck] = load_calibration(tok, ck[2], n_calib=ck[0], seqlen=ck[1], seed=args.seed)
