@@ -9,7 +9,9 @@ Target (METHODS.md): awq_sh <= 1.2x awq.
 Each timed run quantizes a fresh copy of the FP model with `pipeline.quantize` (capture, scale
 search, rounding, ReFlip: everything) and synchronises the device before reading the clock.
 An untimed awq run first warms the device up (disable with --no-warmup). With --repeats > 1 the
-methods are interleaved and each method's fastest run is reported.
+methods are interleaved and each method's fastest run is reported. 'cpu s' is the process's CPU
+time (less disturbed than wall time by other jobs on a shared CPU machine; meaningless for GPU
+runs, where the wall-time ratio is the one to read).
 """
 from __future__ import annotations
 
@@ -64,9 +66,12 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="awq,awq_sh,awq_dh,awq_js,awq_gqa")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
     ap.add_argument("--json", default=None, help="also write the timings here")
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
     if "awq" not in methods:
         methods.insert(0, "awq")
@@ -81,14 +86,14 @@ def main(argv=None) -> int:
     def run(method):
         model = copy.deepcopy(fp)
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = pipeline.quantize(model, cfg(method), calib, device=device, progress=False)
         _sync(device)
-        dt = time.perf_counter() - t0
+        dt, ct = time.perf_counter() - t0, time.process_time() - c0
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return dt, res
+        return dt, ct, res
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     print(f"model={args.model} device={device} {gpu} n_calib={args.n_calib} seqlen={args.calib_seqlen} "
@@ -96,17 +101,19 @@ def main(argv=None) -> int:
     if args.warmup:
         run("awq")
     best: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     info: dict[str, dict] = {}
     for _ in range(args.repeats):
-        for m in methods:
-            dt, res = run(m)
+        for m in dict.fromkeys(methods):
+            dt, ct, res = run(m)
             best[m] = min(dt, best.get(m, float("inf")))
+            cpu[m] = min(ct, cpu.get(m, float("inf")))
             info[m] = _summary(res)
     base = best["awq"]
-    print(f"\n{'method':<10} {'seconds':>9} {'x awq':>7}  details")
-    for m in methods:
+    print(f"\n{'method':<10} {'seconds':>9} {'x awq':>7} {'cpu s':>9} {'x awq':>7}  details")
+    for m in dict.fromkeys(methods):
         extra = "  ".join(f"{k}={v}" for k, v in info[m].items())
-        print(f"{m:<10} {best[m]:>9.2f} {best[m] / base:>7.3f}  {extra}")
+        print(f"{m:<10} {best[m]:>9.2f} {best[m] / base:>7.3f} {cpu[m]:>9.2f} {cpu[m] / cpu['awq']:>7.3f}  {extra}")
     verdict = ""
     if "awq_sh" in best:
         r = best["awq_sh"] / base
@@ -114,7 +121,8 @@ def main(argv=None) -> int:
         print("\n" + verdict)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "device": str(device), "gpu": gpu,
-                                               "seconds": best, "ratio_vs_awq": {m: best[m] / base for m in best},
+                                               "seconds": best, "cpu_seconds": cpu,
+                                               "ratio_vs_awq": {m: best[m] / base for m in best},
                                                "details": info, "versions": versions()}, indent=1))
     return 0
 
