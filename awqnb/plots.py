@@ -233,3 +233,369 @@ def alpha_map(curves, meta: Mapping | None = None, title: str | None = None) -> 
     )
     fig.update_yaxes(autorange="reversed", dtick=1 if len(grid) <= 40 else None)
     return fig
+
+
+# --- diagnostics figures (awqnb.diagnostics frames) ------------------------------------------
+
+def _facets(n: int, cols: int):
+    ncols = max(1, min(cols, n))
+    return ncols, math.ceil(n / ncols)
+
+
+def _log10(v):
+    """Display transform for values spanning decades (non-positive → None: not drawn)."""
+    return [math.log10(x) if x is not None and x == x and x > 0 else None for x in v]
+
+
+def alpha_explorer_figure(title: str | None = None) -> go.Figure:
+    """The empty three-panel figure that `awqnb.widgets.AlphaExplorer` fills: (1) α → loss / RTN
+    loss with the slider's α and α* marked, (2) histogram of log2 s(α), (3) per-channel error
+    share against salience rank, at α and at α = 0. Traces, in order: curve, current α, α*,
+    log2 s histogram, channel error at α, channel error at α = 0."""
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08,
+                        subplot_titles=("search loss / RTN loss", "scales: log2 s(α)",
+                                        "channel error e_j by salience rank"))
+    fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="L(α)/L(0)", line=dict(color="#1f77b4"),
+                             hovertemplate="α %{x:.2f}<br>loss/RTN %{y:.4f}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=[], y=[], mode="markers", name="slider α",
+                             marker=dict(size=13, color="#d62728", symbol="circle-open", line=dict(width=3))),
+                  row=1, col=1)
+    fig.add_trace(go.Scatter(x=[], y=[], mode="markers", name="α* (grid)",
+                             marker=dict(size=13, color="gold", symbol="star", line=dict(color="black", width=1))),
+                  row=1, col=1)
+    fig.add_trace(go.Histogram(x=[], nbinsx=40, name="log2 s", marker_color="#7f7f7f", showlegend=False), row=1, col=2)
+    fig.add_trace(go.Scattergl(x=[], y=[], mode="markers", name="α", marker=dict(size=4, color="#d62728"),
+                               hovertemplate="salience rank %{x}<br>e_j %{y:.3g}<extra></extra>"), row=1, col=3)
+    fig.add_trace(go.Scattergl(x=[], y=[], mode="markers", name="α = 0 (RTN)",
+                               marker=dict(size=4, color="#1f77b4", opacity=0.5),
+                               hovertemplate="salience rank %{x}<br>e_j %{y:.3g}<extra></extra>"), row=1, col=3)
+    fig.update_xaxes(title_text="α", range=[-0.03, 1.03], row=1, col=1)
+    fig.update_yaxes(title_text="loss / RTN loss", row=1, col=1)
+    fig.update_xaxes(title_text="log2 s", row=1, col=2)
+    fig.update_yaxes(title_text="channels", row=1, col=2)
+    fig.update_xaxes(title_text="salience rank (0 = most salient)", row=1, col=3)
+    fig.update_yaxes(title_text="E[x_j²]·Σ_i ΔW_ij²", type="log", row=1, col=3)
+    fig.update_layout(title=title or "α explorer", height=460, width=1150, margin=dict(t=110),
+                      legend=dict(orientation="h", y=-0.22))
+    return fig
+
+
+def salience_hist(channels, layer: int, metric: str = "l2", groups: Iterable[str] | None = None,
+                  top: int = 8, meta: Mapping | None = None, title: str | None = None, cols: int = 2) -> go.Figure:
+    """Distribution of one salience metric over the input channels of each scale group of one
+    layer (`diagnostics.salience_table` frame), log10 axis; the `top` most salient channels are
+    marked with their channel ids."""
+    _require(channels, ("layer", "group", "channel", metric), "salience_hist")
+    d = channels[channels["layer"] == layer]
+    if d.empty:
+        raise AwqnbError(f"salience_hist: layer {layer} is not in the frame (it has {sorted(channels['layer'].unique())}).")
+    present = list(dict.fromkeys(d["group"]))
+    groups = present if groups is None else list(groups)
+    ncols, nrows = _facets(len(groups), cols)
+    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=groups, vertical_spacing=0.22)
+    for i, g in enumerate(groups):
+        sub = d[d["group"] == g]
+        where = dict(row=i // ncols + 1, col=i % ncols + 1)
+        fig.add_trace(go.Histogram(x=_log10(sub[metric]), nbinsx=50, name=g, showlegend=False,
+                                   marker_color="#4c78a8"), **where)
+        tops = sub.nlargest(top, metric)
+        fig.add_trace(go.Scatter(x=_log10(tops[metric]), y=[0] * len(tops), mode="markers+text",
+                                 text=[str(c) for c in tops["channel"]], textposition="top center",
+                                 marker=dict(color="#d62728", symbol="triangle-up", size=9), showlegend=False,
+                                 hovertemplate="channel %{text}<br>log10 " + metric + " %{x:.3f}<extra></extra>"),
+                      **where)
+        fig.update_xaxes(title_text=f"log10 {metric}", **where)
+    fig.update_layout(title=title or _title(f"Salience ({metric}) per input channel, layer {layer}", channels, meta,
+                                            ("model", "calibration")),
+                      height=max(350, 300 * nrows), bargap=0.02)
+    return fig
+
+
+def salience_channels(channels, layer: int, group: str, metrics: Iterable[str] = ("l1", "l2", "praq"),
+                      meta: Mapping | None = None, title: str | None = None) -> go.Figure:
+    """Channel by channel: each metric of one (layer, group) divided by its mean over channels
+    (column `<metric>_rel` if present, else the raw metric), one line per metric."""
+    d = channels[(channels["layer"] == layer) & (channels["group"] == group)]
+    if d.empty:
+        raise AwqnbError(f"salience_channels: no rows for layer {layer}, group {group!r}.")
+    fig = go.Figure()
+    for m in metrics:
+        col = f"{m}_rel" if f"{m}_rel" in d.columns else m
+        if col not in d.columns or d[col].isna().all():
+            continue
+        fig.add_trace(go.Scatter(x=d["channel"], y=d[col], mode="lines", name=m,
+                                 hovertemplate=f"{m}<br>channel %{{x}}<br>%{{y:.4g}}<extra></extra>"))
+    fig.update_layout(title=title or _title(f"Salience per channel — layer {layer}, {group}", d, meta, ("model",)),
+                      xaxis_title="input channel", yaxis_title="salience (÷ mean over channels)", yaxis_type="log")
+    return fig
+
+
+def salience_overview(summary, metric: str = "l2", value: str = "max_over_median", meta: Mapping | None = None,
+                      title: str | None = None) -> go.Figure:
+    """Heatmap over (scale group, layer) of one column of `diagnostics.salience_summary` for one
+    metric (default: max / median, the strength of the outlier channels), log10 colour."""
+    _require(summary, ("layer", "group", "metric", value), "salience_overview")
+    d = summary[summary["metric"] == metric]
+    groups = list(dict.fromkeys(d["group"]))
+    grid = d.pivot(index="group", columns="layer", values=value).reindex(index=groups)
+    fig = go.Figure(go.Heatmap(z=[_log10(r) for r in grid.to_numpy()], x=list(grid.columns), y=groups,
+                               customdata=grid.to_numpy(), colorscale="Magma",
+                               colorbar=dict(title=f"log10<br>{value}"),
+                               hovertemplate="layer %{x} · %{y}<br>" + value + " %{customdata:.3g}<extra></extra>"))
+    fig.update_layout(title=title or _title(f"Salience outliers ({metric}: {value}) per layer and group", summary,
+                                            meta, ("model",)),
+                      xaxis_title="layer", yaxis_title="scale group", height=320)
+    fig.update_yaxes(autorange="reversed")  # groups top to bottom in block order
+    return fig
+
+
+def risk_overview(summary, meta: Mapping | None = None, title: str | None = None) -> go.Figure:
+    """Per layer (`diagnostics.risk_summary`): MLP channels that are dead, dead & risky, and
+    critical (dead & risky & high-weight), overlaid bars (each set contains the next)."""
+    _require(summary, ("layer", "n_dead", "n_dead_risky", "n_critical"), "risk_overview")
+    fig = go.Figure()
+    for col, name, color in (("n_dead", "dead (rarely live)", "#c7c7c7"),
+                             ("n_dead_risky", "dead & risky (can cross the knee)", "#ff9f40"),
+                             ("n_critical", "critical (dead & risky & high weight)", "#d62728")):
+        fig.add_trace(go.Bar(x=summary["layer"], y=summary[col], name=name, marker_color=color,
+                             hovertemplate="layer %{x}<br>" + name + ": %{y}<extra></extra>"))
+    fig.update_layout(barmode="overlay", title=title or _title("MLP pre-activation risk per layer", summary, meta,
+                                                               ("model",)),
+                      xaxis_title="layer", yaxis_title="channels", legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def risk_scatter(channels, layer: int, dead_frac: float = 0.05, meta: Mapping | None = None,
+                 title: str | None = None) -> go.Figure:
+    """One layer's MLP channels (`diagnostics.preactivation_risk`): fraction of tokens on the live
+    side of the knee (x, log) against ‖W_down[:, i]‖ (y), colour p_live; critical channels ringed
+    in red. The dashed line is the `dead_frac` threshold used for the frame."""
+    d = channels[channels["layer"] == layer]
+    if d.empty:
+        raise AwqnbError(f"risk_scatter: layer {layer} is not in the frame.")
+    x = [max(v, 1e-4) for v in d["active_frac"]]
+    fig = go.Figure(go.Scattergl(
+        x=x, y=d["w_down_norm"], mode="markers", name="channels",
+        marker=dict(size=5, color=d["p_live"], colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="p_live")),
+        customdata=d[["channel", "z_max", "near_knee_frac"]].to_numpy(),
+        hovertemplate="channel %{customdata[0]}<br>active %{x:.4f}<br>‖W_down[:, i]‖ %{y:.4f}"
+                      "<br>max ẑ %{customdata[1]:.2f}<br>near knee %{customdata[2]:.4f}<extra></extra>"))
+    crit = d[d["critical"]]
+    fig.add_trace(go.Scatter(x=[max(v, 1e-4) for v in crit["active_frac"]], y=crit["w_down_norm"], mode="markers",
+                             name="critical", marker=dict(size=11, color="rgba(0,0,0,0)",
+                                                          line=dict(color="#d62728", width=2)),
+                             text=[str(c) for c in crit["channel"]],
+                             hovertemplate="critical channel %{text}<extra></extra>"))
+    fig.add_vline(x=dead_frac, line=dict(color="grey", dash="dash"))
+    fig.update_layout(title=title or _title(f"MLP channels of layer {layer}: how often live vs output weight", d,
+                                            meta, ("model",)),
+                      xaxis_title="fraction of tokens with ẑ > τ (log)", xaxis_type="log", xaxis_range=[-4.1, 0.1],
+                      yaxis_title="‖W_down[:, i]‖₂", legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def preactivation_hist(hist, tau: float | None = -3.0, meta: Mapping | None = None, title: str | None = None) -> go.Figure:
+    """Histogram(s) of the knee-relative pre-activation ẑ (`diagnostics.preactivation_hist`), one
+    line per channel (-1: all channels), the knee threshold τ dashed."""
+    _require(hist, ("channel", "bin_lo", "bin_hi", "frac"), "preactivation_hist")
+    fig = go.Figure()
+    for c, d in hist.groupby("channel", sort=False):
+        d = d[(d["bin_lo"] > -math.inf) & (d["bin_hi"] < math.inf)]
+        fig.add_trace(go.Scatter(x=(d["bin_lo"] + d["bin_hi"]) / 2, y=d["frac"], mode="lines", line_shape="hvh",
+                                 name="all channels" if c == -1 else f"channel {c}"))
+    if tau is not None:
+        fig.add_vline(x=tau, line=dict(color="#d62728", dash="dash"), annotation_text="τ")
+    layer = _one(hist, "layer")
+    fig.update_layout(title=title or _title(f"Pre-activation ẑ (SiLU units){'' if layer is None else f', layer {layer}'}",
+                                            hist, meta, ("model",)),
+                      xaxis_title="ẑ = z / c", yaxis_title="fraction of tokens", yaxis_type="log")
+    return fig
+
+
+def rounding_error_dist(table, modules: Iterable[str] | None = None, meta: Mapping | None = None,
+                        title: str | None = None) -> go.Figure:
+    """|W − Q(W)| per layer and module from `diagnostics.rounding_error` (level 'module'): boxes
+    drawn from the recorded quantiles (whiskers q05–q95, box q25–q75, line median), one trace per
+    (module, method)."""
+    _require(table, ("layer", "module", "method", "abs_q05", "abs_q25", "abs_q50", "abs_q75", "abs_q95"),
+             "rounding_error_dist")
+    mods = list(dict.fromkeys(table["module"])) if modules is None else list(modules)
+    fig = go.Figure()
+    for (m, meth), d in table[table["module"].isin(mods)].groupby(["module", "method"], sort=False):
+        fig.add_trace(go.Box(x=[f"L{l}" for l in d["layer"]], q1=d["abs_q25"], median=d["abs_q50"],
+                             q3=d["abs_q75"], lowerfence=d["abs_q05"], upperfence=d["abs_q95"],
+                             name=f"{m} ({meth})", boxpoints=False))
+    fig.update_layout(boxmode="group", title=title or _title("Weight rounding error |W − Q(W)| (q05–q95)", table, meta,
+                                                              ("model", "bits", "group_size")),
+                      xaxis_title="layer", yaxis_title="|r|", yaxis_type="log")
+    return fig
+
+
+def flip_errors(table, meta: Mapping | None = None, title: str | None = None) -> go.Figure:
+    """Expected per-row output error mean |e_i| before and after the heuristic flips, per (layer,
+    module), from the evidence columns of `diagnostics.rounding_error` (methods that flip)."""
+    _require(table, ("layer", "module", "method"), "flip_errors")
+    if "e_before_mean" not in table.columns or table["e_before_mean"].isna().all():
+        raise AwqnbError("flip_errors: the frame has no flip evidence (e_before_mean); pass result= and quantized= "
+                         "of a method that flips (awq_sh, awq_dh, awq_js, awq_gqa) to rounding_error.")
+    d = table.dropna(subset=["e_before_mean"])
+    x = [f"L{l} {m}" for l, m in zip(d["layer"], d["module"])]
+    fig = go.Figure([go.Bar(x=x, y=d["e_before_mean"], name="before flips (RTN codes)", marker_color="#c7c7c7"),
+                     go.Bar(x=x, y=d["e_after_mean"], name="after flips", marker_color="#2ca02c")])
+    fig.update_layout(barmode="group", title=title or _title("Mean |expected row error| before/after flips", d, meta,
+                                                             ("model", "method")),
+                      yaxis_title="mean_i |Σ_j μ_j r_ij|", yaxis_type="log")
+    return fig
+
+
+def mse_heatmap(mse, value: str = "rel_mse", log: bool = True, meta: Mapping | None = None, cols: int = 2,
+                title: str | None = None, zmid: float | None = None) -> go.Figure:
+    """Output MSE of each linear (`diagnostics.layer_mse`): one heatmap per method, layers as
+    rows, modules as columns, a shared colour scale (log10 of `value` when `log`). For a ratio
+    column (e.g. `vs_rtn` from `diagnostics.relative_mse`) use log=True and zmid=0: below 0 means
+    lower error than the baseline."""
+    _require(mse, ("method", "layer", "module", value), "mse_heatmap")
+    methods = list(dict.fromkeys(mse["method"]))
+    modules = list(dict.fromkeys(mse["module"]))
+    ncols, nrows = _facets(len(methods), cols)
+    n_layers = mse["layer"].nunique()
+    row_h = 18 * n_layers + 140
+    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=methods, shared_yaxes=True,
+                        horizontal_spacing=0.05, vertical_spacing=min(0.3, 90 / (nrows * row_h)) if nrows > 1 else 0.1)
+    vals = _log10(mse[value]) if log else list(mse[value])
+    finite = [v for v in vals if v is not None and v == v]
+    zmin, zmax = (min(finite), max(finite)) if finite else (0, 1)
+    if zmid is not None and finite:  # symmetric around zmid: its colour is the scale's centre
+        half = max(abs(zmax - zmid), abs(zmid - zmin)) or 1.0
+        zmin, zmax = zmid - half, zmid + half
+    for i, m in enumerate(methods):
+        g = mse[mse["method"] == m].pivot(index="layer", columns="module", values=value).reindex(columns=modules)
+        z = [_log10(r) for r in g.to_numpy()] if log else g.to_numpy()
+        fig.add_trace(go.Heatmap(z=z, x=modules, y=list(g.index), customdata=g.to_numpy(), zmin=zmin, zmax=zmax,
+                                 zmid=zmid, colorscale="RdBu_r" if zmid is not None else "Viridis",
+                                 coloraxis=None, showscale=(i == 0),
+                                 colorbar=dict(title=("log10 " if log else "") + value),
+                                 hovertemplate=f"{m}<br>layer %{{y}} · %{{x}}<br>{value} %{{customdata:.4g}}<extra></extra>"),
+                      row=i // ncols + 1, col=i % ncols + 1)
+    fig.update_yaxes(autorange="reversed", dtick=1 if n_layers <= 40 else None)
+    fig.update_yaxes(title_text="layer", col=1)
+    fig.update_layout(title=title or _title(f"Output {value} per linear layer (FP inputs)", mse, meta,
+                                            ("model", "bits", "group_size")),
+                      height=max(350, nrows * row_h))
+    return fig
+
+
+def mse_layer_bars(mse, layer: int, value: str = "rel_mse", meta: Mapping | None = None,
+                   title: str | None = None) -> go.Figure:
+    """One layer's output error per module, one bar trace per method (log axis)."""
+    d = mse[mse["layer"] == layer]
+    if d.empty:
+        raise AwqnbError(f"mse_layer_bars: layer {layer} is not in the frame.")
+    fig = go.Figure([go.Bar(x=s["module"], y=s[value], name=str(m),
+                            hovertemplate=f"{m}<br>%{{x}}<br>{value} %{{y:.4g}}<extra></extra>")
+                     for m, s in d.groupby("method", sort=False)])
+    fig.update_layout(barmode="group", title=title or _title(f"Output {value} of layer {layer}", d, meta, ("model",)),
+                      xaxis_title="module", yaxis_title=value, yaxis_type="log")
+    return fig
+
+
+def scale_distribution(values, layer: int | None = None, meta: Mapping | None = None, cols: int = 2,
+                       title: str | None = None) -> go.Figure:
+    """Histogram of log2 s per scale group (`diagnostics.scale_values`) for one layer (or the
+    frame's only layer)."""
+    _require(values, ("layer", "group", "log2_scale"), "scale_distribution")
+    layer = layer if layer is not None else _one(values, "layer")
+    if layer is None:
+        raise AwqnbError("scale_distribution draws one layer; pass layer=.")
+    d = values[values["layer"] == layer]
+    groups = list(dict.fromkeys(d["group"]))
+    ncols, nrows = _facets(len(groups), cols)
+    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=groups, vertical_spacing=0.22)
+    for i, g in enumerate(groups):
+        fig.add_trace(go.Histogram(x=d[d["group"] == g]["log2_scale"], nbinsx=40, name=g, showlegend=False),
+                      row=i // ncols + 1, col=i % ncols + 1)
+    fig.update_xaxes(title_text="log2 s")
+    fig.update_layout(title=title or _title(f"Chosen scales, layer {layer}", d, meta, ("model", "method")),
+                      height=max(350, 280 * nrows))
+    return fig
+
+
+def scale_spread(table, value: str = "s_ratio", meta: Mapping | None = None, title: str | None = None) -> go.Figure:
+    """A column of `diagnostics.scaling_table` per layer (default s_max / s_min), one line per
+    scale group (log axis)."""
+    _require(table, ("layer", "group", value), "scale_spread")
+    _single_method(table, "scale_spread")
+    fig = go.Figure([go.Scatter(x=d["layer"], y=d[value], mode="lines+markers", name=g)
+                     for g, d in table.groupby("group", sort=False)])
+    fig.update_layout(title=title or _title(f"Scale spread ({value}) per layer", table, meta, ("model", "method")),
+                      xaxis_title="layer", yaxis_title=value, yaxis_type="log" if value.startswith("s_") else "linear")
+    return fig
+
+
+def spearman_heatmap(agreement, meta: Mapping | None = None, title: str | None = None) -> go.Figure:
+    """Spearman ρ between importance metrics (`diagnostics.importance_agreement`): rows = layer,
+    columns = 'group · pair', colour from −1 to 1."""
+    _require(agreement, ("layer", "group", "pair", "spearman"), "spearman_heatmap")
+    d = agreement.assign(col=agreement["group"] + " · " + agreement["pair"])
+    order = list(dict.fromkeys(d["col"]))
+    g = d.pivot(index="layer", columns="col", values="spearman").reindex(columns=order)
+    fig = go.Figure(go.Heatmap(z=g.to_numpy(), x=order, y=list(g.index), zmin=-1, zmax=1, zmid=0,
+                               colorscale="RdBu", colorbar=dict(title="ρ"), texttemplate="%{z:.2f}",
+                               hovertemplate="layer %{y}<br>%{x}<br>ρ %{z:.3f}<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", title_text="layer")
+    fig.update_layout(title=title or _title("Spearman ρ between importance metrics", agreement, meta, ("model",)),
+                      height=max(300, 22 * len(g) + 200))
+    return fig
+
+
+def spearman_bars(agreement, layer: int, meta: Mapping | None = None, title: str | None = None) -> go.Figure:
+    """One layer's Spearman ρ per scale group, one bar trace per metric pair."""
+    d = agreement[agreement["layer"] == layer]
+    if d.empty:
+        raise AwqnbError(f"spearman_bars: layer {layer} is not in the frame.")
+    fig = go.Figure([go.Bar(x=s["group"], y=s["spearman"], name=p) for p, s in d.groupby("pair", sort=False)])
+    fig.update_layout(barmode="group", title=title or _title(f"Spearman ρ between importance metrics, layer {layer}",
+                                                             d, meta, ("model",)),
+                      yaxis=dict(range=[-1, 1], title="ρ"), xaxis_title="scale group")
+    return fig
+
+
+def claims_intervals(claims, meta: Mapping | None = None, title: str | None = None) -> go.Figure:
+    """Perplexity claims of `diagnostics.seed_claims`: delta % of a against b with its 95%
+    interval, one marker per (claim, dataset); left of 0 = a is better."""
+    _require(claims, ("claim", "dataset", "value", "ci_low", "ci_high", "unit"), "claims_intervals")
+    d = claims[(claims["unit"] == "delta %") & claims["value"].notna()]
+    fig = go.Figure()
+    for ds, s in d.groupby("dataset", sort=False):
+        fig.add_trace(go.Scatter(
+            x=s["value"], y=[f"{c} ({a} vs {b})" for c, a, b in zip(s["claim"], s["a"], s["b"])], mode="markers",
+            name=str(ds), error_x=dict(type="data", symmetric=False, array=s["ci_high"] - s["value"],
+                                       arrayminus=s["value"] - s["ci_low"]),
+            hovertemplate="%{y}<br>Δ %{x:+.2f}%<extra>" + str(ds) + "</extra>"))
+    fig.add_vline(x=0, line=dict(color="grey", dash="dot"))
+    fig.update_layout(title=title or _title("Seed claims: delta % of perplexity (a vs b), 95% CI", claims, meta,
+                                            ("model",)),
+                      xaxis_title="delta % (negative: a is better)", height=max(300, 60 * d["claim"].nunique() + 150))
+    return fig
+
+
+def channel_error_scatter(frame, layer: int, module: str, meta: Mapping | None = None,
+                          title: str | None = None) -> go.Figure:
+    """Channel by channel (`diagnostics.channel_error`): input energy E[x_j²] (x) against the
+    weight error Σ_i r_ij² of the column (y), one marker trace per method; the product is the
+    channel's share of the output error (hover), so points far up and right hurt most."""
+    d = frame[(frame["layer"] == layer) & (frame["module"] == module)]
+    if d.empty:
+        raise AwqnbError(f"channel_error_scatter: no rows for layer {layer}, module {module!r}.")
+    fig = go.Figure()
+    for m, s in d.groupby("method", sort=False):
+        fig.add_trace(go.Scattergl(
+            x=s["ex2"], y=s["sq_sum"], mode="markers", name=str(m), marker=dict(size=5, opacity=0.7),
+            customdata=s[["channel", "err_share", "l2_rank"]].to_numpy(),
+            hovertemplate=f"{m}<br>channel %{{customdata[0]}} (l2 rank %{{customdata[2]}})<br>E[x²] %{{x:.3g}}"
+                          "<br>Σ r² %{y:.3g}<br>share of output error %{customdata[1]:.2%}<extra></extra>"))
+    fig.update_layout(title=title or _title(f"Where the output error comes from: layer {layer}, {module}", d, meta,
+                                            ("model", "bits", "group_size")),
+                      xaxis_title="E[x_j²] (input energy)", yaxis_title="Σ_i r_ij² (weight error of column j)",
+                      xaxis_type="log", yaxis_type="log")
+    return fig

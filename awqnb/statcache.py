@@ -1,0 +1,186 @@
+"""The diagnostics cache: results keyed by (kind, model fingerprint, calibration, parameters),
+kept in memory and on disk (`awqnb.models.cache_dir()/diagnostics/<kind>/<key>.pkl`, written
+atomically), so a notebook re-run or a second notebook on the same model and calibration set
+reads its statistics instead of recomputing them.
+
+The disk location is `$AWQNB_DIAG_CACHE` when set (tests point it at a temporary directory).
+The key never trusts names alone: `model_fingerprint` hashes the config and every parameter's
+Σw and Σw² (a model quantized in place, or re-initialised, gets a new key), `calibration_key`
+hashes the token ids next to `Calibration.to_dict()`.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import AwqnbError
+
+log = logging.getLogger(__name__)
+
+DIAG_VERSION = 1  # bump when a frame's definition changes: old cache entries are then ignored
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha1 of the config and, per parameter, its name, shape, dtype, Σw and Σw² (float64, in
+    chunks of 2^20 elements: no full-size copy). Changes when any weight changes (a model
+    quantized in place gets a new fingerprint)."""
+    h = hashlib.sha1()
+    try:
+        h.update(model.config.to_json_string(use_diff=True).encode())
+    except Exception:  # noqa: BLE001  a config without JSON: its repr
+        h.update(repr(model.config).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            s1 = s2 = 0.0
+            for c in flat.split(1 << 20):
+                c = c.double()
+                s1 += float(c.sum())
+                s2 += float(c.pow(2).sum())
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{s1:.10e}:{s2:.10e};".encode())
+    return h.hexdigest()[:16]
+
+
+def calibration_key(calibration) -> dict:
+    """`Calibration.to_dict()` (when available) plus a sha1 of the token ids themselves."""
+    info = calibration.to_dict() if hasattr(calibration, "to_dict") else {}
+    if isinstance(calibration, torch.Tensor):
+        samples = list(calibration.reshape(-1, calibration.shape[-1]))
+    else:
+        samples = list(getattr(calibration, "samples", calibration) or [])
+    h = hashlib.sha1()
+    for s in samples:
+        h.update(s.detach().reshape(-1).to(torch.int64).cpu().numpy().tobytes())
+        h.update(b"|")
+    return {**info, "n_samples": len(samples), "ids_sha1": h.hexdigest()[:16]}
+
+
+def _copy(obj):
+    if hasattr(obj, "copy") and hasattr(obj, "columns"):
+        return obj.copy(deep=True)
+    if isinstance(obj, dict):
+        return {k: _copy(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
+
+
+class DiagnosticsCache:
+    """In-memory + on-disk cache of diagnostics results.
+
+    key = sha1(kind, DIAG_VERSION, model fingerprint, calibration key, parameters); the disk copy is
+    `<root>/<kind>/<key>.pkl` (pickle of frames / arrays) with a `<key>.json` sidecar holding the
+    readable key, both written atomically (temporary file + rename). `get` returns a deep copy,
+    so a caller that edits a frame does not edit the cache. `hits`, `misses` and `computed` count
+    lookups; `memory=False` / `disk=False` turn a level off.
+    """
+
+    def __init__(self, root: str | Path | None = None, memory: bool = True, disk: bool = True):
+        self._root = Path(root) if root is not None else None
+        self.memory, self.disk = memory, disk
+        self._mem: dict[str, Any] = {}
+        self.hits = self.misses = self.computed = 0
+
+    @property
+    def root(self) -> Path:
+        """`root` if given, else `$AWQNB_DIAG_CACHE`, else `awqnb.models.cache_dir()/diagnostics`."""
+        if self._root is None:
+            env = os.environ.get("AWQNB_DIAG_CACHE")
+            if env:
+                return Path(env).expanduser()
+            from .models import cache_dir
+
+            return cache_dir() / "diagnostics"
+        return self._root
+
+    @staticmethod
+    def key(kind: str, parts: Mapping[str, Any]) -> str:
+        doc = json.dumps({"kind": kind, "version": DIAG_VERSION, **parts}, sort_keys=True, default=str)
+        return hashlib.sha1(doc.encode()).hexdigest()[:20]
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.pkl"
+
+    def contains(self, kind: str, parts: Mapping[str, Any]) -> bool:
+        """Whether an entry exists (in memory or on disk) — without loading it."""
+        key = self.key(kind, parts)
+        return (self.memory and key in self._mem) or (self.disk and self._path(kind, key).is_file())
+
+    def get_or_compute(self, kind: str, parts: Mapping[str, Any], compute: Callable[[], Any]):
+        key = self.key(kind, parts)
+        if self.memory and key in self._mem:
+            self.hits += 1
+            return _copy(self._mem[key])
+        if self.disk:
+            path = self._path(kind, key)
+            if path.is_file():
+                try:
+                    with open(path, "rb") as f:
+                        obj = pickle.load(f)
+                    self.hits += 1
+                    if self.memory:
+                        self._mem[key] = obj
+                    return _copy(obj)
+                except Exception as e:  # noqa: BLE001  a damaged entry is recomputed
+                    log.warning("ignoring unreadable diagnostics cache entry %s: %s", path, e)
+        self.misses += 1
+        obj = compute()
+        self.computed += 1
+        if self.memory:
+            self._mem[key] = obj
+        if self.disk:
+            try:
+                self._write(kind, key, parts, obj)
+            except OSError as e:
+                log.warning("could not write the diagnostics cache under %s: %s", self.root, e)
+        return _copy(obj)
+
+    def _write(self, kind: str, key: str, parts: Mapping[str, Any], obj) -> None:
+        path = self._path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for dest, payload in ((path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)),
+                              (path.with_suffix(".json"),
+                               json.dumps({"kind": kind, "version": DIAG_VERSION, **parts}, indent=1,
+                                          default=str).encode())):
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(payload)
+                os.replace(tmp, dest)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+    def clear(self, disk: bool = False) -> None:
+        """Forget the in-memory entries (and the disk entries with disk=True)."""
+        self._mem.clear()
+        if disk and self.root.is_dir():
+            for p in self.root.glob("*/*"):
+                if p.suffix in (".pkl", ".json"):
+                    p.unlink(missing_ok=True)
+
+
+CACHE = DiagnosticsCache()
+
+
+def _cache(cache) -> DiagnosticsCache | None:
+    if cache is True or cache is None:
+        return CACHE
+    if cache is False:
+        return None
+    if isinstance(cache, DiagnosticsCache):
+        return cache
+    raise AwqnbError(f"cache={cache!r} is invalid; pass True, False or a DiagnosticsCache.")
+
+
+def _cached(cache, kind: str, parts: dict, compute: Callable[[], Any]):
+    c = _cache(cache)
+    return compute() if c is None else c.get_or_compute(kind, parts, compute)

@@ -1,0 +1,37 @@
+"""Fixtures shared by several test modules."""
+import contextlib
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+# The report notebook on tiny-random-llama: small enough to run in ~30 s on two CPU cores.
+TINY_REPORT_PARAMS = dict(n_calib=4, calib_seqlen=32, eval_windows=2, eval_seqlen=64, n_grid=4, n_samples=8,
+                          sample_max_length=64, diag_samples=2)
+
+
+@pytest.fixture(scope="session")
+def report_batch(tmp_path_factory):
+    """One `awqnb report` batch, run as a user runs it (the CLI with a --params YAML file): a model
+    that fails first, then tiny-random-llama. Shared by test_report and test_browser, so the
+    notebooks execute once per session.
+
+    Returns out (the output dir), index, runs (model -> `find_runs` record), rc, stdout, stderr."""
+    from awqnb import cli, report
+
+    out = tmp_path_factory.mktemp("reports")
+    params = Path(tmp_path_factory.mktemp("params")) / "tiny.yaml"
+    params.write_text(yaml.safe_dump(TINY_REPORT_PARAMS))
+    args = cli.build_parser().parse_args(["report", "--models", "no-such-model,tiny-random-llama",
+                                          "--methods", "rtn,awq", "--params", str(params), "--output-dir", str(out)])
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: tiny tensors, no thread contention
+        mp.setenv("AWQNB_DIAG_CACHE", str(out / ".diag-cache"))  # diagnostics cache: not the user's
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            rc = args.fn(args)
+    runs = {r["model"]: r for r in report.find_runs(out)}
+    return SimpleNamespace(out=out, index=out / "index.html", runs=runs, rc=rc, stdout=stdout.getvalue(),
+                           stderr=stderr.getvalue())
