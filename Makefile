@@ -10,7 +10,7 @@ METHODS ?= rtn,awq
 REPORT_PARAMS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo notebooks/params/cpu.yaml)
 PYTEST_ARGS ?=
 
-.PHONY: setup report test test-fast clean-venv
+.PHONY: setup setup-browser report test test-fast clean-venv
 
 setup: $(VENV)/.installed
 
@@ -24,13 +24,29 @@ $(VENV)/.installed: pyproject.toml requirements.txt Makefile
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (awqnb)" >/dev/null
 	touch $@
 
+# Browser tests (tests/test_browser.py, `-m browser`) drive Debian's Chromium through Playwright
+# (pinned in requirements.txt; Playwright's own browser downloads are never used). Installs the
+# `chromium` package only when no Chromium is found and apt-get is there (as root, or via
+# passwordless sudo); otherwise it says so, and the tests skip (fail under CI=true).
+AWQNB_CHROMIUM ?= /usr/bin/chromium
+setup-browser:
+	@if [ -x "$(AWQNB_CHROMIUM)" ] || command -v chromium >/dev/null 2>&1; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "setup-browser: no Chromium and no apt-get; install Chromium and set AWQNB_CHROMIUM=/path/to/it (the tests read it too)" >&2; \
+	else \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  echo "setup-browser: installing Debian's chromium (apt-get)"; \
+	  { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	    || echo "setup-browser: could not install chromium with apt-get; the browser tests will not run" >&2; \
+	fi
+
 report: setup
 	$(BIN)/awqnb report --models $(MODEL) --methods $(METHODS) $(if $(REPORT_PARAMS),--params $(REPORT_PARAMS))
 
-test: setup
+test: setup setup-browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup setup-browser
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean-venv:

@@ -190,15 +190,32 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     import yaml
 
-    from .report import run_batch
+    from .report import run_models
 
     params = {}
     if args.params:
-        params = yaml.safe_load(Path(args.params).read_text()) or {}
-    models_ = [m for m in (args.models or args.model or "smollm2-135m").split(",") if m]
-    methods = [m for m in args.methods.split(",") if m]
-    index = run_batch(models_, methods, params=params, output_dir=args.output_dir)
-    sys.stdout.write(f"{index}\n")
+        try:
+            params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise AwqnbError(f"cannot read --params {args.params}: {e}") from e
+        if not isinstance(params, dict):
+            raise AwqnbError(f"--params {args.params} must be a YAML mapping of notebook parameter: value.")
+        for k, flag in (("model", "--models"), ("models", "--models"), ("methods", "--methods")):
+            if k in params:
+                raise AwqnbError(f"--params {args.params} sets {k!r}: pass it as {flag} instead.")
+    models_ = [m.strip() for m in (args.models or args.model or "smollm2-135m").split(",") if m.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    result = run_models(models_, methods, params=params, output_dir=args.output_dir, notebook=args.notebook,
+                        hide_code=args.hide_code, timeout=args.timeout)
+    for r in result.runs:
+        sys.stdout.write(f"{r.state:<8} {r.model}: {r.dir if r.dir is not None else '(no run directory)'}\n")
+    sys.stdout.write(f"index: {result.index}\n")
+    if result.failed:
+        sys.stderr.write(f"awqnb: {len(result.failed)} of {len(result.runs)} report(s) failed:\n")
+        for r in result.failed:
+            where = r.dir / f"{Path(args.notebook).stem}.ipynb" if r.dir is not None else "no run directory"
+            sys.stderr.write(f"  {r.model}: {r.error} ({where})\n")
+        return 1
     return 0
 
 
@@ -230,12 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--csv", default=None)
     c.set_defaults(fn=cmd_compare)
 
-    r = sub.add_parser("report", help="run the report notebooks with papermill")
-    r.add_argument("--model", default=None)
-    r.add_argument("--models", default=None, help="comma-separated models")
-    r.add_argument("--methods", default="rtn,awq")
-    r.add_argument("--params", default=None, help="YAML file of notebook parameters")
-    r.add_argument("--output-dir", default="reports")
+    r = sub.add_parser("report", help="run a report notebook with papermill for each model; write index.html",
+                       description="Run notebooks/<notebook>.ipynb with papermill once per model into "
+                                   "OUTPUT_DIR/<model>/<run>/ (executed notebook, offline HTML, metrics.json), then "
+                                   "write OUTPUT_DIR/index.html. A failing model does not stop the others; the exit "
+                                   "status is 1 if any failed. `papermill --help-notebook notebooks/<notebook>.ipynb` "
+                                   "lists the notebook's parameters.")
+    r.add_argument("--model", default=None, help="one model (same as --models with one name)")
+    r.add_argument("--models", default=None, help="comma-separated models (default smollm2-135m)")
+    r.add_argument("--methods", default="rtn,awq", help="comma-separated methods (default rtn,awq)")
+    r.add_argument("--params", default=None, help="YAML file of notebook parameters (name: value)")
+    r.add_argument("--output-dir", default="reports", help="where runs and index.html go (default reports)")
+    r.add_argument("--notebook", default="model_report", help="notebook name in notebooks/ or an .ipynb path")
+    r.add_argument("--hide-code", action="store_true", help="leave code cells out of the HTML export")
+    r.add_argument("--timeout", type=int, default=None, help="seconds per notebook cell (default: none)")
     r.set_defaults(fn=cmd_report)
     return p
 

@@ -7,6 +7,11 @@ the `metrics.json` the notebook wrote and `run.json` (state 'ok' or 'failed', pa
 in a temporary directory next to it and moved into place when done, failed runs included: the
 executed copy keeps the error, and a batch goes on with the next model.
 `<output_dir>/index.html` links every run found under `output_dir` with its headline numbers.
+`run_models` (what `awqnb report` calls) runs one notebook per model, rewrites the index after
+each and returns every run's outcome, so the command can exit non-zero naming the failed ones.
+
+Parameters: each line of a notebook's `parameters` cell is `name: type = literal  # help`, the form
+papermill parses, so `papermill --help-notebook notebooks/<notebook>.ipynb` documents all of them.
 
 The notebook side: `write_metrics` is the one writer of `metrics.json` (schema below) and
 `read_metrics` its reader, so the index and the notebooks agree on one format.
@@ -23,6 +28,7 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -52,6 +58,14 @@ def as_list(value: str | Iterable[str]) -> list[str]:
     if not out:
         raise AwqnbError("no methods given; pass e.g. methods='rtn,awq'.")
     return out
+
+
+def as_list_or_empty(value) -> list[str]:
+    """`as_list`, but [] instead of an error when nothing is given."""
+    try:
+        return as_list(value)
+    except AwqnbError:
+        return []
 
 
 def _clean(o):
@@ -235,15 +249,94 @@ def run_name(params: Mapping[str, Any], now: datetime | None = None) -> str:
 
 # --- running ------------------------------------------------------------------------------
 
+# The export opens offline: plotly.js is embedded by the notebook (plots.offline_notebook); the lab
+# template's require.js (nothing here uses it) and MathJax (unless a markdown cell has `$` math)
+# would come from a CDN, and so would the MathJax script plotly's notebook renderer puts before
+# every figure (plotly draws without it: it only typesets LaTeX in figure text, which we don't use).
+_OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- if resources.awqnb_mathjax -%}{{ super() }}{%- endif -%}{%- endblock html_head_js_mathjax -%}
+"""
+_REMOTE_MATHJAX = re.compile(r'<script\b[^>]*\bsrc="https?://[^"]*mathjax[^"]*"[^>]*>\s*</script>\s*', re.I)
+
+
+def _strip_remote_mathjax(nb) -> int:
+    """Remove `<script src="https://…mathjax…">` tags from the notebook's HTML outputs (in memory)."""
+    n = 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data") or {}
+            h = data.get("text/html")
+            if h is None:
+                continue
+            text = "".join(h) if isinstance(h, list) else h
+            new, k = _REMOTE_MATHJAX.subn("", text)
+            if k:
+                data["text/html"] = new
+                n += k
+    return n
+
+
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def _strip_widgets(nb) -> int:
+    """Drop widget outputs (tqdm bars from loaders) and the saved widget state: a static report
+    cannot drive them, and their presence makes nbconvert load the widget manager from a CDN."""
+    n = 0
+    for cell in nb.cells:
+        outs = cell.get("outputs")
+        if not outs:
+            continue
+        keep = [o for o in outs if _WIDGET_VIEW not in (o.get("data") or {})]
+        n += len(outs) - len(keep)
+        cell["outputs"] = keep
+    nb.metadata.pop("widgets", None)
+    return n
+
+
 def _export_html(ipynb: Path, dest: Path, hide_code: bool) -> None:
+    import jinja2
     import nbformat
     from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(template_name="lab")
+    nb = nbformat.read(str(ipynb), as_version=4)
+    math = any(c.cell_type == "markdown" and "$" in c.source for c in nb.cells)
+    n = _strip_remote_mathjax(nb)
+    log.debug("%s: removed %d remote MathJax script(s) from figure outputs", ipynb, n)
+    log.debug("%s: left %d widget output(s) out of the HTML", ipynb, _strip_widgets(nb))
+    exporter = HTMLExporter(template_name="lab", template_file="awqnb_offline.html.j2",
+                            extra_loaders=[jinja2.DictLoader({"awqnb_offline.html.j2": _OFFLINE_TEMPLATE})])
     exporter.exclude_input = hide_code
     exporter.exclude_input_prompt = hide_code
-    body, _ = exporter.from_notebook_node(nbformat.read(str(ipynb), as_version=4))
+    body, _ = exporter.from_notebook_node(nb, resources={"awqnb_mathjax": math})
     _atomic_write(dest, body)
+
+
+def _check_request(notebook: str, params: Mapping[str, Any] | None, methods) -> tuple[Path, dict, list[str], dict]:
+    """The checks run before any work: (notebook path, params, methods list, the notebook's
+    parameters); AwqnbError for an unknown notebook or parameter, or no methods."""
+    nb_in = notebook_path(notebook)
+    known = notebook_parameters(nb_in)
+    if params is not None and not isinstance(params, Mapping):
+        raise AwqnbError(f"notebook parameters must be a mapping of name to value, not {type(params).__name__}.")
+    params = dict(params or {})
+    if "output_dir" in params:
+        log.warning("ignoring params['output_dir']=%r: the notebook writes into its run directory",
+                    params.pop("output_dir"))
+    for k in ("model", "methods"):
+        if k in params:
+            raise AwqnbError(f"pass {k} as run_report's argument, not in params.")
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise AwqnbError(f"unknown notebook parameter(s) {unknown} for {nb_in.name}; it takes {sorted(known)}.")
+    # a notebook without a `methods` parameter (alpha_explorer) takes none: nothing is injected
+    takes_methods = "methods" in known
+    method_list = as_list(methods) if takes_methods else as_list_or_empty(methods or "")
+    if method_list and not takes_methods:
+        log.warning("%s has no `methods` parameter; ignoring methods=%s", nb_in.name, method_list)
+        method_list = []
+    return nb_in, params, method_list, known
 
 
 def run_report(model: str, methods: list[str] | str, params: dict | None = None, output_dir: str | Path = "reports",
@@ -258,20 +351,10 @@ def run_report(model: str, methods: list[str] | str, params: dict | None = None,
     """
     import papermill as pm
 
-    nb_in = notebook_path(notebook)
-    known = notebook_parameters(nb_in)
-    params = dict(params or {})
-    if "output_dir" in params:
-        log.warning("ignoring params['output_dir']=%r: the notebook writes into its run directory",
-                    params.pop("output_dir"))
-    for k in ("model", "methods"):
-        if k in params:
-            raise AwqnbError(f"pass {k} as run_report's argument, not in params.")
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise AwqnbError(f"unknown notebook parameter(s) {unknown} for {nb_in.name}; it takes {sorted(known)}.")
-    method_list = as_list(methods)
-    nb_params = {**params, "model": model, "methods": method_list}
+    nb_in, params, method_list, known = _check_request(notebook, params, methods)
+    nb_params = {**params, "model": model}
+    if "methods" in known:
+        nb_params["methods"] = method_list
     if "output_dir" in known:
         nb_params["output_dir"] = "."
     kernel = kernel_name()
@@ -302,7 +385,9 @@ def run_report(model: str, methods: list[str] | str, params: dict | None = None,
         raise
     except Exception as e:  # noqa: BLE001  a failed notebook must not stop a batch
         record["state"] = "failed"
-        record["error"] = f"{type(e).__name__}: {_short_error(e)}"
+        # a cell's error reads as the user's own ("AwqnbError: unknown model ..."); anything else
+        # (papermill, the kernel) keeps its exception name
+        record["error"] = _short_error(e) if getattr(e, "ename", None) else f"{type(e).__name__}: {_short_error(e)}"
         log.error("report %s failed: %s", dest, record["error"])
     return _finish_run(record, tmp, dest, nb_out, hide_code, t0)
 
@@ -338,19 +423,76 @@ def _short_error(e: Exception) -> str:
     return str(e).strip().splitlines()[-1][:500] if str(e).strip() else type(e).__name__
 
 
-def run_batch(models: list[str], methods: list[str] | str, params: dict | None = None,
+@dataclass
+class RunOutcome:
+    """One model of a batch: its run directory (None if the run could not even be set up),
+    state ('ok', 'failed', ...) and error message."""
+    model: str
+    dir: Path | None
+    state: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+
+@dataclass
+class BatchResult:
+    """What `run_models` did: the index it wrote and one outcome per model, in order."""
+    index: Path
+    runs: list[RunOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [r for r in self.runs if not r.ok]
+
+
+def run_models(models: list[str] | str, methods: list[str] | str, params: dict | None = None,
+               output_dir: str | Path = "reports", notebook: str = "model_report", **kwargs) -> BatchResult:
+    """`run_report` for each model into `output_dir/<model>/<run>/`, updating
+    `output_dir/index.html` after each; returns a `BatchResult`.
+
+    Mistakes in the request (unknown notebook or parameter, no methods, no usable kernel) raise
+    AwqnbError before any model runs. After that, nothing one model does stops the others: a
+    failing notebook is kept as a 'failed' run (executed copy with the error), and an error
+    outside the notebook is logged and recorded in the outcome. KeyboardInterrupt stops the batch.
+    """
+    models = as_list(models) if isinstance(models, str) else [str(m).strip() for m in models if str(m).strip()]
+    if not models:
+        raise AwqnbError("no models given; pass e.g. models='tiny-random-llama,smollm2-135m'.")
+    _check_request(notebook, params, methods)
+    kernel_name()
+    output_dir = Path(output_dir)
+    outcomes: list[RunOutcome] = []
+    try:
+        for i, m in enumerate(models, 1):
+            log.info("batch %d/%d: %s", i, len(models), m)
+            try:
+                d = run_report(m, methods, params, output_dir=output_dir, notebook=notebook, **kwargs)
+            except Exception as e:  # noqa: BLE001  one model's trouble must not stop the batch
+                log.error("report for %s could not run: %s: %s", m, type(e).__name__, e)
+                outcomes.append(RunOutcome(m, None, "failed", f"{type(e).__name__}: {e}"))
+            else:
+                rec = _read_json(d / RUN_FILE)
+                outcomes.append(RunOutcome(m, d, rec.get("state") or "unknown", rec.get("error")))
+            try:
+                write_index(output_dir)
+            except OSError as e:
+                log.error("could not update %s: %s", output_dir / "index.html", e)
+    finally:
+        index = write_index(output_dir)
+    result = BatchResult(index, outcomes)
+    if result.failed:
+        log.warning("%d of %d report(s) failed: %s", len(result.failed), len(outcomes),
+                    "; ".join(f"{r.model} ({r.dir or 'no run directory'}): {r.error}" for r in result.failed))
+    return result
+
+
+def run_batch(models: list[str] | str, methods: list[str] | str, params: dict | None = None,
               output_dir: str | Path = "reports", notebook: str = "model_report", **kwargs) -> Path:
-    """`run_report` for each model (a failure does not stop the others), then write
-    `output_dir/index.html`; returns its path."""
-    if isinstance(models, str):
-        models = as_list(models)
-    runs = []
-    for m in models:
-        runs.append(run_report(m, methods, params, output_dir=output_dir, notebook=notebook, **kwargs))
-    failed = [r for r in runs if _read_json(r / RUN_FILE).get("state") != "ok"]
-    if failed:
-        log.warning("%d of %d report(s) failed: %s", len(failed), len(runs), ", ".join(map(str, failed)))
-    return write_index(output_dir)
+    """`run_models`, returning only the index path (see `run_models` for the outcomes)."""
+    return run_models(models, methods, params, output_dir=output_dir, notebook=notebook, **kwargs).index
 
 
 # --- index --------------------------------------------------------------------------------

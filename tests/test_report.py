@@ -1,7 +1,12 @@
-"""The report notebook executed under papermill on a tiny model: metrics.json, offline HTML,
-the index, and a failing model that does not stop the batch."""
+"""The report notebook executed under papermill on a tiny model (through `awqnb report`, see
+conftest.report_batch): metrics.json, offline HTML, the index, a failing model that does not stop
+the batch but makes the command exit non-zero, and the notebooks' documented parameters."""
+import ast
 import json
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -10,19 +15,13 @@ import pytest
 from awqnb import report
 from awqnb.errors import AwqnbError
 
-TINY = dict(n_calib=4, calib_seqlen=32, eval_windows=2, eval_seqlen=64, n_grid=4)
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "model_report.ipynb"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK = NOTEBOOK_DIR / "model_report.ipynb"
 
 
 @pytest.fixture(scope="module")
-def batch(tmp_path_factory):
-    """One batch: a model that fails first, then tiny-random-llama."""
-    out = tmp_path_factory.mktemp("reports")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: tiny tensors, no thread contention
-        index = report.run_batch(["no-such-model", "tiny-random-llama"], "rtn,awq", params=TINY, output_dir=out)
-    runs = {r["model"]: r for r in report.find_runs(out)}
-    return out, index, runs
+def batch(report_batch):
+    return report_batch.out, report_batch.index, report_batch.runs
 
 
 def test_committed_notebook_has_no_outputs_and_a_parameters_cell():
@@ -43,8 +42,10 @@ def test_metrics_json_has_every_number_with_its_context(batch):
     assert run["state"] == "ok", run["error"]
     assert run["dir"].parent == out / "tiny-random-llama"
     doc = json.loads((run["dir"] / "metrics.json").read_text())
-    rows = {r["label"]: r for r in doc["results"]}
+    rows = {r["label"]: r for r in doc["results"] if r["dataset"] == "wikitext2"}
     assert set(rows) == {"fp", "rtn", "awq"}
+    sample = {r["label"]: r for r in doc["results"] if r["dataset"] == "ag_news"}  # sample perplexity
+    assert set(sample) == {"fp", "rtn", "awq"} and all(r["protocol"] == "sample" for r in sample.values())
     for label, r in rows.items():
         for k in report.HEADLINE:
             assert k in r, (label, k)
@@ -69,6 +70,7 @@ def test_html_embeds_plotly_offline(batch):
     html = run["html"].read_text(encoding="utf-8")
     assert "plotly.js v" in html and "window.Plotly = Plotly" in html  # the library itself, inline
     assert 'src="https://cdn.plot.ly' not in html and "import \"https://cdn.plot.ly" not in html
+    assert not re.findall(r'<script[^>]*\bsrc="https?://[^"]*"', html)  # no require.js / MathJax from a CDN
     first_plot = html.index("Plotly.newPlot")
     assert html.index("window.Plotly = Plotly") < first_plot
     assert html.count("Plotly.newPlot") >= 3  # perplexity bars, α curves, α map
@@ -133,3 +135,79 @@ def test_kernel_of_another_python_is_a_clear_error(tmp_path, monkeypatch):
     # a bare 'python' is run by jupyter_client with this interpreter: fine
     monkeypatch.setenv("JUPYTER_PATH", str(_kernel_dir(tmp_path / "bare", "python")))
     assert report.kernel_name() == "python3"
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOK_DIR.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_every_notebook_parameter_has_a_type_and_help(path):
+    """`papermill --help-notebook` describes every parameter: each assignment in the parameters cell
+    is written `name: type = value  # help` (the form papermill parses; a line with a second '='
+    is skipped by papermill, so it must not appear in a help comment either)."""
+    import papermill as pm
+
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+    assigned = []
+    for node in ast.parse(cells[0].source).body:
+        if isinstance(node, ast.AnnAssign):
+            assigned.append(node.target.id)
+        elif isinstance(node, ast.Assign):
+            assigned += [t.id for t in node.targets if isinstance(t, ast.Name)]
+    inferred = pm.inspect_notebook(str(path))
+    assert list(inferred) == assigned, f"{path.name}: papermill could not parse every parameter line"
+    for name, p in inferred.items():
+        assert p["inferred_type_name"] not in ("None", ""), f"{path.name}: {name} has no type (write `{name}: T = ...`)"
+        assert p["help"].strip(), f"{path.name}: {name} has no help comment (`{name}: T = ...  # what it is`)"
+    out = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Unknown type" not in out.stdout
+    for name in inferred:
+        assert f"  {name}: " in out.stdout
+
+
+def test_cli_exits_nonzero_and_names_the_failed_model(report_batch):
+    assert report_batch.rc == 1
+    assert "no-such-model" in report_batch.stderr and "1 of 2 report(s) failed" in report_batch.stderr
+    assert "unknown model" in report_batch.stderr
+    failed_lines = [ln for ln in report_batch.stderr.splitlines() if ln.startswith("  ")]
+    assert len(failed_lines) == 1 and failed_lines[0].startswith("  no-such-model: AwqnbError")
+    assert f"index: {report_batch.index}" in report_batch.stdout
+    ok = report_batch.runs["tiny-random-llama"]["dir"]
+    assert f"ok       tiny-random-llama: {ok}" in report_batch.stdout
+
+
+def test_batch_result_and_errors_before_any_work(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(model, methods, params, output_dir, notebook, **kw):
+        calls.append(model)
+        if model == "boom":
+            raise RuntimeError("disk full")
+        d = Path(output_dir) / model / "r1"
+        d.mkdir(parents=True)
+        (d / report.RUN_FILE).write_text(json.dumps({"state": "ok", "model": model, "notebook": "model_report"}))
+        return d
+
+    monkeypatch.setattr(report, "run_report", fake_run)
+    res = report.run_models("boom,tiny-random-llama", "rtn", output_dir=tmp_path)
+    assert calls == ["boom", "tiny-random-llama"]  # an error outside the notebook does not stop the batch
+    assert [(r.model, r.state) for r in res.runs] == [("boom", "failed"), ("tiny-random-llama", "ok")]
+    assert [r.model for r in res.failed] == ["boom"] and "disk full" in res.failed[0].error
+    assert res.index == tmp_path / "index.html" and "tiny-random-llama" in res.index.read_text()
+    calls.clear()
+    with pytest.raises(AwqnbError, match="unknown notebook parameter"):
+        report.run_models(["a", "b"], "rtn", params={"n_calibb": 1}, output_dir=tmp_path)
+    with pytest.raises(AwqnbError, match="no models"):
+        report.run_models([" "], "rtn", output_dir=tmp_path)
+    assert not calls
+
+
+def test_cli_rejects_a_bad_params_file_before_running(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("methods: rtn\n")
+    out = subprocess.run([sys.executable, "-m", "awqnb.cli", "report", "--models", "tiny-random-llama",
+                          "--params", str(bad), "--output-dir", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "pass it as --methods" in out.stderr
+    assert not (tmp_path / "r").exists()
