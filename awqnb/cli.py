@@ -33,6 +33,10 @@ def _method_params(args) -> dict:
     return params
 
 
+# The seeds' own spellings of some flags, kept as aliases.
+_SEED_ALIASES = {"use_heuristic": ("--no-heuristic", False)}
+
+
 def _method_param_flags(p: argparse.ArgumentParser) -> None:
     """One flag per method parameter of every registered method (`outlier_percent` →
     `--outlier-percent`; booleans get `--x/--no-x`); the chosen method validates what it gets."""
@@ -50,6 +54,10 @@ def _method_param_flags(p: argparse.ArgumentParser) -> None:
         hlp = f"{', '.join(owners[k])} (default {v})"
         if isinstance(v, bool):
             g.add_argument(flag, dest=f"mp_{k}", action=argparse.BooleanOptionalAction, default=None, help=hlp)
+            if k in _SEED_ALIASES:
+                alias, value = _SEED_ALIASES[k]
+                g.add_argument(alias, dest=f"mp_{k}", action="store_const", const=value, default=None,
+                               help=f"same as {'--' if value else '--no-'}{k.replace('_', '-')}")
         else:
             g.add_argument(flag, dest=f"mp_{k}", type=type(v) if v is not None else str, default=None, help=hlp)
 

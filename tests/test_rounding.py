@@ -414,3 +414,13 @@ def test_cli_quantize_awq_sh(tmp_path, capsys):
     meta = json.loads((out / "quantization_metadata.json").read_text())
     assert meta["method"] == "awq_sh" and meta["config"]["params"]["outlier_percent"] == 2.5
     assert meta["layers"][0]["evidence"]["flip"]["mlp.up_proj"]["flips"] > 0
+
+
+def test_cli_seed_flag_no_heuristic_turns_flips_off():
+    parser = cli.build_parser()
+    args = parser.parse_args(["quantize", "--method", "awq_sh", "--no-heuristic"])
+    assert cli._method_params(args)["use_heuristic"] is False
+    args = parser.parse_args(["quantize", "--method", "awq_sh", "--no-use-heuristic"])
+    assert cli._method_params(args)["use_heuristic"] is False
+    args = parser.parse_args(["quantize", "--method", "awq_sh"])
+    assert "use_heuristic" not in cli._method_params(args)
