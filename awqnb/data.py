@@ -99,6 +99,18 @@ class Calibration:
                 "n_tokens": int(sum(s.numel() for s in self.samples))}
 
 
+def calibration_samples(calibration, who: str) -> list[torch.Tensor]:
+    """The samples of a `Calibration`, a list of 1-D token-id tensors or a `[n, T]` tensor, as a
+    list; AwqnbError naming `who` when there are none."""
+    if isinstance(calibration, torch.Tensor):
+        samples = list(calibration.reshape(-1, calibration.shape[-1]))
+    else:
+        samples = list(getattr(calibration, "samples", calibration) or [])
+    if not samples:
+        raise AwqnbError(f"{who} need calibration samples; pass awqnb.data.load_calibration(...).")
+    return samples
+
+
 def _encode(tokenizer, text: str) -> torch.Tensor:
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     return ids.to(torch.long)

@@ -40,8 +40,8 @@ from .capture import ChannelStats, StopForward, hooks
 from .config import MethodConfig, QuantConfig
 from .errors import AwqnbError
 from .importance import COLUMNS as SALIENCE_COLUMNS
-from .importance import _chunks, spearman
-from .methods.praq import PRAQ, PraqStats, back_project, block_activation, group_kind
+from .importance import _chunks, group_frame, spearman
+from .methods.praq import PRAQ, PraqStats, block_activation, group_kind
 from .primitives import compute_qparams, dequantize, expand_groups, quantize
 from .statcache import (CACHE, DIAG_VERSION, DiagnosticsCache, _cache, _cached, calibration_key,  # noqa: F401
                         model_fingerprint)
@@ -111,14 +111,9 @@ def _device(model: nn.Module, device) -> torch.device:
 def _limit(calibration, max_samples: int | None):
     """A `Calibration` holding the first `max_samples` calibration samples (all when None).
     Accepts a Calibration, a list of 1-D token-id tensors or a `[n, T]` tensor."""
-    from .data import Calibration
+    from .data import Calibration, calibration_samples
 
-    if isinstance(calibration, torch.Tensor):
-        samples = list(calibration.reshape(-1, calibration.shape[-1]))
-    else:
-        samples = list(getattr(calibration, "samples", calibration) or [])
-    if not samples:
-        raise AwqnbError("diagnostics need calibration samples; pass awqnb.data.load_calibration(...).")
+    samples = calibration_samples(calibration, "diagnostics")
     if max_samples is not None:
         if max_samples < 1:
             raise AwqnbError(f"max_samples={max_samples} must be at least 1 (or None for all).")
@@ -209,22 +204,8 @@ def _salience_compute(model, calibration, layers, params, device, batch_size):
     for l in layers:
         st_p = pst[l]
         imp = st_p.importance(beta, tau, nf)
-        for g in spec.groups:
-            st = stats[(l, g.layers[0])]
-            l1, ex2 = st.mean_abs, st.mean_sq
-            d = {"layer": l, "group": g.name, "channel": range(l1.numel()), "l1": l1,
-                 "l2": ex2.clamp(min=0).sqrt(), "ex2": ex2}
-            kind = group_kind(spec, g)
-            if kind == "down":
-                plive = st_p.p_live(beta, tau, nf)
-                d.update(praq=imp, utility=st_p.utility, spread=st_p.spread, p_live=plive,
-                         risk=plive * st_p.spread, z_std=st_p.z_std, z_max=st_p.z_max.float())
-            elif kind == "gate_up":
-                d["praq"] = back_project(imp, *wts[l], l1)
-            else:
-                d["praq"] = l1
-            d = {k: (v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
-            frames.append(pd.DataFrame(d))
+        frames += [group_frame(spec, g, l, stats[(l, g.layers[0])], st_p, imp, *wts[l], beta, tau, nf)
+                   for g in spec.groups]
     return pd.concat(frames, ignore_index=True).reindex(columns=SALIENCE_COLUMNS)
 
 
@@ -317,26 +298,13 @@ class RiskStats(PraqStats):
         i = self.w_gate.shape[0]
         self.live = torch.zeros(i, dtype=torch.float64, device=self.w_gate.device)
         self.hist = torch.zeros(i, edges.numel() + 1, dtype=torch.float64, device=self.w_gate.device)
+        self._row_offset = torch.arange(i, device=self.w_gate.device) * self.hist.shape[1]
 
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        nb = self.hist.shape[1]
-        ar = torch.arange(self.hist.shape[0], device=self.w_gate.device) * nb
-        for x0 in torch.split(x, self.token_chunk):
-            xf = x0.to(self.w_gate.device).float()
-            z = xf @ self.w_gate.T  # [n, I]
-            h = (self.act(z) * (xf @ self.w_up.T)).double()
-            zh = z.double() / self.act_scale
-            self.n += xf.shape[0]
-            self.z_sum += zh.sum(0)
-            self.z_sq_sum += zh.pow(2).sum(0)
-            self.z_max = torch.maximum(self.z_max, zh.amax(0))
-            self.h_abs_sum += h.abs().sum(0)
-            self.h_sq_sum += h.pow(2).sum(0)
-            self.live += (zh > self.tau).double().sum(0)
-            idx = torch.bucketize(zh, self.edges) + ar[None, :]  # bin 0: < edges[0]; nb-1: ≥ edges[-1]
-            self.hist += torch.bincount(idx.reshape(-1), minlength=self.hist.numel()).view_as(self.hist).double()
+    def _extra(self, zh: torch.Tensor) -> None:
+        self.live += (zh > self.tau).double().sum(0)
+        # bin 0: < edges[0]; nb-1: ≥ edges[-1]; row i's bins start at i·nb
+        idx = torch.bucketize(zh, self.edges) + self._row_offset[None, :]
+        self.hist += torch.bincount(idx.reshape(-1), minlength=self.hist.numel()).view_as(self.hist).double()
 
 
 def _band_fraction(hist, edges, lo, hi):

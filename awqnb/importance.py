@@ -34,12 +34,9 @@ COLUMNS = ["layer", "group", "channel", "l1", "l2", "ex2", "praq", "utility", "s
 def _chunks(calibration, batch_size: int, device) -> Iterable[torch.Tensor]:
     """`[b, T]` token-id chunks from a Calibration (`.samples`), a list of 1-D LongTensors or a
     `[n, T]` tensor; consecutive equal-length samples are stacked, at most `batch_size` at a time."""
-    if isinstance(calibration, torch.Tensor):
-        samples = list(calibration.reshape(-1, calibration.shape[-1]))
-    else:
-        samples = list(getattr(calibration, "samples", calibration) or [])
-    if not samples:
-        raise AwqnbError("importance needs calibration samples; pass awqnb.data.load_calibration(...).")
+    from .data import calibration_samples
+
+    samples = calibration_samples(calibration, "importance")
     cur: list[torch.Tensor] = []
     for s in samples:
         s = s.reshape(-1)
@@ -100,24 +97,30 @@ def importance_vectors(model: nn.Module, calibration, layer: int, device=None, p
 
     beta, tau, nf = float(p["beta"]), float(p["tau"]), float(p["noise_factor"])
     imp = pst.importance(beta, tau, nf)
-    frames = []
-    for g in spec.groups:
-        st = stats[g.layers[0]]
-        l1, ex2 = st.mean_abs, st.mean_sq
-        d = {"layer": layer, "group": g.name, "channel": range(l1.numel()), "l1": l1.cpu().numpy(),
-             "l2": ex2.clamp(min=0).sqrt().cpu().numpy(), "ex2": ex2.cpu().numpy()}
-        kind = group_kind(spec, g)
-        if kind == "down":
-            plive = pst.p_live(beta, tau, nf)
-            d.update(praq=imp, utility=pst.utility, spread=pst.spread, p_live=plive,
-                     risk=plive * pst.spread, z_std=pst.z_std, z_max=pst.z_max.float())
-        elif kind == "gate_up":
-            d["praq"] = back_project(imp, wg, wu, l1)
-        else:
-            d["praq"] = l1
-        d = {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
-        frames.append(pd.DataFrame(d))
+    frames = [group_frame(spec, g, layer, stats[g.layers[0]], pst, imp, wg, wu, beta, tau, nf) for g in spec.groups]
     return pd.concat(frames, ignore_index=True).reindex(columns=COLUMNS)
+
+
+def group_frame(spec, g, layer: int, st, pst, imp, wg, wu, beta, tau, nf):
+    """One scale group's per-channel importance as a DataFrame with `COLUMNS`: l1/l2/ex2 from the
+    group's input statistics `st` (ChannelStats), praq from the block's PraqStats `pst` and its
+    importance `imp` (down: I itself with its parts; gate_up: back-projected; attention: l1)."""
+    import pandas as pd
+
+    l1, ex2 = st.mean_abs, st.mean_sq
+    d = {"layer": layer, "group": g.name, "channel": range(l1.numel()), "l1": l1,
+         "l2": ex2.clamp(min=0).sqrt(), "ex2": ex2}
+    kind = group_kind(spec, g)
+    if kind == "down":
+        plive = pst.p_live(beta, tau, nf)
+        d.update(praq=imp, utility=pst.utility, spread=pst.spread, p_live=plive,
+                 risk=plive * pst.spread, z_std=pst.z_std, z_max=pst.z_max.float())
+    elif kind == "gate_up":
+        d["praq"] = back_project(imp, wg, wu, l1)
+    else:
+        d["praq"] = l1
+    d = {k: (v.detach().float().cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in d.items()}
+    return pd.DataFrame(d).reindex(columns=COLUMNS)
 
 
 def spearman(a, b) -> float:

@@ -201,7 +201,6 @@ class AlphaExplorer:
             total += int(smp_ids.numel())
         stride = max(1, -(-total // self.max_tokens))
         points = {g.name: g.layers[0] if g.inspect_kind != "attention" else None for g in spec.groups}
-        attn_groups = [g for g in spec.groups if g.inspect_kind == "attention"]
         state = {"chunk": 0, "offset": 0, "block_kw": None}
         taken: dict[str, list] = {g: [] for g, p in points.items() if p is not None}
         attn_x: dict[str, torch.Tensor] = {}

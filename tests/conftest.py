@@ -7,6 +7,23 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+TINY = ["tiny-random-llama", "tiny-random-gemma3"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Each tiny random model with its tokenizer and a 4 × 64 WikiText-2 calibration set (seed 0);
+    one copy per test module, so in-place quantization in one module cannot leak into another."""
+    from awqnb.data import load_calibration
+    from awqnb.models import load_model
+
+    out = {}
+    for name in TINY:
+        model, tok = load_model(name)
+        out[name] = (model, tok, load_calibration(tok, "wikitext2", n_calib=4, seqlen=64, seed=0))
+    return out
+
+
 # The report notebook on tiny-random-llama: small enough to run in ~30 s on two CPU cores.
 TINY_REPORT_PARAMS = dict(n_calib=4, calib_seqlen=32, eval_windows=2, eval_seqlen=64, n_grid=4, n_samples=8,
                           sample_max_length=64, diag_samples=2)

@@ -9,23 +9,14 @@ from awqnb import pipeline
 from awqnb.arch import ArchSpec, AttnShape, ScaleGroup, attn_shape, blocks, get_module, resolve_spec
 from awqnb.capture import StopForward, capture_block_inputs, capture_inputs
 from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.data import load_calibration
 from awqnb.errors import AwqnbError
 from awqnb.methods.awq import InspectRunner, fold_scales, search_group
-from awqnb.models import load_model
 from awqnb.primitives import fake_quant
 
-TINY = ["tiny-random-llama", "tiny-random-gemma3"]
+from conftest import TINY  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    out = {}
-    for name in TINY:
-        model, tok = load_model(name)
-        calib = load_calibration(tok, "wikitext2", n_calib=4, seqlen=64, seed=0)
-        out[name] = (model, tok, calib)
-    return out
+# `tiny` (each tiny model, tokenizer, 4 × 64 calibration): tests/conftest.py
 
 
 def _fresh(tiny, name):

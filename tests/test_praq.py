@@ -11,15 +11,13 @@ import torch
 from awqnb import cli, pipeline
 from awqnb.arch import blocks, resolve_spec
 from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.data import load_calibration
 from awqnb.errors import AwqnbError
 from awqnb.importance import importance_vectors, spearman
 from awqnb.methods import get_method
 from awqnb.methods.praq import PraqStats, activation_scale, back_project
-from awqnb.models import load_model
 from awqnb.synthetic import error_table, make_loud_silence, rank_table, saliences
 
-TINY = ["tiny-random-llama", "tiny-random-gemma3"]
+from conftest import TINY  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -127,13 +125,7 @@ def test_bad_params_are_refused():
 
 # ---- tiny models end to end -----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny():
-    out = {}
-    for name in TINY:
-        model, tok = load_model(name)
-        out[name] = (model, tok, load_calibration(tok, "wikitext2", n_calib=4, seqlen=64, seed=0))
-    return out
+# `tiny` (each tiny model, tokenizer, 4 × 64 calibration): tests/conftest.py
 
 
 def _run(tiny, name, method, gs=32, params=None, seed=42, n_grid=5):

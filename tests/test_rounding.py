@@ -9,17 +9,15 @@ import torch
 from awqnb import cli, pipeline
 from awqnb.arch import AttnShape, blocks, get_module, resolve_spec
 from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.data import load_calibration
 from awqnb.errors import AwqnbError
 from awqnb.kneedle import knee_index, knee_outliers
 from awqnb.methods import get_method
 from awqnb.methods.gqa import gram, reflip, score_error
 from awqnb.methods.rounding import (apply_code_delta, code_delta, greedy_flip, input_moments, james_stein,
                                     row_error, top_percent)
-from awqnb.models import load_model
 from awqnb.primitives import compute_qparams, dequantize, expand_groups, quantize, qrange
 
-TINY = ["tiny-random-llama", "tiny-random-gemma3"]
+from conftest import TINY  # noqa: E402
 FLIP_METHODS = ["awq_sh", "awq_dh", "awq_js", "awq_gqa"]
 
 
@@ -284,14 +282,7 @@ def test_score_error_formula_matches_tokens():
 
 # --- through the pipeline on tiny models ----------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny():
-    out = {}
-    for name in TINY:
-        model, tok = load_model(name)
-        calib = load_calibration(tok, "wikitext2", n_calib=4, seqlen=64, seed=0)
-        out[name] = (model, tok, calib)
-    return out
+# `tiny` (each tiny model, tokenizer, 4 × 64 calibration): tests/conftest.py
 
 
 def _cfg(method, params=None, gs=32):

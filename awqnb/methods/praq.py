@@ -173,6 +173,10 @@ class PraqStats:
             self.z_max = torch.maximum(self.z_max, zh.amax(0))
             self.h_abs_sum += h.abs().sum(0)
             self.h_sq_sum += h.pow(2).sum(0)
+            self._extra(zh)
+
+    def _extra(self, zh: torch.Tensor) -> None:
+        """Hook for subclasses: more statistics of one chunk's ẑ `[n, I]` (float64)."""
 
     def _check(self):
         if self.n == 0:
