@@ -577,13 +577,15 @@ def index_html(runs: list[dict], root: Path) -> str:
         if r["metrics"]:
             extras.append(f'<a href="{html.escape(r["rel"])}/{METRICS_FILE}">metrics</a>')
         run_cell += (" <small>(" + ", ".join(extras) + ")</small>") if extras else ""
+        if r["notebook"]:
+            run_cell += f'<br><small>{html.escape(r["notebook"])}</small>'  # which report this run is
         state = html.escape(r["state"])
         cls = "ok" if r["state"] == "ok" else "failed"
         results = (r["metrics"] or {}).get("results") or []
         if not results:
             err = f'<br><small>{html.escape(r["error"])}</small>' if r["error"] else ""
             rows.append(f'<tr class="{cls}"><td>{run_cell}</td><td>{state}{err}</td><td>{html.escape(r["model"])}</td>'
-                        + '<td colspan="9">no metrics</td></tr>')
+                        + f'<td colspan="9">{"no perplexity results (see the report)" if r["metrics"] else "no metrics"}</td></tr>')
             continue
         for i, m in enumerate(results):
             bits, gs = _bits(m)
