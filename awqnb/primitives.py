@@ -47,12 +47,6 @@ def qrange(cfg: QuantConfig) -> tuple[int, int]:
     return 0, 2**cfg.bits - 1
 
 
-def column_groups(ci: int, group_size: int, device=None) -> torch.Tensor:
-    """Group index of each input channel: `[ci]` long, `j // g`."""
-    g = effective_group_size(ci, group_size)
-    return torch.arange(ci, device=device) // g
-
-
 def group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """`[co, ci]` → `[co, n_group, g]`, padding a partial last group by repeating its last column.
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import AwqnbError
+from .files import _umask, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -87,28 +88,6 @@ def _clean(o):
     return str(o)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    """Write `text` to a temporary file next to `path`, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_metrics(output_dir: str | Path, results: Mapping[str, Mapping[str, Any]], table=None,
                   **provenance) -> Path:
     """Write `<output_dir>/metrics.json` atomically.
@@ -142,7 +121,7 @@ def write_metrics(output_dir: str | Path, results: Mapping[str, Mapping[str, Any
     doc = {"schema": METRICS_SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            **provenance, "results": rows}
     text = json.dumps(_clean(doc), indent=1, allow_nan=False)
-    return _atomic_write(Path(output_dir) / METRICS_FILE, text)
+    return atomic_write(Path(output_dir) / METRICS_FILE, text)
 
 
 def read_metrics(path: str | Path) -> dict:
@@ -310,7 +289,7 @@ def _export_html(ipynb: Path, dest: Path, hide_code: bool) -> None:
     exporter.exclude_input = hide_code
     exporter.exclude_input_prompt = hide_code
     body, _ = exporter.from_notebook_node(nb, resources={"awqnb_mathjax": math})
-    _atomic_write(dest, body)
+    atomic_write(dest, body)
 
 
 def _check_request(notebook: str, params: Mapping[str, Any] | None, methods) -> tuple[Path, dict, list[str], dict]:
@@ -402,7 +381,7 @@ def _finish_run(record: dict, tmp: Path, dest: Path, nb_out: Path, hide_code: bo
         except Exception as e:  # noqa: BLE001  the notebook itself is kept
             record["html_error"] = f"{type(e).__name__}: {e}"
             log.error("report %s: HTML export failed: %s", dest, e)
-    _atomic_write(tmp / RUN_FILE, json.dumps(_clean(record), indent=1))
+    atomic_write(tmp / RUN_FILE, json.dumps(_clean(record), indent=1))
     for i in range(100):
         target = dest if i == 0 else dest.with_name(f"{dest.name}-{os.getpid()}-{i}")
         try:
@@ -623,4 +602,4 @@ def write_index(output_dir: str | Path) -> Path:
     """(Re)write `output_dir/index.html` atomically from every run found; returns its path."""
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    return _atomic_write(root / "index.html", index_html(find_runs(root), root))
+    return atomic_write(root / "index.html", index_html(find_runs(root), root))

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import AwqnbError
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +150,7 @@ class DiagnosticsCache:
                               (path.with_suffix(".json"),
                                json.dumps({"kind": kind, "version": DIAG_VERSION, **parts}, indent=1,
                                           default=str).encode())):
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(payload)
-                os.replace(tmp, dest)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(dest, payload)
 
     def clear(self, disk: bool = False) -> None:
         """Forget the in-memory entries (and the disk entries with disk=True)."""
