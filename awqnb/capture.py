@@ -3,7 +3,6 @@ streaming statistics, so activations need not all be kept in memory."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -41,53 +40,6 @@ def capture_inputs(modules: dict[str, nn.Module], sink: Callable[[str, torch.Ten
         yield
 
 
-@dataclass
-class BlockInputs:
-    """What a decoder block is called with, per calibration chunk.
-
-    hidden: list of `[b, T, H]` tensors; kwargs[i][j]: keyword arguments block j received for
-    chunk i (position embeddings, attention masks: shared tensors, not copies).
-    """
-
-    hidden: list[torch.Tensor] = field(default_factory=list)
-    kwargs: list[list[dict]] = field(default_factory=list)
-
-
-_DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions")
-
-
-@torch.no_grad()  # without it autograd keeps every block's activations until the pass aborts
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, chunks: list[torch.Tensor]) -> BlockInputs:
-    """Run the model on each chunk of token ids `[b, T]` until the last block starts, recording
-    block 0's hidden-state input and every block's keyword arguments."""
-    out = BlockInputs()
-    n = len(blocks)
-    state: dict = {}
-
-    def make(j):
-        def hook(_mod, args, kwargs):
-            kw = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
-            if j == 0:
-                state["hidden"] = args[0] if args else kwargs["hidden_states"]
-            kw.pop("hidden_states", None)
-            state["kwargs"][j] = kw
-            if j == n - 1:
-                raise StopForward
-
-        return hook
-
-    with hooks(lambda: [b.register_forward_pre_hook(make(j), with_kwargs=True) for j, b in enumerate(blocks)]):
-        for ids in chunks:
-            state["kwargs"] = [None] * n
-            try:
-                model(input_ids=ids, use_cache=False)
-            except StopForward:
-                pass
-            out.hidden.append(state.pop("hidden").detach())
-            out.kwargs.append(state["kwargs"])
-    return out
-
-
 def block_output(out) -> torch.Tensor:
     """Decoder blocks return a tensor (transformers 5) or a tuple whose first item is it."""
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -103,16 +55,20 @@ class ChannelStats:
         self.sq_sum = None
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        # sums accumulate in float64 without a float64 copy of the chunk (memory at 8B scale)
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
         if self.sum is None:
             c = x.shape[-1]
             self.abs_sum = torch.zeros(c, dtype=torch.float64, device=x.device)
             self.sum = torch.zeros_like(self.abs_sum)
             self.sq_sum = torch.zeros_like(self.abs_sum)
         self.n += x.shape[0]
-        self.abs_sum += x.abs().sum(0)
-        self.sum += x.sum(0)
-        self.sq_sum += x.pow(2).sum(0)
+        f64 = torch.float64
+        self.abs_sum += x.abs().sum(0, dtype=f64)
+        self.sum += x.sum(0, dtype=f64)
+        self.sq_sum += x.square().sum(0, dtype=f64)
 
     @property
     def mean_abs(self) -> torch.Tensor:

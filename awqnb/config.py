@@ -12,6 +12,9 @@ from typing import Any, Mapping
 from .errors import AwqnbError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+# Compute dtype of the block forwards ('auto': the model's own dtype); quantization math
+# (scales, zero points, folded norms) is float32 whatever this says.
+DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class MethodConfig:
     parameters (validated by the method). lm_head: 'fp16' keeps it in full precision, 'quantize'
     rounds it in `lmhead_chunks` row chunks. layer_batch_size: decoder blocks calibrated per pass
     (their activations are held together). calib_batch_size: calibration samples per forward.
+    dtype: compute dtype of the capture and search forwards ('auto' = the model's own dtype).
     """
 
     method: str = "awq"
@@ -97,6 +101,7 @@ class MethodConfig:
     layer_batch_size: int = 1
     calib_batch_size: int = 16
     seed: int = 42
+    dtype: str = "auto"
 
     def __post_init__(self):
         if self.method.startswith("full_"):
@@ -110,6 +115,8 @@ class MethodConfig:
             raise AwqnbError("layer_batch_size must be at least 1.")
         if self.calib_batch_size < 1:
             raise AwqnbError("calib_batch_size must be at least 1.")
+        if self.dtype not in DTYPE_NAMES:
+            raise AwqnbError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPE_NAMES)}.")
         object.__setattr__(self, "params", dict(self.params))
 
     @property
@@ -128,6 +135,7 @@ class MethodConfig:
             "layer_batch_size": self.layer_batch_size,
             "calib_batch_size": self.calib_batch_size,
             "seed": self.seed,
+            "dtype": self.dtype,
         }
 
     @classmethod

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from . import methods as _methods  # noqa: F401  (registers methods)
 from .arch import ArchSpec, attn_shape, blocks, get_module, resolve_spec
-from .capture import BlockInputs, ChannelStats, block_output, capture_block_inputs, capture_inputs
+from .capture import ChannelStats
+from .engine import BlockEngine, BlockStep, dtype_name, mark_fp32, model_dtype, onloaded, parse_dtype
 from .config import MethodConfig
 from .errors import AwqnbError
 from .methods.awq import GroupSearch, InspectRunner, apply_clip, fold_scales, search_clip, search_group
@@ -131,19 +132,6 @@ def _input_keys(spec: ArchSpec) -> dict[str, str]:
     return keys
 
 
-def _chunks(samples: list[torch.Tensor], batch: int, device) -> list[torch.Tensor]:
-    """Stack consecutive equal-length samples into `[b, T]` chunks of at most `batch`."""
-    out, cur = [], []
-    for s in samples:
-        if cur and (len(cur) == batch or cur[0].numel() != s.numel()):
-            out.append(torch.stack(cur).to(device))
-            cur = []
-        cur.append(s.reshape(-1))
-    if cur:
-        out.append(torch.stack(cur).to(device))
-    return out
-
-
 def validate(model: nn.Module, cfg: MethodConfig, spec: ArchSpec) -> None:
     """Fail before any work: NaN/Inf weights, a group size that does not fit a layer."""
     for name, p in model.named_parameters():
@@ -153,14 +141,19 @@ def validate(model: nn.Module, cfg: MethodConfig, spec: ArchSpec) -> None:
             effective_group_size(get_module(block, name).in_features, cfg.quant.group_size)
 
 
-def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    with torch.inference_mode():
-        return [block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+def keep_offset_norms_fp32(model: nn.Module, spec: ArchSpec) -> None:
+    """Store the norms that scales fold into as float32 when they compute x·(offset + w):
+    in bf16, (offset + w)/s − offset loses the gain (at s ≥ 256 every channel's becomes 0)."""
+    if not spec.norm_offset:
+        return
+    for block in blocks(model, spec):
+        for g in spec.groups:
+            if g.prev_kind == "norm":
+                mark_fp32(get_module(block, g.prev_op).weight)
 
 
-def _capture_block(idx: int, block: nn.Module, spec: ArchSpec, hidden: list[torch.Tensor],
-                   kwargs: list[dict], keys: dict[str, str], keep: bool) -> tuple[dict, dict, list]:
-    """Run block on every chunk, recording its linears' inputs at each input point.
+def _capture_block(step: BlockStep, keys: dict[str, str], keep: bool = True) -> tuple[dict, dict, list]:
+    """Run the block on every chunk, recording its linears' inputs at each input point.
 
     Returns (inputs: key → list of chunk tensors (empty unless keep), stats: key → ChannelStats,
     FP outputs per chunk)."""
@@ -171,13 +164,9 @@ def _capture_block(idx: int, block: nn.Module, spec: ArchSpec, hidden: list[torc
     def sink(name, x):
         stats[name].update(x)
         if keep:
-            inputs[name].append(x.detach())
+            inputs[name].append(step.engine.stash(x))
 
-    outs = []
-    with capture_inputs({k: get_module(block, k) for k in points}, sink):
-        with torch.inference_mode():
-            for h, kw in zip(hidden, kwargs):
-                outs.append(block_output(block(h, **kw)))
+    outs = step.forward(sink, points)
     return inputs, stats, outs
 
 
@@ -200,7 +189,8 @@ def _quantize_block(method: Method, ctx: BlockContext, rec: LayerRecord) -> None
             if name in skip:
                 continue
             lin = get_module(block, name)
-            mv = search_clip(lin.weight.data, ctx.flat_inputs(ctx.input_key[name]), cfg.quant, cfg.search)
+            x = ctx.sample_inputs(ctx.input_key[name], cfg.search.clip_max_tokens, lin.weight.device)
+            mv = search_clip(lin.weight.data, x, cfg.quant, cfg.search)
             apply_clip(lin, mv, cfg.quant)
             rec.clip[name] = mv.cpu()
     for name in spec.linears:
@@ -229,11 +219,14 @@ def _quantize_lm_head(model: nn.Module, cfg: MethodConfig) -> None:
 
 @torch.no_grad()
 def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
-             model_name: str = "", progress: bool = True) -> QuantResult:
+             model_name: str = "", progress: bool = True, offload_activations: bool = False) -> QuantResult:
     """Quantize `model` in place with the method `cfg.method`; return the evidence.
 
     calibration: an `awqnb.data.Calibration` (samples of token ids); required by calibrated methods.
-    device: where the blocks are computed (default: the model's device); the model is moved there.
+    device: where the blocks are computed (default: the model's device). The model stays where it
+    is: each block is moved to `device` while it is quantized and back after (see `awqnb.engine`),
+    so a model on the CPU needs one block of accelerator memory. offload_activations: keep the
+    calibration activations in pinned CPU memory between uses.
     """
     t0 = time.perf_counter()
     spec = resolve_spec(model)
@@ -241,13 +234,17 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
     validate(model, cfg, spec)
     attn = attn_shape(model.config)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
     model.eval()
     bl = blocks(model, spec)
     keys = _input_keys(spec)
     records: list[LayerRecord] = []
     calib_info = None
     timings: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    compute_dtype = parse_dtype(cfg.dtype) or model_dtype(model)
+    if method.searches_scales:
+        keep_offset_norms_fp32(model, spec)
 
     if method.needs_calibration:
         if calibration is None or not getattr(calibration, "samples", None):
@@ -256,48 +253,56 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
                 "pass one from awqnb.data.load_calibration (e.g. --calib-dataset wikitext2 --n-calib 128)."
             )
         calib_info = calibration.to_dict() if hasattr(calibration, "to_dict") else None
-        chunks = _chunks(calibration.samples, cfg.calib_batch_size, device)
-        tc = time.perf_counter()
-        binp: BlockInputs = capture_block_inputs(model, bl, chunks)
-        timings["capture_s"] = time.perf_counter() - tc
-        hidden = binp.hidden
+        engine = BlockEngine(model, calibration, device, compute_dtype, cfg.calib_batch_size, offload_activations)
         n = len(bl)
+        lbs = cfg.layer_batch_size
         it = tqdm(total=n, desc=f"{cfg.method} blocks", disable=not progress)
-        i = 0
-        while i < n:
-            batch = range(i, min(i + cfg.layer_batch_size, n))
-            start = hidden
-            for j in batch:
-                tb = time.perf_counter()
-                kw = [binp.kwargs[c][j] for c in range(len(chunks))]
-                inputs, stats, outs = _capture_block(j, bl[j], spec, hidden, kw, keys, keep=True)
-                ctx = BlockContext(j, bl[j], spec, attn, inputs, stats, kw, keys)
-                rec = LayerRecord(j)
-                _quantize_block(method, ctx, rec)
-                del ctx, inputs
-                hidden = outs  # FP output of block j: what the next block of the batch sees
-                rec.seconds = time.perf_counter() - tb
-                records.append(rec)
-                it.update(1)
-            if cfg.search.propagate == "quantized":
-                hidden = start
-                for j in batch:
-                    hidden = _run_block(bl[j], hidden, [binp.kwargs[c][j] for c in range(len(chunks))])
-            i = batch.stop
+        start, start_kw = None, []
+        tc = time.perf_counter()
+        for step in engine.walk():
+            j = step.index
+            if j == 0:
+                timings["capture_s"] = time.perf_counter() - tc
+            if j % lbs == 0:
+                start, start_kw = step.hidden, []
+            start_kw.append(step.kwargs)
+            tb = time.perf_counter()
+            inputs, stats, outs = _capture_block(step, keys)
+            ctx = BlockContext(j, step.block, spec, attn, inputs, stats, step.kwargs, keys)
+            rec = LayerRecord(j)
+            _quantize_block(method, ctx, rec)
+            del ctx, inputs
+            step.next_hidden = outs  # FP output of block j: what the next block of a batch sees
+            if cfg.search.propagate == "quantized" and (j % lbs == lbs - 1 or j == n - 1):
+                # the next batch starts from the quantized outputs of this whole batch
+                first = j - len(start_kw) + 1
+                step.next_hidden = (None if len(start_kw) == 1
+                                    else engine.run_blocks(range(first, j + 1), start, start_kw))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rec.seconds = time.perf_counter() - tb
+            records.append(rec)
+            it.update(1)
         it.close()
     else:
         for j, block in enumerate(tqdm(bl, desc=f"{cfg.method} blocks", disable=not progress)):
             tb = time.perf_counter()
             rec = LayerRecord(j)
-            for name in spec.linears:
-                replay = method.round_linear(None, name, get_module(block, name))
-                if replay is not None:
-                    rec.replay[name] = replay
+            with onloaded(block, device):
+                for name in spec.linears:
+                    replay = method.round_linear(None, name, get_module(block, name))
+                    if replay is not None:
+                        rec.replay[name] = replay
             rec.seconds = time.perf_counter() - tb
             records.append(rec)
     if cfg.lm_head == "quantize":
         _quantize_lm_head(model, cfg)
     timings["total_s"] = time.perf_counter() - t0
+    timings["device"] = str(device)
+    timings["compute_dtype"] = dtype_name(compute_dtype)
+    timings["offload_activations"] = bool(offload_activations)
+    if device.type == "cuda":
+        timings["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     from .models import versions
 
     return QuantResult(cfg, model_name, model.config.model_type, calib_info, records, timings, versions())
@@ -313,20 +318,20 @@ def apply(model: nn.Module, result: QuantResult, device=None) -> nn.Module:
         raise AwqnbError(f"this result was made for a {result.model_type!r} model, not {model.config.model_type!r}.")
     method = get_method(cfg.method)(cfg)
     attn = attn_shape(model.config)
-    if device is not None:
-        model.to(device)
     bl = blocks(model, spec)
     if len(bl) != len(result.layers):
         raise AwqnbError(f"this result has {len(result.layers)} blocks but the model has {len(bl)}.")
+    keep_offset_norms_fp32(model, spec)
     for rec in result.layers:
         block = bl[rec.index]
-        for group in spec.groups:
-            if group.name in rec.groups:
-                fold_scales(block, group, rec.groups[group.name].scales, spec, attn)
-        for name, mv in rec.clip.items():
-            apply_clip(get_module(block, name), mv, cfg.quant)
-        for name in spec.linears:
-            method.replay_linear(name, get_module(block, name), rec.replay.get(name))
+        with onloaded(block, device if device is not None else next(block.parameters()).device):
+            for group in spec.groups:
+                if group.name in rec.groups:
+                    fold_scales(block, group, rec.groups[group.name].scales, spec, attn)
+            for name, mv in rec.clip.items():
+                apply_clip(get_module(block, name), mv, cfg.quant)
+            for name in spec.linears:
+                method.replay_linear(name, get_module(block, name), rec.replay.get(name))
     if cfg.lm_head == "quantize":
         _quantize_lm_head(model, cfg)
     return model

@@ -7,7 +7,7 @@ from torch import nn
 
 from awqnb import pipeline
 from awqnb.arch import ArchSpec, AttnShape, ScaleGroup, attn_shape, blocks, get_module, resolve_spec
-from awqnb.capture import StopForward, capture_block_inputs, capture_inputs
+from awqnb.capture import StopForward, capture_inputs
 from awqnb.config import MethodConfig, QuantConfig, SearchConfig
 from awqnb.errors import AwqnbError
 from awqnb.methods.awq import InspectRunner, fold_scales, search_group
@@ -139,13 +139,15 @@ def test_hooks_removed_when_forward_raises():
     assert len(lin._forward_pre_hooks) == 0
 
 
-def test_block_capture_removes_hooks_and_stops_early(tiny):
+def test_block_capture_restores_blocks_and_stops_early(tiny):
+    from awqnb.engine import BlockEngine
+
     model, tok, calib = _fresh(tiny, "tiny-random-llama")
     bl = blocks(model, resolve_spec(model))
-    inp = capture_block_inputs(model, bl, [torch.stack(calib.samples[:2])])
-    assert inp.hidden[0].shape[:2] == (2, 64)
-    assert all(kw is not None for kw in inp.kwargs[0])
-    assert all(len(b._forward_pre_hooks) == 0 for b in bl)
+    hidden, kwargs = BlockEngine(model, calib.samples[:2], batch_size=2).capture()
+    assert hidden[0].shape[:2] == (2, 64)
+    assert all(kw is not None for kw in kwargs[0])
+    assert all(len(b._forward_pre_hooks) == 0 and "forward" not in b.__dict__ for b in bl)
     assert issubclass(StopForward, Exception)
 
 

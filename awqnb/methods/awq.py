@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..arch import ArchSpec, AttnShape, ScaleGroup, get_module
+from ..engine import mark_fp32
 from ..config import QuantConfig, SearchConfig
 from ..primitives import effective_group_size, expand_groups, fake_quant, group_view
 
@@ -88,7 +89,9 @@ def _rel(path: str, prefix: str) -> str:
 class InspectRunner:
     """Runs a group's inspect module on the captured inputs, optionally with substitute weights.
 
-    xs: list of `[b, T, c]` chunk inputs; kwargs: matching per-chunk kwargs for attention modules.
+    xs: list of `[b, T, c]` chunk inputs (on the compute device, or on the CPU when activations
+    are offloaded: each chunk is moved while it is used); kwargs: per-chunk kwargs for attention.
+    Losses stay on the device (a 0-d float32 tensor per call): the caller reads them back once.
     """
 
     def __init__(self, block: nn.Module, group: ScaleGroup, xs: list[torch.Tensor], kwargs: list[dict]):
@@ -97,17 +100,26 @@ class InspectRunner:
         self.xs = xs
         self.kwargs = kwargs
         self.names = [(_rel(n, group.inspect) + ".weight").lstrip(".") for n in group.layers]
+        w = get_module(block, group.layers[0]).weight
+        self.device, self.dtype = w.device, w.dtype
+        self.n_tok = sum(x.numel() // x.shape[-1] for x in xs)
         # A single linear's output error is a quadratic form in ΔW: mean((X ΔWᵀ)²) =
         # Σ (ΔW G) ⊙ ΔW / (n_tok·co) with G = XᵀX `[ci, ci]`, so each α costs co·ci² instead of
-        # n_tok·ci·co and the token outputs are never recomputed.
+        # n_tok·ci·co and the token outputs are never recomputed. In fp32 only: a bf16 Gram
+        # would round G; there the error X ΔWᵀ is computed directly (bf16 product, fp32 sum).
+        self.linear = group.inspect_kind == "linear" and len(group.layers) == 1
         self.gram = None
-        if group.inspect_kind == "linear" and len(group.layers) == 1:
-            flat = [x.reshape(-1, x.shape[-1]).float() for x in xs]
-            self.n_tok = sum(f.shape[0] for f in flat)
-            self.gram = sum(f.T @ f for f in flat)
+        if self.linear and self.dtype == torch.float32:
+            self.gram = torch.zeros(xs[0].shape[-1], xs[0].shape[-1], device=self.device)
+            for x in xs:
+                f = self._x(x).reshape(-1, x.shape[-1]).float()
+                self.gram += f.T @ f
+
+    def _x(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=True)
 
     def _call(self, i: int, params: dict | None):
-        x = self.xs[i]
+        x = self._x(self.xs[i])
         if self.group.inspect_kind == "attention":
             args, kw = (), dict(hidden_states=x, **self.kwargs[i])
         else:
@@ -118,30 +130,41 @@ class InspectRunner:
             out = functional_call(self.module, params, args, kw, strict=False)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
-        if self.gram is not None:
-            return []  # the quadratic form needs no reference outputs
+        if self.linear:
+            return []  # the error of a single linear is linear in ΔW: no reference outputs needed
         return [self._call(i, None) for i in range(len(self.xs))]
 
-    @torch.inference_mode()
-    def loss(self, weights: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-        """mean((F(X; weights) − ref)²) over all chunks and elements."""
-        if self.gram is not None:
+    @torch.no_grad()
+    def loss_tensor(self, weights: list[torch.Tensor], ref: list[torch.Tensor]) -> torch.Tensor:
+        """mean((F(X; weights) − ref)²) over all chunks and elements, as a 0-d fp32 device tensor."""
+        if self.linear:
             d = weights[0].float() - self.module.weight.float()  # [co, ci]
-            return ((d @ self.gram) * d).sum().item() / (self.n_tok * d.shape[0])
+            if self.gram is not None:
+                return ((d @ self.gram) * d).sum() / (self.n_tok * d.shape[0])
+            d = d.to(self.dtype)
+            tot = torch.zeros((), device=self.device)
+            for x in self.xs:
+                tot += (self._x(x) @ d.T).float().pow(2).sum()
+            return tot / (self.n_tok * d.shape[0])
         params = dict(zip(self.names, weights))
-        tot, n = 0.0, 0
+        tot = torch.zeros((), device=self.device)
+        n = 0
         for i in range(len(self.xs)):
             out = self._call(i, params)
-            tot += (out.float() - ref[i].float()).pow(2).sum().item()
+            tot += (out.float() - ref[i].float()).pow(2).sum()
             n += out.numel()
         return tot / max(n, 1)
+
+    def loss(self, weights: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+        return float(self.loss_tensor(weights, ref))
 
 
 def search_group(block: nn.Module, group: ScaleGroup, a: torch.Tensor, runner: InspectRunner,
                  qcfg: QuantConfig, scfg: SearchConfig, attn: AttnShape) -> GroupSearch:
-    """Grid-search α for one scale group. `a`: salience of the layers' input channels `[ci]`."""
+    """Grid-search α for one scale group. `a`: salience of the layers' input channels `[ci]`.
+    The losses of the whole grid are read back from the device at once."""
     layers = [get_module(block, n) for n in group.layers]
     ws = [m.weight.data for m in layers]
     dev = ws[0].device
@@ -154,18 +177,23 @@ def search_group(block: nn.Module, group: ScaleGroup, a: torch.Tensor, runner: I
         w_mean = kv_space(wm, attn) if group.gqa_fold else wm
     ref = runner.outputs()
     alphas = [i / scfg.n_grid for i in range(scfg.n_grid + 1)]
-    losses = []
-    best = (float("inf"), 0.0, None)
+    losses_t = []
     for alpha in alphas:
         s = scales_for(a_prev, alpha, w_mean)
         s_full = s[idx] if idx is not None else s
-        loss = runner.loss([scaled_fake_quant(w, s_full, qcfg) for w in ws], ref)
-        losses.append(loss)
-        if loss < best[0]:  # strict: ties keep the smaller α
-            best = (loss, alpha, s)
-    if best[2] is None:  # every loss was NaN/inf: fall back to s ≡ 1 (RTN)
-        best = (losses[0], 0.0, scales_for(a_prev, 0.0, None))
-    return GroupSearch(group.name, alphas, losses, best[1], best[0], best[2].cpu(), a_prev.float().cpu())
+        losses_t.append(runner.loss_tensor([scaled_fake_quant(w, s_full, qcfg) for w in ws], ref))
+    del ref
+    losses = torch.stack(losses_t).double().cpu().tolist()  # the one host sync of this group
+    best_alpha, best_loss = 0.0, float("inf")
+    for alpha, loss in zip(alphas, losses):
+        if loss < best_loss:  # strict: ties keep the smaller α; NaN never wins
+            best_alpha, best_loss = alpha, loss
+    if best_loss == float("inf"):  # every loss was NaN/inf: fall back to s ≡ 1 (RTN)
+        best_alpha, best_loss = 0.0, losses[0]
+        best_s = scales_for(a_prev, 0.0, None)
+    else:
+        best_s = scales_for(a_prev, best_alpha, w_mean)
+    return GroupSearch(group.name, alphas, losses, best_alpha, best_loss, best_s.cpu(), a_prev.float().cpu())
 
 
 @torch.no_grad()
@@ -179,6 +207,8 @@ def fold_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor, spec: Arch
     dev = prev.weight.device
     s = s.to(dev).float()
     if group.prev_kind == "norm":
+        if spec.norm_offset:
+            mark_fp32(prev.weight)  # (offset + w)/s − offset is not representable in bf16
         w = prev.weight.data.float()
         prev.weight.data.copy_(((spec.norm_offset + w) / s - spec.norm_offset).to(prev.weight.dtype))
     else:

@@ -39,6 +39,20 @@ class BlockContext:
         """All calibration tokens at an input point, current space: `[n_tok, c]`."""
         return torch.cat([x.reshape(-1, x.shape[-1]) for x in self.inputs[key]], 0)
 
+    def sample_inputs(self, key: str, max_tokens: int, device=None) -> torch.Tensor:
+        """Every `step`-th calibration token at an input point (step = n_tok // max_tokens), at
+        most `max_tokens`, taken chunk by chunk (all tokens are never concatenated): `[n, c]`."""
+        xs = self.inputs[key]
+        total = sum(x.numel() // x.shape[-1] for x in xs)
+        step = max(1, total // max_tokens) if total > max_tokens else 1
+        out, offset = [], 0
+        for x in xs:
+            flat = x.reshape(-1, x.shape[-1])
+            first = (-offset) % step
+            out.append(flat[first::step].to(device if device is not None else flat.device))
+            offset += flat.shape[0]
+        return torch.cat(out, 0)[:max_tokens]
+
 
 class Method:
     """Base quantization method: round-to-nearest of every block linear, no scale search.
