@@ -30,17 +30,18 @@ import dataclasses
 import hashlib
 import logging
 import operator
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .arch import ArchSpec, attn_shape, blocks, get_module, resolve_spec
-from .capture import ChannelStats, StopForward, hooks
+from .capture import ChannelStats
 from .config import MethodConfig, QuantConfig
 from .errors import AwqnbError
 from .importance import COLUMNS as SALIENCE_COLUMNS
-from .importance import _chunks, group_frame, spearman
+from .importance import group_frame, spearman
 from .methods.praq import PRAQ, PraqStats, block_activation, group_kind
 from .primitives import compute_qparams, dequantize, expand_groups, quantize
 from .statcache import (CACHE, DIAG_VERSION, DiagnosticsCache, _cache, _cached, calibration_key,  # noqa: F401
@@ -130,41 +131,25 @@ def _limit(calibration, max_samples: int | None):
 @torch.no_grad()
 def forward_pass(model: nn.Module, calibration, layers: list[int], points: Iterable[tuple[int, str]],
                  sink: Callable[[int, str, torch.Tensor, torch.Tensor], None], device=None,
-                 batch_size: int = 8) -> int:
-    """Run the FP model on the calibration chunks, calling `sink(layer, linear, x, y)` with each
-    requested linear's input `x: [b, T, ci]` and output `y: [b, T, co]`; the forward stops after
-    block `max(layers)`. Hooks are removed on exit, even on error. Returns the chunk count."""
-    spec = resolve_spec(model)
-    bl = blocks(model, spec)
-    dev = _device(model, device)
-    model.to(dev)
+                 batch_size: int = 8, on_block: Callable[[int, nn.Module], None] | None = None) -> int:
+    """Walk the FP model over the calibration chunks with the block engine (`awqnb.engine`),
+    calling `sink(layer, linear, x, y)` with each requested linear's input `x: [b, T, ci]` and
+    output `y: [b, T, co]`, and `on_block(layer, block)` once a requested block is done (still on
+    the device); the walk stops after block `max(layers)`. Returns the chunk count."""
+    from .engine import BlockEngine
+
+    engine = BlockEngine(model, calibration, _device(model, device), None, batch_size)
     model.eval()
-    last = max(layers)
-
-    def make(layer, name):
-        def hook(_mod, args, kwargs, out):
-            x = args[0] if args else kwargs.get("input")
-            sink(layer, name, x, out)
-
-        return hook
-
-    def stop(*_):
-        raise StopForward
-
-    def register():
-        hs = [get_module(bl[l], n).register_forward_hook(make(l, n), with_kwargs=True) for l, n in points]
-        hs.append(bl[last].register_forward_hook(stop))
-        return hs
-
-    n = 0
-    with hooks(register):
-        for ids in _chunks(calibration, batch_size, dev):
-            try:
-                model(input_ids=ids, use_cache=False)
-            except StopForward:
-                pass
-            n += 1
-    return n
+    by_layer: dict[int, list[str]] = {}
+    for l, n in points:
+        by_layer.setdefault(l, []).append(n)
+    for step in engine.walk(layers):
+        l = step.index
+        step.next_hidden = step.forward(lambda name, x, y: sink(l, name, x, y), by_layer.get(l, []),
+                                        with_output=True)
+        if on_block is not None:
+            on_block(l, step.block)
+    return len(engine.chunks)
 
 
 # --- salience -------------------------------------------------------------------------------
@@ -182,30 +167,30 @@ def _salience_compute(model, calibration, layers, params, device, batch_size):
 
     spec = resolve_spec(model)
     bl = blocks(model, spec)
-    dev = _device(model, device)
-    model.to(dev)
     keys = [g.layers[0] for g in spec.groups]
     stats = {(l, k): ChannelStats() for l in layers for k in keys}
-    pst, wts = {}, {}
-    for l in layers:
-        _, act, c = block_activation(bl[l], spec)
-        wg = get_module(bl[l], spec.mlp_gate).weight.data
-        wu = get_module(bl[l], spec.mlp_up).weight.data
-        pst[l], wts[l] = PraqStats(wg, wu, act, c), (wg, wu)
+    pst = {}
+    beta, tau, nf = params["beta"], params["tau"], params["noise_factor"]
+    frames = []
+
+    def gate_up(l):  # block l is on the device while the walk is at it
+        return get_module(bl[l], spec.mlp_gate).weight.data, get_module(bl[l], spec.mlp_up).weight.data
 
     def sink(layer, name, x, _y):
         stats[(layer, name)].update(x)
         if name == spec.mlp_gate:
+            if layer not in pst:
+                _, act, c = block_activation(bl[layer], spec)
+                pst[layer] = PraqStats(*gate_up(layer), act, c)
             pst[layer].update(x)
 
-    forward_pass(model, calibration, layers, stats.keys(), sink, dev, batch_size)
-    beta, tau, nf = params["beta"], params["tau"], params["noise_factor"]
-    frames = []
-    for l in layers:
-        st_p = pst[l]
+    def done(l, _block):
+        st_p = pst.pop(l)
         imp = st_p.importance(beta, tau, nf)
-        frames += [group_frame(spec, g, l, stats[(l, g.layers[0])], st_p, imp, *wts[l], beta, tau, nf)
-                   for g in spec.groups]
+        frames.extend(group_frame(spec, g, l, stats.pop((l, g.layers[0])), st_p, imp, *gate_up(l), beta, tau, nf)
+                      for g in spec.groups)
+
+    forward_pass(model, calibration, layers, stats.keys(), sink, device, batch_size, on_block=done)
     return pd.concat(frames, ignore_index=True).reindex(columns=SALIENCE_COLUMNS)
 
 
@@ -326,33 +311,37 @@ def _risk_compute(model, calibration, layers, params, rp, device, batch_size):
 
     spec = resolve_spec(model)
     bl = blocks(model, spec)
-    dev = _device(model, device)
-    model.to(dev)
     edges = torch.linspace(-rp["hist_lim"], rp["hist_lim"], int(rp["hist_bins"]) + 1, dtype=torch.float64)
     down_name = next(g.layers[0] for g in spec.groups if group_kind(spec, g) == "down")  # fed by act(z)·u
     st, acts, wdown = {}, {}, {}
-    for l in layers:
-        name, act, c = block_activation(bl[l], spec)
-        wg = get_module(bl[l], spec.mlp_gate).weight.data
-        wu = get_module(bl[l], spec.mlp_up).weight.data
-        down = get_module(bl[l], down_name).weight.data
-        st[l] = RiskStats(wg, wu, act, c, params["tau"], edges)
-        acts[l] = (name, c)
-        wdown[l] = down.float().norm(dim=0).cpu().numpy()  # ‖W_down[:, i]‖₂ `[I]`
 
-    def sink(layer, _name, x, _y):
+    def sink(layer, _name, x, _y):  # block `layer` is on the device while the walk is at it
+        if layer not in st:
+            name, act, c = block_activation(bl[layer], spec)
+            wg = get_module(bl[layer], spec.mlp_gate).weight.data
+            wu = get_module(bl[layer], spec.mlp_up).weight.data
+            down = get_module(bl[layer], down_name).weight.data
+            st[layer] = RiskStats(wg, wu, act, c, params["tau"], edges)
+            acts[layer] = (name, c)
+            wdown[layer] = down.float().norm(dim=0).cpu().numpy()  # ‖W_down[:, i]‖₂ `[I]`
         st[layer].update(x)
 
-    forward_pass(model, calibration, layers, [(l, spec.mlp_gate) for l in layers], sink, dev, batch_size)
+    def done(l, _block):  # keep the statistics, drop the fp32 weight copies
+        s = st[l]
+        st[l] = {k: getattr(s, k) for k in ("hist", "z_std", "live", "n", "z_sum", "z_max", "utility", "spread")}
+        st[l]["p_live"] = s.p_live(params["beta"], params["tau"], params["noise_factor"])
+
+    forward_pass(model, calibration, layers, [(l, spec.mlp_gate) for l in layers], sink, device, batch_size,
+                 on_block=done)
     beta, tau, nf = params["beta"], params["tau"], params["noise_factor"]
     e = edges.numpy()
     frames, hists = [], {}
     for l in layers:
-        s = st[l]
+        s = SimpleNamespace(**st[l])
         hist = s.hist.cpu().numpy()
         z_std = s.z_std.cpu().numpy().astype(float)
         delta = nf * z_std
-        plive = s.p_live(beta, tau, nf).cpu().numpy()
+        plive = s.p_live.cpu().numpy()
         active = (s.live / s.n).cpu().numpy()
         wn = wdown[l]
         thr = float(np.quantile(wn, rp["high_weight_quantile"]))
@@ -519,32 +508,18 @@ def effective_weights(qmodel: nn.Module, result, layer: int, device=None) -> dic
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, calibration, layer: int, device=None, batch_size: int = 16,
-                         model_name: str | None = None) -> tuple[list[torch.Tensor], list[dict]]:
+                         model_name: str | None = None, dtype=None) -> tuple[list[torch.Tensor], list[dict]]:
     """The FP hidden states entering block `layer` and the keyword arguments it receives, per
-    calibration chunk of at most `batch_size` samples: (hidden `[b, T, H]` list, kwargs list).
-    The forward stops when block `layer` starts."""
-    from .capture import _DROP_KWARGS
+    calibration chunk of at most `batch_size` samples: (hidden `[b, T, H]` list, kwargs list),
+    from the block engine's walk, which stops when block `layer` is reached."""
+    from .engine import BlockEngine
 
     layer = check_layer(model, layer, model_name)
-    spec = resolve_spec(model)
-    block = blocks(model, spec)[layer]
-    dev = _device(model, device)
-    model.to(dev)
     model.eval()
-    hidden, kwargs = [], []
-
-    def hook(_mod, args, kw):
-        hidden.append((args[0] if args else kw["hidden_states"]).detach())
-        kwargs.append({k: v for k, v in kw.items() if k not in _DROP_KWARGS and k != "hidden_states"})
-        raise StopForward
-
-    with hooks(lambda: [block.register_forward_pre_hook(hook, with_kwargs=True)]):
-        for ids in _chunks(_limit(calibration, None), batch_size, dev):
-            try:
-                model(input_ids=ids, use_cache=False)
-            except StopForward:
-                pass
-    return hidden, kwargs
+    engine = BlockEngine(model, _limit(calibration, None), _device(model, device), dtype, batch_size)
+    for step in engine.walk([layer]):
+        return step.hidden, step.kwargs
+    raise AwqnbError(f"layer {layer} was not reached")  # unreachable: walk yields the layer
 
 
 @torch.no_grad()
@@ -561,6 +536,7 @@ def quantize_layer(model: nn.Module, calibration, cfg: MethodConfig, layer: int,
     import time
 
     from . import pipeline as P
+    from .engine import BlockEngine, BlockStep
     from .methods import get_method
 
     layer = check_layer(model, layer, model_name)
@@ -568,18 +544,24 @@ def quantize_layer(model: nn.Module, calibration, cfg: MethodConfig, layer: int,
     method = get_method(cfg.method)(cfg)
     P.validate(model, cfg, spec)
     calib = _limit(calibration, None)
+    dev = _device(model, device)
     if inputs is None:
-        inputs = capture_layer_inputs(model, calib, layer, device, cfg.calib_batch_size, model_name)
+        inputs = capture_layer_inputs(model, calib, layer, dev, cfg.calib_batch_size, model_name, cfg.dtype)
     hidden, kw = inputs
     qmodel = copy.deepcopy(model)
+    if method.searches_scales:
+        P.keep_offset_norms_fp32(qmodel, spec)
+    engine = BlockEngine(qmodel, calib, dev, cfg.dtype, cfg.calib_batch_size)
     block = blocks(qmodel, spec)[layer]
     attn = attn_shape(qmodel.config)
     keys = P._input_keys(spec)
     t0 = time.perf_counter()
-    ins, stats, _outs = P._capture_block(layer, block, spec, hidden, kw, keys, keep=True)
-    ctx = P.BlockContext(layer, block, spec, attn, ins, stats, kw, keys)
-    rec = P.LayerRecord(layer)
-    P._quantize_block(method, ctx, rec)
+    with engine.onload(block):
+        step = BlockStep(engine, layer, block, hidden, kw)
+        ins, stats, _outs = P._capture_block(step, keys)
+        ctx = P.BlockContext(layer, block, spec, attn, ins, stats, kw, keys)
+        rec = P.LayerRecord(layer)
+        P._quantize_block(method, ctx, rec)
     rec.seconds = time.perf_counter() - t0
     from .models import versions
 
@@ -727,7 +709,6 @@ def _mse_compute(model, calibration, layers, qmodels: dict, device, batch_size):
 
     spec = resolve_spec(model)
     dev = _device(model, device)
-    model.to(dev)
     acc = torch.float64 if dev.type != "mps" else torch.float32
     names = list(spec.linears)
     # per method, per layer: W_eff computed lazily once per (layer, linear), kept while the pass runs
@@ -757,7 +738,12 @@ def _mse_compute(model, calibration, layers, qmodels: dict, device, batch_size):
             if layer in done[m]:
                 err[(m, layer, name)] += (x2 @ dw(m, layer, name).T).to(acc).pow(2).sum()
 
-    forward_pass(model, calibration, layers, [(l, n) for l in layers for n in names], sink, dev, batch_size)
+    def block_done(l, _block):  # ΔW of a finished block is not needed again
+        for key in [k for k in dws if k[1] == l]:
+            del dws[key]
+
+    forward_pass(model, calibration, layers, [(l, n) for l in layers for n in names], sink, dev, batch_size,
+                 on_block=block_done)
     rows = []
     for m in qmodels:
         for l in layers:

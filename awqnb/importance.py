@@ -1,8 +1,8 @@
 """Per-channel importance vectors of one decoder block (awq L1, awq L2, praq) and rank correlation.
 
-`importance_vectors(model, calibration, layer)` runs the full-precision model on the calibration
-chunks one at a time, stopping after block `layer`, and reduces the inputs of that block's scale
-groups to streaming statistics (nothing but the current chunk is held). Per scale group and input
+`importance_vectors(model, calibration, layer)` walks the full-precision model with the block
+engine (`awqnb.engine`) up to block `layer` and reduces the inputs of that block's scale groups
+to streaming statistics. Per scale group and input
 channel j of the group's first linear, with tokens t:
   l1_j   = E_t|x_tj|                   (reference AWQ salience)
   l2_j   = sqrt(E_t[x_tj²])            (the seeds' E[X²] metric, as RMS); ex2_j = E_t[x_tj²] raw
@@ -15,13 +15,11 @@ z_std (σ of the pre-activation, SiLU units), z_max. Channels of the vo group ar
 from __future__ import annotations
 
 import logging
-from typing import Iterable
-
 import torch
 from torch import nn
 
 from .arch import blocks, get_module, resolve_spec
-from .capture import ChannelStats, StopForward, capture_inputs, hooks
+from .capture import ChannelStats
 from .errors import AwqnbError
 from .methods.praq import PRAQ, PraqStats, back_project, block_activation, group_kind
 
@@ -29,23 +27,6 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["layer", "group", "channel", "l1", "l2", "ex2", "praq", "utility", "spread", "p_live", "risk",
            "z_std", "z_max"]
-
-
-def _chunks(calibration, batch_size: int, device) -> Iterable[torch.Tensor]:
-    """`[b, T]` token-id chunks from a Calibration (`.samples`), a list of 1-D LongTensors or a
-    `[n, T]` tensor; consecutive equal-length samples are stacked, at most `batch_size` at a time."""
-    from .data import calibration_samples
-
-    samples = calibration_samples(calibration, "importance")
-    cur: list[torch.Tensor] = []
-    for s in samples:
-        s = s.reshape(-1)
-        if cur and (len(cur) == batch_size or cur[0].numel() != s.numel()):
-            yield torch.stack(cur).to(device)
-            cur = []
-        cur.append(s)
-    if cur:
-        yield torch.stack(cur).to(device)
 
 
 @torch.no_grad()
@@ -68,36 +49,29 @@ def importance_vectors(model: nn.Module, calibration, layer: int, device=None, p
     if not -len(bl) <= layer < len(bl):
         raise AwqnbError(f"layer={layer} is out of range: the model has {len(bl)} decoder blocks (0…{len(bl) - 1}).")
     layer = layer % len(bl)
+    from .engine import BlockEngine
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
     model.eval()
-    block = bl[layer]
     keys = [g.layers[0] for g in spec.groups]
     stats = {k: ChannelStats() for k in keys}
-    _, act, c = block_activation(block, spec)
-    wg = get_module(block, spec.mlp_gate).weight.data
-    wu = get_module(block, spec.mlp_up).weight.data
-    pst = PraqStats(wg, wu, act, c)
+    for step in BlockEngine(model, calibration, device, None, batch_size).walk([layer]):
+        block = step.block  # on the device until the walk ends
+        _, act, c = block_activation(block, spec)
+        wg = get_module(block, spec.mlp_gate).weight.data
+        wu = get_module(block, spec.mlp_up).weight.data
+        pst = PraqStats(wg, wu, act, c)
 
-    def sink(name, x):
-        stats[name].update(x)
-        if name == spec.mlp_gate:
-            pst.update(x)
+        def sink(name, x):
+            stats[name].update(x)
+            if name == spec.mlp_gate:
+                pst.update(x)
 
-    def stop(*_):
-        raise StopForward
-
-    with capture_inputs({k: get_module(block, k) for k in keys}, sink):
-        with hooks(lambda: [block.register_forward_hook(stop)]):
-            for ids in _chunks(calibration, batch_size, device):
-                try:
-                    model(input_ids=ids, use_cache=False)
-                except StopForward:
-                    pass
-
-    beta, tau, nf = float(p["beta"]), float(p["tau"]), float(p["noise_factor"])
-    imp = pst.importance(beta, tau, nf)
-    frames = [group_frame(spec, g, layer, stats[g.layers[0]], pst, imp, wg, wu, beta, tau, nf) for g in spec.groups]
+        step.forward(sink, keys, keep_outputs=False)
+        beta, tau, nf = float(p["beta"]), float(p["tau"]), float(p["noise_factor"])
+        imp = pst.importance(beta, tau, nf)
+        frames = [group_frame(spec, g, layer, stats[g.layers[0]], pst, imp, wg, wu, beta, tau, nf)
+                  for g in spec.groups]
     return pd.concat(frames, ignore_index=True).reindex(columns=COLUMNS)
 
 

@@ -46,7 +46,6 @@ from torch import nn
 from . import diagnostics as D
 from . import plots
 from .arch import attn_shape, blocks, get_module, resolve_spec
-from .capture import StopForward, hooks
 from .config import QuantConfig, SearchConfig
 from .errors import AwqnbError
 from .methods.awq import GroupSearch, InspectRunner, kv_space, scaled_fake_quant, scales_for, search_group
@@ -55,7 +54,6 @@ log = logging.getLogger(__name__)
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, 256, -1)
-_DROP = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions", "hidden_states")
 
 
 @dataclass
@@ -188,7 +186,7 @@ class AlphaExplorer:
         if layer in self._samples:
             return self._samples[layer]
         t0 = time.perf_counter()
-        spec, block = self.spec, self.blocks[layer]
+        spec = self.spec
         sal = D.salience_table(self.model, self.calib, layers=[layer], device=self.device, params=self.params,
                                cache=self.cache, model_name=self.model_name)
         # the token sample comes from the first samples only: enough for 4·max_tokens tokens
@@ -200,48 +198,31 @@ class AlphaExplorer:
             samples.append(smp_ids)
             total += int(smp_ids.numel())
         stride = max(1, -(-total // self.max_tokens))
+        from .engine import BlockEngine
+
         points = {g.name: g.layers[0] if g.inspect_kind != "attention" else None for g in spec.groups}
-        state = {"chunk": 0, "offset": 0, "block_kw": None}
         taken: dict[str, list] = {g: [] for g, p in points.items() if p is not None}
         attn_x: dict[str, torch.Tensor] = {}
+        state = {"chunk": 0, "offset": 0, "block_kw": None}
+        # hook path → scale group (the attention group's path is its inspect module's input)
+        group_at = {(g.inspect if g.inspect_kind == "attention" else g.layers[0]): g.name for g in spec.groups}
 
-        def block_hook(_mod, args, kwargs):
-            if state["chunk"] == 0:
-                state["block_kw"] = {k: v for k, v in kwargs.items() if k not in _DROP}
+        def sink(path, x):
+            gname = group_at[path]
+            if points[gname] is None:  # attention: whole sequences of the first chunk
+                if state["chunk"] == 0:
+                    attn_x[gname] = x.detach().clone()
+                return
+            flat = x.detach().reshape(-1, x.shape[-1])
+            idx = torch.arange(flat.shape[0], device=flat.device) + state["offset"]
+            taken[gname].append(flat[idx % stride == 0].clone())
 
-        def make(gname, inspect_input):
-            def hook(_mod, args, kwargs):
-                x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
-                if inspect_input:  # attention: whole sequences of the first chunk
-                    if state["chunk"] == 0:
-                        attn_x[gname] = x.detach().clone()
-                    return
-                flat = x.detach().reshape(-1, x.shape[-1])
-                idx = torch.arange(flat.shape[0], device=flat.device) + state["offset"]
-                taken[gname].append(flat[idx % stride == 0].clone())
-
-            return hook
-
-        def stop(*_):
-            raise StopForward
-
-        def register():
-            hs = [block.register_forward_pre_hook(block_hook, with_kwargs=True)]
-            for g in spec.groups:
-                mod = get_module(block, g.inspect) if g.inspect_kind == "attention" else get_module(block, g.layers[0])
-                hs.append(mod.register_forward_pre_hook(make(g.name, g.inspect_kind == "attention"), with_kwargs=True))
-            hs.append(block.register_forward_hook(stop))
-            return hs
-
-        from .importance import _chunks
-
-        with hooks(register):
-            for ids in _chunks(samples, self.n_seq, self.device):
-                try:
-                    self.model(input_ids=ids, use_cache=False)
-                except StopForward:
-                    pass
-                state["chunk"] += 1
+        engine = BlockEngine(self.model, samples, self.device, None, self.n_seq)
+        for step in engine.walk([layer]):
+            state["block_kw"] = step.kwargs[0]
+            for i, ids in enumerate(engine.chunks):
+                state["chunk"] = i
+                step.forward(sink, sorted(group_at), chunks=[i], keep_outputs=False)
                 state["offset"] += ids.numel()
         smp = LayerSample(layer, salience=sal)
         for g in spec.groups:

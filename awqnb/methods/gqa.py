@@ -46,12 +46,14 @@ from .rounding import AWQJamesStein, _even_positions, acc_dtype, code_delta
 log = logging.getLogger(__name__)
 
 
-def gram(xs: list[torch.Tensor], max_tokens_per_sample: int = 0) -> tuple[torch.Tensor, int]:
+def gram(xs: list[torch.Tensor], max_tokens_per_sample: int = 0, device=None) -> tuple[torch.Tensor, int]:
     """`Gx = XᵀX / n_tok: [H, H]` (float64 where available) over chunks `[b, T, H]`, optionally
-    from at most `max_tokens_per_sample` evenly spaced tokens per sample; returns (Gx, n_tok)."""
+    from at most `max_tokens_per_sample` evenly spaced tokens per sample; returns (Gx, n_tok).
+    device: where to compute (chunks offloaded to the CPU are moved there one at a time)."""
     g = None
     n = 0
     for x in xs:
+        x = x.to(device) if device is not None else x
         x = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
         if max_tokens_per_sample > 0:
             x = x[:, _even_positions(x.shape[1], max_tokens_per_sample, x.device), :]
@@ -258,7 +260,8 @@ class AWQGQA(AWQJamesStein):
         qs, ks = self._stash.pop((ctx.index, qn), None), self._stash.pop((ctx.index, kn), None)
         if qs is not None and ks is not None:
             q_lin, k_lin = get_module(ctx.block, qn), get_module(ctx.block, kn)
-            gx, n_tok = gram(ctx.inputs[ctx.input_key[qn]], int(self.params["max_tokens_per_sample"]))
+            gx, n_tok = gram(ctx.inputs[ctx.input_key[qn]], int(self.params["max_tokens_per_sample"]),
+                             q_lin.weight.device)
             gx = gx.to(q_lin.weight.device)
             rr = reflip(gx, qs["fp"], ks["fp"], k_lin.weight.data.float(), qs["q"], qs["scale"], qs["zero"],
                         self.cfg.quant, ctx.attn, float(self.params["gqa_critical_dim_pct"]),

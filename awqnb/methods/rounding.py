@@ -303,7 +303,10 @@ def input_moments(ctx: BlockContext, key: str, max_tokens_per_sample: int = 0):
         return m, var, n
     tot = sq = None
     n = 0
+    # inputs may be offloaded to the CPU: compute where the block is
+    dev = next(ctx.block.parameters()).device if ctx.block is not None else ctx.inputs[key][0].device
     for x in ctx.inputs[key]:
+        x = x.to(dev)
         x = x if x.dim() == 3 else x.reshape(1, -1, x.shape[-1])
         pos = _even_positions(x.shape[1], max_tokens_per_sample, x.device)
         xs = x[:, pos, :].reshape(-1, x.shape[-1]).double()
