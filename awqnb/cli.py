@@ -195,33 +195,52 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _read_params_file(path: str) -> dict:
+    import yaml
+
+    try:
+        params = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise AwqnbError(f"cannot read --params {path}: {e}") from e
+    if not isinstance(params, dict):
+        raise AwqnbError(f"--params {path} must be a YAML mapping of notebook parameter: value.")
+    for k, flag in (("model", "--models"), ("models", "--models"), ("methods", "--methods")):
+        if k in params:
+            raise AwqnbError(f"--params {path} sets {k!r}: pass it as {flag} instead.")
+    return params
+
+
 def cmd_report(args) -> int:
     import yaml
 
-    from .report import run_models
+    from .sweep import make_grid, run_sweep
 
-    params = {}
-    if args.params:
-        try:
-            params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise AwqnbError(f"cannot read --params {args.params}: {e}") from e
-        if not isinstance(params, dict):
-            raise AwqnbError(f"--params {args.params} must be a YAML mapping of notebook parameter: value.")
-        for k, flag in (("model", "--models"), ("models", "--models"), ("methods", "--methods")):
-            if k in params:
-                raise AwqnbError(f"--params {args.params} sets {k!r}: pass it as {flag} instead.")
-    models_ = [m.strip() for m in (args.models or args.model or "smollm2-135m").split(",") if m.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    result = run_models(models_, methods, params=params, output_dir=args.output_dir, notebook=args.notebook,
-                        hide_code=args.hide_code, timeout=args.timeout)
+    params = _read_params_file(args.params) if args.params else {}
+    for kv in args.param:
+        if "=" not in kv:
+            raise AwqnbError(f"--param {kv!r} must look like name=value, e.g. --param n_calib=16")
+        k, v = kv.split("=", 1)
+        params[k.strip()] = yaml.safe_load(v)  # YAML literals: 16, true, [], [ag_news], 'rtn'
+    models_ = args.models or args.model or (None if args.grid else "smollm2-135m")
+    methods = args.methods or (None if args.grid else "rtn,awq")
+    grid = make_grid(models_, methods, args.seeds, args.group_sizes, params, args.notebook, grid_file=args.grid)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # log lines print above the progress bars instead of through them
+        result = run_sweep(grid, args.output_dir, args.executor, force=args.force, ray_address=args.ray_address,
+                           cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, max_retries=args.retries,
+                           hide_code=args.hide_code, timeout=args.timeout)
     for r in result.runs:
-        sys.stdout.write(f"{r.state:<8} {r.model}: {r.dir if r.dir is not None else '(no run directory)'}\n")
+        note = " (already complete)" if r.skipped else " (run by another sweep)" if r.by_other else ""
+        sys.stdout.write(f"{r.state:<8} {r.model}: {r.dir if r.dir is not None else '(no run directory)'}{note}\n")
+    n_skip = sum(r.skipped for r in result.runs)
     sys.stdout.write(f"index: {result.index}\n")
+    sys.stdout.write(f"{len(result.runs)} run(s): {len(result.executed)} executed, {n_skip} already complete; "
+                     f"{result.seconds:.1f} s ({args.executor})\n")
     if result.failed:
         sys.stderr.write(f"awqnb: {len(result.failed)} of {len(result.runs)} report(s) failed:\n")
         for r in result.failed:
-            where = r.dir / f"{Path(args.notebook).stem}.ipynb" if r.dir is not None else "no run directory"
+            where = r.dir / f"{r.spec.notebook.stem}.ipynb" if r.dir is not None else "no run directory"
             sys.stderr.write(f"  {r.model}: {r.error} ({where})\n")
         return 1
     return 0
@@ -255,18 +274,38 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--csv", default=None)
     c.set_defaults(fn=cmd_compare)
 
-    r = sub.add_parser("report", help="run a report notebook with papermill for each model; write index.html",
-                       description="Run notebooks/<notebook>.ipynb with papermill once per model into "
-                                   "OUTPUT_DIR/<model>/<run>/ (executed notebook, offline HTML, metrics.json), then "
-                                   "write OUTPUT_DIR/index.html. A failing model does not stop the others; the exit "
-                                   "status is 1 if any failed. `papermill --help-notebook notebooks/<notebook>.ipynb` "
-                                   "lists the notebook's parameters.")
+    r = sub.add_parser("report", help="run a report notebook for every run of a grid (in-process or on Ray); "
+                                      "skip complete runs; write index.html",
+                       description="Run notebooks/<notebook>.ipynb with papermill once per run of the grid models x "
+                                   "method sets x seeds x group sizes into OUTPUT_DIR/<model>/<tag>_<id>/ (executed "
+                                   "notebook, offline HTML, metrics.json, run.json), then write OUTPUT_DIR/index.html. "
+                                   "A run is known by the hash of its config: rerunning the command skips complete runs "
+                                   "and redoes failed or interrupted ones (--force redoes all). A failing run does not "
+                                   "stop the others; the exit status is 1 if any failed. `papermill --help-notebook "
+                                   "notebooks/<notebook>.ipynb` lists the notebook's parameters.")
     r.add_argument("--model", default=None, help="one model (same as --models with one name)")
     r.add_argument("--models", default=None, help="comma-separated models (default smollm2-135m)")
-    r.add_argument("--methods", default="rtn,awq", help="comma-separated methods (default rtn,awq)")
+    r.add_argument("--methods", default=None,
+                   help="comma-separated methods compared in each run (default rtn,awq); several sets: 'rtn,awq;rtn,awq_sh'")
+    r.add_argument("--seeds", default=None, help="comma-separated seeds, one run each (default: the notebook's)")
+    r.add_argument("--group-sizes", default=None, help="comma-separated group sizes, one run each (default: the notebook's)")
+    r.add_argument("--grid", default=None, help="YAML grid: models, methods, seeds, group_sizes, params, notebook "
+                                               "(flags given on the command line win)")
     r.add_argument("--params", default=None, help="YAML file of notebook parameters (name: value)")
+    r.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="one notebook parameter (repeatable)")
     r.add_argument("--output-dir", default="reports", help="where runs and index.html go (default reports)")
-    r.add_argument("--notebook", default="model_report", help="notebook name in notebooks/ or an .ipynb path")
+    r.add_argument("--notebook", default=None, help="notebook name in notebooks/ or an .ipynb path (default model_report)")
+    r.add_argument("--force", action="store_true", help="redo every run, complete ones too")
+    r.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: one run after another in this process (default); ray: each run a Ray task")
+    r.add_argument("--ray-address", default=None,
+                   help="an existing Ray cluster (host:port, ray://host:port or auto); default: start a local one "
+                        "using this machine's CPUs and GPUs")
+    r.add_argument("--gpus-per-run", type=float, default=None,
+                   help="GPUs each Ray task asks for; a fraction (0.5) runs small models side by side "
+                        "(default 1 where the cluster has GPUs, else 0)")
+    r.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs each Ray task asks for (default 1)")
+    r.add_argument("--retries", type=int, default=1, help="Ray retries of a run whose worker died (default 1)")
     r.add_argument("--hide-code", action="store_true", help="leave code cells out of the HTML export")
     r.add_argument("--timeout", type=int, default=None, help="seconds per notebook cell (default: none)")
     r.set_defaults(fn=cmd_report)
@@ -277,6 +316,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.verbose:  # their INFO lines ("Executing notebook with kernel") say nothing a progress bar does not
+        for name in ("papermill", "traitlets", "ray"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.fn(args)
     except AwqnbError as e:

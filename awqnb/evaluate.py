@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import tqdm  # tqdm.auto, or events a report runner draws (progress.py)
 
 from .errors import AwqnbError
 

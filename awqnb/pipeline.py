@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import tqdm  # tqdm.auto, or events a report runner draws (progress.py)
 
 from . import methods as _methods  # noqa: F401  (registers methods)
 from .arch import ArchSpec, attn_shape, blocks, get_module, resolve_spec

@@ -318,6 +318,56 @@ def _check_request(notebook: str, params: Mapping[str, Any] | None, methods) -> 
     return nb_in, params, method_list, known
 
 
+def _quiet_papermill_kwargs() -> dict:
+    """papermill/nbclient settings that keep the kernel off the user's terminal: IPC transport
+    (nothing listens on TCP, so ipykernel has no "running over TCP without encryption" warning to
+    give) and the kernel's own log at ERROR."""
+    from traitlets.config import Config
+
+    kw = {"extra_arguments": ["--IPKernelApp.log_level=ERROR"]}
+    if os.name == "posix":
+        kw["config"] = Config({"KernelManager": {"transport": "ipc"}})
+    return kw
+
+
+def execute_into(nb_in: Path, run_dir: Path, nb_params: Mapping[str, Any], *, model: str, methods: list[str],
+                 hide_code: bool = False, timeout: int | None = None) -> dict:
+    """Execute `nb_in` with papermill into `run_dir/<stem>.ipynb` (cwd `run_dir`), export its HTML,
+    and return the run record (state 'ok' or 'failed', error, parameters, timings). A failing
+    notebook is a 'failed' record, not an exception; KeyboardInterrupt propagates."""
+    import papermill as pm
+
+    kernel = kernel_name()
+    nb_out = run_dir / f"{nb_in.stem}.ipynb"
+    record = {"state": "running", "model": model, "methods": list(methods), "notebook": nb_in.stem,
+              "parameters": dict(nb_params), "kernel": kernel, "python": sys.executable,
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "error": None}
+    t0 = time.perf_counter()
+    log.debug("report %s: running %s with %s", model, nb_in.name, dict(nb_params))
+    try:
+        pm.execute_notebook(str(nb_in), str(nb_out), parameters=dict(nb_params), kernel_name=kernel,
+                            cwd=str(run_dir), progress_bar=False, log_output=False, execution_timeout=timeout,
+                            **_quiet_papermill_kwargs())
+        record["state"] = "ok"
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001  a failed notebook must not stop a batch
+        record["state"] = "failed"
+        # a cell's error reads as the user's own ("AwqnbError: unknown model ..."); anything else
+        # (papermill, the kernel) keeps its exception name
+        record["error"] = _short_error(e) if getattr(e, "ename", None) else f"{type(e).__name__}: {_short_error(e)}"
+        log.error("report %s failed: %s", model, record["error"])
+    record["seconds"] = round(time.perf_counter() - t0, 2)
+    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if nb_out.is_file():
+        try:
+            _export_html(nb_out, nb_out.with_suffix(".html"), hide_code)
+        except Exception as e:  # noqa: BLE001  the notebook itself is kept
+            record["html_error"] = f"{type(e).__name__}: {e}"
+            log.error("report %s: HTML export failed: %s", model, e)
+    return record
+
+
 def run_report(model: str, methods: list[str] | str, params: dict | None = None, output_dir: str | Path = "reports",
                notebook: str = "model_report", *, hide_code: bool = False, timeout: int | None = None) -> Path:
     """Execute `notebooks/<notebook>.ipynb` for one model into `output_dir/<model>/<run>/`.
@@ -326,17 +376,15 @@ def run_report(model: str, methods: list[str] | str, params: dict | None = None,
     `methods` are set from the arguments, `output_dir` inside the notebook is the run directory.
     Returns the run directory. A failing notebook is not an exception: the run is kept with
     state 'failed' (executed copy with the error, its HTML, `run.json` with the message).
-    timeout: seconds per cell (default: none).
+    timeout: seconds per cell (default: none). (`awqnb.sweep` runs grids of these, resumably.)
     """
-    import papermill as pm
-
     nb_in, params, method_list, known = _check_request(notebook, params, methods)
     nb_params = {**params, "model": model}
     if "methods" in known:
         nb_params["methods"] = method_list
     if "output_dir" in known:
         nb_params["output_dir"] = "."
-    kernel = kernel_name()
+    kernel_name()
 
     model_dir = Path(output_dir) / _safe(model)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -348,39 +396,22 @@ def run_report(model: str, methods: list[str] | str, params: dict | None = None,
         n += 1
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=model_dir))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
-    nb_out = tmp / f"{nb_in.stem}.ipynb"
-    record = {"state": "running", "model": model, "methods": method_list, "notebook": nb_in.stem,
-              "parameters": nb_params, "kernel": kernel, "python": sys.executable,
-              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "error": None}
-    t0 = time.perf_counter()
-    log.info("report %s: running %s with %s", dest, nb_in.name, nb_params)
     try:
-        pm.execute_notebook(str(nb_in), str(nb_out), parameters=nb_params, kernel_name=kernel, cwd=str(tmp),
-                            progress_bar=False, log_output=False, execution_timeout=timeout)
-        record["state"] = "ok"
+        record = execute_into(nb_in, tmp, nb_params, model=model, methods=method_list, hide_code=hide_code,
+                              timeout=timeout)
     except KeyboardInterrupt:
-        record.update(state="interrupted", error="KeyboardInterrupt")
-        _finish_run(record, tmp, dest, nb_out, hide_code=False, t0=t0)
+        record = {"state": "interrupted", "model": model, "notebook": nb_in.stem, "parameters": nb_params,
+                  "error": "KeyboardInterrupt"}
+        _finish_run(record, tmp, dest)
         raise
-    except Exception as e:  # noqa: BLE001  a failed notebook must not stop a batch
-        record["state"] = "failed"
-        # a cell's error reads as the user's own ("AwqnbError: unknown model ..."); anything else
-        # (papermill, the kernel) keeps its exception name
-        record["error"] = _short_error(e) if getattr(e, "ename", None) else f"{type(e).__name__}: {_short_error(e)}"
-        log.error("report %s failed: %s", dest, record["error"])
-    return _finish_run(record, tmp, dest, nb_out, hide_code, t0)
+    return _finish_run(record, tmp, dest)
 
 
-def _finish_run(record: dict, tmp: Path, dest: Path, nb_out: Path, hide_code: bool, t0: float) -> Path:
-    """Export HTML, write run.json, move the temporary run directory into place."""
-    record["seconds"] = round(time.perf_counter() - t0, 2)
-    record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if nb_out.is_file() and record["state"] != "interrupted":
-        try:
-            _export_html(nb_out, nb_out.with_suffix(".html"), hide_code)
-        except Exception as e:  # noqa: BLE001  the notebook itself is kept
-            record["html_error"] = f"{type(e).__name__}: {e}"
-            log.error("report %s: HTML export failed: %s", dest, e)
+def _finish_run(record: dict, tmp: Path, dest: Path) -> Path:
+    """Write run.json (last, listing every file's size) and move the temporary run directory into place."""
+    record["files"] = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*"))
+                       if f.is_file() and f.name != RUN_FILE}
+    record["complete"] = True
     atomic_write(tmp / RUN_FILE, json.dumps(_clean(record), indent=1))
     for i in range(100):
         target = dest if i == 0 else dest.with_name(f"{dest.name}-{os.getpid()}-{i}")
@@ -390,8 +421,23 @@ def _finish_run(record: dict, tmp: Path, dest: Path, nb_out: Path, hide_code: bo
         except OSError:
             if i == 99:
                 raise
-    log.info("report %s: %s (%.1f s)", target, record["state"], record["seconds"])
+    log.info("report %s: %s (%s s)", target, record["state"], record.get("seconds"))
     return target
+
+
+def manifest_ok(run_dir: Path, rec: Mapping[str, Any]) -> bool:
+    """Every file `run.json` lists is there with its size (runs written before the manifest: True)."""
+    files = rec.get("files")
+    if not isinstance(files, Mapping):
+        return True
+    for rel, size in files.items():
+        f = run_dir / rel
+        try:
+            if f.stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def _short_error(e: Exception) -> str:
@@ -505,15 +551,51 @@ def find_runs(output_dir: str | Path) -> list[dict]:
         html_f = d / f"{nb}.html" if nb else next(iter(sorted(d.glob("*.html"))), None)
         ipynb = d / f"{nb}.ipynb" if nb else next(iter(sorted(d.glob("*.ipynb"))), None)
         state = rec.get("state") or ("ok" if metrics else "unknown")
-        if state == "ok" and metrics is None:
+        if rec and not manifest_ok(d, rec):
+            state = "incomplete"  # a file run.json lists is missing or cut short
+        elif state == "ok" and metrics is None:
             state = "ok (no metrics.json)"
         out.append({"dir": d, "rel": d.relative_to(root).as_posix(), "run": d.name,
                     "model": rec.get("model") or d.parent.name, "state": state, "error": rec.get("error"),
                     "started": rec.get("started") or "", "notebook": nb,
                     "html": html_f if html_f is not None and html_f.is_file() else None,
                     "ipynb": ipynb if ipynb is not None and ipynb.is_file() else None, "metrics": metrics})
+    _add_claims(root, out)
     out.sort(key=lambda r: (r["started"], r["run"]), reverse=True)
     return out
+
+
+def claim_state(path: Path) -> str:
+    """'running' while a sweep holds the claim on a run (its lock), 'interrupted' once nobody does."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return "interrupted"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return "interrupted"
+    except BlockingIOError:
+        return "running"
+    finally:
+        os.close(fd)
+
+
+def _add_claims(root: Path, runs: list[dict]) -> None:
+    """Runs a sweep claimed (`<model>/.<run>.claim`, see awqnb.sweep): shown as running or
+    interrupted; a finished run whose redo is under way says so in its state."""
+    by_dir = {r["rel"]: r for r in runs}
+    for c in sorted(root.glob("*/.*.claim")):
+        rel = f"{c.parent.name}/{c.name[1:-len('.claim')]}"
+        state = claim_state(c)
+        info = _read_json(c)
+        if rel in by_dir:
+            by_dir[rel]["state"] += f" ({'rerunning' if state == 'running' else 'redo interrupted'})"
+            continue
+        runs.append({"dir": root / rel, "rel": rel, "run": rel.split("/", 1)[1], "model": info.get("model") or c.parent.name,
+                     "state": state, "error": None, "started": info.get("started") or "",
+                     "notebook": info.get("notebook"), "html": None, "ipynb": None, "metrics": None})
 
 
 def _cell(v, fmt=None) -> str:
@@ -559,12 +641,15 @@ def index_html(runs: list[dict], root: Path) -> str:
         if r["notebook"]:
             run_cell += f'<br><small>{html.escape(r["notebook"])}</small>'  # which report this run is
         state = html.escape(r["state"])
-        cls = "ok" if r["state"] == "ok" else "failed"
+        cls = {"ok": "ok", "running": "running", "interrupted": "interrupted"}.get(r["state"], "failed")
         results = (r["metrics"] or {}).get("results") or []
         if not results:
             err = f'<br><small>{html.escape(r["error"])}</small>' if r["error"] else ""
+            what = ("no perplexity results (see the report)" if r["metrics"] else
+                    "in progress" if r["state"] == "running" else
+                    "not finished: rerun the sweep to complete it" if r["state"] == "interrupted" else "no metrics")
             rows.append(f'<tr class="{cls}"><td>{run_cell}</td><td>{state}{err}</td><td>{html.escape(r["model"])}</td>'
-                        + f'<td colspan="9">{"no perplexity results (see the report)" if r["metrics"] else "no metrics"}</td></tr>')
+                        + f'<td colspan="9">{what}</td></tr>')
             continue
         for i, m in enumerate(results):
             bits, gs = _bits(m)
@@ -586,7 +671,8 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; }}
 table {{ border-collapse: collapse; font-size: 14px; }}
 th, td {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; vertical-align: top; }}
 th {{ background: #f4f4f4; }} td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
-tr.failed td {{ background: #fff1f0; }}
+tr.failed td {{ background: #fff1f0; }} tr.running td {{ background: #eef6ff; }}
+tr.interrupted td {{ background: #fff8e6; }}
 </style></head><body>
 <h1>awqnb reports</h1>
 <p>{len(runs)} run(s) under <code>{html.escape(str(root))}</code>, newest first; written {now}.
