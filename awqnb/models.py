@@ -247,13 +247,20 @@ def _drop_quantizer(model: nn.Module) -> None:
 
 # --- public loading / saving --------------------------------------------------------------
 
-def load_model(name: str = "smollm2-135m", device=None, dtype: torch.dtype = torch.float32,
+def load_model(name: str = "smollm2-135m", device=None, dtype: torch.dtype | str = "auto",
                tokenizer: str | None = None):
     """(model, tokenizer) for an alias, an HF directory, a GGUF file or a Hub id.
 
-    device: where to put the model (default: cpu). tokenizer: optional directory to load the
-    tokenizer from instead (e.g. one saved by a given transformers version).
+    device: where to put the model (default: cpu; the quantizer moves one block at a time to its
+    device, so a model that only fits the CPU is fine). dtype: 'auto' loads the checkpoint in its
+    own dtype — an HF directory's config dtype, bfloat16 for the GGUF aliases (their originals are
+    bf16 models), float32 for the tiny random models — or a torch dtype / name to cast to.
+    tokenizer: optional directory to load the tokenizer from instead (e.g. one saved by a given
+    transformers version).
     """
+    from .engine import parse_dtype
+
+    want = parse_dtype(dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name in TINY_ALIASES:
@@ -276,19 +283,34 @@ def load_model(name: str = "smollm2-135m", device=None, dtype: torch.dtype = tor
         else:
             raise AwqnbError(f"unknown model {name!r}: not an alias ({', '.join(ALIASES)}), "
                              "not an existing directory or .gguf file, and not a Hub id (owner/name).")
+        gguf = name in GGUF_ALIASES or p.suffix == ".gguf"
+        load_dtype = want or (torch.bfloat16 if gguf else "auto")
         try:
             tok = AutoTokenizer.from_pretrained(src)
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=load_dtype)
         except OSError as e:
             raise AwqnbError(f"could not load model {name!r}: {e}. Offline? Use an alias or a local path.") from e
         _drop_quantizer(model)
     if tokenizer is not None:
         tok = AutoTokenizer.from_pretrained(tokenizer)
-    model = model.to(dtype=dtype)
+    if want is not None:
+        model = model.to(dtype=want)
     if device is not None:
         model = model.to(resolve_device(device))
     model.eval()
     return model, tok
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating parameters to `dtype`, leaving buffers (RoPE `inv_freq` must stay fp32:
+    `model.to(bf16)` rounds it, an angle error of 0.7 rad at position 511) and parameters marked
+    float32 by the quantizer (folded (1+w) norms) as they are."""
+    from .engine import KEEP_FP32
+
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype and not getattr(p, KEEP_FP32, False):
+            p.data = p.data.to(dtype)
+    return model
 
 
 def check_supported(model: nn.Module) -> None:
@@ -296,15 +318,31 @@ def check_supported(model: nn.Module) -> None:
     resolve_spec(model)
 
 
-def save_quantized(model: nn.Module, tokenizer, dest: str | Path, metadata: dict, overwrite: bool = False) -> Path:
-    """Save a (fake-)quantized model in the HF layout plus `quantization_metadata.json`,
-    atomically: a failed save leaves nothing at `dest` and keeps what was there."""
+def save_quantized(model: nn.Module, tokenizer, dest: str | Path, metadata: dict, overwrite: bool = False,
+                   result=None, dtype: torch.dtype | None = None) -> Path:
+    """Save a (fake-)quantized model in the HF layout plus `quantization_metadata.json` (and,
+    with `result`, its replay record `quant_result.json` + `.safetensors`), atomically: a failed
+    save leaves nothing at `dest` and keeps what was there. dtype: save the floating tensors in
+    this dtype (e.g. the checkpoint's own bf16) without changing the model in memory.
+    (The deployable packed INT format is `awqnb.export.save_packed`.)"""
     dest = Path(dest)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
+        if dtype is None or dtype == next(model.parameters()).dtype:
+            model.save_pretrained(tmp)
+        else:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+            old = model.config.dtype
+            try:
+                model.config.dtype = dtype  # the saved config says what the tensors are
+                model.save_pretrained(tmp, state_dict=sd)
+            finally:
+                model.config.dtype = old
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "quantization_metadata.json").write_text(json.dumps(metadata, indent=1, default=_jsonable))
+        meta = dict(metadata, export={"format": "fake", "dtype": str(dtype or next(model.parameters()).dtype)[6:]})
+        (tmp / "quantization_metadata.json").write_text(json.dumps(meta, indent=1, default=_jsonable))
+        if result is not None:
+            result.save(tmp / "quant_result")
     return dest
 
 

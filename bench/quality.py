@@ -18,6 +18,7 @@ Example (the issue-2 measurement; see bench/README.md for the figures):
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import logging
@@ -31,7 +32,7 @@ from awqnb import pipeline
 from awqnb.config import MethodConfig, QuantConfig, SearchConfig
 from awqnb.data import load_calibration, load_eval_texts, load_eval_tokens
 from awqnb.evaluate import PerplexityResult, comparison_table, sample_perplexity, token_perplexity
-from awqnb.models import load_model, resolve_device, versions
+from awqnb.models import cast_parameters, load_model, resolve_device, versions
 
 PRESETS = {
     "awq": ("awq", dict(salience="l2", propagate="quantized")),
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-dataset", default="wikitext2")
     p.add_argument("--device", default="auto")
     p.add_argument("--eval-dtype", default="bfloat16", help="dtype the quantized model is evaluated in on GPU")
+    p.add_argument("--load-dtype", default="auto", help="storage dtype of the model (auto: the checkpoint's own)")
+    p.add_argument("--dtype", default="auto", help="awqnb compute dtype of the search (auto: the model's own)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--calib-batch-size", type=int, default=None,
                    help="calibration samples per forward (default 64 on GPU, 16 on CPU)")
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
     eval_dtype = getattr(torch, args.eval_dtype) if dev.type == "cuda" else torch.float32
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fp_model, tok = load_model(args.model, tokenizer=args.tokenizer)
+    fp_model, tok = load_model(args.model, tokenizer=args.tokenizer, dtype=args.load_dtype)
     datasets = [d for d in args.datasets.split(",") if d]
     eval_data = {}
     for ds in datasets:
@@ -100,10 +103,9 @@ def main(argv=None) -> int:
     specs = [parse_spec(s) for s in args.methods.split(",") if s]
     rows, results = [], {}
     all_evals, all_meta = [], []  # few files: the device returns at most 8
-    fp_state = {k: v.clone() for k, v in fp_model.state_dict().items()}
 
     def evaluate(model, label, g):
-        model.to(dev, dtype=eval_dtype)
+        cast_parameters(model.to(dev), eval_dtype)
         res = {}
         for ds in datasets:
             if ds in ("wikitext2", "c4"):
@@ -122,15 +124,14 @@ def main(argv=None) -> int:
     for g in [int(x) for x in args.group_sizes.split(",")]:
         results[g] = {}
         for label, method, search, params, run in specs:
-            fp_model.load_state_dict(fp_state)
-            model = fp_model
-            model.to(dev, dtype=torch.float32)
+            # a fresh exact copy (buffers included) on the CPU: no method sees another's evaluation
+            model = copy.deepcopy(fp_model)
             row = {"model": args.model, "method": label, "bits": args.bits, "group_size": g}
             if method == "fp":
                 row.update(quant_s=0.0, peak_mem_gb=None)
             else:
                 cfg = MethodConfig(method=method, quant=QuantConfig(args.bits, g),
-                                   search=SearchConfig(**search), params=params, seed=args.seed,
+                                   search=SearchConfig(**search), params=params, seed=args.seed, dtype=args.dtype,
                                    calib_batch_size=args.calib_batch_size or (64 if dev.type == "cuda" else 16))
                 ck = tuple(run.get(k, getattr(args, k)) for k in RUN_KEYS)
                 if ck not in calibs:
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
             results[g][label] = evaluate(model, label, g)
             for ds, r in results[g][label].items():
                 rows.append({**row, "dataset": ds, "protocol": r.protocol, "seqlen": r.seqlen, "ppl": r.ppl})
-            model.to(dtype=torch.float32)
+            del model
             write_outputs(out, args, dev, eval_dtype, specs, rows, results, all_evals, all_meta, final=False)
 
     md = write_outputs(out, args, dev, eval_dtype, specs, rows, results, all_evals, all_meta, final=True)

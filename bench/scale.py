@@ -1,0 +1,237 @@
+"""Speed and peak GPU memory of awqnb at 7–70B shapes, beside llm-compressor in the same run.
+
+Builds random-initialised models in memory from real configs (timing does not depend on the
+weights' values), stored in bf16 on the CPU, and quantizes them with the block engine (each block
+onloaded to the GPU in turn). Where llm-compressor is importable, its AWQ (AWQModifier +
+QuantizationModifier W4A16_ASYM) runs on the same shape with the same calibration token ids,
+on `--llmc-layers` layers (its cost per layer is constant), and the ratio is per layer.
+
+Shapes: llama3-8b, qwen2.5-7b, llama3-70b (any with `:N` for N layers, e.g. llama3-70b:4), tiny
+(CPU smoke run). Calibration: `--n-calib` random token sequences of `--seqlen`, seed `--seed`.
+
+  python bench/scale.py --shapes llama3-8b,llama3-70b:4,llama3-70b:8 --methods awq,awq_dh \
+      --group-size 128 --device cuda:0 --llmc awq --out bench/results/h200-scale
+Writes results.json (provenance + every row) and summary.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from awqnb import pipeline
+from awqnb.config import MethodConfig, QuantConfig, SearchConfig
+from awqnb.data import Calibration
+from awqnb.models import versions
+
+log = logging.getLogger("bench.scale")
+
+# The public configs' shapes (hidden, intermediate, layers, heads, kv heads, vocab, rope theta).
+SHAPES = {
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
+                       max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "llama3-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "tiny": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=2, vocab_size=1024, rope_theta=10000.0,
+                 max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+
+
+def build(shape: str, n_layers: int | None, dtype: torch.dtype, seed: int = 0):
+    """A random-init causal LM of `shape` on the CPU: one block drawn from N(0, 0.02²) and copied
+    into every block (fast at 70B; values do not change the timing), norms 1, RoPE exact."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(SHAPES[shape])
+    mt = kw.pop("model_type")
+    if n_layers:
+        kw["num_hidden_layers"] = n_layers
+    cfg = AutoConfig.for_model(mt, **kw)
+    cfg.use_cache = False
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    layers = model.model.layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("model.layers.") and not name.startswith("model.layers.0."):
+                continue
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02))
+        src = dict(layers[0].named_parameters())
+        for blk in layers[1:]:
+            for name, p in blk.named_parameters():
+                p.copy_(src[name])
+        # meta-initialised buffers (RoPE inv_freq) must be recomputed, not left as garbage
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+    model.eval()
+    return model, cfg
+
+
+def calibration(vocab: int, n: int, seqlen: int, seed: int) -> Calibration:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seqlen), generator=g)
+    return Calibration("random-ids", n, seqlen, seed, f"uniform random token ids, seed {seed}", list(ids))
+
+
+def run_awqnb(model, method: str, gs: int, calib: Calibration, device, offload: bool, dtype: str) -> dict:
+    cfg = MethodConfig(method, QuantConfig(4, gs), SearchConfig(), calib_batch_size=16, dtype=dtype)
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    t0 = time.perf_counter()
+    res = pipeline.quantize(model, cfg, calib, device=device, progress=False, offload_activations=offload)
+    wall = time.perf_counter() - t0
+    n = len(res.layers)
+    row = {"tool": "awqnb", "method": method, "layers": n, "total_s": wall, "s_per_layer": wall / n,
+           "capture_s": res.timings.get("capture_s"), "peak_gpu_gb": res.timings.get("peak_gpu_gb"),
+           "compute_dtype": res.timings.get("compute_dtype"), "offload_activations": offload}
+    if torch.cuda.is_available():
+        row["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
+    return row
+
+
+def _tokenizer_dir(cfg, where: Path) -> None:
+    """llm-compressor wants a folder with config.json and a tokenizer: a word-level stand-in
+    (calibration is passed as token ids; the tokenizer only satisfies its loader)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    cfg.save_pretrained(where)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                  unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    tok.save_pretrained(where)
+
+
+def run_llmc(model, cfg, which: str, calib: Calibration, device) -> dict:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.transform import AWQModifier
+
+    ids = torch.stack(calib.samples)
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    quant = dict(ignore=["lm_head"], scheme="W4A16_ASYM", targets=["Linear"])
+    recipe = ([AWQModifier(), QuantizationModifier(**quant)] if which == "awq" else [GPTQModifier(**quant)])
+    with tempfile.TemporaryDirectory() as d:
+        _tokenizer_dir(cfg, Path(d))
+        model.config.name_or_path = d
+        model.name_or_path = d
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        oneshot(model=model, recipe=recipe, dataset=ds, max_seq_length=calib.seqlen,
+                num_calibration_samples=len(calib.samples), tokenizer=d)
+        if cuda:
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+    n = cfg.num_hidden_layers
+    return {"tool": "llm-compressor", "method": which, "layers": n, "total_s": wall, "s_per_layer": wall / n,
+            "peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9 if cuda else None}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="llama3-8b")
+    p.add_argument("--methods", default="awq,awq_dh")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--n-calib", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--dtype", default="auto", help="awqnb compute dtype (auto = the model's bf16)")
+    p.add_argument("--offload-activations", default="", help="shapes (comma list) to also run with offload")
+    p.add_argument("--llmc", default="", help="llm-compressor methods to run beside: awq, gptq")
+    p.add_argument("--llmc-layers", type=int, default=4)
+    p.add_argument("--llmc-shapes", default="", help="shapes for llm-compressor (default: the first)")
+    p.add_argument("--out", default="bench/results/scale")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("awqnb").setLevel(logging.WARNING)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    rows = []
+
+    def save():
+        prov = {"argv": sys.argv, "versions": versions(), "device": str(device),
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                "calibration": f"{args.n_calib} x {args.seqlen} random token ids, seed {args.seed}",
+                "storage_dtype": "bfloat16 on the CPU (model), blocks onloaded one at a time"}
+        (out / "results.json").write_text(json.dumps({"provenance": prov, "rows": rows}, indent=1))
+
+    offload_shapes = set(filter(None, args.offload_activations.split(",")))
+    for spec in args.shapes.split(","):
+        shape, _, nl = spec.partition(":")
+        t0 = time.perf_counter()
+        base, cfg = build(shape, int(nl) if nl else None, torch.bfloat16)
+        build_s = time.perf_counter() - t0
+        calib = calibration(cfg.vocab_size, args.n_calib, args.seqlen, args.seed)
+        log.info("%s: %d layers built in %.1f s", spec, cfg.num_hidden_layers, build_s)
+        for method in args.methods.split(","):
+            for off in ([False, True] if spec in offload_shapes else [False]):
+                m = copy.deepcopy(base)
+                row = run_awqnb(m, method, args.group_size, calib, device, off, args.dtype)
+                row.update(shape=spec, group_size=args.group_size)
+                rows.append(row)
+                log.info("%s", row)
+                del m
+                gc.collect()
+                save()
+        del base
+        gc.collect()
+    llmc_shapes = args.llmc_shapes.split(",") if args.llmc_shapes else [args.shapes.split(",")[0].split(":")[0]]
+    for which in filter(None, args.llmc.split(",")):
+        for shape in llmc_shapes:
+            try:
+                model, cfg = build(shape, args.llmc_layers, torch.bfloat16)
+                calib = calibration(cfg.vocab_size, args.n_calib, args.seqlen, args.seed)
+                row = run_llmc(model, cfg, which, calib, device)
+            except ImportError as e:
+                log.warning("llm-compressor not available (%s): skipped", e)
+                break
+            row.update(shape=f"{shape}:{args.llmc_layers}", group_size=128)
+            rows.append(row)
+            log.info("%s", row)
+            del model
+            gc.collect()
+            save()
+    # ratios: llm-compressor s/layer over awqnb s/layer on the same base shape
+    ref = {(r["shape"].split(":")[0], r["method"]): r for r in rows if r["tool"] == "llm-compressor"}
+    lines = ["| shape | tool | method | layers | s/layer | total s | peak GPU GB | llm-compressor AWQ s/layer ÷ this |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        base_ref = ref.get((r["shape"].split(":")[0], "awq"))
+        ratio = f"{base_ref['s_per_layer'] / r['s_per_layer']:.1f}×" if base_ref else "–"
+        lab = r["method"] + (" (offload acts)" if r.get("offload_activations") else "")
+        lines.append(f"| {r['shape']} | {r['tool']} | {lab} | {r['layers']} | {r['s_per_layer']:.2f} | "
+                     f"{r['total_s']:.1f} | {r.get('peak_gpu_gb') or 0:.2f} | {ratio} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    save()
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
