@@ -575,15 +575,15 @@ def check_ray(address: str | None, cpus_per_run: float, gpus_per_run: float | No
         import ray
     except ImportError as e:
         raise AwqnbError("the ray executor needs Ray: pip install ray (pinned in requirements.txt).") from e
+    if address and address != "auto":  # a quick probe: ray.init would retry for a minute
+        hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
+        host, _, port = hostport.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except (OSError, ValueError) as e:
+            raise AwqnbError(f"cannot reach the Ray cluster at --ray-address {address}: {e}. "
+                             "Start it (`ray start --head`) or fix the address.") from None
     if not ray.is_initialized():
-        if address and address != "auto":
-            hostport = address.split("://", 1)[-1].rsplit("/", 1)[0]
-            host, _, port = hostport.rpartition(":")
-            try:
-                socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-            except (OSError, ValueError) as e:
-                raise AwqnbError(f"cannot reach the Ray cluster at --ray-address {address}: {e}. "
-                                 "Start it (`ray start --head`) or fix the address.") from None
         # Ray's own notices (dashboard, auth token) stay out of the terminal; errors still show
         kw = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
         try:
@@ -592,7 +592,9 @@ def check_ray(address: str | None, cpus_per_run: float, gpus_per_run: float | No
             else:
                 ray.init(num_cpus=num_cpus, **kw)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise AwqnbError(f"cannot start or reach Ray ({address or 'local'}): {e}") from None
+            raise AwqnbError(f"cannot start or reach Ray ({address or 'local'}): {str(e).strip().splitlines()[-1]} "
+                             "(a cluster with token authentication also needs its token: RAY_AUTH_TOKEN, "
+                             "or `ray get-auth-token`).") from None
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     max_gpu = max((r.get("GPU", 0) for r in nodes), default=0)
     max_cpu = max((r.get("CPU", 0) for r in nodes), default=0)
