@@ -106,7 +106,7 @@ def method_config(args):
 def cmd_quantize(args) -> int:
     import torch
 
-    from . import models, pipeline
+    from . import export, models, pipeline
     from .data import load_calibration
     from .methods import get_method
 
@@ -122,6 +122,8 @@ def cmd_quantize(args) -> int:
     device = models.resolve_device(args.device)
     model, tok = models.load_model(args.model, device=device)
     models.check_supported(model)
+    if args.format == "packed":
+        export.check_packable(model, cfg)  # before minutes of quantizing
     tag = models.model_tag(args.model, cfg)
     dest = out_root / tag
     if dest.exists() and any(dest.iterdir()) and not args.overwrite:
@@ -133,21 +135,31 @@ def cmd_quantize(args) -> int:
     torch.manual_seed(args.seed)
     result = pipeline.quantize(model, cfg, calib, device=device, model_name=args.model)
     meta = result.metadata()
-    path = models.save_quantized(model, tok, dest, meta, overwrite=args.overwrite)
-    result.save(path / "quant_result.pt")
+    dtype = export.source_dtype(args.model)  # the checkpoint's own dtype, not the fp32 working copy
+    if args.format == "packed":
+        path = export.save_packed(model, tok, dest, cfg, meta, overwrite=args.overwrite, result=result, dtype=dtype)
+    else:
+        path = models.save_quantized(model, tok, dest, meta, overwrite=args.overwrite, result=result, dtype=dtype)
     log.info("saved %s (%.1f s)", path, result.timings["total_s"])
     sys.stdout.write(f"{path}\n")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from . import models
+    from . import export, models
     from .data import load_eval_texts, load_eval_tokens
     from .evaluate import sample_perplexity, token_perplexity
 
     device = models.resolve_device(args.device)
+    if export.is_packed(args.model):
+        export.require_compressed_tensors()  # a clear message instead of transformers' ImportError
     model, tok = models.load_model(args.model, device=device)
     meta = {"model": args.model, "method": "fp"}
+    if export.is_packed(args.model):  # e.g. written by llm-compressor: no awqnb metadata
+        from .api import detect_quantization
+
+        d = detect_quantization(args.model)
+        meta.update(method=d["method"] or "compressed-tensors", bits=d["bits"], group_size=d["group_size"])
     qmeta = Path(args.model) / "quantization_metadata.json"
     if qmeta.is_file():
         q = json.loads(qmeta.read_text())
@@ -255,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_args(q)
     q.add_argument("--output-dir", default="quantized")
     q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--format", choices=["packed", "fake"], default="packed",
+                   help="packed: compressed-tensors pack-quantized INT weights that transformers/vLLM load "
+                        "(needs equal groups); fake: dequantized weights in the checkpoint's dtype (research copy)")
     q.add_argument("--list", action="store_true", help="list the available methods and exit")
     q.set_defaults(fn=cmd_quantize)
 

@@ -99,19 +99,22 @@ class QuantResult:
         }
 
     def save(self, path: str | Path) -> Path:
-        """torch.save of plain data (tensors, dicts): load with `QuantResult.load`."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"config": self.config.to_dict(), "model_name": self.model_name,
-                    "model_type": self.model_type, "calibration": self.calibration,
-                    "layers": [vars(r) | {"groups": {g: vars(s) for g, s in r.groups.items()}} for r in self.layers],
-                    "timings": self.timings, "versions": self.versions}, tmp)
-        tmp.replace(path)
-        return path
+        """Write `<stem>.json` (structure) + `<stem>.safetensors` (tensors), no pickle
+        (awqnb.tensorjson; a `.pt`/`.json` suffix on `path` is dropped); returns the JSON path."""
+        from . import tensorjson
+
+        return tensorjson.save({"config": self.config.to_dict(), "model_name": self.model_name,
+                                "model_type": self.model_type, "calibration": self.calibration,
+                                "layers": [vars(r) | {"groups": {g: vars(s) for g, s in r.groups.items()}}
+                                           for r in self.layers],
+                                "timings": self.timings, "versions": self.versions}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantResult":
-        d = torch.load(path, weights_only=False)
+        """Read a record written by `save` (the stem, or either file's path)."""
+        from . import tensorjson
+
+        d = tensorjson.load(path)
         layers = []
         for r in d["layers"]:
             r = dict(r)

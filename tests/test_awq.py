@@ -185,8 +185,8 @@ def test_result_save_load_roundtrip(tiny, tmp_path):
     q = copy.deepcopy(fp)
     res = pipeline.quantize(q, cfg, calib, progress=False)
     assert res.layers[0].clip and "self_attn.q_proj" not in res.layers[0].clip
-    res.save(tmp_path / "r.pt")
-    back = pipeline.QuantResult.load(tmp_path / "r.pt")
+    res.save(tmp_path / "r")
+    back = pipeline.QuantResult.load(tmp_path / "r.json")
     assert back.alphas() == res.alphas()
     replayed = pipeline.apply(copy.deepcopy(fp), back)
     for p1, p2 in zip(q.parameters(), replayed.parameters()):

@@ -95,7 +95,8 @@ def test_cli_quantize_eval_compare(tmp_path):
                  "--calib-seqlen", "32", "--output-dir", str(out), cwd=tmp_path)
         assert p.returncode == 0, p.stderr
         d = out / f"tiny-random-llama_{method}_w4_g32_headfp16"
-        assert (d / "quantization_metadata.json").is_file() and (d / "quant_result.pt").is_file()
+        assert (d / "quantization_metadata.json").is_file() and (d / "quant_result.json").is_file()
+        assert (d / "quant_result.safetensors").is_file() and not list(d.glob("*.pt")) and not list(d.glob("*.bin"))
         p = _cli("eval", "--model", str(d), "--seqlen", "64", "--max-windows", "3", "--json", str(tmp_path / f"{method}.json"),
                  cwd=tmp_path)
         assert p.returncode == 0, p.stderr
@@ -112,8 +113,8 @@ def test_cli_quantize_eval_compare(tmp_path):
     (["--model", "nope"], "unknown model 'nope'"),
     (["--model", "tiny-random-llama", "--method", "gptq"], "unknown method 'gptq'"),
     (["--model", "tiny-random-llama", "--method", "rtn", "--group-size", "4096"], "larger than a layer"),
-    (["--model", "tiny-random-llama", "--method", "awq", "--n-calib", "100000"], "fewer than n_calib"),
-    (["--model", "tiny-random-llama", "--method", "awq", "--calib-dataset", "missing.txt"], "unknown"),
+    (["--model", "tiny-random-llama", "--method", "awq", "--group-size", "32", "--n-calib", "100000"], "fewer than n_calib"),
+    (["--model", "tiny-random-llama", "--method", "awq", "--group-size", "32", "--calib-dataset", "missing.txt"], "unknown"),
     (["--model", "tiny-random-llama", "--method", "rtn", "--bits", "5"], "bits=5 is not supported"),
     (["--model", "tiny-random-llama", "--method", "rtn", "--param", "outlier_percent=3"], "has no parameter"),
 ])

@@ -345,8 +345,8 @@ def test_gqa_replay_includes_reflip(tiny, tmp_path):
     assert not torch.equal(get_module(blk, qn).weight, get_module(blk_js, qn).weight)
     assert torch.equal(get_module(blk, "self_attn.k_proj").weight, get_module(blk_js, "self_attn.k_proj").weight)
     assert res.layers[0].replay[qn]["idx"].numel() != res_js.layers[0].replay[qn]["idx"].numel()
-    res.save(tmp_path / "r.pt")
-    replayed = pipeline.apply(copy.deepcopy(fp), pipeline.QuantResult.load(tmp_path / "r.pt"))
+    res.save(tmp_path / "r")
+    replayed = pipeline.apply(copy.deepcopy(fp), pipeline.QuantResult.load(tmp_path / "r.json"))
     for p1, p2 in zip(q.parameters(), replayed.parameters()):
         assert torch.equal(p1, p2)
 

@@ -1,0 +1,474 @@
+"""Deployable checkpoints: an awqnb-quantized model saved in compressed-tensors' `pack-quantized`
+format, which transformers (with the `compressed-tensors` package) and vLLM load without awqnb.
+
+awqnb quantizes in place ("fake quantization"): every quantized linear holds
+`Ŵ = (q − zero) · scale` on awqnb's grid (primitives.py), with AWQ scales already folded into the
+previous op and flips / ReFlip already applied to q. Packing therefore needs no calibration data:
+`recover_codes` finds (q, scale, zero) from Ŵ alone, checks that dequantizing reproduces Ŵ, and
+the compressed-tensors compressor packs them.
+
+Conventions, awqnb → compressed-tensors (INT, `num_bits = b`):
+    asymmetric  q ∈ [0, 2^b − 1], zero ∈ [0, 2^b − 1]  →  q_ct = q − 2^(b−1), zero_ct = zero − 2^(b−1)
+                (both int8 in [−2^(b−1), 2^(b−1) − 1]); (q_ct − zero_ct) · scale = (q − zero) · scale
+    symmetric   q ∈ [−(2^(b−1) − 1), 2^(b−1) − 1]     →  q_ct = q, no zero point
+    group g     strategy 'group', scale/zero `[co, ci / g]`;  g = −1: strategy 'channel', `[co, 1]`
+compressed-tensors needs `ci % g == 0` for every quantized linear (awqnb allows a shorter last
+group): such a model is refused with what to do instead.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import blocks, get_module, resolve_spec
+from .config import MethodConfig, QuantConfig
+from .errors import AwqnbError
+from .primitives import (compute_qparams, dequantize, effective_group_size, expand_groups, group_view, qrange,
+                         quantize)
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("packed", "fake")
+CT_FORMAT = "pack-quantized"
+CT_VERSION = "0.19.0"  # the pin in requirements.txt
+CT_INSTALL = f"pip install compressed-tensors=={CT_VERSION}"
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def require_compressed_tensors():
+    """The `compressed_tensors` module, or an AwqnbError saying how to get it."""
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise AwqnbError(
+            f"the packed format needs the `compressed-tensors` package, which is not installed; run "
+            f"`{CT_INSTALL}`, or save the research copy with --format fake (format='fake')."
+        )
+    import compressed_tensors
+
+    return compressed_tensors
+
+
+# --- which linears are quantized ------------------------------------------------------------
+
+def quantized_linears(model: nn.Module, cfg: MethodConfig) -> dict[str, nn.Linear]:
+    """Full module name → linear, for every linear awqnb quantized under `cfg`: the block
+    linears of the architecture spec, and lm_head when `cfg.lm_head == 'quantize'`."""
+    spec = resolve_spec(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for block in blocks(model, spec):
+        for rel in spec.linears:
+            lin = get_module(block, rel)
+            out[names[id(lin)]] = lin
+    if cfg.lm_head == "quantize":
+        head = model.get_output_embeddings()
+        out[names[id(head)]] = head
+    return out
+
+
+def check_packable(model: nn.Module, cfg: MethodConfig) -> None:
+    """Refuse, before any work, a model or setting the pack-quantized format cannot hold."""
+    require_compressed_tensors()
+    q = cfg.quant
+    if not 1 <= q.bits <= 8:  # awqnb's own bits (2, 3, 4, 8) all fit; kept for clarity
+        raise AwqnbError(f"bits={q.bits} does not fit compressed-tensors' packed INT format (1-8 bits); "
+                         "use --bits 4 or 8, or --format fake.")
+    if q.group_size == -1:
+        return
+    for lin in quantized_linears(model, cfg).values():
+        effective_group_size(lin.in_features, q.group_size)  # awqnb's own message for g > ci first
+    bad = sorted({(n, lin.in_features) for n, lin in quantized_linears(model, cfg).items()
+                  if lin.in_features % q.group_size}, key=lambda t: t[0])
+    if bad:
+        widths = sorted({ci for _, ci in bad})
+        fits = [g for g in (128, 64, 32) if all(ci % g == 0 for ci in widths) and g != q.group_size]
+        hint = f"--group-size {fits[0]}" if fits else "a group size that divides them"
+        raise AwqnbError(
+            f"group size {q.group_size} does not divide the {', '.join(map(str, widths))} input channels of "
+            f"{len(bad)} linear(s) (e.g. {bad[0][0]}); compressed-tensors' packed format needs equal groups. "
+            f"Use {hint}, per-channel (--group-size -1), or --format fake (awqnb's shorter last group)."
+        )
+
+
+# --- codes from the fake-quantized weight ---------------------------------------------------
+
+@dataclass
+class Codes:
+    """One linear on awqnb's grid: q `[co, ci]` (int16, awqnb's range), scale `[co, n_group]`
+    (float32), zero `[co, n_group]` (float32 holding integers; 0 when symmetric), and how many
+    groups needed the lattice search because compute_qparams(Ŵ) was not their grid."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    lattice_groups: int
+    max_abs_err: float
+
+
+def _value_tol(w: torch.Tensor, s_full: torch.Tensor) -> torch.Tensor:
+    """Allowed |dequant − Ŵ| per weight: float32 noise of the scale (1e-4 of a step) plus the
+    rounding of Ŵ to its own dtype (half an ulp, relative eps/2 of |Ŵ|)."""
+    eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0
+    return 1e-4 * s_full + eps * w.float().abs()
+
+
+def _bad_groups(w: torch.Tensor, q, scale, zero, cfg: QuantConfig) -> torch.Tensor:
+    """`[co, n_group]` bool: groups where dequantize(q) misses Ŵ by more than `_value_tol`."""
+    ci = w.shape[1]
+    s_full = expand_groups(scale, ci, cfg.group_size)
+    err = (dequantize(q, scale, zero, cfg) - w.float()).abs() > _value_tol(w, s_full)
+    return group_view(err.to(torch.uint8), cfg.group_size).amax(-1).bool()
+
+
+def _lattice(wg: torch.Tensor, zero0: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero `[n]` of groups `wg: [n, g]` from the spacing of their distinct values.
+
+    Ŵ takes values k·s (k = q − zero integer), so every gap between distinct values is a
+    multiple of s, and s ≥ range / (2^b − 1); the smallest such gap is s (or a multiple of it,
+    which represents the same values). s is then refined by least squares over k; zero is the
+    integer in the range that keeps every code on the grid, nearest `zero0`.
+    """
+    lo, hi = qrange(cfg)
+    n, g = wg.shape
+    v = wg.sort(dim=1).values
+    rng = v[:, -1] - v[:, 0]
+    s_lo = rng / (2**cfg.bits - 1)
+    gaps = v[:, 1:] - v[:, :-1]
+    big = torch.where(gaps > 0.5 * s_lo[:, None], gaps, torch.full_like(gaps, float("inf"))).amin(1)
+    amax = v.abs().amax(1)
+    s = torch.where(torch.isfinite(big), big, amax)  # one distinct value: k = ±1
+    s = torch.where(s > 0, s, torch.ones_like(s))  # all zeros: any scale
+    k = torch.round(wg / s[:, None])
+    kk = (k * k).sum(1)
+    s = torch.where(kk > 0, (wg.double() * k.double()).sum(1).div(kk.double().clamp(min=1)).float(), s)
+    if cfg.symmetric:
+        return s, torch.zeros_like(s)
+    z_lo = lo - k.amin(1)
+    z_hi = hi - k.amax(1)
+    return s, torch.minimum(torch.maximum(zero0, z_lo), z_hi)
+
+
+@torch.no_grad()
+def recover_codes(w: torch.Tensor, cfg: QuantConfig, name: str = "weight") -> Codes:
+    """(q, scale, zero) with `dequantize(q, scale, zero) == Ŵ` for a fake-quantized `w: [co, ci]`.
+
+    Fast path: compute_qparams(Ŵ) is the grid whenever a group's codes still reach both ends
+    of the range (or, symmetric, ±q_max). Flips can move an end code inwards, and a group of
+    one sign has zero clamped; those groups get the lattice search (`_lattice`). Raises
+    AwqnbError if `w` is not on a `cfg` grid (a model that was not quantized with `cfg`).
+    """
+    co, ci = w.shape
+    wf = w.float()
+    scale, zero = compute_qparams(wf, cfg)
+    q = quantize(wf, scale, zero, cfg)
+    bad = _bad_groups(w, q, scale, zero, cfg)
+    n_bad = int(bad.sum())
+    if n_bad:
+        wg = group_view(wf, cfg.group_size)
+        s2, z2 = _lattice(wg[bad], zero[bad], cfg)
+        scale, zero = scale.clone(), zero.clone()
+        scale[bad], zero[bad] = s2, z2
+        q = quantize(wf, scale, zero, cfg)
+        still = _bad_groups(w, q, scale, zero, cfg)
+        if bool(still.any()):
+            r, gi = (int(t) for t in torch.nonzero(still)[0])
+            raise AwqnbError(
+                f"{name} is not on a {cfg.bits}-bit grid with group size {cfg.group_size} "
+                f"({int(still.sum())} groups off it, e.g. row {r} group {gi}): pack a model quantized by awqnb "
+                "with the same bits/group size/symmetry, or save it with --format fake."
+            )
+    scale = _exact_scale(wf, q, scale, zero, cfg)
+    err = float((dequantize(q, scale, zero, cfg) - wf).abs().max()) if w.numel() else 0.0
+    return Codes(q.to(torch.int16), scale, zero, n_bad, err)
+
+
+def _exact_scale(wf: torch.Tensor, q, scale, zero, cfg: QuantConfig) -> torch.Tensor:
+    """Per group, the scale that reproduces Ŵ best: the recovered one, or Ŵ_j / k_j at the
+    group's largest |k| (usually the scale the quantizer used, bit for bit, since Ŵ_j = k_j · s
+    was rounded once); `[co, n_group]`."""
+    ci = wf.shape[1]
+    k = q - expand_groups(zero, ci, cfg.group_size)
+    kg, wg = group_view(k, cfg.group_size), group_view(wf, cfg.group_size)
+    j = kg.abs().argmax(-1, keepdim=True)
+    kj = kg.gather(-1, j).squeeze(-1)
+    wj = wg.gather(-1, j).squeeze(-1)
+    cand = torch.where(kj != 0, wj / torch.where(kj != 0, kj, torch.ones_like(kj)), scale)
+
+    def worst(s):
+        return (kg * s[..., None] - wg).abs().amax(-1)
+
+    best, best_err = scale, worst(scale)
+    inf = torch.full_like(cand, float("inf"))
+    for c in (cand, torch.nextafter(cand, inf), torch.nextafter(cand, -inf)):  # k·s rounded: s within an ulp
+        e = worst(c)
+        best, best_err = torch.where(e < best_err, c, best), torch.minimum(e, best_err)
+    return best
+
+
+# --- compressed-tensors config and packing --------------------------------------------------
+
+def ct_scheme(cfg: QuantConfig):
+    """The compressed-tensors QuantizationScheme for awqnb's grid (weights only, INT, static)."""
+    require_compressed_tensors()
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    if cfg.group_size == -1:
+        args = QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.symmetric, strategy="channel",
+                                dynamic=False)
+    else:
+        args = QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.symmetric, strategy="group",
+                                group_size=cfg.group_size, dynamic=False)
+    return QuantizationScheme(targets=["Linear"], weights=args, format=CT_FORMAT)
+
+
+def ct_config(cfg: QuantConfig, ignore: list[str]):
+    """compressed-tensors QuantizationConfig: one group over every Linear but `ignore`."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    return QuantizationConfig(config_groups={"group_0": ct_scheme(cfg)}, format=CT_FORMAT,
+                              quantization_status="compressed", ignore=list(ignore))
+
+
+def to_ct(codes: Codes, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """awqnb codes → compressed-tensors' signed int8 codes `[co, ci]` and zero `[co, n_group]`
+    (None when symmetric)."""
+    if cfg.symmetric:
+        return codes.q.to(torch.int8), None
+    off = 2 ** (cfg.bits - 1)
+    return (codes.q - off).to(torch.int8), (codes.zero - off).to(torch.int8)
+
+
+@torch.no_grad()
+def pack_linear(w: torch.Tensor, cfg: QuantConfig, name: str, scale_dtype: torch.dtype,
+                check: bool = True) -> tuple[dict[str, torch.Tensor], Codes]:
+    """The compressed-tensors tensors of one fake-quantized linear (local names: weight_packed,
+    weight_scale, weight_shape, weight_zero_point), packed by the package's compressor, on the CPU.
+
+    The compressor re-quantizes the weight it is given; it gets `(q_ct − zero_ct) · scale`,
+    exact in float32, so its codes are ours; with check=True the packed codes are unpacked and
+    compared (and a mismatch raises)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.pack_quantized import unpack_from_int32
+
+    codes = recover_codes(w, cfg, name)
+    q_ct, z_ct = to_ct(codes, cfg)
+    scheme = ct_scheme(cfg)
+    scale = codes.scale.to(scale_dtype)
+    ci = w.shape[1]
+    k = q_ct.float() - (expand_groups(z_ct.float(), ci, cfg.group_size) if z_ct is not None else 0.0)
+    sd = {"weight": k * expand_groups(scale.float(), ci, cfg.group_size), "weight_scale": scale.float()}
+    if z_ct is not None:
+        sd["weight_zero_point"] = z_ct
+    compressor = BaseCompressor.get_value_from_registry(CT_FORMAT)
+    out = compressor.compress(sd, scheme)
+    if check:
+        back = unpack_from_int32(out["weight_packed"], cfg.bits, torch.Size(w.shape))
+        if not torch.equal(back.to(torch.int8), q_ct):
+            raise AwqnbError(f"internal: compressed-tensors packed {name} to different codes than awqnb's; "
+                             f"check the compressed-tensors version (tested: {CT_VERSION}).")
+    out["weight_scale"] = scale
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}, codes
+
+
+def native_dtype(config) -> torch.dtype | None:
+    """The floating dtype a checkpoint's config declares (`dtype` / `torch_dtype`), if any."""
+    for key in ("dtype", "torch_dtype"):
+        d = getattr(config, key, None)
+        if isinstance(d, torch.dtype) and d.is_floating_point:
+            return d
+        if isinstance(d, str) and d in FLOAT_DTYPES:
+            return FLOAT_DTYPES[d]
+    return None
+
+
+def source_dtype(name: str | Path) -> torch.dtype | None:
+    """The dtype a model directory's config.json declares (None for aliases, GGUF files, Hub ids:
+    awqnb's working copy of those is float32)."""
+    f = Path(name).expanduser() / "config.json"
+    try:
+        c = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    d = c.get("dtype") or c.get("torch_dtype") or (c.get("text_config") or {}).get("dtype")
+    return FLOAT_DTYPES.get(d) if isinstance(d, str) else None
+
+
+def _state_dict_without_ties(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with tied duplicates dropped (the first name of a shared tensor is
+    kept, as save_pretrained does when the config ties them)."""
+    seen, out = {}, {}
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.shape, v.dtype) if v.numel() else None
+        if key is not None and key in seen:
+            if tied:
+                continue
+            v = v.clone()
+        seen[key] = k
+        out[k] = v
+    return out
+
+
+@torch.no_grad()
+def packed_state_dict(model: nn.Module, cfg: MethodConfig, scale_dtype: torch.dtype,
+                      dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], list[str], dict]:
+    """(state dict to save, ignore list, export stats) of a fake-quantized model.
+
+    Quantized linears become weight_packed / weight_scale / weight_shape (/ weight_zero_point);
+    every other tensor is saved as it is, floating ones cast to `dtype` (default: unchanged)."""
+    check_packable(model, cfg)
+    qlins = quantized_linears(model, cfg)
+    names = {id(m): n for n, m in model.named_modules()}
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qlins)
+    packed_keys = {f"{n}.weight" for n in qlins}
+    sd = {}
+    for k, v in _state_dict_without_ties(model).items():
+        if k in packed_keys:
+            continue
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        sd[k] = v.detach().cpu().contiguous()
+    stats = {"linears": 0, "quantized_weights": 0, "lattice_groups": 0, "max_abs_err": 0.0}
+    for n, lin in qlins.items():
+        t, codes = pack_linear(lin.weight.data, cfg.quant, n, scale_dtype)
+        for local, v in t.items():
+            sd[f"{n}.{local}"] = v
+        stats["linears"] += 1
+        stats["quantized_weights"] += lin.weight.numel()
+        stats["lattice_groups"] += codes.lattice_groups
+        stats["max_abs_err"] = max(stats["max_abs_err"], codes.max_abs_err)
+    del names
+    return sd, ignore, stats
+
+
+def storage_bits(sd: dict[str, torch.Tensor], cfg: MethodConfig) -> dict:
+    """Bytes of the packed tensors and bits per quantized weight (codes + scales + zeros)."""
+    packed = sum(v.numel() * v.element_size() for k, v in sd.items()
+                 if k.endswith((".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape")))
+    n = sum(int(v[0]) * int(v[1]) for k, v in sd.items() if k.endswith(".weight_shape"))
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    return {"packed_bytes": packed, "quantized_weights": n, "bits_per_weight": 8 * packed / n if n else None,
+            "tensor_bytes": total}
+
+
+def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig, metadata: dict,
+                overwrite: bool = False, result=None, scale_dtype: torch.dtype | None = None,
+                dtype: torch.dtype | None = None) -> Path:
+    """Save a fake-quantized model in compressed-tensors' pack-quantized format, atomically.
+
+    dest gets config.json (with `quantization_config`), model.safetensors, the tokenizer,
+    `quantization_metadata.json` (metadata + an `export` record) and, with `result`, the replay
+    record (`QuantResult.save`). dtype: of the unquantized tensors and the config's `dtype`
+    (default: the model's declared dtype, else its parameters'). scale_dtype: of the saved
+    scales (default float32: transformers casts them to the dtype the model is loaded in, so a
+    float32 load reproduces the float32 fake-quant weights exactly).
+    """
+    from safetensors.torch import save_file
+
+    from .models import _jsonable, atomic_dir
+
+    ct = require_compressed_tensors()
+    from compressed_tensors.compressors import ModelCompressor
+
+    dtype = dtype or native_dtype(model.config) or next(model.parameters()).dtype
+    scale_dtype = scale_dtype or torch.float32
+    check_packable(model, cfg)
+    dest = Path(dest)
+    with atomic_dir(dest, overwrite=overwrite) as tmp:
+        sd, ignore, stats = packed_state_dict(model, cfg, scale_dtype, dtype)
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        conf = model.config
+        old = getattr(conf, "dtype", None)
+        try:
+            conf.dtype = dtype
+            conf.save_pretrained(tmp)
+        finally:
+            conf.dtype = old
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        ModelCompressor(quantization_config=ct_config(cfg.quant, ignore)).update_config(str(tmp))
+        if not cfg.quant.symmetric:
+            _ask_dequantize(tmp / "config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        size = storage_bits(sd, cfg)
+        del sd
+        meta = dict(metadata)
+        meta["export"] = {"format": "packed", "compressed_tensors_format": CT_FORMAT,
+                          "compressed_tensors": ct.__version__, "scale_dtype": str(scale_dtype).replace("torch.", ""),
+                          "dtype": str(dtype).replace("torch.", ""), "ignore": ignore, **stats, **size}
+        (tmp / "quantization_metadata.json").write_text(json.dumps(meta, indent=1, default=_jsonable))
+        if result is not None:
+            result.save(tmp / "quant_result")
+    log.info("packed %d linears (%.3f bits/weight) into %s", stats["linears"], size["bits_per_weight"] or 0, dest)
+    return dest
+
+
+def _ask_dequantize(config_file: Path) -> None:
+    """Set `quantization_config.dequantize = true`: transformers then decompresses at load.
+
+    Why: its lazy path builds the compressed modules on the meta device, where compressed-tensors
+    (0.19, 0.20) leaves the zero point unpacked `[co, n_group]`, so transformers 5.23 refuses the
+    packed `[co·b/32, n_group]` zero point of every asymmetric checkpoint, llm-compressor's
+    included (llm-compressor issue 1618). The key is a transformers loading option; compressed-
+    tensors' own config parser ignores it, and the tensors stay in the standard layout."""
+    c = json.loads(config_file.read_text())
+    c["quantization_config"]["dequantize"] = True
+    config_file.write_text(json.dumps(c, indent=2, sort_keys=True))
+
+
+def is_packed(path: str | Path) -> bool:
+    """Whether a directory holds a compressed-tensors checkpoint (its config.json says so)."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        return False
+    try:
+        qc = json.loads(f.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return qc.get("quant_method") == "compressed-tensors"
+
+
+def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = torch.float32):
+    """(model, tokenizer) of a compressed-tensors directory, through plain transformers, with the
+    weights decompressed now (transformers leaves them packed until the first forward)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    require_compressed_tensors()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
+    except OSError as e:
+        raise AwqnbError(f"could not load the packed model {path}: {e}") from e
+    decompress(model)
+    if device is not None:
+        from .models import resolve_device
+
+        model = model.to(resolve_device(device))
+    model.eval()
+    return model, tok
+
+
+def decompress(model: nn.Module) -> nn.Module:
+    """Dequantize a compressed-tensors model's packed linears in place (what transformers does on
+    the first forward), so that its weights can be read and moved."""
+    q = getattr(model, "hf_quantizer", None)
+    comp = getattr(q, "compressor", None)
+    if comp is not None and any(hasattr(m, "weight_packed") for m in model.modules()):
+        comp.decompress_model(model)
+    return model
+
+
+def versions() -> dict:
+    """compressed-tensors' version (None when absent), for metadata."""
+    try:
+        return {"compressed-tensors": importlib.metadata.version("compressed-tensors")}
+    except importlib.metadata.PackageNotFoundError:
+        return {"compressed-tensors": None}
