@@ -376,17 +376,18 @@ def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig
     ct = require_compressed_tensors()
     from compressed_tensors.compressors import ModelCompressor
 
+    cast = dtype  # only an explicit dtype casts the unquantized tensors (fp32-kept norms stay fp32)
     dtype = dtype or native_dtype(model.config) or next(model.parameters()).dtype
     scale_dtype = scale_dtype or torch.float32
     check_packable(model, cfg)
     dest = Path(dest)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
-        sd, ignore, stats = packed_state_dict(model, cfg, scale_dtype, dtype)
+        sd, ignore, stats = packed_state_dict(model, cfg, scale_dtype, cast)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         conf = model.config
         old = getattr(conf, "dtype", None)
         try:
-            conf.dtype = dtype
+            conf.dtype = dtype  # the dtype transformers loads it in by default
             conf.save_pretrained(tmp)
         finally:
             conf.dtype = old
