@@ -591,7 +591,8 @@ def _add_claims(root: Path, runs: list[dict]) -> None:
         state = claim_state(c)
         info = _read_json(c)
         if rel in by_dir:
-            by_dir[rel]["state"] += f" ({'rerunning' if state == 'running' else 'redo interrupted'})"
+            if state == "running" or by_dir[rel]["state"] != "ok":  # an unheld claim on a done run is spent
+                by_dir[rel]["state"] += f" ({'rerunning' if state == 'running' else 'redo interrupted'})"
             continue
         runs.append({"dir": root / rel, "rel": rel, "run": rel.split("/", 1)[1], "model": info.get("model") or c.parent.name,
                      "state": state, "error": None, "started": info.get("started") or "",

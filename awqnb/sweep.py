@@ -343,10 +343,11 @@ class Claim:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
 
-    def try_acquire(self, sweep_id: str) -> bool:
+    def try_acquire(self, sweep_id: str, block: bool = False) -> bool:
+        """Take the claim (waiting for its holder to let go when `block`); False if someone holds it."""
         fd = self._open()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if block else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
@@ -358,19 +359,15 @@ class Claim:
         os.pwrite(fd, json.dumps(report._clean(info)).encode(), 0)
         return True
 
-    def wait(self) -> None:
-        """Block until whoever holds the claim lets go."""
-        fd = self._open()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        finally:
-            os.close(fd)
-
     def release(self, done: bool) -> None:
         """Let go; a finished run's claim file goes (an interrupted one stays: the index shows it)."""
         if self.fd is None:
             return
-        if done:
+        try:
+            mine = os.fstat(self.fd).st_ino == self.path.stat().st_ino  # not a newer claim someone else made
+        except OSError:
+            mine = False
+        if done and mine:
             self.path.unlink(missing_ok=True)
         os.close(self.fd)
         self.fd = None
@@ -654,7 +651,7 @@ def run_sweep(grid: Grid, output_dir: str | Path = "reports", executor: str = "l
         if not claim.try_acquire(sweep_id):
             waiting.append((spec, before))
         elif _committed(d) != before and run_state(d) == "ok":  # another sweep finished it just now
-            claim.release(done=False)
+            claim.release(done=True)
             results[spec.run_id] = _outcome_from_disk(out, spec, by_other=True)
         else:
             todo.append((spec, claim))
@@ -672,21 +669,20 @@ def run_sweep(grid: Grid, output_dir: str | Path = "reports", executor: str = "l
             for r in run(pending, committer, bars, hide_code, timeout, env, cpus_per_run,
                          gpus if executor == "ray" else 0, max_retries):
                 results[r.spec.run_id] = r
-            pending, still = [], []
+            pending = []
             # runs another sweep holds: wait for its result; if it was interrupted, run it here
             for spec, before in waiting:
                 d = out / spec.model_dir / spec.name
                 claim = Claim(out, spec)
-                claim.wait()
+                claim.try_acquire(sweep_id, block=True)
                 if run_state(d) is not None and _committed(d) != before:
+                    claim.release(done=True)
                     results[spec.run_id] = _outcome_from_disk(out, spec, by_other=True)
                     bar.update(1)
-                elif claim.try_acquire(sweep_id):
+                else:  # the other sweep was interrupted: run it here
                     claims.append(claim)
                     pending.append((spec, claim))
-                else:
-                    still.append((spec, before))  # claimed again meanwhile: wait another round
-            waiting = still
+            waiting = []
     except KeyboardInterrupt:
         for claim in claims:
             claim.release(done=False)

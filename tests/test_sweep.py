@@ -97,68 +97,72 @@ def _ppl(run_dir: Path) -> dict:
     return {(r["label"], r["dataset"]): r["ppl"] for r in report.read_metrics(run_dir)["results"]}
 
 
-def test_interrupted_sweep_resumes_without_redoing_complete_runs(env, cluster):
+@pytest.fixture(scope="module")
+def interrupted(env, cluster):
+    """The 2 × 2 grid on the Ray cluster by the CLI, SIGINT to that driver once a run is complete,
+    then the same grid again (in this process, on the same cluster) to finish it."""
     root, e = env
-    out = root / "interrupted"
+    out = root / "ray"
     args = ["--grid", str(root / "grid.yaml"), "--output-dir", str(out), "--executor", "ray", "--ray-address", cluster]
     p = _cli(args, e)
     deadline = time.time() + 240
     while time.time() < deadline and len(_complete(out)) < 1 and p.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.3)
     assert p.poll() is None, p.communicate()
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
     first = _complete(out)
-    assert 1 <= len(first) < 4
-    assert all(r["state"] == "ok" for r in first.values())
-    # the runs not finished show as interrupted in the index; nothing half-written shows as done
     runs = {r["rel"]: r for r in report.find_runs(out)}
-    assert {k for k, r in runs.items() if r["state"] == "ok"} == set(first)
-    assert any(r["state"] == "interrupted" for r in runs.values())
-    assert "interrupted" in (out / "index.html").read_text()
+    index = (out / "index.html").read_text()
     mtimes = {k: (out / k / report.RUN_FILE).stat().st_mtime_ns for k in first}
-
     res = sweep.run_sweep(sweep.make_grid(grid_file=root / "grid.yaml"), out, "ray", bars="none")
-    assert [r.state for r in res.runs] == ["ok"] * 4
-    assert {r.spec.rel for r in res.runs if r.skipped} == set(first)  # complete runs skipped ...
-    assert {k: (out / k / report.RUN_FILE).stat().st_mtime_ns for k in first} == mtimes  # ... untouched
-    assert len(_complete(out)) == 4
-    assert {r["state"] for r in report.find_runs(out)} == {"ok"}  # no leftover claims
-    assert not [p for p in out.glob("*/.*") if not p.name.endswith(".claim") and "lock" not in p.name]
+    return dict(out=out, rc=p.returncode, stderr=err, first=first, runs=runs, index=index, mtimes=mtimes, res=res)
 
 
-def test_ray_sweep_gives_the_same_metrics_as_in_process(env, cluster, baseline):
-    root, _ = env
-    out = root / "ray"
-    res = sweep.run_sweep(sweep.make_grid(grid_file=root / "grid.yaml"), out, "ray", bars="none")
+def test_interrupted_sweep_resumes_without_redoing_complete_runs(interrupted):
+    it = interrupted
+    out, first, res = it["out"], it["first"], it["res"]
+    assert it["rc"] == 130 and "interrupted" in it["stderr"], it["stderr"]
+    assert 1 <= len(first) < 4 and all(r["state"] == "ok" for r in first.values())
+    # at the interruption: the runs not finished show as interrupted; nothing half-written shows as done
+    assert {k for k, r in it["runs"].items() if r["state"] == "ok"} == set(first)
+    assert any(r["state"] == "interrupted" for r in it["runs"].values())
+    assert "interrupted" in it["index"]
+    # the rerun: complete runs skipped and untouched, the rest done
     assert [r.state for r in res.runs] == ["ok"] * 4, [r.error for r in res.runs]
-    assert len({r.spec.run_id for r in res.runs}) == 4
+    assert {r.spec.rel for r in res.runs if r.skipped} == set(first)
+    assert {k: (out / k / report.RUN_FILE).stat().st_mtime_ns for k in first} == it["mtimes"]
+    assert len(_complete(out)) == 4
+    assert {r["state"] for r in report.find_runs(out)} == {"ok"}  # no claims left behind
+    html = (out / "index.html").read_text()
+    assert html.count('<tr class="ok">') == 4 * 3  # fp, rtn, awq per run
+    again = sweep.run_sweep(sweep.make_grid(grid_file=out.parent / "grid.yaml"), out, "ray", bars="none")
+    assert all(r.skipped for r in again.runs) and not again.executed
+
+
+def test_ray_sweep_gives_the_same_metrics_as_in_process(interrupted, baseline):
+    out = interrupted["out"]
     p, local = baseline
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    assert set(_complete(local)) == set(_complete(out))  # a run's identity does not depend on the executor
-    for rel in _complete(out):
+    done = _complete(out)
+    assert len(done) == 4 and set(_complete(local)) == set(done)  # a run's identity does not depend on the executor
+    for rel, rec in done.items():
         a, b = _ppl(out / rel), _ppl(local / rel)
         assert set(a) == {("fp", "wikitext2"), ("rtn", "wikitext2"), ("awq", "wikitext2")}
         for k in a:
             assert a[k] == pytest.approx(b[k], rel=1e-6), (rel, k)
-        rec = _complete(out)[rel]
         assert rec["identity"]["parameters"]["group_size"] in (32, 64) and rec["identity"]["model"]["alias"] in MODELS
         assert set(rec["files"]) == {"model_report.ipynb", "model_report.html", "metrics.json"}
-    html = (out / "index.html").read_text()
-    assert html.count('<tr class="ok">') >= 4 * 3  # 3 rows (fp, rtn, awq) per run
-    # rerunning the same grid does nothing; --force redoes all (checked on the planning step only)
-    again = sweep.run_sweep(sweep.make_grid(grid_file=root / "grid.yaml"), out, "ray", bars="none")
-    assert all(r.skipped for r in again.runs) and not again.executed
 
 
 def test_two_sweeps_into_one_directory_lose_nothing(env, cluster):
     root, e = env
     out = root / "shared-out"
     g1, g2 = root / "g1.yaml", root / "g2.yaml"  # overlap: tiny-random-llama at group size 32
-    g1.write_text(yaml.safe_dump(_grid(root / "calib.txt", models=["tiny-random-llama"], group_sizes=[32, 64])))
-    g2.write_text(yaml.safe_dump(_grid(root / "calib.txt", models=MODELS, group_sizes=[32])))
+    g1.write_text(yaml.safe_dump(_grid(root / "calib.txt", models=["tiny-random-llama"], group_sizes=[32, 64],
+                                       methods=["rtn"])))
+    g2.write_text(yaml.safe_dump(_grid(root / "calib.txt", models=MODELS, group_sizes=[32], methods=["rtn"])))
     a = _cli(["--grid", str(g1), "--output-dir", str(out), "--executor", "ray", "--ray-address", cluster], e)
     b = _cli(["--grid", str(g2), "--output-dir", str(out)], e)
     (oa, ea), (ob, eb) = a.communicate(timeout=300), b.communicate(timeout=300)
