@@ -253,7 +253,8 @@ def cmd_report(args) -> int:
         sys.stderr.write(f"awqnb: {len(result.failed)} of {len(result.runs)} report(s) failed:\n")
         for r in result.failed:
             where = r.dir / f"{r.spec.notebook.stem}.ipynb" if r.dir is not None else "no run directory"
-            sys.stderr.write(f"  {r.model}: {r.error} ({where})\n")
+            first = (r.error or "").strip().splitlines()[0] if (r.error or "").strip() else "no error recorded"
+            sys.stderr.write(f"  {r.model}: {first} ({where})\n")  # one line per run; run.json has it all
         return 1
     return 0
 

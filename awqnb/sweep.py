@@ -545,8 +545,8 @@ def _failed_result(spec: RunSpec, error: str) -> dict:
 class _Committer:
     """Commits results, releases claims, keeps the index current."""
 
-    def __init__(self, out: Path, sweep_id: str, bar):
-        self.out, self.sweep_id, self.bar = out, sweep_id, bar
+    def __init__(self, out: Path, sweep_id: str, bar, total: int):
+        self.out, self.sweep_id, self.bar, self.total, self.n = out, sweep_id, bar, total, 0
 
     def __call__(self, spec: RunSpec, claim: Claim, result: Mapping) -> SweepRun:
         try:
@@ -554,8 +554,11 @@ class _Committer:
         finally:
             claim.release(done=True)
         rec = result["record"]
+        self.n += 1
         if rec.get("state") != "ok":
             log.error("run %s failed: %s", spec.rel, rec.get("error"))
+        else:
+            log.info("run %d/%d ok: %s (%.1f s)", self.n, self.total, spec.rel, rec.get("seconds") or 0)
         self.bar.update(1)
         try:
             write_index(self.out)
@@ -632,7 +635,8 @@ def run_sweep(grid: Grid, output_dir: str | Path = "reports", executor: str = "l
         gpus = check_ray(ray_address, cpus_per_run, gpus_per_run, ray_num_cpus)
         if gpus == 0:
             env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU-only task must not reach for a GPU Ray gave someone else
-    bars = bars or ("ray" if executor == "ray" else "std")
+    if bars is None:  # bars redraw in place on a terminal; in a log file they would be noise
+        bars = ("ray" if executor == "ray" else "std") if sys.stderr.isatty() else "none"
     sweep_id = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -659,7 +663,7 @@ def run_sweep(grid: Grid, output_dir: str | Path = "reports", executor: str = "l
              sweep_id, len(specs), len(results), len(todo), len(waiting), executor)
     bar = std_tqdm(total=len(specs), initial=len(results), desc="sweep runs", file=sys.stderr, dynamic_ncols=True,
                    disable=bars == "none")
-    committer = _Committer(out, sweep_id, bar)
+    committer = _Committer(out, sweep_id, bar, len(todo) + len(waiting))
     claims = [c for _, c in todo]
     try:
         write_index(out)

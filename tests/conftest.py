@@ -32,7 +32,8 @@ TINY_REPORT_PARAMS = dict(n_calib=4, calib_seqlen=32, eval_windows=2, eval_seqle
 @pytest.fixture(scope="session")
 def report_batch(tmp_path_factory):
     """One `awqnb report` batch, run as a user runs it (the CLI with a --params YAML file): a model
-    that fails first, then tiny-random-llama. Shared by test_report and test_browser, so the
+    that fails inside its notebook first (a directory named no-such-model whose config.json holds no
+    weights or tokenizer: it passes the checks made before any run), then tiny-random-llama. Shared by test_report and test_browser, so the
     notebooks execute once per session.
 
     Returns out (the output dir), index, runs (model -> `find_runs` record), rc, stdout, stderr."""
@@ -41,7 +42,10 @@ def report_batch(tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
     params = Path(tmp_path_factory.mktemp("params")) / "tiny.yaml"
     params.write_text(yaml.safe_dump(TINY_REPORT_PARAMS))
-    args = cli.build_parser().parse_args(["report", "--models", "no-such-model,tiny-random-llama",
+    broken = Path(tmp_path_factory.mktemp("models")) / "no-such-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    args = cli.build_parser().parse_args(["report", "--models", f"{broken},tiny-random-llama",
                                           "--methods", "rtn,awq", "--params", str(params), "--output-dir", str(out)])
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
@@ -49,6 +53,6 @@ def report_batch(tmp_path_factory):
         mp.setenv("AWQNB_DIAG_CACHE", str(out / ".diag-cache"))  # diagnostics cache: not the user's
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             rc = args.fn(args)
-    runs = {r["model"]: r for r in report.find_runs(out)}
+    runs = {Path(r["model"]).name: r for r in report.find_runs(out)}
     return SimpleNamespace(out=out, index=out / "index.html", runs=runs, rc=rc, stdout=stdout.getvalue(),
                            stderr=stderr.getvalue())
