@@ -183,15 +183,20 @@ def recover_codes(w: torch.Tensor, cfg: QuantConfig, name: str = "weight") -> Co
                 f"({int(still.sum())} groups off it, e.g. row {r} group {gi}): pack a model quantized by awqnb "
                 "with the same bits/group size/symmetry, or save it with --format fake."
             )
-    scale = _exact_scale(wf, q, scale, zero, cfg)
-    err = float((dequantize(q, scale, zero, cfg) - wf).abs().max()) if w.numel() else 0.0
+    scale = _exact_scale(wf, q, scale, zero, cfg, w.dtype)
+    # in w's own dtype: what a load in that dtype gets (bf16 Ŵ is round_bf16(k · s))
+    err = float((dequantize(q, scale, zero, cfg).to(w.dtype).float() - wf).abs().max()) if w.numel() else 0.0
     return Codes(q.to(torch.int16), scale, zero, n_bad, err)
 
 
-def _exact_scale(wf: torch.Tensor, q, scale, zero, cfg: QuantConfig) -> torch.Tensor:
-    """Per group, the scale that reproduces Ŵ best: the recovered one, or Ŵ_j / k_j at the
-    group's largest |k| (usually the scale the quantizer used, bit for bit, since Ŵ_j = k_j · s
-    was rounded once); `[co, n_group]`."""
+def _exact_scale(wf: torch.Tensor, q, scale, zero, cfg: QuantConfig, dtype: torch.dtype) -> torch.Tensor:
+    """Per group, the scale that reproduces Ŵ best, `[co, n_group]`.
+
+    float32 Ŵ: the recovered scale, or Ŵ_j / k_j at the group's largest |k| (± an ulp), usually
+    the quantizer's scale bit for bit since Ŵ_j = k_j · s was rounded once. A lower-precision Ŵ
+    (bf16, fp16: Ŵ = round_dtype(k · s)) also gets the middle of the interval of scales that
+    round every k · s of the group back to its Ŵ (it holds the quantizer's s, so it is not
+    empty); candidates are ranked by weights that differ after rounding to `dtype`, then by error."""
     ci = wf.shape[1]
     k = q - expand_groups(zero, ci, cfg.group_size)
     kg, wg = group_view(k, cfg.group_size), group_view(wf, cfg.group_size)
@@ -199,15 +204,33 @@ def _exact_scale(wf: torch.Tensor, q, scale, zero, cfg: QuantConfig) -> torch.Te
     kj = kg.gather(-1, j).squeeze(-1)
     wj = wg.gather(-1, j).squeeze(-1)
     cand = torch.where(kj != 0, wj / torch.where(kj != 0, kj, torch.ones_like(kj)), scale)
-
-    def worst(s):
-        return (kg * s[..., None] - wg).abs().amax(-1)
-
-    best, best_err = scale, worst(scale)
     inf = torch.full_like(cand, float("inf"))
-    for c in (cand, torch.nextafter(cand, inf), torch.nextafter(cand, -inf)):  # k·s rounded: s within an ulp
-        e = worst(c)
-        best, best_err = torch.where(e < best_err, c, best), torch.minimum(e, best_err)
+    cands = [cand, torch.nextafter(cand, inf), torch.nextafter(cand, -inf)]
+    low = dtype in (torch.bfloat16, torch.float16)
+    if low:
+        wd = wg.to(dtype)
+        big = torch.full_like(wd, float("inf"))
+        up = (wg.double() + torch.nextafter(wd, big).double()) / 2  # rounding interval of each Ŵ
+        dn = (wg.double() + torch.nextafter(wd, -big).double()) / 2
+        kd = kg.double()
+        nz = kd != 0
+        a, b = dn / torch.where(nz, kd, torch.ones_like(kd)), up / torch.where(nz, kd, torch.ones_like(kd))
+        lo = torch.where(nz, torch.minimum(a, b), torch.full_like(a, -float("inf"))).amax(-1)
+        hi = torch.where(nz, torch.maximum(a, b), torch.full_like(a, float("inf"))).amin(-1)
+        ok = torch.isfinite(lo) & torch.isfinite(hi) & (lo <= hi)
+        cands.append(torch.where(ok, ((lo + hi) / 2).float(), scale))
+
+    def rank(s):
+        err = (kg * s[..., None] - wg).abs().amax(-1)
+        if not low:
+            return err
+        miss = ((kg * s[..., None]).to(dtype) != wd).sum(-1).float()
+        return miss * 1e30 + err  # fewer rounded mismatches first
+
+    best, best_r = scale, rank(scale)
+    for c in cands:
+        r = rank(c)
+        best, best_r = torch.where(r < best_r, c, best), torch.minimum(r, best_r)
     return best
 
 
@@ -364,8 +387,9 @@ def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig
 
     dest gets config.json (with `quantization_config`), model.safetensors, the tokenizer,
     `quantization_metadata.json` (metadata + an `export` record) and, with `result`, the replay
-    record (`QuantResult.save`). dtype: of the unquantized tensors and the config's `dtype`
-    (default: the model's declared dtype, else its parameters'). scale_dtype: of the saved
+    record (`QuantResult.save`). dtype: the config's `dtype` (what transformers loads it in) and,
+    when given, the dtype the unquantized tensors are cast to (default: the quantized weights'
+    dtype, tensors as they are). scale_dtype: of the saved
     scales (default float32: transformers casts them to the dtype the model is loaded in, so a
     float32 load reproduces the float32 fake-quant weights exactly).
     """
@@ -377,7 +401,8 @@ def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig
     from compressed_tensors.compressors import ModelCompressor
 
     cast = dtype  # only an explicit dtype casts the unquantized tensors (fp32-kept norms stay fp32)
-    dtype = dtype or native_dtype(model.config) or next(model.parameters()).dtype
+    # default: the dtype the quantized weights are in (a cast working copy may keep its config's)
+    dtype = dtype or next(iter(quantized_linears(model, cfg).values())).weight.dtype
     scale_dtype = scale_dtype or torch.float32
     check_packable(model, cfg)
     dest = Path(dest)

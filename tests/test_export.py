@@ -142,8 +142,7 @@ def test_recover_codes_handles_lost_end_codes_and_refuses_off_grid():
     assert int(c.q.min()) >= 0 and int(c.q.max()) <= 15
     with pytest.raises(AwqnbError, match="not on a 4-bit grid"):
         export.recover_codes(w, cfg)  # FP weights: not quantized at all
-    assert torch.equal(export.recover_codes(fake_quant(w, cfg), cfg).q.float(), q.new_tensor(
-        quantize(w, scale, zero, cfg)))
+    assert torch.equal(export.recover_codes(fake_quant(w, cfg), cfg).q.float(), quantize(w, scale, zero, cfg))
 
 
 def test_format_refusals_are_clear(tiny, tmp_path, monkeypatch):
