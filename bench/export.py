@@ -21,8 +21,10 @@ per parameter, tied weights once), not written.
 with transformers and evaluate again (full WikiText-2 test, GPTQ protocol, seqlen 2048).
 
 Writes OUT/export.json and OUT/export.md.
-  GPU:  python bench/export.py --models smollm2-135m,llama3-8b-random --ppl --device cuda:0 --out bench/results/export
-  CPU:  python bench/export.py --models tiny-random-llama --group-size 32 --gen-tokens 8 --batches 1,2 --out /tmp/e
+  GPU:  python bench/export.py --models smollm2-135m@64,llama3-8b-random@128 --ppl --device cuda:0 \
+            --out bench/results/export
+  CPU:  python bench/export.py --models tiny-random-llama@32 --ppl --ppl-models tiny-random-llama \
+            --ppl-group-size 32 --ppl-max-windows 2 --n-calib 4 --gen-tokens 8 --batches 1,2 --device cpu --out /tmp/e
 """
 from __future__ import annotations
 
@@ -126,17 +128,20 @@ def bf16_bytes(model) -> int:
     return tot
 
 
-def measure_model(name: str, args, device, work: Path) -> dict:
+def measure_model(spec: str, args, device, work: Path) -> dict:
+    """One model; `spec` is `name` or `name@group_size` (SmolLM2's 576 columns need 64)."""
     from transformers import AutoModelForCausalLM
 
+    name, _, g = spec.partition("@")
+    group_size = int(g) if g else args.group_size
     dtype = getattr(torch, args.dtype)
-    rec: dict = {"model": name, "device": str(device), "dtype": args.dtype}
+    rec: dict = {"model": name, "group_size": group_size, "device": str(device), "dtype": args.dtype}
     _reset_peak(device)
     t0 = time.perf_counter()
     model, tok = build(name, device, dtype)
     rec["build_s"] = time.perf_counter() - t0
     vocab = model.config.vocab_size
-    cfg = MethodConfig(args.method, QuantConfig(args.bits, args.group_size), SearchConfig(), calib_batch_size=16)
+    cfg = MethodConfig(args.method, QuantConfig(args.bits, group_size), SearchConfig(), calib_batch_size=16)
     export.check_packable(model, cfg)
     rec["bf16_model_bytes"] = bf16_bytes(model)
     lin = export.quantized_linears(model, cfg)
@@ -210,6 +215,7 @@ def measure_ppl(name: str, args, device, work: Path) -> dict:
     d = work / f"{name}_{cfg.tag}_ppl"
     export.save_packed(model, tok, d, cfg, res.metadata(), overwrite=True, dtype=dtype)
     ref = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+    ref_buf = {n: b.detach().to("cpu", copy=True) for n, b in model.named_buffers()}
     del model
     gc.collect()
     packed = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, device_map=str(device)).eval()
@@ -217,6 +223,11 @@ def measure_ppl(name: str, args, device, work: Path) -> dict:
         packed(torch.ones(1, 4, dtype=torch.long, device=device))  # decompress if still packed
     got = dict(packed.named_parameters())
     diff = {n: float((got[n].detach().float().cpu() - p.float()).abs().max()) for n, p in ref.items() if n in got}
+    # a forward differs only if something besides the weights does (e.g. RoPE inv_freq rounded to bf16)
+    bufs = dict(packed.named_buffers())
+    buf_diff = {n: {"awqnb": str(b.dtype), "reloaded": str(bufs[n].dtype),
+                    "max_abs_diff": float((bufs[n].detach().float().cpu() - b.float()).abs().max())}
+                for n, b in ref_buf.items() if n in bufs and b.is_floating_point()}
     pk = token_perplexity(packed, tokens, seqlen=2048, max_windows=mw, device=device, progress=False)
     shutil.rmtree(d, ignore_errors=True) if not args.keep else None
     return {"model": name, "method": cfg.method, "group_size": cfg.quant.group_size, "dtype": args.dtype,
@@ -224,19 +235,20 @@ def measure_ppl(name: str, args, device, work: Path) -> dict:
             "n_tokens": int(tokens.numel()), "ppl_fake": fake.ppl, "ppl_packed": pk.ppl,
             "equal_4_sig": f"{fake.ppl:.4g}" == f"{pk.ppl:.4g}",
             "params_bit_equal": sum(v == 0.0 for v in diff.values()), "params": len(diff),
-            "max_param_abs_diff": max(diff.values()) if diff else None}
+            "max_param_abs_diff": max(diff.values()) if diff else None,
+            "buffers_differing": {n: v for n, v in buf_diff.items() if v["max_abs_diff"] > 0}}
 
 
 def markdown(out: dict) -> str:
     lines = ["# Packed INT export: size, memory, throughput", "",
              f"device: {out['device']}; transformers {out['versions'].get('transformers')}, compressed-tensors "
              f"{out['versions'].get('compressed-tensors')}, torch {out['versions'].get('torch')}; "
-             f"{out['args']['method']} W{out['args']['bits']} g{out['args']['group_size']}, "
+             f"{out['args']['method']} W{out['args']['bits']} (group size per row), "
              f"generation of {out['args']['gen_tokens']} tokens after a {out['args']['prompt_len']}-token prompt, greedy.", "",
-             "| model | bf16 GB (computed) | packed file GB | packed linears / bf16 | bits/quantized weight | "
+             "| model | g | bf16 GB (computed) | packed file GB | packed linears / bf16 | bits/quantized weight | "
              "GPU GB bf16 | GPU GB packed after load | after 1st forward | peak GB largest batch bf16 / packed | "
              + " | ".join(f"tok/s b{b} bf16 / packed" for b in out["args"]["batches"]) + " |",
-             "|" + "---|" * (9 + len(out["args"]["batches"]))]
+             "|" + "---|" * (10 + len(out["args"]["batches"]))]
     g = 2**30
     for r in out["models"]:
         if "error" in r:
@@ -245,7 +257,7 @@ def markdown(out: dict) -> str:
         f = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
         ma, mf = r["packed"]["modules_after_load"], r["packed"]["modules_after_first_forward"]
         blast = f"b{out['args']['batches'][-1]}"
-        row = [r["model"], f(r["bf16_model_bytes"] / g), f(r["packed_file_bytes"] / g), f"{r['packed_linears_vs_bf16']:.3f}",
+        row = [r["model"], str(r["group_size"]), f(r["bf16_model_bytes"] / g), f(r["packed_file_bytes"] / g), f"{r['packed_linears_vs_bf16']:.3f}",
                f"{r['bits_per_quantized_weight']:.3f}", f(r["bf16"]["memory_after_load"]["allocated_gb"]),
                f"{f(r['packed']['memory_after_load']['allocated_gb'])} ({ma['packed']} packed / {ma['dense']} dense)",
                f"{f(r['packed']['memory_after_first_forward']['allocated_gb'])} ({mf['packed']} packed)",
@@ -283,7 +295,7 @@ def behavior(models: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="smollm2-135m,llama3-8b-random")
+    p.add_argument("--models", default="smollm2-135m@64,llama3-8b-random@128", help="name or name@group_size, comma-separated")
     p.add_argument("--method", default="rtn")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
