@@ -84,6 +84,10 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     _method_param_flags(p)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="compute dtype of the block forwards (auto: the model's own; quantization math is fp32)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations in pinned CPU memory (when they do not fit the GPU)")
 
 
 def method_config(args):
@@ -100,6 +104,7 @@ def method_config(args):
         layer_batch_size=args.layer_batch_size,
         calib_batch_size=args.calib_batch_size,
         seed=args.seed,
+        dtype=args.dtype,
     )
 
 
@@ -119,12 +124,15 @@ def cmd_quantize(args) -> int:
     method_cls = get_method(cfg.method)
     method_cls(cfg)  # validates method params before loading anything
     out_root = Path(args.output_dir)
+    models.check_writable(out_root)  # a read-only or full disk is refused now, not after an hour of quantizing
+    models.check_source(args.model)  # an unsupported architecture is refused before the weights load
     device = models.resolve_device(args.device)
-    model, tok = models.load_model(args.model, device=device)
+    # the model stays on the CPU: the block engine moves one block at a time to `device`
+    model, tok = models.load_model(args.model)
     models.check_supported(model)
     if args.format == "packed":
         export.check_packable(model, cfg)  # before minutes of quantizing
-    tag = models.model_tag(args.model, cfg)
+    tag = models.model_tag(args.model, cfg, _calibration_key(args) if method_cls.needs_calibration else None)
     dest = out_root / tag
     if dest.exists() and any(dest.iterdir()) and not args.overwrite:
         raise AwqnbError(f"{dest} already exists; pass --overwrite or choose another --output-dir.")
@@ -133,7 +141,8 @@ def cmd_quantize(args) -> int:
         calib = load_calibration(tok, args.calib_dataset, n_calib=args.n_calib, seqlen=args.calib_seqlen,
                                  seed=args.seed)
     torch.manual_seed(args.seed)
-    result = pipeline.quantize(model, cfg, calib, device=device, model_name=args.model)
+    result = pipeline.quantize(model, cfg, calib, device=device, model_name=args.model,
+                                offload_activations=args.offload_activations)
     meta = result.metadata()
     dtype = export.source_dtype(args.model)  # the checkpoint's own dtype, not the fp32 working copy
     if args.format == "packed":
@@ -145,11 +154,36 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _calibration_key(args) -> dict:
+    """What of the calibration decides the result (a file by its content), for the directory name."""
+    import hashlib
+
+    key = {"dataset": args.calib_dataset, "n_calib": args.n_calib, "seqlen": args.calib_seqlen}
+    p = Path(args.calib_dataset).expanduser()
+    if p.is_file():
+        key["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return key
+
+
 def cmd_eval(args) -> int:
     from . import export, models
-    from .data import load_eval_texts, load_eval_tokens
-    from .evaluate import sample_perplexity, token_perplexity
+    from .data import EVAL_TEXT_SETS, EVAL_TOKEN_SETS, TEXT_FILE_SUFFIXES, dataset_info, is_text_file, load_eval_texts, load_eval_tokens
+    from .evaluate import check_positive, sample_perplexity, token_perplexity
 
+    # settings and data are checked before the model loads
+    check_positive(seqlen=(args.seqlen, 2), n_samples=(args.n_samples, 1))
+    if args.max_windows is not None:
+        check_positive(max_windows=(args.max_windows, 1))
+    own = is_text_file(args.dataset)
+    if not own and args.dataset not in EVAL_TOKEN_SETS + EVAL_TEXT_SETS + ("c4-sample",):
+        raise AwqnbError(f"--dataset {args.dataset!r} is unknown: use one of wikitext2, c4, ag_news, c4-sample, "
+                         f"or a path to your own {', '.join(TEXT_FILE_SUFFIXES)} file.")
+    protocol = args.protocol
+    if protocol == "auto":
+        protocol = "token" if own or args.dataset in EVAL_TOKEN_SETS else "sample"
+    if protocol == "token" and not own and args.dataset not in EVAL_TOKEN_SETS:
+        raise AwqnbError(f"--dataset {args.dataset} has no token protocol; use --protocol sample.")
+    info = dataset_info(args.dataset, args.text_column)  # name + sha256 of the user's file, read now
     device = models.resolve_device(args.device)
     if export.is_packed(args.model):
         export.require_compressed_tensors()  # a clear message instead of transformers' ImportError
@@ -166,20 +200,23 @@ def cmd_eval(args) -> int:
         meta.update(method=q.get("method"), bits=q["config"]["quant"]["bits"],
                     group_size=q["config"]["quant"]["group_size"], calibration=q.get("calibration"),
                     model=q.get("model", args.model))
-    if args.dataset in ("wikitext2", "c4"):
-        tokens = load_eval_tokens(tok, args.dataset)
+    if protocol == "token":
+        tokens = load_eval_tokens(tok, args.dataset, text_column=args.text_column)
         max_windows = args.max_windows
         if args.dataset == "c4" and max_windows is None:
             max_windows = 256  # GPTQ's C4 protocol: 256 windows
         res = token_perplexity(model, tokens, seqlen=args.seqlen, max_windows=max_windows, device=device,
                                dataset=args.dataset)
     else:
-        texts = load_eval_texts(args.dataset, n_samples=args.n_samples)
+        texts = load_eval_texts(args.dataset, n_samples=args.n_samples, text_column=args.text_column)
         res = sample_perplexity(model, tok, texts, max_length=args.seqlen, device=device, dataset=args.dataset)
     res.meta.update(meta)
+    if info:
+        res.meta["data_file"] = info
     if args.json:
         res.to_json(args.json)
-    sys.stdout.write(f"{meta['model']} [{meta['method']}] {res.dataset} {res.protocol} ppl seqlen={res.seqlen} "
+    src = f" (sha256 {info['sha256'][:12]})" if info else ""
+    sys.stdout.write(f"{meta['model']} [{meta['method']}] {res.dataset}{src} {res.protocol} ppl seqlen={res.seqlen} "
                      f"units={res.n_units}: {res.ppl:.4f}\n")
     return 0
 
@@ -192,7 +229,7 @@ def cmd_compare(args) -> int:
     results: dict = {}
     names = []
     for f in args.results:
-        r = PerplexityResult.from_dict(json.loads(Path(f).read_text()))
+        r = PerplexityResult.read(f)  # missing, not JSON, another schema: one line each
         name = r.meta.get("label") or f"{r.meta.get('method', 'fp')}:{Path(f).stem}"
         names.append(name)
         results.setdefault(name, {})[r.dataset] = r
@@ -203,7 +240,12 @@ def cmd_compare(args) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         sys.stdout.write(df.to_string(index=False) + "\n")
     if args.csv:
-        df.to_csv(args.csv, index=False)
+        from .files import atomic_write
+
+        try:
+            atomic_write(args.csv, df.to_csv(index=False))
+        except OSError as e:
+            raise AwqnbError(f"cannot write --csv {args.csv} ({e.strerror or e}); choose a writable path.") from e
     return 0
 
 
@@ -276,7 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="perplexity of a model (alias, HF dir or GGUF)")
     e.add_argument("--model", default="smollm2-135m")
-    e.add_argument("--dataset", default="wikitext2", choices=["wikitext2", "c4", "ag_news", "c4-sample"])
+    e.add_argument("--dataset", default="wikitext2",
+                   help="wikitext2, c4 (token protocol), ag_news, c4-sample (sample protocol), or your own "
+                        ".txt / .jsonl / .parquet file (its name and sha256 are recorded beside the number)")
+    e.add_argument("--protocol", choices=["auto", "token", "sample"], default="auto",
+                   help="token: GPTQ windows over the joined text; sample: each line / record on its own "
+                        "(auto: token for wikitext2, c4 and files, sample for ag_news, c4-sample)")
+    e.add_argument("--text-column", default="text", help="the text field of a .jsonl / .parquet file (default text)")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--n-samples", type=int, default=2000)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -227,6 +228,12 @@ class BlockEngine:
             raise AwqnbError(f"batch_size={batch_size} must be at least 1.")
         self.chunks = stack_chunks(samples, batch_size)
         self.n_tokens = sum(c.numel() for c in self.chunks)
+        self.times = {"onload_s": 0.0, "propagate_s": 0.0}  # seconds moving blocks / running them on
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     # -- where tensors and weights live ------------------------------------------------------
     def stash(self, x: torch.Tensor) -> torch.Tensor:
@@ -311,16 +318,22 @@ class BlockEngine:
         per_block = [[kw[j] for kw in kwargs] for j in range(n)]
         for j in range(last + 1):
             block = self.blocks[j]
+            t = self._sync()
             with self.onload(block):
+                self.times["onload_s"] += self._sync() - t
                 step = BlockStep(self, j, block, hidden, per_block[j])
                 try:
                     if j in want:
                         yield step
                     if j == last:
                         return
+                    t = self._sync()
                     hidden = step.next_hidden if step.next_hidden is not None else step.forward()
+                    self.times["propagate_s"] += self._sync() - t
                 except torch.OutOfMemoryError as e:
                     raise AwqnbError(_oom_message(f"computing block {j}", _nbytes(block), self.device)) from e
+                t = self._sync()
+            self.times["onload_s"] += self._sync() - t  # the move back
             per_block[j] = None
 
     def run_blocks(self, indices: Iterable[int], hidden: list[torch.Tensor],

@@ -40,6 +40,7 @@ class LayerRecord:
     replay: dict[str, Any] = field(default_factory=dict)  # linear → method replay data
     evidence: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # capture_s, search_s, clip_s, round_s
 
 
 @dataclass
@@ -173,9 +174,18 @@ def _capture_block(step: BlockStep, keys: dict[str, str], keep: bool = True) -> 
     return inputs, stats, outs
 
 
+def _sync(block: nn.Module) -> float:
+    """perf_counter after the block's device has finished its queued work (phase timings)."""
+    dev = next(block.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
 def _quantize_block(method: Method, ctx: BlockContext, rec: LayerRecord) -> None:
     cfg = method.cfg
     block, spec, attn = ctx.block, ctx.spec, ctx.attn
+    t = _sync(block)
     if method.searches_scales:
         for group in spec.groups:
             key = group.layers[0]
@@ -183,9 +193,10 @@ def _quantize_block(method: Method, ctx: BlockContext, rec: LayerRecord) -> None
             runner = InspectRunner(block, group, ctx.inputs[key], [kw for kw in ctx.kwargs])
             gs = search_group(block, group, a, runner, cfg.quant, cfg.search, attn)
             s_full = fold_scales(block, group, gs.scales, spec, attn)
-            ctx.inputs[key] = [x / s_full.to(x.dtype) for x in ctx.inputs[key]]
+            ctx.inputs[key] = [x / s_full.to(x.device, x.dtype) for x in ctx.inputs[key]]
             ctx.scale_of[key] = s_full
             rec.groups[group.name] = gs
+    rec.phases["search_s"], t = _sync(block) - t, _sync(block)
     if cfg.search.clip and method.needs_calibration:
         skip = {n for g in spec.groups for n in g.clip_skip}
         for name in spec.linears:
@@ -196,11 +207,13 @@ def _quantize_block(method: Method, ctx: BlockContext, rec: LayerRecord) -> None
             mv = search_clip(lin.weight.data, x, cfg.quant, cfg.search)
             apply_clip(lin, mv, cfg.quant)
             rec.clip[name] = mv.cpu()
+    rec.phases["clip_s"], t = _sync(block) - t, _sync(block)
     for name in spec.linears:
         replay = method.round_linear(ctx, name, get_module(block, name))
         if replay is not None:
             rec.replay[name] = replay
     method.finish_block(ctx)
+    rec.phases["round_s"] = _sync(block) - t
     rec.evidence.update(ctx.evidence)
 
 
@@ -235,6 +248,7 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
     spec = resolve_spec(model)
     method = get_method(cfg.method)(cfg)
     validate(model, cfg, spec)
+    timings_validate = time.perf_counter() - t0
     attn = attn_shape(model.config)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
@@ -242,8 +256,9 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
     keys = _input_keys(spec)
     records: list[LayerRecord] = []
     calib_info = None
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"validate_s": timings_validate}
     if device.type == "cuda":
+        torch.cuda.synchronize(device)  # initialises the context: resetting stats before it fails
         torch.cuda.reset_peak_memory_stats(device)
     compute_dtype = parse_dtype(cfg.dtype) or model_dtype(model)
     if method.searches_scales:
@@ -269,10 +284,12 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
             if j % lbs == 0:
                 start, start_kw = step.hidden, []
             start_kw.append(step.kwargs)
-            tb = time.perf_counter()
+            tb = _sync(step.block)
             inputs, stats, outs = _capture_block(step, keys)
+            capture_s = _sync(step.block) - tb
             ctx = BlockContext(j, step.block, spec, attn, inputs, stats, step.kwargs, keys)
             rec = LayerRecord(j)
+            rec.phases["capture_s"] = capture_s
             _quantize_block(method, ctx, rec)
             del ctx, inputs
             step.next_hidden = outs  # FP output of block j: what the next block of a batch sees
@@ -287,6 +304,7 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
             records.append(rec)
             it.update(1)
         it.close()
+        timings.update({f"engine_{k}": v for k, v in engine.times.items()})
     else:
         for j, block in enumerate(tqdm(bl, desc=f"{cfg.method} blocks", disable=not progress)):
             tb = time.perf_counter()
@@ -301,6 +319,8 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
     if cfg.lm_head == "quantize":
         _quantize_lm_head(model, cfg)
     timings["total_s"] = time.perf_counter() - t0
+    for ph in ("capture_s", "search_s", "clip_s", "round_s"):
+        timings[f"blocks_{ph}"] = sum(r.phases.get(ph, 0.0) for r in records)
     timings["device"] = str(device)
     timings["compute_dtype"] = dtype_name(compute_dtype)
     timings["offload_activations"] = bool(offload_activations)

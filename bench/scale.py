@@ -102,7 +102,9 @@ def run_awqnb(model, method: str, gs: int, calib: Calibration, device, offload: 
     n = len(res.layers)
     row = {"tool": "awqnb", "method": method, "layers": n, "total_s": wall, "s_per_layer": wall / n,
            "capture_s": res.timings.get("capture_s"), "peak_gpu_gb": res.timings.get("peak_gpu_gb"),
-           "compute_dtype": res.timings.get("compute_dtype"), "offload_activations": offload}
+           "compute_dtype": res.timings.get("compute_dtype"), "offload_activations": offload,
+           "phases": {k: round(v, 3) for k, v in res.timings.items()
+                      if isinstance(v, float) and k.endswith("_s") and k != "total_s"}}
     if torch.cuda.is_available():
         row["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
     return row
@@ -189,8 +191,9 @@ def main(argv=None) -> int:
         build_s = time.perf_counter() - t0
         calib = calibration(cfg.vocab_size, args.n_calib, args.seqlen, args.seed)
         log.info("%s: %d layers built in %.1f s", spec, cfg.num_hidden_layers, build_s)
-        for method in args.methods.split(","):
-            for off in ([False, True] if spec in offload_shapes else [False]):
+        methods = args.methods.split(",")
+        for method in methods:
+            for off in ([False, True] if spec in offload_shapes and method == methods[0] else [False]):
                 m = copy.deepcopy(base)
                 row = run_awqnb(m, method, args.group_size, calib, device, off, args.dtype)
                 row.update(shape=spec, group_size=args.group_size)

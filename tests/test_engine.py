@@ -160,3 +160,11 @@ def test_out_of_memory_names_the_block_and_the_option(tiny, monkeypatch):
 def test_compute_dtype_is_validated():
     with pytest.raises(AwqnbError, match="dtype"):
         MethodConfig("awq", dtype="int8")
+
+
+def test_loading_in_bf16_keeps_rope_frequencies_fp32():
+    from awqnb.models import load_model
+
+    model, _ = load_model("tiny-random-llama", dtype="bfloat16")
+    assert get_module(blocks(model, resolve_spec(model))[0], "self_attn.q_proj").weight.dtype == torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32

@@ -109,11 +109,20 @@ class InspectRunner:
         # would round G; there the error X ΔWᵀ is computed directly (bf16 product, fp32 sum).
         self.linear = group.inspect_kind == "linear" and len(group.layers) == 1
         self.gram = None
-        if self.linear and self.dtype == torch.float32:
+        # half-precision on CUDA: G summed in fp32 from bf16 products (mm out_dtype), and each
+        # α's ΔW·G taken in bf16 with fp32 output; elsewhere in half precision: X ΔWᵀ directly
+        self.half_gram = self.linear and self.dtype != torch.float32 and self.device.type == "cuda"
+        if self.linear and (self.dtype == torch.float32 or self.half_gram):
             self.gram = torch.zeros(xs[0].shape[-1], xs[0].shape[-1], device=self.device)
             for x in xs:
-                f = self._x(x).reshape(-1, x.shape[-1]).float()
-                self.gram += f.T @ f
+                f = self._x(x).reshape(-1, x.shape[-1])
+                if self.half_gram:
+                    self.gram += torch.mm(f.T, f, out_dtype=torch.float32)
+                else:
+                    f = f.float()
+                    self.gram += f.T @ f
+            if self.half_gram:
+                self.gram = self.gram.to(self.dtype)
 
     def _x(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, non_blocking=True)
@@ -141,6 +150,9 @@ class InspectRunner:
         """mean((F(X; weights) − ref)²) over all chunks and elements, as a 0-d fp32 device tensor."""
         if self.linear:
             d = weights[0].float() - self.module.weight.float()  # [co, ci]
+            if self.half_gram:
+                dh = d.to(self.dtype)
+                return (torch.mm(dh, self.gram, out_dtype=torch.float32) * d).sum() / (self.n_tok * d.shape[0])
             if self.gram is not None:
                 return ((d @ self.gram) * d).sum() / (self.n_tok * d.shape[0])
             d = d.to(self.dtype)
