@@ -168,3 +168,26 @@ def test_loading_in_bf16_keeps_rope_frequencies_fp32():
     model, _ = load_model("tiny-random-llama", dtype="bfloat16")
     assert get_module(blocks(model, resolve_spec(model))[0], "self_attn.q_proj").weight.dtype == torch.bfloat16
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+@pytest.mark.parametrize("lbs", [1, 2])
+def test_quantized_propagation_feeds_each_batch_the_quantized_outputs(tiny, lbs):
+    """propagate='quantized' with layer_batch_size k: the first block of each batch sees the
+    outputs of the already-quantized blocks before it; the others of a batch see FP outputs."""
+    fp, _, calib = _fresh(tiny, "tiny-random-llama")
+    assert len(blocks(fp, resolve_spec(fp))) >= 2
+    q = copy.deepcopy(fp)
+    cfg = MethodConfig("awq", QuantConfig(4, 32), SearchConfig(n_grid=2), calib_batch_size=2, layer_batch_size=lbs)
+    res = pipeline.quantize(q, cfg, calib, progress=False)
+    for j in (1,):  # lbs 1: block 0 quantized before it; lbs 2: same batch, block 0 FP
+        quantized_before = j - (j % lbs)  # blocks before the batch holding j are quantized
+        hybrid = copy.deepcopy(fp)
+        for i in range(quantized_before):
+            blocks(hybrid, resolve_spec(hybrid))[i].load_state_dict(blocks(q, resolve_spec(q))[i].state_dict())
+        table = salience_table(hybrid, calib, layers=[j], batch_size=2, cache=False)
+        want = torch.tensor(table.query("group == 'qkv'").sort_values("channel")["l2"].to_numpy()).float()
+        torch.testing.assert_close(res.layers[j].groups["qkv"].salience, want, rtol=1e-5, atol=1e-6)
+        if quantized_before:  # the check can tell the two apart: FP inputs give another salience
+            fp_table = salience_table(copy.deepcopy(fp), calib, layers=[j], batch_size=2, cache=False)
+            other = torch.tensor(fp_table.query("group == 'qkv'").sort_values("channel")["l2"].to_numpy()).float()
+            assert (other - want).abs().max() > 1e-4
