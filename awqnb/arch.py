@@ -93,6 +93,26 @@ def supported_model_types() -> tuple[str, ...]:
     return tuple(t for s in SPECS for t in s.model_types)
 
 
+# Families with fused projections (one qkv_proj, one gate_up_proj): AWQ's scale groups need the
+# separate linears, so these are refused by name rather than mis-quantized.
+FUSED_FAMILIES = ("phi3", "phimoe", "chatglm", "glm", "gpt_bigcode", "falcon", "bloom", "gpt_neox", "mpt", "dbrx")
+
+
+def check_model_type(model_type, where: str = "the model", architectures=None) -> None:
+    """AwqnbError unless `model_type` is one awqnb has an ArchSpec for (from a config, before any
+    weights are loaded)."""
+    if any(model_type in s.model_types for s in SPECS):
+        return
+    why = (" (it fuses q/k/v or gate/up into one projection, which AWQ's scale groups cannot split)"
+           if model_type in FUSED_FAMILIES else "")
+    arch = f" {architectures[0]}" if isinstance(architectures, list) and architectures else ""
+    raise AwqnbError(
+        f"{where}: architecture {model_type!r}{arch} is not supported{why}; awqnb quantizes "
+        f"{', '.join(supported_model_types())} models (Llama and Gemma 3 families). "
+        "Add an ArchSpec for it in awqnb/arch.py."
+    )
+
+
 def resolve_spec(model: nn.Module) -> ArchSpec:
     """The ArchSpec for a HF causal LM, or a clear error for an unsupported architecture."""
     mt = getattr(model.config, "model_type", None)

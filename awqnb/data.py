@@ -185,33 +185,132 @@ def load_calibration(tokenizer, dataset: str = "wikitext2", n_calib: int = 128, 
     return Calibration(dataset, n_calib, seqlen, seed, src, samples)
 
 
-def load_eval_tokens(tokenizer, dataset: str = "wikitext2", data_dir=None) -> torch.Tensor:
+TEXT_FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def is_text_file(dataset) -> bool:
+    """Whether `dataset` names the user's own evaluation file (.txt, .jsonl or .parquet)."""
+    return isinstance(dataset, (str, Path)) and Path(str(dataset)).suffix.lower() in TEXT_FILE_SUFFIXES
+
+
+@dataclass
+class TextFile:
+    """The user's own evaluation text. records: the lines of a .txt (empty ones dropped), the
+    `text_column` of each .jsonl record or .parquet row; `joined`: the whole .txt as it is, or the
+    records joined with "\\n\\n" (the WikiText-2 convention)."""
+
+    path: str
+    sha256: str
+    format: str
+    records: list[str] = field(repr=False)
+    joined: str = field(repr=False)
+
+    def info(self) -> dict:
+        """What is recorded beside every number measured on it."""
+        return {"file": Path(self.path).name, "path": self.path, "sha256": self.sha256, "format": self.format,
+                "records": len(self.records)}
+
+
+def load_text_file(path: str | Path, text_column: str = "text") -> TextFile:
+    """Read a .txt / .jsonl / .parquet evaluation file; AwqnbError saying what is wrong with it."""
+    import hashlib
+
+    p = Path(path).expanduser()
+    fmt = p.suffix.lower().lstrip(".")
+    if ("." + fmt) not in TEXT_FILE_SUFFIXES:
+        raise AwqnbError(f"{p}: an evaluation file must end in {', '.join(TEXT_FILE_SUFFIXES)}.")
+    if not p.is_file():
+        raise AwqnbError(f"evaluation file {p} does not exist; check the path.")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise AwqnbError(f"cannot read {p}: {e.strerror or e}.") from e
+    sha = hashlib.sha256(raw).hexdigest()
+    if fmt in ("txt", "jsonl"):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise AwqnbError(f"{p} is not UTF-8 text ({e}); save it as UTF-8.") from e
+    if fmt == "txt":
+        records, joined = [r for r in text.splitlines() if r.strip()], text
+    elif fmt == "jsonl":
+        import json
+
+        records = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise AwqnbError(f"{p} line {i} is not JSON ({e}); a .jsonl file holds one JSON object per line.") from e
+            val = rec.get(text_column) if isinstance(rec, dict) else rec
+            if not isinstance(val, str):
+                raise AwqnbError(f"{p} line {i} has no string {text_column!r} field; give each record one "
+                                 "(or choose the column with --text-column).")
+            records.append(val)
+        joined = "\n\n".join(records)
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(p)
+        except Exception as e:  # noqa: BLE001  pyarrow's errors for a damaged file vary
+            raise AwqnbError(f"{p} is not a readable parquet file ({type(e).__name__}: {e}).") from e
+        if text_column not in table.column_names:
+            raise AwqnbError(f"{p} has no column {text_column!r} (columns: {', '.join(table.column_names)}); "
+                             "choose one with --text-column.")
+        records = [r for r in table.column(text_column).to_pylist() if isinstance(r, str)]
+        joined = "\n\n".join(records)
+    records = [r for r in records if r.strip()]
+    if not records:
+        raise AwqnbError(f"{p} holds no text to evaluate; give a file with at least one non-empty line or record.")
+    return TextFile(str(p), sha, fmt, records, joined)
+
+
+def dataset_info(dataset, text_column: str = "text") -> dict:
+    """For the user's own file: its name, path, sha256, format and record count (recorded beside
+    the numbers); {} for a named set."""
+    return load_text_file(dataset, text_column).info() if is_text_file(dataset) else {}
+
+
+def load_eval_tokens(tokenizer, dataset: str = "wikitext2", data_dir=None, text_column: str = "text") -> torch.Tensor:
     """The token stream of a token-perplexity set (GPTQ protocol), `[n_tok]`.
 
     wikitext2: test rows joined with "\\n\\n", tokenised once (SmolLM2: 304,986 tokens).
     c4: the 1,025 local validation documents joined with " " (GPTQ joins the first 1,100 and
-    keeps 256 windows; ours draws from 1,025).
+    keeps 256 windows; ours draws from 1,025). A .txt / .jsonl / .parquet path: the user's own
+    text (`TextFile.joined`).
     """
+    if is_text_file(dataset):
+        return _encode(tokenizer, load_text_file(dataset, text_column).joined)
     if dataset == "wikitext2":
         _, rows = _texts("wikitext2-test", data_dir)
         return _encode(tokenizer, "\n\n".join(rows))
     if dataset == "c4":
         _, rows = _texts("c4-validation", data_dir)
         return _encode(tokenizer, " ".join(rows))
-    raise AwqnbError(f"token-perplexity set {dataset!r} is unknown; use one of {', '.join(EVAL_TOKEN_SETS)}.")
+    raise AwqnbError(f"token-perplexity set {dataset!r} is unknown; use one of {', '.join(EVAL_TOKEN_SETS)} "
+                     f"or a path to your own {'/'.join(TEXT_FILE_SUFFIXES)} file.")
 
 
-def load_eval_texts(dataset: str = "ag_news", n_samples: int = 2000, seed: int = 42, data_dir=None) -> list[str]:
+def load_eval_texts(dataset: str = "ag_news", n_samples: int = 2000, seed: int = 42, data_dir=None,
+                    text_column: str = "text") -> list[str]:
     """Texts for sample perplexity: `n_samples` drawn with `seed` (AG News rows cluster by label,
     so the first n would be biased). ag_news: the `text` column (title + description).
-    c4-sample: the 2,000-document C4 validation sample. wikitext2: non-empty test rows."""
+    c4-sample: the 2,000-document C4 validation sample. wikitext2: non-empty test rows. A .txt /
+    .jsonl / .parquet path: its non-empty lines or records (`TextFile.records`)."""
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
+        raise AwqnbError(f"n_samples={n_samples!r} must be a whole number of at least 1.")
     names = {"ag_news": "ag_news-test", "c4-sample": "c4-sample", "wikitext2": "wikitext2-test"}
-    if dataset not in names:
-        raise AwqnbError(f"sample-perplexity set {dataset!r} is unknown; use one of {', '.join(EVAL_TEXT_SETS)}.")
-    _, rows = _texts(names[dataset], data_dir)
+    if is_text_file(dataset):
+        rows = load_text_file(dataset, text_column).records
+    elif dataset not in names:
+        raise AwqnbError(f"sample-perplexity set {dataset!r} is unknown; use one of {', '.join(EVAL_TEXT_SETS)} "
+                         f"or a path to your own {'/'.join(TEXT_FILE_SUFFIXES)} file.")
+    else:
+        _, rows = _texts(names[dataset], data_dir)
     rows = [r for r in rows if r.strip()]
-    if n_samples < 1:
-        raise AwqnbError(f"n_samples={n_samples} must be at least 1.")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(rows), generator=g)[: min(n_samples, len(rows))].sort().values
     return [rows[i] for i in idx.tolist()]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,12 +58,44 @@ class PerplexityResult:
                    seconds=d.get("seconds", 0.0), meta=d.get("meta", {}))
 
     def to_json(self, path: str | Path) -> Path:
+        from .files import atomic_write
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        for parent in (path.parent, *path.parent.parents):
+            if parent.exists() and not parent.is_dir():
+                raise AwqnbError(f"cannot write {path}: {parent} is a file, not a directory; choose another --json path.")
+        try:
+            return atomic_write(path, json.dumps(self.to_dict(), indent=1))
+        except OSError as e:
+            raise AwqnbError(f"cannot write {path} ({e.strerror or e}); choose a writable --json path.") from e
+
+    @classmethod
+    def read(cls, path: str | Path) -> "PerplexityResult":
+        """A result written by `to_json` (`awqnb eval --json`), or AwqnbError saying why not."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise AwqnbError(f"results file {path} does not exist; write one with `awqnb eval --json {path}`.") from e
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise AwqnbError(f"results file {path} is not JSON ({e}); pass files written by `awqnb eval --json`.") from e
+        need = {"dataset": str, "protocol": str, "seqlen": int, "ppl": (int, float), "nll": list, "n_tokens": list}
+        bad = [k for k, t in need.items() if not isinstance(d, dict) or not isinstance(d.get(k), t)]
+        if not bad and (len(d["nll"]) != len(d["n_tokens"]) or not d["nll"]
+                        or not all(isinstance(x, (int, float)) for x in d["nll"] + d["n_tokens"])):
+            bad = ["nll/n_tokens"]
+        if bad or not isinstance(d.get("meta", {}), dict):
+            raise AwqnbError(f"{path} is not an `awqnb eval --json` result (missing or wrong: {', '.join(bad) or 'meta'}); "
+                             "pass files written by `awqnb eval --json`.")
+        return cls.from_dict(d)
+
+
+def check_positive(**settings: tuple) -> None:
+    """AwqnbError unless every `name=(value, minimum)` is a whole number ≥ minimum (a zero or
+    negative length, window or sample count means nothing)."""
+    for name, (v, lo) in settings.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise AwqnbError(f"{name}={v!r} must be a whole number of at least {lo}.")
 
 
 def _base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
@@ -110,6 +141,9 @@ def token_perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048,
                      device=None, dataset: str = "wikitext2", batch_size: int = 1, logit_chunk: int = 512,
                      progress: bool = True) -> PerplexityResult:
     """GPTQ token perplexity of `tokens` `[n_tok]` in windows of `seqlen`."""
+    check_positive(seqlen=(seqlen, 2), batch_size=(batch_size, 1), logit_chunk=(logit_chunk, 1))
+    if max_windows is not None:
+        check_positive(max_windows=(max_windows, 1))
     n_win = tokens.numel() // seqlen
     if max_windows is not None:
         n_win = min(n_win, max_windows)
@@ -134,6 +168,7 @@ def sample_perplexity(model: nn.Module, tokenizer, texts: list[str], max_length:
                       progress: bool = True) -> PerplexityResult:
     """Sample perplexity: each text on its own (tokenizer's special tokens added, truncated to
     `max_length`), right-padded in length-sorted batches; texts with < 2 tokens are skipped."""
+    check_positive(max_length=(max_length, 2), batch_size=(batch_size, 1), logit_chunk=(logit_chunk, 1))
     if not texts:
         raise AwqnbError(f"no texts to evaluate for {dataset}; check the data set or --n-samples.")
     dev = _device_of(model, device)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .arch import resolve_spec
+from .arch import SPECS as _SPECS, resolve_spec
 from .errors import AwqnbError
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,12 @@ def versions() -> dict:
     return out
 
 
-def model_tag(name: str, cfg) -> str:
-    """`smollm2-135m_awq_w4_g64_headfp16`: the model's short name and the method config tag."""
-    return f"{short_name(name)}_{cfg.tag}"
+def model_tag(name: str, cfg, calibration: dict | None = None) -> str:
+    """`smollm2-135m_awq_w4_g64_headfp16_<hash8>`: the model's short name, the method config tag
+    and a hash of everything else that decides the result (the whole config, seed included, and
+    the calibration set: name, size, length), so different configurations never share a directory."""
+    doc = json.dumps({"config": cfg.to_dict(), "calibration": calibration or {}}, sort_keys=True, default=str)
+    return f"{short_name(name)}_{cfg.tag}_{hashlib.sha256(doc.encode()).hexdigest()[:8]}"
 
 
 def short_name(name: str) -> str:
@@ -104,14 +107,30 @@ def atomic_dir(dest: Path, overwrite: bool = False):
     """Yield a temporary directory next to `dest`; move it to `dest` only if the body succeeds.
 
     Nothing the user had is lost on failure: an existing `dest` is replaced only after the new
-    one is complete (and only with overwrite=True)."""
+    one is complete (and only with overwrite=True). Without overwrite the final move is a plain
+    rename, which the OS refuses onto a non-empty directory: of two writers racing for one `dest`,
+    exactly one wins and the other gets an error (its files are removed). The directory gets the
+    user's normal permissions (umask), not mkdtemp's 0700."""
     dest = Path(dest)
     if dest.exists() and not overwrite and (not dest.is_dir() or any(dest.iterdir())):
         raise AwqnbError(f"{dest} already exists; pass --overwrite (overwrite=True) or choose another path.")
+    check_writable(dest.parent)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:  # disk full, permissions changed under us: say so, leave nothing
+            raise AwqnbError(f"could not write {dest} ({e.strerror or e}); nothing was written there. "
+                             "Free some space or choose another output directory.") from e
+        _fix_modes(tmp)
+        if not overwrite:
+            try:
+                tmp.rename(dest)  # atomic; fails if another writer got there first
+            except OSError as e:
+                raise AwqnbError(f"{dest} was created by another run while this one was writing; "
+                                 "pass --overwrite (overwrite=True) or choose another path.") from e
+            return
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -122,6 +141,38 @@ def atomic_dir(dest: Path, overwrite: bool = False):
     tmp.rename(dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fix_modes(root: Path) -> None:
+    """Directories 0777 and files 0666 minus the umask (mkdtemp/mkstemp make them private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for p in root.rglob("*"):
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def check_writable(directory: str | Path) -> Path:
+    """Prove a file can be written in `directory` (or, if it does not exist yet, in the nearest
+    existing folder above it, creating nothing), or AwqnbError saying what is wrong (a file in the
+    way, read-only, full): checked before any long work."""
+    d = Path(directory).expanduser().absolute()
+    existing = next(q for q in (d, *d.parents) if q.exists())
+    if not existing.is_dir():
+        raise AwqnbError(f"cannot write under {d}: {existing} is a file, not a directory; choose another output directory.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".awqnb-write-probe-", dir=existing)
+        try:
+            os.write(fd, b"x" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise AwqnbError(f"cannot write to {existing} ({e.strerror or e}); choose a writable output directory "
+                         "with free space.") from e
+    return d
 
 
 # --- random-initialised test models -------------------------------------------------------
@@ -227,8 +278,9 @@ def _gguf_cache(name_or_path: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantising %s once into %s", gguf, dest)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _load_errors(str(gguf)):
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     _drop_quantizer(model)
     with atomic_dir(dest, overwrite=True) as tmp:
         model.save_pretrained(tmp)
@@ -285,16 +337,16 @@ def load_model(name: str = "smollm2-135m", device=None, dtype: torch.dtype | str
                              "not an existing directory or .gguf file, and not a Hub id (owner/name).")
         gguf = name in GGUF_ALIASES or p.suffix == ".gguf"
         load_dtype = want or (torch.bfloat16 if gguf else "auto")
-        try:
+        if isinstance(src, Path):
+            read_config(src)  # a clear line for a broken config.json before transformers reads it
+        with _load_errors(name):
             tok = AutoTokenizer.from_pretrained(src)
             model = AutoModelForCausalLM.from_pretrained(src, dtype=load_dtype)
-        except OSError as e:
-            raise AwqnbError(f"could not load model {name!r}: {e}. Offline? Use an alias or a local path.") from e
         _drop_quantizer(model)
     if tokenizer is not None:
         tok = AutoTokenizer.from_pretrained(tokenizer)
     if want is not None:
-        model = model.to(dtype=want)
+        cast_parameters(model, want)  # not model.to(dtype): that rounds RoPE's inv_freq buffer
     if device is not None:
         model = model.to(resolve_device(device))
     model.eval()
@@ -313,9 +365,85 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+@contextmanager
+def _load_errors(name: str):
+    """Whatever a corrupt or truncated checkpoint makes transformers, safetensors or gguf raise
+    (OSError, ValueError, SafetensorError, struct errors, ...) becomes one line saying so."""
+    try:
+        yield
+    except (AwqnbError, MemoryError):
+        raise
+    except OSError as e:
+        raise AwqnbError(f"could not load model {name!r}: {e}. Offline? Use an alias or a local path; "
+                         "a damaged download: fetch it again.") from e
+    except Exception as e:  # noqa: BLE001  the loaders' error types are many and undocumented
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise AwqnbError(f"could not load model {name!r}: its files look corrupt or truncated "
+                         f"({type(e).__name__}: {first}); re-download or re-save the checkpoint.") from e
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """config.json of a model directory as a dict, or AwqnbError (missing, not JSON, not a mapping)."""
+    f = Path(model_dir) / "config.json"
+    try:
+        conf = json.loads(f.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise AwqnbError(f"{model_dir} is not a Hugging Face model directory (no config.json).") from e
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise AwqnbError(f"{f} is unreadable or not valid JSON ({e}); the checkpoint is damaged: "
+                         "re-download or re-save it.") from e
+    if not isinstance(conf, dict):
+        raise AwqnbError(f"{f} is not a JSON object; the checkpoint is damaged: re-download or re-save it.")
+    return conf
+
+
+def _gguf_architecture(path: Path) -> str | None:
+    """`general.architecture` of a GGUF file (its header only), or AwqnbError for a damaged file."""
+    if importlib.util.find_spec("gguf") is None:
+        return None  # _gguf_cache says what to install
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields.get("general.architecture")
+        return None if field is None else bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:  # noqa: BLE001  gguf raises ValueError, struct/IndexError on bad files
+        raise AwqnbError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
+                         "the file is damaged or truncated: download it again.") from e
+
+
+def check_source(name: str) -> None:
+    """Refuse an unsupported architecture from the checkpoint's config (a local directory's
+    config.json or a GGUF's header) before any weights are loaded; aliases are supported."""
+    from .arch import check_model_type
+
+    if name in ALIASES:
+        return
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf" and p.is_file():
+        arch = _gguf_architecture(p)
+        if arch is not None:
+            check_model_type({"gemma3": "gemma3_text"}.get(arch, arch), str(p))
+    elif p.is_dir():
+        conf = read_config(p)
+        check_model_type(conf.get("model_type"), str(p), conf.get("architectures"))
+
+
 def check_supported(model: nn.Module) -> None:
-    """Clear error for an architecture awqnb has no ArchSpec for."""
-    resolve_spec(model)
+    """Clear error for an architecture awqnb has no ArchSpec for, or whose modules are not the
+    spec's (e.g. fused qkv / gate_up projections)."""
+    from .arch import blocks, get_module
+
+    spec = resolve_spec(model)
+    block = blocks(model, spec)[0]
+    for path in spec.linears:
+        try:
+            mod = get_module(block, path)
+        except AttributeError:
+            mod = None
+        if not isinstance(mod, nn.Linear):
+            raise AwqnbError(f"{type(model).__name__} has no separate {path} (fused projections?); awqnb "
+                             f"quantizes {', '.join(s.family for s in _SPECS)} models with separate "
+                             "q/k/v and gate/up projections.")
 
 
 def save_quantized(model: nn.Module, tokenizer, dest: str | Path, metadata: dict, overwrite: bool = False,

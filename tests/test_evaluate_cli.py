@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,14 +95,15 @@ def test_cli_quantize_eval_compare(tmp_path):
         p = _cli("quantize", "--model", "tiny-random-llama", "--method", method, "--group-size", "32", "--n-calib", "4",
                  "--calib-seqlen", "32", "--output-dir", str(out), cwd=tmp_path)
         assert p.returncode == 0, p.stderr
-        d = out / f"tiny-random-llama_{method}_w4_g32_headfp16"
+        d = Path(p.stdout.strip().splitlines()[-1])  # the directory name carries a config hash
+        assert d.parent == out and d.name.startswith(f"tiny-random-llama_{method}_w4_g32_headfp16_")
         assert (d / "quantization_metadata.json").is_file() and (d / "quant_result.json").is_file()
         assert (d / "quant_result.safetensors").is_file() and not list(d.glob("*.pt")) and not list(d.glob("*.bin"))
         p = _cli("eval", "--model", str(d), "--seqlen", "64", "--max-windows", "3", "--json", str(tmp_path / f"{method}.json"),
                  cwd=tmp_path)
         assert p.returncode == 0, p.stderr
         assert f"[{method}] wikitext2 gptq-token ppl seqlen=64 units=3" in p.stdout
-    meta = json.loads((out / "tiny-random-llama_awq_w4_g32_headfp16/quantization_metadata.json").read_text())
+    meta = json.loads((d / "quantization_metadata.json").read_text())  # d: the awq run's directory
     assert meta["calibration"]["n_calib"] == 4 and len(meta["layers"]) == 2
     assert set(meta["layers"][0]["alpha"]) == {"qkv", "vo", "gate_up", "down"}
     p = _cli("compare", str(tmp_path / "rtn.json"), str(tmp_path / "awq.json"), "--csv", str(tmp_path / "c.csv"), cwd=tmp_path)

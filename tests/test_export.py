@@ -162,7 +162,7 @@ def test_format_refusals_are_clear(tiny, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(AwqnbError, match="could not write .*disk full.*nothing was written"):
         export.save_packed(m, tok, tmp_path / "q", cfg, res.metadata())
     assert sorted(f.name for f in tmp_path.iterdir()) == ["p"]  # no half-written directory
     monkeypatch.undo()

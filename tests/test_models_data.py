@@ -70,7 +70,11 @@ def test_save_is_atomic_and_round_trips(tiny_llama, tmp_path):
     cfg = MethodConfig("rtn", QuantConfig(4, 32))
     res = pipeline.quantize(m, cfg, None, model_name="tiny-random-llama", progress=False)
     dest = tmp_path / models.model_tag("tiny-random-llama", cfg)
-    assert dest.name == "tiny-random-llama_rtn_w4_g32_headfp16"
+    assert dest.name.startswith("tiny-random-llama_rtn_w4_g32_headfp16_")  # + a hash of the whole config
+    other = MethodConfig("rtn", QuantConfig(4, 32), seed=7)
+    assert models.model_tag("tiny-random-llama", other) != dest.name  # a seed of its own, a directory of its own
+    assert models.model_tag("tiny-random-llama", cfg, {"n_calib": 4}) != models.model_tag(
+        "tiny-random-llama", cfg, {"n_calib": 8})
     save_quantized(m, tok, dest, res.metadata())
     meta = json.loads((dest / "quantization_metadata.json").read_text())
     assert meta["method"] == "rtn" and meta["config"]["quant"]["group_size"] == 32
