@@ -1,6 +1,6 @@
 """The diagnostics cache: results keyed by (kind, model fingerprint, calibration, parameters),
-kept in memory and on disk (`awqnb.models.cache_dir()/diagnostics/<kind>/<key>.pkl`, written
-atomically), so a notebook re-run or a second notebook on the same model and calibration set
+kept in memory and on disk (`awqnb.models.cache_dir()/diagnostics/<kind>/<key>.*`, written
+atomically, never pickled: a cache directory can be shared, and reading it must not run code), so a notebook re-run or a second notebook on the same model and calibration set
 reads its statistics instead of recomputing them.
 
 The disk location is `$AWQNB_DIAG_CACHE` when set (tests point it at a temporary directory).
@@ -15,7 +15,8 @@ import hashlib
 import json
 import logging
 import os
-import pickle
+import io
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -77,8 +78,9 @@ class DiagnosticsCache:
     """In-memory + on-disk cache of diagnostics results.
 
     key = sha1(kind, DIAG_VERSION, model fingerprint, calibration key, parameters); the disk copy is
-    `<root>/<kind>/<key>.pkl` (pickle of frames / arrays) with a `<key>.json` sidecar holding the
-    readable key, both written atomically (temporary file + rename). `get` returns a deep copy,
+    data only: `<key>.f<i>.parquet` per DataFrame, `<key>.safetensors` for arrays and tensors, and
+    `<key>.json` (the readable key and the structure, written last: its presence marks a complete
+    entry), each written atomically (temporary file + rename). Old `.pkl` entries are ignored. `get` returns a deep copy,
     so a caller that edits a frame does not edit the cache. `hits`, `misses` and `computed` count
     lookups; `memory=False` / `disk=False` turn a level off.
     """
@@ -107,7 +109,7 @@ class DiagnosticsCache:
         return hashlib.sha1(doc.encode()).hexdigest()[:20]
 
     def _path(self, kind: str, key: str) -> Path:
-        return self.root / kind / f"{key}.pkl"
+        return self.root / kind / f"{key}.json"
 
     def contains(self, kind: str, parts: Mapping[str, Any]) -> bool:
         """Whether an entry exists (in memory or on disk) — without loading it."""
@@ -123,8 +125,7 @@ class DiagnosticsCache:
             path = self._path(kind, key)
             if path.is_file():
                 try:
-                    with open(path, "rb") as f:
-                        obj = pickle.load(f)
+                    obj = _read_entry(path)
                     self.hits += 1
                     if self.memory:
                         self._mem[key] = obj
@@ -139,26 +140,122 @@ class DiagnosticsCache:
         if self.disk:
             try:
                 self._write(kind, key, parts, obj)
-            except OSError as e:
+            except (OSError, TypeError, ValueError) as e:  # disk trouble, or a value with no safe format
                 log.warning("could not write the diagnostics cache under %s: %s", self.root, e)
         return _copy(obj)
 
     def _write(self, kind: str, key: str, parts: Mapping[str, Any], obj) -> None:
         path = self._path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        for dest, payload in ((path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)),
-                              (path.with_suffix(".json"),
-                               json.dumps({"kind": kind, "version": DIAG_VERSION, **parts}, indent=1,
-                                          default=str).encode())):
-            atomic_write(dest, payload)
+        enc = _Encoder()
+        data = enc.encode(obj)
+        for i, frame in enumerate(enc.frames):
+            buf = io.BytesIO()
+            frame.to_parquet(buf)
+            atomic_write(path.with_name(f"{key}.f{i}.parquet"), buf.getvalue())
+        if enc.arrays or enc.tensors:
+            atomic_write(path.with_name(f"{key}.safetensors"), _save_arrays(enc.arrays, enc.tensors))
+        doc = {"format": "awqnb-diag/1", "key": {"kind": kind, "version": DIAG_VERSION, **parts}, "data": data}
+        atomic_write(path, json.dumps(doc, indent=1, default=str))  # last: marks the entry complete
 
     def clear(self, disk: bool = False) -> None:
         """Forget the in-memory entries (and the disk entries with disk=True)."""
         self._mem.clear()
         if disk and self.root.is_dir():
             for p in self.root.glob("*/*"):
-                if p.suffix in (".pkl", ".json"):
+                if p.suffix in (".pkl", ".json", ".parquet", ".safetensors"):
                     p.unlink(missing_ok=True)
+
+
+class _Encoder:
+    """Frames, arrays and tensors out of a nested result into files; the rest into JSON tags."""
+
+    def __init__(self):
+        self.frames: list = []
+        self.arrays: dict = {}
+        self.tensors: dict = {}
+
+    def encode(self, obj):
+        import numpy as np
+
+        if hasattr(obj, "to_parquet") and hasattr(obj, "columns"):
+            self.frames.append(obj)
+            return {"__frame__": len(self.frames) - 1}
+        if isinstance(obj, torch.Tensor):
+            k = f"t{len(self.tensors)}"
+            self.tensors[k] = obj.detach().cpu().contiguous()
+            return {"__tensor__": k}
+        if isinstance(obj, np.ndarray):
+            if obj.dtype == object:
+                raise TypeError("an object array has no safe on-disk format")
+            k = f"a{len(self.arrays)}"
+            self.arrays[k] = np.ascontiguousarray(obj)
+            return {"__ndarray__": k}
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) for k in obj):
+                return {"__map__": {k: self.encode(v) for k, v in obj.items()}}
+            return {"__dict__": [[self.encode(k), self.encode(v)] for k, v in obj.items()]}
+        if isinstance(obj, tuple):
+            return {"__tuple__": [self.encode(v) for v in obj]}
+        if isinstance(obj, list):
+            return [self.encode(v) for v in obj]
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return {"__float__": repr(obj)}
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        if isinstance(obj, np.generic):
+            return {"__npscalar__": [obj.dtype.str, obj.item()]}
+        raise TypeError(f"a {type(obj).__name__} has no safe on-disk format")
+
+
+def _save_arrays(arrays: dict, tensors: dict) -> bytes:
+    """One safetensors blob: numpy arrays under `a*`, torch tensors under `t*` (kept apart by the
+    key prefix, so each comes back as the type it was)."""
+    from safetensors.torch import save
+
+    both = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    both.update(tensors)
+    return save(both)
+
+
+def _read_entry(path: Path):
+    """Decode an entry written by `_write` (JSON, parquet and safetensors only: nothing executes)."""
+    import numpy as np
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(doc, dict) or doc.get("format") != "awqnb-diag/1":
+        raise ValueError("not an awqnb diagnostics entry")
+    key = path.stem
+    st = path.with_name(f"{key}.safetensors")
+    blobs = load_file(str(st)) if st.is_file() else {}
+
+    def dec(o):
+        if isinstance(o, list):
+            return [dec(v) for v in o]
+        if not isinstance(o, dict):
+            return o
+        (tag, v), = o.items()
+        if tag == "__frame__":
+            return pd.read_parquet(path.with_name(f"{key}.f{int(v)}.parquet"))
+        if tag == "__tensor__":
+            return blobs[v]
+        if tag == "__ndarray__":
+            return blobs[v].numpy()
+        if tag == "__map__":
+            return {k: dec(x) for k, x in v.items()}
+        if tag == "__dict__":
+            return {dec(k): dec(x) for k, x in v}
+        if tag == "__tuple__":
+            return tuple(dec(x) for x in v)
+        if tag == "__float__":
+            return float(v)
+        if tag == "__npscalar__":
+            return np.dtype(v[0]).type(v[1])
+        raise ValueError(f"unknown tag {tag!r}")
+
+    return dec(doc["data"])
 
 
 CACHE = DiagnosticsCache()

@@ -99,7 +99,8 @@ def test_cache_hit_returns_identical_frames_without_recomputing(tiny, cache, mon
     fresh = D.DiagnosticsCache(root=cache.root)  # a new session: from disk
     pd.testing.assert_frame_equal(first, D.salience_table(model, calib, layers=[1], cache=fresh))
     assert (cache.hits, fresh.hits, cache.computed, fresh.computed) == (1, 1, 1, 0)
-    assert len(list((cache.root / "salience").glob("*.pkl"))) == 1
+    assert len(list((cache.root / "salience").glob("*.json"))) == 1  # + parquet: data only, no pickle
+    assert not list(cache.root.rglob("*.pkl"))
     assert not [p for p in (cache.root / "salience").iterdir() if p.name.startswith(".")]  # no temp files left
     monkeypatch.undo()
     # any change of calibration, parameters or weights is a miss
