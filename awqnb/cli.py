@@ -196,10 +196,14 @@ def cmd_eval(args) -> int:
         meta.update(method=d["method"] or "compressed-tensors", bits=d["bits"], group_size=d["group_size"])
     qmeta = Path(args.model) / "quantization_metadata.json"
     if qmeta.is_file():
-        q = json.loads(qmeta.read_text())
-        meta.update(method=q.get("method"), bits=q["config"]["quant"]["bits"],
-                    group_size=q["config"]["quant"]["group_size"], calibration=q.get("calibration"),
-                    model=q.get("model", args.model))
+        try:
+            q = json.loads(qmeta.read_text())
+            meta.update(method=q.get("method"), bits=q["config"]["quant"]["bits"],
+                        group_size=q["config"]["quant"]["group_size"], calibration=q.get("calibration"),
+                        model=q.get("model", args.model))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise AwqnbError(f"{qmeta} is damaged ({type(e).__name__}: {e}); re-save the model with "
+                             "`awqnb quantize`, or remove the file to evaluate it as an FP model.") from e
     if protocol == "token":
         tokens = load_eval_tokens(tok, args.dataset, text_column=args.text_column)
         max_windows = args.max_windows
