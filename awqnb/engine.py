@@ -101,8 +101,9 @@ def _nbytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _oom_message(what: str, nbytes: int, device) -> str:
-    return (f"out of memory on {device} while {what} ({nbytes / 2**30:.2f} GiB of weights); "
+def oom_message(what: str, module: nn.Module, device) -> str:
+    """One line for a CUDA out-of-memory error: what was running, the block's size, the ways out."""
+    return (f"out of memory on {device} while {what} ({_nbytes(module) / 2**30:.2f} GiB of weights); "
             "pass offload_activations=True (CLI --offload-activations), a smaller --calib-batch-size "
             "or fewer calibration samples, or free the device.")
 
@@ -133,7 +134,7 @@ def onloaded(module: nn.Module, device, dtype: torch.dtype | None = None):
             _move(module, device, dtype)
         except torch.OutOfMemoryError as e:
             _move(module, None, None, home)
-            raise AwqnbError(_oom_message("loading a block", _nbytes(module), device)) from e
+            raise AwqnbError(oom_message("loading a block", module, device)) from e
         yield module
     finally:
         _move(module, None, None, home)
@@ -331,7 +332,7 @@ class BlockEngine:
                     hidden = step.next_hidden if step.next_hidden is not None else step.forward()
                     self.times["propagate_s"] += self._sync() - t
                 except torch.OutOfMemoryError as e:
-                    raise AwqnbError(_oom_message(f"computing block {j}", _nbytes(block), self.device)) from e
+                    raise AwqnbError(oom_message(f"computing block {j}", block, self.device)) from e
                 t = self._sync()
             self.times["onload_s"] += self._sync() - t  # the move back
             per_block[j] = None

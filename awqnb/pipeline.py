@@ -20,7 +20,7 @@ from .progress import tqdm  # tqdm.auto, or events a report runner draws (progre
 from . import methods as _methods  # noqa: F401  (registers methods)
 from .arch import ArchSpec, attn_shape, blocks, get_module, resolve_spec
 from .capture import ChannelStats
-from .engine import BlockEngine, BlockStep, dtype_name, mark_fp32, model_dtype, onloaded, parse_dtype
+from .engine import BlockEngine, BlockStep, dtype_name, mark_fp32, model_dtype, onloaded, oom_message, parse_dtype
 from .config import MethodConfig
 from .errors import AwqnbError
 from .methods.awq import GroupSearch, InspectRunner, apply_clip, fold_scales, search_clip, search_group
@@ -277,32 +277,36 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
         it = tqdm(total=n, desc=f"{cfg.method} blocks", disable=not progress)
         start, start_kw = None, []
         tc = time.perf_counter()
-        for step in engine.walk():
-            j = step.index
-            if j == 0:
-                timings["capture_s"] = time.perf_counter() - tc
-            if j % lbs == 0:
-                start, start_kw = step.hidden, []
-            start_kw.append(step.kwargs)
-            tb = _sync(step.block)
-            inputs, stats, outs = _capture_block(step, keys)
-            capture_s = _sync(step.block) - tb
-            ctx = BlockContext(j, step.block, spec, attn, inputs, stats, step.kwargs, keys)
-            rec = LayerRecord(j)
-            rec.phases["capture_s"] = capture_s
-            _quantize_block(method, ctx, rec)
-            del ctx, inputs
-            step.next_hidden = outs  # FP output of block j: what the next block of a batch sees
-            if cfg.search.propagate == "quantized" and (j % lbs == lbs - 1 or j == n - 1):
-                # the next batch starts from the quantized outputs of this whole batch
-                first = j - len(start_kw) + 1
-                step.next_hidden = (None if len(start_kw) == 1
-                                    else engine.run_blocks(range(first, j + 1), start, start_kw))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            rec.seconds = time.perf_counter() - tb
-            records.append(rec)
-            it.update(1)
+        try:
+            for step in engine.walk():
+                j = step.index
+                if j == 0:
+                    timings["capture_s"] = time.perf_counter() - tc
+                if j % lbs == 0:
+                    start, start_kw = step.hidden, []
+                start_kw.append(step.kwargs)
+                tb = _sync(step.block)
+                inputs, stats, outs = _capture_block(step, keys)
+                capture_s = _sync(step.block) - tb
+                ctx = BlockContext(j, step.block, spec, attn, inputs, stats, step.kwargs, keys)
+                rec = LayerRecord(j)
+                rec.phases["capture_s"] = capture_s
+                _quantize_block(method, ctx, rec)
+                del ctx, inputs
+                step.next_hidden = outs  # FP output of block j: what the next block of a batch sees
+                if cfg.search.propagate == "quantized" and (j % lbs == lbs - 1 or j == n - 1):
+                    # the next batch starts from the quantized outputs of this whole batch
+                    first = j - len(start_kw) + 1
+                    step.next_hidden = (None if len(start_kw) == 1
+                                        else engine.run_blocks(range(first, j + 1), start, start_kw))
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                rec.seconds = time.perf_counter() - tb
+                records.append(rec)
+                it.update(1)
+        except torch.OutOfMemoryError as e:  # during the search: name the block and the way out
+            j = len(records)
+            raise AwqnbError(oom_message(f"quantizing block {j}", bl[j], device)) from e
         it.close()
         timings.update({f"engine_{k}": v for k, v in engine.times.items()})
     else:

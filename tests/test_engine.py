@@ -191,3 +191,15 @@ def test_quantized_propagation_feeds_each_batch_the_quantized_outputs(tiny, lbs)
             fp_table = salience_table(copy.deepcopy(fp), calib, layers=[j], batch_size=2, cache=False)
             other = torch.tensor(fp_table.query("group == 'qkv'").sort_values("channel")["l2"].to_numpy()).float()
             assert (other - want).abs().max() > 1e-4
+
+
+def test_out_of_memory_in_the_search_is_one_clear_error(tiny, monkeypatch):
+    fp, _, calib = _fresh(tiny, "tiny-random-llama")
+
+    def oom(*_a, **_k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(pipeline, "search_group", oom)
+    with pytest.raises(AwqnbError, match=r"quantizing block 0 .*offload-activations"):
+        pipeline.quantize(fp, MethodConfig("awq", QuantConfig(4, 32)), calib, progress=False)
+    assert all("forward" not in b.__dict__ for b in blocks(fp, resolve_spec(fp)))
