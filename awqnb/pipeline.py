@@ -74,6 +74,14 @@ class QuantResult:
         ]
         return pd.DataFrame(rows, columns=["layer", "group", "alpha", "loss", "best_alpha", "loss_rel_rtn"])
 
+    def block_errors(self):
+        """Where the error enters: per block, Σ‖B_q(x) − B(x)‖² / Σ‖B(x)‖² on the calibration inputs
+        the block saw (quantized block vs FP block, same inputs; layer_batch_size 1 only)."""
+        import pandas as pd
+
+        return pd.DataFrame([{"layer": r.index, "rel_err": r.evidence.get("block_rel_err", float("nan"))}
+                             for r in self.layers], columns=["layer", "rel_err"])
+
     def metadata(self) -> dict:
         """JSON-able provenance: method, every parameter, per-layer α and losses, calibration,
         versions, timings, and each method's evidence."""
@@ -143,6 +151,13 @@ def validate(model: nn.Module, cfg: MethodConfig, spec: ArchSpec) -> None:
     for bi, block in enumerate(blocks(model, spec)):
         for name in spec.linears:
             effective_group_size(get_module(block, name).in_features, cfg.quant.group_size)
+
+
+def _rel_err(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """Σ‖out − ref‖² / Σ‖ref‖² over the chunks (fp32 sums on the device, one read-back)."""
+    num = sum((o.float() - r.float()).pow(2).sum() for o, r in zip(out, ref))
+    den = sum(r.float().pow(2).sum() for r in ref)
+    return float(num / den) if float(den) > 0 else float("nan")
 
 
 def keep_offset_norms_fp32(model: nn.Module, spec: ArchSpec) -> None:
@@ -294,11 +309,16 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
                 _quantize_block(method, ctx, rec)
                 del ctx, inputs
                 step.next_hidden = outs  # FP output of block j: what the next block of a batch sees
-                if cfg.search.propagate == "quantized" and (j % lbs == lbs - 1 or j == n - 1):
+                if lbs == 1:
+                    # where the error enters: the quantized block against the FP block, same inputs
+                    q_outs = step.forward()
+                    rec.evidence["block_rel_err"] = _rel_err(q_outs, outs)
+                    if cfg.search.propagate == "quantized":
+                        step.next_hidden = q_outs
+                elif cfg.search.propagate == "quantized" and (j % lbs == lbs - 1 or j == n - 1):
                     # the next batch starts from the quantized outputs of this whole batch
                     first = j - len(start_kw) + 1
-                    step.next_hidden = (None if len(start_kw) == 1
-                                        else engine.run_blocks(range(first, j + 1), start, start_kw))
+                    step.next_hidden = engine.run_blocks(range(first, j + 1), start, start_kw)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 rec.seconds = time.perf_counter() - tb

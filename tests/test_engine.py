@@ -203,3 +203,16 @@ def test_out_of_memory_in_the_search_is_one_clear_error(tiny, monkeypatch):
     with pytest.raises(AwqnbError, match=r"quantizing block 0 .*offload-activations"):
         pipeline.quantize(fp, MethodConfig("awq", QuantConfig(4, 32)), calib, progress=False)
     assert all("forward" not in b.__dict__ for b in blocks(fp, resolve_spec(fp)))
+
+
+def test_block_errors_say_where_the_error_enters(tiny):
+    fp, _, calib = _fresh(tiny, "tiny-random-llama")
+    cfg = MethodConfig("awq", QuantConfig(4, 32), SearchConfig(n_grid=2), calib_batch_size=2)
+    res = pipeline.quantize(copy.deepcopy(fp), cfg, calib, progress=False)
+    err = res.block_errors()
+    assert list(err.layer) == list(range(len(res.layers)))
+    assert (err.rel_err > 0).all() and (err.rel_err < 1).all()
+    cfg3 = MethodConfig("awq", QuantConfig(3, 32), SearchConfig(n_grid=2), calib_batch_size=2)
+    err3 = pipeline.quantize(copy.deepcopy(fp), cfg3, calib, progress=False).block_errors()
+    assert err3.rel_err.iloc[0] > err.rel_err.iloc[0]  # 3 bits hurt block 0 more than 4 bits
+    assert res.metadata()["layers"][0]["evidence"]["block_rel_err"] == err.rel_err.iloc[0]
