@@ -141,10 +141,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig, damp_perce
         zero = torch.zeros(co, ng, device=dev)
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        W = W[:, perm].contiguous()
         H = H[perm][:, perm]
     else:
         perm = torch.arange(ci, device=dev)
+    # columns as rows (`[ci, co]`, processing order): each column and each trailing block is
+    # contiguous, so the per-column updates stream through memory
+    Wt = W.T[perm].contiguous() if act_order else W.T.contiguous()
+    del W
+    st, zt = scale.T.contiguous(), zero.T.contiguous()  # `[n_group, co]`
     damp = float(damp_percent) * float(H.diagonal().mean())
     U, damp, fallback = _upper_inverse_cholesky(H, damp)
     del H
@@ -158,60 +162,59 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig, damp_perce
         for p, gi in enumerate(group_at):
             first.setdefault(gi, p)
         starts = set(first.values())
-    Q = torch.empty_like(W)
-    losses = torch.zeros(co, min(ci, block_size), device=dev)
+    Qt = torch.empty_like(Wt)
+    losses = torch.zeros(min(ci, block_size), co, device=dev)
     loss_rows = torch.zeros(co, device=dev)
     for i1 in range(0, ci, block_size):
         i2 = min(i1 + block_size, ci)
         cnt = i2 - i1
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
-        Err1 = torch.zeros(co, cnt, device=dev)
-        L1 = losses[:, :cnt].zero_()
+        Err1 = torch.zeros(cnt, co, device=dev)
+        L1 = losses[:cnt].zero_()
         for i in range(cnt):
             p = i1 + i
             gi = group_at[p]
             if p in starts:
-                cur = _group_now(W, W1, Err1, U, pos_of, gi, g, ci, i1, i2, i)
-                s_g, z_g = compute_qparams(cur, one_group)
-                scale[:, gi] = s_g[:, 0]
-                zero[:, gi] = z_g[:, 0]
-            s = scale[:, gi]
-            z = zero[:, gi]
-            col = W1[:, i]
+                cur = _group_now(Wt, W1, Err1, U, pos_of, gi, g, ci, i1, i2, i)
+                s_g, z_g = compute_qparams(cur.T, one_group)
+                st[gi] = s_g[:, 0]
+                zt[gi] = z_g[:, 0]
+            s = st[gi]
+            z = zt[gi]
+            col = W1[i]
             q = torch.clamp(torch.round(col / s) + z, lo, hi)
-            Q[:, p] = q
-            r = col - (q - z) * s
-            d = U1[i, i]
-            e = r / d
-            L1[:, i] = e * e  # (w − ŵ)²/U_jj², halved at the end
+            Qt[p] = q
+            e = (col - (q - z) * s) / U1[i, i]
+            L1[i] = e * e  # (w − ŵ)²/U_jj², halved at the end
             if i + 1 < cnt:
-                W1[:, i + 1:].addr_(e, U1[i, i + 1:], alpha=-1.0)
-            Err1[:, i] = e
-        loss_rows += L1.sum(1)
+                W1[i + 1:].addr_(U1[i, i + 1:], e, alpha=-1.0)
+            Err1[i] = e
+        loss_rows += L1.sum(0)
         if i2 < ci:
-            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)  # the lazy batch update of later columns
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)  # the lazy batch update of later columns
     if act_order:
-        Q = Q[:, pos_of.to(dev)]
-    return GPTQResult(Q, scale, zero, loss_rows / 2, damp, fallback, n_dead)
+        Qt = Qt[pos_of.to(dev)]
+    return GPTQResult(Qt.T.contiguous(), st.T.contiguous(), zt.T.contiguous(), loss_rows / 2, damp, fallback,
+                      n_dead)
 
 
-def _group_now(W, W1, Err1, U, pos_of, gi, g, ci, i1, i2, i) -> torch.Tensor:
-    """Current weights `[co, len]` of group gi's columns, at processing position i1 + i (its first
+def _group_now(Wt, W1, Err1, U, pos_of, gi, g, ci, i1, i2, i) -> torch.Tensor:
+    """Current weights `[len, co]` of group gi's columns, at processing position i1 + i (its first
     column): block columns are up to date in W1; later ones still lack this block's updates."""
     pos = pos_of[gi * g:min((gi + 1) * g, ci)]
     inb = pos[pos < i2]
     out = pos[pos >= i2]
     parts = []
     if inb.numel():
-        parts.append(W1[:, (inb - i1).to(W1.device)])
+        parts.append(W1[(inb - i1).to(W1.device)])
     if out.numel():
-        o = out.to(W.device)
-        later = W[:, o]
+        o = out.to(Wt.device)
+        later = Wt[o]
         if i > 0:
-            later = later - Err1[:, :i] @ U[i1:i1 + i][:, o]
+            later = later - U[i1:i1 + i][:, o].T @ Err1[:i]
         parts.append(later)
-    return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
 
 
 # -- replay record --------------------------------------------------------------------------
