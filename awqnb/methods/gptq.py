@@ -101,9 +101,12 @@ def _upper_inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor,
         hd = h.clone()
         hd[eye, eye] += damp
         low, info = torch.linalg.cholesky_ex(hd)
+        del hd  # H is ci² floats: keep at most two such matrices alive besides the caller's
         if int(info) == 0:
             hinv = torch.cholesky_inverse(low)
+            del low
             up, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0 and bool(torch.isfinite(up.diagonal()).all()):
                 return up, damp, False
         damp *= 10.0
@@ -261,14 +264,7 @@ class GPTQ(Method):
             raise AwqnbError(f"damp_percent={p['damp_percent']} must be > 0 (0.01 = 1% of the mean of diag H).")
         if int(p["block_size"]) < 1:
             raise AwqnbError(f"block_size={p['block_size']} must be >= 1 (128 is usual).")
-        self._hess: dict = {}  # (block, input key) → (H, n tokens)
         self._done: dict = {}  # (block, linear) → (Ŵ in the weight's dtype, replay) of a joint run
-
-    def _h(self, ctx: BlockContext, key: str, device) -> torch.Tensor:
-        ck = (ctx.index, key)
-        if ck not in self._hess:
-            self._hess[ck] = hessian(ctx.inputs[key], device)
-        return self._hess[ck][0]
 
     @torch.no_grad()
     def round_linear(self, ctx: BlockContext | None, name: str, lin: nn.Linear) -> dict | None:
@@ -290,7 +286,7 @@ class GPTQ(Method):
             names = [name]
         lins = [get_module(ctx.block, n) for n in names]
         w0 = lins[0].weight
-        h = self._h(ctx, key, w0.device)
+        h, _ = hessian(ctx.inputs[key], w0.device)  # used once: every linear at `key` is rounded now
         w = torch.cat([m.weight.data.float() for m in lins], 0)
         p = self.params
         qcfg = self.cfg.quant
@@ -338,7 +334,6 @@ class GPTQ(Method):
         w.copy_(dequantize(q, scale, zero, qcfg).to(w.dtype))
 
     def finish_block(self, ctx: BlockContext) -> None:
-        self._hess = {k: v for k, v in self._hess.items() if k[0] != ctx.index}
         self._done = {k: v for k, v in self._done.items() if k[0] != ctx.index}
         super().finish_block(ctx)
 
