@@ -123,6 +123,10 @@ def cmd_quantize(args) -> int:
     cfg = method_config(args)
     method_cls = get_method(cfg.method)
     method_cls(cfg)  # validates method params before loading anything
+    if method_cls.needs_calibration:
+        from .evaluate import check_positive
+
+        check_positive(n_calib=(args.n_calib, 1), calib_seqlen=(args.calib_seqlen, 2))
     out_root = Path(args.output_dir)
     models.check_writable(out_root)  # a read-only or full disk is refused now, not after an hour of quantizing
     models.check_source(args.model)  # an unsupported architecture is refused before the weights load

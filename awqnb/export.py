@@ -456,10 +456,11 @@ def is_packed(path: str | Path) -> bool:
     if not f.is_file():
         return False
     try:
-        qc = json.loads(f.read_text()).get("quantization_config") or {}
+        conf = json.loads(f.read_text())
     except (OSError, ValueError):
         return False
-    return qc.get("quant_method") == "compressed-tensors"
+    qc = (conf.get("quantization_config") if isinstance(conf, dict) else None) or {}
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 
 def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = torch.float32):

@@ -204,6 +204,54 @@ def notebook_parameters(path: Path) -> dict:
     return {k: v.get("default") for k, v in pm.inspect_notebook(str(path)).items()}
 
 
+# counts and lengths that must be whole numbers of at least this (zero or negative means nothing)
+_MINIMUM = {"n_calib": 1, "calib_seqlen": 2, "eval_seqlen": 2, "eval_windows": 1, "n_samples": 1,
+            "sample_max_length": 2, "n_grid": 1, "max_tokens": 2, "n_seq": 1, "n_boot": 1, "diag_samples": 0,
+            "worst_n": 1, "top_k": 1}
+
+
+def _type_ok(value, type_name: str, name: str) -> bool:
+    t = type_name.replace(" ", "").strip("'\"")
+    if t.startswith("Optional[") and t.endswith("]"):
+        return value is None or _type_ok(value, t[len("Optional["):-1], name)
+    if t == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if t == "bool":
+        return isinstance(value, bool)
+    if t == "str":
+        return isinstance(value, str)
+    if t.startswith("list[str]"):  # `methods` also takes one comma-separated string
+        return (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)) or (
+            name == "methods" and isinstance(value, str))
+    if t.startswith("dict"):
+        return isinstance(value, Mapping)
+    return True  # a type this check does not know: the notebook's own checks apply
+
+
+def check_parameter_types(path: Path, params: Mapping[str, Any]) -> None:
+    """AwqnbError for a parameter of the wrong type for the notebook's parameters cell (e.g.
+    n_calib="16", sample_datasets="ag_news") or a count / length below its minimum, before any
+    notebook starts."""
+    import papermill as pm
+
+    types = {k: v.get("inferred_type_name") or "" for k, v in pm.inspect_notebook(str(path)).items()}
+    for k, v in params.items():
+        t = types.get(k)
+        if t and not _type_ok(v, t, k):
+            raise AwqnbError(f"notebook parameter {k}={v!r} ({type(v).__name__}) must be {t} for {path.name}; "
+                             f"e.g. --param {k}={_example(t)}.")
+        lo = _MINIMUM.get(k)
+        if lo is not None and v is not None and _type_ok(v, "int", k) and v < lo:
+            raise AwqnbError(f"notebook parameter {k}={v} must be at least {lo}.")
+
+
+def _example(type_name: str) -> str:
+    return {"int": "16", "float": "0.5", "bool": "true", "str": "wikitext2", "Optional[int]": "8"}.get(
+        type_name, "[ag_news]" if type_name.startswith("list") else "{}")
+
+
 def _safe(name: str) -> str:
     from .models import short_name
 
@@ -309,6 +357,7 @@ def _check_request(notebook: str, params: Mapping[str, Any] | None, methods) -> 
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise AwqnbError(f"unknown notebook parameter(s) {unknown} for {nb_in.name}; it takes {sorted(known)}.")
+    check_parameter_types(nb_in, params)
     # a notebook without a `methods` parameter (alpha_explorer) takes none: nothing is injected
     takes_methods = "methods" in known
     method_list = as_list(methods) if takes_methods else as_list_or_empty(methods or "")

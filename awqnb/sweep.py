@@ -260,6 +260,22 @@ def _run_tag(params: Mapping[str, Any]) -> str:
     return "_".join(str(p) for p in parts) or "run"
 
 
+def _own_data_files(params: Mapping) -> dict:
+    """sha256 of every user text file named by a data parameter (calibration or evaluation)."""
+    import hashlib
+
+    from .data import is_text_file
+
+    out = {}
+    for k in ("calib_dataset", "eval_dataset", "sample_dataset", "sample_datasets"):
+        v = params.get(k)
+        for name in (v if isinstance(v, (list, tuple)) else [v]):
+            p = Path(str(name)).expanduser() if isinstance(name, str) else None
+            if p is not None and (is_text_file(name) or p.suffix == ".txt") and p.is_file():
+                out[name] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
 def expand(grid: Grid) -> list[RunSpec]:
     """Every run of the grid, checked before any runs: unknown notebook, parameter, model or
     method → AwqnbError."""
@@ -275,6 +291,7 @@ def expand(grid: Grid) -> list[RunSpec]:
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise AwqnbError(f"unknown notebook parameter(s) {unknown} for {nb_path.name}; it takes {sorted(known)}.")
+    report.check_parameter_types(nb_path, params)
     for axis, name in ((grid.seeds, "seed"), (grid.group_sizes, "group_size")):
         if axis and name not in known:
             raise AwqnbError(f"{nb_path.name} has no {name!r} parameter, so it cannot be swept over.")
@@ -312,6 +329,9 @@ def expand(grid: Grid) -> list[RunSpec]:
                 raise AwqnbError(f"bits={full['bits']!r}, group_size={full['group_size']!r}: {e}") from e
         identity = {"notebook": nb_path.stem, "notebook_code": code, "parameters": full, "model": fps[model],
                     "data": data, "versions": vers}
+        own = _own_data_files(full)
+        if own:  # the user's own text files by content: an edited file is a new run
+            identity["data_files"] = own
         run_id = hashlib.sha256(json.dumps(report._clean(identity), sort_keys=True).encode()).hexdigest()[:16]
         if run_id in seen:
             continue
