@@ -415,3 +415,86 @@ def test_cli_seed_flag_no_heuristic_turns_flips_off():
     assert cli._method_params(args)["use_heuristic"] is False
     args = parser.parse_args(["quantize", "--method", "awq_sh"])
     assert "use_heuristic" not in cli._method_params(args)
+
+
+# --- ReFlip on the scores the model computes (after RoPE) -------------------------------------
+
+def _hf_cos_sin(name, T):
+    from awqnb.models import load_model
+
+    model, _ = load_model(name)
+    pos = torch.arange(T)[None]
+    x = torch.zeros(1, T, model.config.hidden_size)
+    rot = model.model.rotary_emb
+    try:
+        return rot(x, pos)
+    except TypeError:  # Gemma3: one rotary module, a layer type per call
+        return rot(x, pos, "full_attention")
+
+
+def test_rope_rotations_reproduce_hf_rotary_scores():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from awqnb.methods.gqa import rope_offsets, rope_rotations
+
+    T = 40
+    cos, sin = _hf_cos_sin("tiny-random-llama", T)
+    offsets = rope_offsets(T)
+    assert offsets == [0, -1, -2, -4, -8, -16, -32]
+    m = rope_rotations(cos, sin, offsets)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, T, cos.shape[-1], generator=g), torch.randn(1, 1, T, cos.shape[-1], generator=g)
+    qr, kr = apply_rotary_pos_emb(q, k, cos, sin)  # HF's own RoPE at positions 0..T-1
+    for i, d in enumerate(offsets):
+        for t in (abs(d), T - 1):  # query at t, key at u = t + d (earlier)
+            u = t + d
+            hf = (qr[0, 0, t] * kr[0, 0, u]).sum().double()
+            ours = q[0, 0, t].double() @ m[i] @ k[0, 0, u].double()
+            torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
+
+
+def test_post_rope_score_error_formula_matches_tokens():
+    from awqnb.methods.gqa import rope_offsets, rope_rotations
+
+    attn, x, wq, wk = _toy_attention(n_heads=4, n_kv=2, hd=8, H=20, seed=5)
+    T = 16
+    inv = 1.0 / (100.0 ** (torch.arange(0, 8, 2).double() / 8))
+    ang = torch.arange(T).double()[:, None] * inv[None]
+    emb = torch.cat([ang, ang], -1)
+    rot = rope_rotations(emb.cos(), emb.sin(), rope_offsets(T))
+    gx, _ = gram([x[None]])
+    wq_hat, wk_hat = wq + 0.02 * torch.randn_like(wq), wk + 0.02 * torch.randn_like(wk)
+    j, _ = score_error(gx.double(), wq_hat, wq, wk_hat, wk, attn, rot)
+    hd = attn.head_dim
+    brute = []
+    for h in range(attn.n_heads):
+        g = h // attn.n_rep
+        qh, q = x.double() @ wq_hat[h * hd:(h + 1) * hd].T.double(), x.double() @ wq[h * hd:(h + 1) * hd].T.double()
+        kh, k = x.double() @ wk_hat[g * hd:(g + 1) * hd].T.double(), x.double() @ wk[g * hd:(g + 1) * hd].T.double()
+        brute.append(torch.stack([(qh @ r @ kh.T - q @ r @ k.T).pow(2).mean() for r in rot]).mean())
+    torch.testing.assert_close(j.double(), torch.stack(brute), rtol=1e-6, atol=1e-12)
+    j_pre, _ = score_error(gx.double(), wq_hat, wq, wk_hat, wk, attn)
+    assert not torch.allclose(j, j_pre, rtol=1e-3)  # RoPE changes the objective
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gemma3"])
+def test_reflip_lowers_the_post_rope_score_error(tiny, name):
+    """awq_gqa minimises the error of the rotated scores; the pre-RoPE objective (gqa_rope=False)
+    lowers it less: the post-RoPE error it leaves is higher, summed over the blocks."""
+    _, _, res = _run(tiny, name, "awq_gqa")
+    _, _, res_pre = _run(tiny, name, "awq_gqa", {"gqa_rope": False})
+    left = {}
+    for label, r in (("rope", res), ("pre", res_pre)):
+        total = 0.0
+        for layer in r.layers:
+            ev = layer.evidence["gqa"]
+            assert ev["objective"] == ("rope" if label == "rope" else "pre-rope")
+            assert ev["rope_offsets"][:3] == [0, -1, -2]
+            before, after = sum(ev["rope_err_before"]), sum(ev["rope_err_after"])
+            assert after < before  # both lower the post-RoPE error in every block
+            total += after
+        left[label] = total
+    assert left["rope"] < left["pre"]
+    for layer in res.layers:  # the objective's own figures are the post-RoPE ones
+        ev = layer.evidence["gqa"]
+        assert ev["score_err_after"] == ev["rope_err_after"] and ev["rope_rel_improvement"] > 0

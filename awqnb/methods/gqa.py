@@ -11,6 +11,19 @@ pre-q_norm/k_norm) attention scores over all pairs of calibration tokens:
         = ⟨Ŵq Gx Ŵqᵀ, Gk⟩ − 2 tr(Ŵq Gx Wqᵀ · C) + ⟨Wq Gx Wqᵀ, Wk Gx Wkᵀ⟩
     with Gk = Ŵk_g Gx Ŵk_gᵀ, C = Wk_g Gx Ŵk_gᵀ  ([hd, hd]).
 
+With RoPE (`gqa_rope`, default on) the objective is the error of the scores the model computes:
+Llama and Gemma score `(R_t q_t)·(R_u k_u) = q_tᵀ M_Δ k_u`, `M_Δ = a²·rot(Δ)` for the offset
+`Δ = u − t` (a: the rotary attention scaling, 1 for plain RoPE). For a fixed set of causal offsets
+`D = {0, −1, −2, −4, …}` (powers of two up to the calibration length; `rope_rotations`),
+
+    J_h^RoPE = mean_{Δ∈D} E_{t,u}[(q̂_tᵀ M_Δ k̂_u − q_tᵀ M_Δ k_u)²]
+
+is the same formula with the keys' weights `M_Δ Wk_g` — still quadratic in Ŵq_h, with `Gk`, `C`
+and the constant replaced by their averages `mean_Δ M_Δ (·) M_Δᵀ` (`_rope_average`). Gemma3's
+q_norm/k_norm (per-head RMSNorms before RoPE) stay outside the objective, as before. The cos/sin
+are the block's own `position_embeddings` (so Gemma's local and global layers get their own bases).
+Evidence reports both the pre-RoPE and the post-RoPE score error, whichever was minimised.
+
 Everything goes through the Gram matrix, so J covers *every* calibration token pair (t, u)
 (also pairs from different samples and u > t: the score error, not the masked attention) at
 the cost of one `XᵀX` pass — no token subsampling is needed; `max_tokens_per_sample > 0`
@@ -70,9 +83,52 @@ def _heads(w: torch.Tensor, n: int, hd: int) -> torch.Tensor:
     return w.reshape(n, hd, -1)
 
 
+def rope_offsets(seqlen: int) -> list[int]:
+    """The causal offsets Δ = u − t of the RoPE objective: 0, −1, −2, −4, … down to −(seqlen−1)."""
+    out, p = [0], 1
+    while p < seqlen:
+        out.append(-p)
+        p *= 2
+    return out
+
+
+def rope_rotations(cos: torch.Tensor, sin: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """`M_Δ: [n_off, hd, hd]` with `(R_t q)·(R_u k) = qᵀ M_{u−t} k` for HF's rotate-half RoPE
+    (`q·cos + rotate_half(q)·sin`), from the block's cos/sin `[..., T, hd]` at positions 0..T−1.
+
+    R_p = diag(cos_p) + diag(sin_p)·P (P = rotate_half as a matrix); with cos_p = a·cos(pθ),
+    R_tᵀ R_u = a²·rot(u − t), and rot(−p) = rot(p)ᵀ, so M_{−p} = a·R_pᵀ (a = cos_0)."""
+    cos = cos.reshape(-1, cos.shape[-2], cos.shape[-1])[0].double()  # [T, hd]
+    sin = sin.reshape(-1, sin.shape[-2], sin.shape[-1])[0].double()
+    hd = cos.shape[-1]
+    half = hd // 2
+    rot_half = torch.zeros(hd, hd, dtype=torch.float64, device=cos.device)
+    idx = torch.arange(half, device=cos.device)
+    rot_half[idx, idx + half] = -1.0  # rotate_half(x)[i] = −x[i + hd/2]
+    rot_half[idx + half, idx] = 1.0   # rotate_half(x)[i + hd/2] = x[i]
+    a = cos[0].mean()  # attention scaling (cos of angle 0)
+    mats = []
+    for d in offsets:
+        p = abs(d)
+        if p >= cos.shape[0]:
+            raise AwqnbError(f"RoPE offset {d} is beyond the {cos.shape[0]} calibration positions.")
+        r = torch.diag(cos[p]) + torch.diag(sin[p]) @ rot_half  # R_p
+        mats.append(a * (r.T if d <= 0 else r))
+    return torch.stack(mats)
+
+
+def _rope_average(mat: torch.Tensor, rot: torch.Tensor | None) -> torch.Tensor:
+    """`mean_Δ M_Δ mat M_Δᵀ` for `mat: [nh, hd, hd]`, `rot: [n_off, hd, hd]` (mat when rot is None)."""
+    if rot is None:
+        return mat
+    rot = rot.to(mat.dtype)
+    return torch.einsum("oij,hjk,olk->hil", rot, mat, rot) / rot.shape[0]
+
+
 def score_error(gx: torch.Tensor, wq_hat: torch.Tensor, wq: torch.Tensor, wk_hat: torch.Tensor,
-                wk: torch.Tensor, attn: AttnShape) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query head: (J_h `[n_heads]`, reference `E[(q_t·k_u)²]` `[n_heads]`).
+                wk: torch.Tensor, attn: AttnShape, rot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query head: (J_h `[n_heads]`, reference `E[(q_t·k_u)²]` `[n_heads]`); with `rot`
+    (`rope_rotations`), the post-RoPE J_h^RoPE and reference averaged over its offsets.
 
     wq_hat, wq: `[n_heads·hd, H]`; wk_hat, wk: `[n_kv·hd, H]` (module docstring), kv head h // n_rep.
     """
@@ -81,9 +137,9 @@ def score_error(gx: torch.Tensor, wq_hat: torch.Tensor, wq: torch.Tensor, wk_hat
     kv = torch.arange(attn.n_heads, device=gx.device) // attn.n_rep
     qh, q = _heads(wq_hat.to(acc), attn.n_heads, hd), _heads(wq.to(acc), attn.n_heads, hd)
     kh, k = _heads(wk_hat.to(acc), attn.n_kv, hd)[kv], _heads(wk.to(acc), attn.n_kv, hd)[kv]
-    gk = kh @ gx @ kh.transpose(1, 2)
-    c = k @ gx @ kh.transpose(1, 2)
-    skk = k @ gx @ k.transpose(1, 2)
+    gk = _rope_average(kh @ gx @ kh.transpose(1, 2), rot)
+    c = _rope_average(k @ gx @ kh.transpose(1, 2), rot)
+    skk = _rope_average(k @ gx @ k.transpose(1, 2), rot)
     sqq = q @ gx @ q.transpose(1, 2)
     j = ((qh @ gx @ qh.transpose(1, 2)) * gk).sum((1, 2)) \
         - 2 * ((qh @ gx @ q.transpose(1, 2)) * c.transpose(1, 2)).sum((1, 2)) + (sqq * skk).sum((1, 2))
@@ -110,11 +166,13 @@ class ReflipResult:
 @torch.no_grad()
 def reflip(gx: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wk_hat: torch.Tensor, codes: torch.Tensor,
            scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig, attn: AttnShape,
-           critical_dim_pct: float = 0.15, max_flip_pct: float = 0.05, max_iters: int | None = None) -> ReflipResult:
+           critical_dim_pct: float = 0.15, max_flip_pct: float = 0.05, max_iters: int | None = None,
+           rot: torch.Tensor | None = None) -> ReflipResult:
     """Greedy ReFlip of q_proj codes `[n_heads·hd, H]` (module docstring).
 
     gx: `[H, H]`; wq: FP scaled q_proj `[n_heads·hd, H]`; wk, wk_hat: FP and rounded k_proj
-    `[n_kv·hd, H]`; scale, zero: q_proj's grid `[n_heads·hd, n_group]`.
+    `[n_kv·hd, H]`; scale, zero: q_proj's grid `[n_heads·hd, n_group]`. rot: `rope_rotations`
+    (the post-RoPE objective; j_before/j_after are then J^RoPE) or None (pre-RoPE).
     """
     dev = codes.device
     acc = gx.dtype
@@ -126,7 +184,7 @@ def reflip(gx: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wk_hat: torch.T
     lo, hi = qrange(cfg)
     codes = codes.clone()
     wq_hat = dequantize(codes, scale, zero, cfg)
-    j0, ref = score_error(gx, wq_hat, wq, wk_hat, wk, attn)
+    j0, ref = score_error(gx, wq_hat, wq, wk_hat, wk, attn, rot)
     n_crit = 0 if critical_dim_pct <= 0 else min(hd, max(1, int(critical_dim_pct * hd)))
     cap = 0 if max_flip_pct <= 0 else max(1, int(max_flip_pct * H))
     empty = torch.zeros(nh, 0, dtype=torch.long, device=dev)
@@ -136,8 +194,8 @@ def reflip(gx: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wk_hat: torch.T
     kv = torch.arange(nh, device=dev) // attn.n_rep
     kh = _heads(wk_hat.to(acc), attn.n_kv, hd)[kv]  # [nh, hd, H]
     k = _heads(wk.to(acc), attn.n_kv, hd)[kv]
-    gk = kh @ gx @ kh.transpose(1, 2)  # [nh, hd, hd]
-    c_mat = k @ gx @ kh.transpose(1, 2)
+    gk = _rope_average(kh @ gx @ kh.transpose(1, 2), rot)  # [nh, hd, hd]
+    c_mat = _rope_average(k @ gx @ kh.transpose(1, 2), rot)
     dims = torch.topk(torch.diagonal(gk, dim1=1, dim2=2), n_crit, dim=1).indices  # [nh, n_crit]
     col = dims[:, None, :].expand(nh, hd, n_crit)
     qh_t = _heads(wq_hat.to(acc), nh, hd).transpose(1, 2)  # [nh, H, hd]
@@ -202,10 +260,33 @@ def reflip(gx: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wk_hat: torch.T
     out = _heads(codes, nh, hd).clone()
     out.scatter_(1, rows, cd)
     out = out.reshape(nh * hd, H)
-    j1, _ = score_error(gx, dequantize(out, scale, zero, cfg), wq, wk_hat, wk, attn)
+    j1, _ = score_error(gx, dequantize(out, scale, zero, cfg), wq, wk_hat, wk, attn, rot)
     flips = count.sum(1)
     log.debug("reflip: J %s -> %s (tracked %s), %d iterations", j0.tolist(), j1.tolist(), j_cur.tolist(), it)
     return ReflipResult(out, j0, j1, ref, flips.cpu(), count, dims, cap, max(it, 0))
+
+
+def _positions(ctx: BlockContext):
+    """The block's (cos, sin) `[b, T, hd]` from its attention kwargs, or None."""
+    for kw in ctx.kwargs:
+        pe = kw.get("position_embeddings") if isinstance(kw, dict) else None
+        if isinstance(pe, (tuple, list)) and len(pe) == 2 and all(isinstance(t, torch.Tensor) for t in pe):
+            return pe
+    return None
+
+
+def rope_offsets_of(ctx: BlockContext) -> list[int]:
+    pe = _positions(ctx)
+    return [] if pe is None else rope_offsets(pe[0].shape[-2])
+
+
+def _block_rotations(ctx: BlockContext, device) -> torch.Tensor | None:
+    """`rope_rotations` for this block's positions, or None when it has no rotary embeddings."""
+    pe = _positions(ctx)
+    if pe is None or pe[0].shape[-1] != ctx.attn.head_dim or ctx.attn.head_dim % 2:
+        return None
+    cos, sin = pe
+    return rope_rotations(cos.to(device), sin.to(device), rope_offsets(cos.shape[-2])).to(acc_dtype(device))
 
 
 @register
@@ -214,17 +295,20 @@ class AWQGQA(AWQJamesStein):
     with keys from the rounded k_proj of its kv head h // n_rep (`reflip`, module docstring).
 
     Params: awq_js's, plus apply_gqa_reflip (True), gqa_critical_dim_pct (0.15, fraction of
-    head dims), gqa_max_flip_pct (0.05, fraction of a dim's H weights). Runs in `finish_block`,
+    head dims), gqa_max_flip_pct (0.05, fraction of a dim's H weights), gqa_rope (True: minimise
+    the post-RoPE score error over `rope_offsets`; False: the pre-RoPE proxy). Runs in `finish_block`,
     when q_proj and k_proj are rounded; the q_proj replay record returned by `round_linear` is
     updated in place (the pipeline keeps that dict object in `LayerRecord.replay`), so
     `pipeline.apply` reproduces the ReFlip weights. Evidence ctx.evidence['gqa']: per head
     score_err_before/after (J_h), score_ref (E[(q·k)²]), flips; rel_improvement
-    1 − ΣJ_after/ΣJ_before; critical_dims, cap_per_dim, iterations.
+    1 − ΣJ_after/ΣJ_before; critical_dims, cap_per_dim, iterations; objective ('rope' / 'pre-rope');
+    rope_err_before/after and rope_rel_improvement (the post-RoPE error, whichever objective ran,
+    when the block has rotary position embeddings), pre_rope_err_before/after likewise.
     """
 
     name = "awq_gqa"
     PARAMS = {**AWQJamesStein.PARAMS, "apply_gqa_reflip": True, "gqa_critical_dim_pct": 0.15,
-              "gqa_max_flip_pct": 0.05}
+              "gqa_max_flip_pct": 0.05, "gqa_rope": True}
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -263,11 +347,25 @@ class AWQGQA(AWQJamesStein):
             gx, n_tok = gram(ctx.inputs[ctx.input_key[qn]], int(self.params["max_tokens_per_sample"]),
                              q_lin.weight.device)
             gx = gx.to(q_lin.weight.device)
-            rr = reflip(gx, qs["fp"], ks["fp"], k_lin.weight.data.float(), qs["q"], qs["scale"], qs["zero"],
+            rot = _block_rotations(ctx, gx.device)
+            if rot is None and self.params["gqa_rope"]:
+                log.warning("block %d has no rotary position embeddings: ReFlip minimises the pre-RoPE error", ctx.index)
+            use = rot if self.params["gqa_rope"] else None
+            wk_hat = k_lin.weight.data.float()
+            rr = reflip(gx, qs["fp"], ks["fp"], wk_hat, qs["q"], qs["scale"], qs["zero"],
                         self.cfg.quant, ctx.attn, float(self.params["gqa_critical_dim_pct"]),
-                        float(self.params["gqa_max_flip_pct"]))
-            q_lin.weight.data.copy_(dequantize(rr.codes, qs["scale"], qs["zero"], self.cfg.quant)
-                                    .to(q_lin.weight.dtype))
+                        float(self.params["gqa_max_flip_pct"]), rot=use)
+            q_before = dequantize(qs["q"], qs["scale"], qs["zero"], self.cfg.quant)
+            q_after = dequantize(rr.codes, qs["scale"], qs["zero"], self.cfg.quant)
+            measures = {"pre_rope": None} if rot is None else {"pre_rope": None, "rope": rot}
+            other = {}  # each error before and after, the minimised one and the other
+            for label, r in measures.items():
+                if (r is None) == (use is None):  # the objective: reflip measured it
+                    other[label] = (rr.j_before.double().cpu(), rr.j_after.double().cpu())
+                else:
+                    other[label] = tuple(score_error(gx, w, qs["fp"], wk_hat, ks["fp"], ctx.attn, r)[0].double().cpu()
+                                         for w in (q_before, q_after))
+            q_lin.weight.data.copy_(q_after.to(q_lin.weight.dtype))
             qs["replay"].update(code_delta(qs["q0"], rr.codes))  # same dict object as LayerRecord.replay[qn]
             jb, ja = rr.j_before.double().cpu(), rr.j_after.double().cpu()
             ctx.evidence["gqa"] = {
@@ -280,6 +378,12 @@ class AWQGQA(AWQJamesStein):
                 "cap_per_dim": rr.cap,
                 "iterations": rr.iterations,
                 "n_tok": n_tok,
+                "objective": "rope" if use is not None else "pre-rope",
+                "rope_offsets": None if rot is None else rope_offsets_of(ctx),
             }
+            for label, (b, a) in other.items():
+                ctx.evidence["gqa"][f"{label}_err_before"] = b.tolist()
+                ctx.evidence["gqa"][f"{label}_err_after"] = a.tolist()
+                ctx.evidence["gqa"][f"{label}_rel_improvement"] = float(1 - a.sum() / b.sum()) if float(b.sum()) > 0 else 0.0
             log.debug("block %d ReFlip: score error %.4g -> %.4g", ctx.index, float(jb.sum()), float(ja.sum()))
         super().finish_block(ctx)
