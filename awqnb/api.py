@@ -110,6 +110,8 @@ def quantize_with_awq(src, dst, calib_path, bits: int = 4, group_size: int = 128
     if dest.exists() and not overwrite and (not dest.is_dir() or any(dest.iterdir())):
         raise AwqnbError(f"{dest} already exists; pass overwrite=True or choose another dst.")
     prompts = read_prompts(calib_path)  # a bad file fails before the model is loaded
+    models.check_writable(dest.parent)  # a read-only or full destination: refused before quantizing
+    models.check_source(str(src))  # an unsupported architecture: refused before the weights load
     dev = models.resolve_device(device)
     model, tok = models.load_model(str(src), device=dev)
     models.check_supported(model)

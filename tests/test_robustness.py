@@ -226,6 +226,16 @@ def test_library_functions_refuse_nonsense_settings(tiny_dir, tmp_path):
         load_eval_texts("ag_news", n_samples=0)
     with pytest.raises(AwqnbError, match="does not exist"):
         PerplexityResult.read(tmp_path / "none.json")
+    import awqnb
+
+    (tmp_path / "prompts.txt").write_text("hello there\nhow are you\n")
+    (tmp_path / "phi").mkdir()
+    (tmp_path / "phi" / "config.json").write_text('{"model_type": "phi3"}')
+    with pytest.raises(AwqnbError, match="'phi3' is not supported"):  # the seed API checks first too
+        awqnb.quantize_with_awq(str(tmp_path / "phi"), str(tmp_path / "o"), str(tmp_path / "prompts.txt"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AwqnbError, match="is a file, not a directory"):
+        awqnb.quantize_with_awq(str(tiny_dir), str(tmp_path / "file" / "o"), str(tmp_path / "prompts.txt"))
     with pytest.raises(AwqnbError, match="not a JSON object"):
         (tmp_path / "c").mkdir()
         (tmp_path / "c" / "config.json").write_text('"x"')
