@@ -650,6 +650,9 @@ def run_sweep(grid: Grid, output_dir: str | Path = "reports", executor: str = "l
     specs = expand(grid)
     report.kernel_name()
     out = Path(output_dir)
+    from .models import check_writable
+
+    check_writable(out)  # a file in the way, read-only or full: refused before any notebook starts
     env: dict[str, str] = {}
     if executor == "ray":
         gpus = check_ray(ray_address, cpus_per_run, gpus_per_run, ray_num_cpus)

@@ -171,6 +171,9 @@ CASES = [
     ("compare: other schema", _compare('{"results": []}'), r"is not an `awqnb eval --json` result", True),
     ("compare: empty units", _compare(json.dumps({**_results_file(None), "nll": [], "n_tokens": []})),
      r"not an `awqnb eval --json` result", True),
+    ("report: output under a file", lambda tmp, tiny: (tmp / "f").write_text("x") and [
+        "report", "--models", "tiny-random-llama", "--methods", "rtn", "--output-dir", str(tmp / "f" / "rep")],
+     r"is a file, not a directory", True),
     ("report: unknown method", _report("--methods", "rtn,no_such_method"), r"unknown method .no_such_method.", True),
     ("report: int parameter as string", _report("--param", "n_calib='16'"), r"n_calib='16' \(str\) must be int", True),
     ("report: list parameter as string", _report("--param", "sample_datasets=ag_news"),
