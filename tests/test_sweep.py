@@ -6,6 +6,7 @@ output directory at once lose nothing; bad input is one line and exit status 2 b
 The runs read a 300-row slice of WikiText-2 test (AWQNB_DATA_DIR) and a local calibration text, so
 each notebook takes seconds. The in-process baseline runs in a background process while the Ray
 tests use the cluster."""
+import hashlib
 import json
 import os
 import secrets
@@ -221,7 +222,9 @@ def test_grid_expansion_and_identity(env):
     g3 = sweep.make_grid(grid_file=root / "grid.yaml", params={**g.params, "bits": 4})
     assert [s.run_id for s in sweep.expand(g3)] == [s.run_id for s in specs]
     ident = specs[0].identity
-    assert set(ident) == {"notebook", "notebook_code", "parameters", "model", "data", "versions"}
+    assert set(ident) == {"notebook", "notebook_code", "parameters", "model", "data", "versions", "data_files"}
+    calib_file = ident["parameters"]["calib_dataset"]  # the user's own text file, by content
+    assert ident["data_files"] == {calib_file: hashlib.sha256(Path(calib_file).read_bytes()).hexdigest()}
     assert ident["data"]["wikitext2-test"]["sha256"] and ident["versions"]["awqnb"]
     assert ident["parameters"]["seed"] == 42 and ident["parameters"]["methods"] == ["rtn", "awq"]
     assert set(sweep.make_grid("a,b", "rtn,awq;rtn,awq_sh").methods) == {("rtn", "awq"), ("rtn", "awq_sh")}
