@@ -113,7 +113,7 @@ def test_cli_quantize_eval_compare(tmp_path):
 
 @pytest.mark.parametrize("args,msg", [
     (["--model", "nope"], "unknown model 'nope'"),
-    (["--model", "tiny-random-llama", "--method", "gptq"], "unknown method 'gptq'"),
+    (["--model", "tiny-random-llama", "--method", "no_such_method"], "unknown method 'no_such_method'"),
     (["--model", "tiny-random-llama", "--method", "rtn", "--group-size", "4096"], "larger than a layer"),
     (["--model", "tiny-random-llama", "--method", "awq", "--group-size", "32", "--n-calib", "100000"], "fewer than n_calib"),
     (["--model", "tiny-random-llama", "--method", "awq", "--group-size", "32", "--calib-dataset", "missing.txt"], "unknown"),
