@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -398,6 +399,13 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("awqnb: interrupted\n")
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            # the sweep's state is on disk; Ray's own teardown can abort (SIGABRT) on a reply for a
+            # task it force-cancelled, which would turn exit status 130 into a crash
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         return 130
 
 
