@@ -259,14 +259,9 @@ def cmd_compare(args) -> int:
 
 
 def _read_params_file(path: str) -> dict:
-    import yaml
+    from .files import read_yaml_mapping
 
-    try:
-        params = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise AwqnbError(f"cannot read --params {path}: {e}") from e
-    if not isinstance(params, dict):
-        raise AwqnbError(f"--params {path} must be a YAML mapping of notebook parameter: value.")
+    params = read_yaml_mapping(path, "--params", "of notebook parameter: value")
     for k, flag in (("model", "--models"), ("models", "--models"), ("methods", "--methods")):
         if k in params:
             raise AwqnbError(f"--params {path} sets {k!r}: pass it as {flag} instead.")

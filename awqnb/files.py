@@ -27,3 +27,19 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_yaml_mapping(path: str | Path, what: str, shape: str) -> dict:
+    """A YAML file that must hold a mapping (empty → {}); AwqnbError naming `what` otherwise
+    (`shape` says what the mapping should contain)."""
+    import yaml
+
+    from .errors import AwqnbError
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise AwqnbError(f"cannot read {what} {path}: {e}") from e
+    if not isinstance(doc, dict):
+        raise AwqnbError(f"{what} {path} must be a YAML mapping {shape}.")
+    return doc

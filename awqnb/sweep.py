@@ -110,14 +110,9 @@ GRID_KEYS = ("models", "methods", "seeds", "group_sizes", "params", "notebook")
 
 def load_grid_file(path: str | Path) -> dict:
     """A grid YAML: {models, methods, seeds, group_sizes, params, notebook} (all optional)."""
-    import yaml
+    from .files import read_yaml_mapping
 
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise AwqnbError(f"cannot read grid file {path}: {e}") from e
-    if not isinstance(doc, dict):
-        raise AwqnbError(f"grid file {path} must be a YAML mapping with keys {', '.join(GRID_KEYS)}.")
+    doc = read_yaml_mapping(path, "grid file", f"with keys {', '.join(GRID_KEYS)}")
     unknown = sorted(set(doc) - set(GRID_KEYS))
     if unknown:
         raise AwqnbError(f"grid file {path}: unknown key(s) {unknown}; use {', '.join(GRID_KEYS)} "
