@@ -6,6 +6,10 @@ function selects, reshapes and draws columns that are already there.
 - `alpha_curves(curves)`, `alpha_map(curves)`: `QuantResult.curves()` output (layer, group, alpha,
   loss, best_alpha, loss_rel_rtn), one method at a time; optional constant columns model, method,
   bits, group_size name the run in the title.
+- `sensitivity_heatmap`, `sensitivity_bars` (`awqnb.sensitivity.sensitivity` frames: layer, family,
+  mode, kl, ppl, dppl, n_params, mse), `pareto_plot` (`awqnb.sensitivity.pareto`: strategy, k,
+  avg_bits, ppl, kl) and `block_error_profile` (`QuantResult.block_errors()`: where the error
+  enters); their titles read the frame's `attrs['provenance']`.
 
 Titles name what the figure is about: model, method, bits and group size (and the evaluation
 protocol for perplexity), taken from the frame's columns (when they hold one value) or `meta`.
@@ -53,6 +57,8 @@ def _fmt(key: str, v) -> str:
         return "per-channel" if int(v) == -1 else f"g{int(v)}"
     if key == "seqlen":
         return f"seqlen {int(v)}"
+    if key == "n_windows":
+        return f"{int(v)} windows"
     if key == "calibration" and isinstance(v, Mapping):
         return f"calib {v.get('dataset')}"
     return str(v)
@@ -598,4 +604,209 @@ def channel_error_scatter(frame, layer: int, module: str, meta: Mapping | None =
                                             ("model", "bits", "group_size")),
                       xaxis_title="E[x_j²] (input energy)", yaxis_title="Σ_i r_ij² (weight error of column j)",
                       xaxis_type="log", yaxis_type="log")
+    return fig
+
+
+# --- sensitivity figures (awqnb.sensitivity frames, QuantResult.block_errors) ----------------
+
+SENS_FAMILIES = ("qkv", "vo", "gate_up", "down")  # block order; vo is the o_proj family
+SENS_LABELS = {"kl": "KL to FP (nats/token)", "dppl": "Δ perplexity", "ppl": "perplexity", "mse": "output MSE",
+               "rel_err": "block output error vs FP"}
+SENS_KEYS = ("model", "method", "bits", "group_size", "dataset", "seqlen", "n_windows")
+STRATEGY_COLORS = {"sensitivity": "#d62728", "mse": "#1f77b4", "random": "#7f7f7f"}
+
+
+def _provenance(df, meta: Mapping | None = None) -> dict:
+    """Title context from the frame's `attrs['provenance']` (a MethodConfig dict under 'config' or
+    'quant' gives method, bits, group_size; 'eval_dataset' / 'eval_seqlen' name the evaluation),
+    then `meta` on top."""
+    prov = dict((getattr(df, "attrs", None) or {}).get("provenance") or {})
+    cfg = prov.get("config")
+    if isinstance(cfg, Mapping):
+        prov.setdefault("method", cfg.get("method"))
+        prov.setdefault("quant", cfg.get("quant"))
+    q = prov.get("quant")
+    if isinstance(q, Mapping):
+        prov.setdefault("bits", q.get("bits"))
+        prov.setdefault("group_size", q.get("group_size"))
+    for k in ("dataset", "seqlen"):
+        if prov.get(k) is None and prov.get(f"eval_{k}") is not None:
+            prov[k] = prov[f"eval_{k}"]
+    for k in ("model", "method", "dataset"):  # a nested value (e.g. a data-file record) is no title
+        if k in prov and not isinstance(prov[k], (str, int, float)):
+            prov.pop(k)
+    return {**{k: v for k, v in prov.items() if v is not None}, **(meta or {})}
+
+
+def _families(frame) -> list:
+    present = list(dict.fromkeys(frame["family"]))
+    return [f for f in SENS_FAMILIES if f in present] + [f for f in present if f not in SENS_FAMILIES]
+
+
+def _attr(df, key):
+    v = (getattr(df, "attrs", None) or {}).get(key)
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+def sensitivity_heatmap(frame, mode: str = "only", value: str = "kl", log: bool = False, meta: Mapping | None = None,
+                        title: str | None = None) -> go.Figure:
+    """End-to-end sensitivity (`awqnb.sensitivity.sensitivity`) of every (layer, linear family):
+    layers as rows, families (qkv, vo, gate_up, down) as columns, colour = `value` of the rows of
+    `mode` ('only': just this part quantized, the rest FP; 'except': everything quantized but this
+    part). A signed column (dppl) is centred on 0; log draws log10 of a positive column."""
+    _require(frame, ("layer", "family", "mode", value), "sensitivity_heatmap")
+    d = frame[frame["mode"] == mode]
+    if d.empty:
+        raise AwqnbError(f"sensitivity_heatmap: no rows of mode {mode!r}; the frame has "
+                         f"{sorted(frame['mode'].unique())}.")
+    fams = _families(d)
+    grid = d.pivot_table(index="layer", columns="family", values=value, aggfunc="first").reindex(columns=fams)
+    grid = grid.sort_index()
+    raw = grid.to_numpy()
+    z = [_log10(r) for r in raw] if log else raw
+    signed = not log and bool((d[value] < 0).any())
+    extra = [c for c in ("ppl", "dppl", "n_params") if c in d.columns and c != value]
+    cols = [raw] + [d.pivot_table(index="layer", columns="family", values=c, aggfunc="first")
+                    .reindex(index=grid.index, columns=fams).to_numpy() for c in extra]
+    custom = [[[c[i][j] for c in cols] for j in range(len(fams))] for i in range(len(grid.index))]
+    hover = f"layer %{{y}} · %{{x}}<br>{value} %{{customdata[0]:.4g}}" + "".join(
+        f"<br>{c} %{{customdata[{k + 1}]:{',d' if c == 'n_params' else '.4g'}}}" for k, c in enumerate(extra))
+    label = SENS_LABELS.get(value, value)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=fams, y=list(grid.index), customdata=custom, zmid=0.0 if signed else None,
+        colorscale="RdBu_r" if signed else "Reds", colorbar=dict(title=("log10 " if log else "") + value),
+        text=raw, texttemplate="%{text:.3g}", hovertemplate=hover + "<extra></extra>"))
+    what = {"only": "only this part quantized", "except": "everything quantized but this part"}.get(mode, mode)
+    fig.update_layout(title=title or _title(f"Sensitivity: {label}, {what}", d, _provenance(frame, meta), SENS_KEYS),
+                      xaxis_title="linear family", yaxis_title="layer", height=max(320, 20 * len(grid) + 170))
+    fig.update_yaxes(autorange="reversed", dtick=1 if len(grid) <= 40 else None)
+    return fig
+
+
+def sensitivity_bars(frame, top: int = 15, by: str = "kl", meta: Mapping | None = None,
+                     title: str | None = None) -> go.Figure:
+    """The `top` most sensitive (layer, family) parts ranked by `by` of the 'only' rows (most
+    sensitive on top), beside the same parts in 'except' mode: how much of the fully quantized
+    model's damage keeping just that part in FP takes back (`quant_kl − kl` for KL, from the
+    frame's attrs; `dppl`, already a recovery there; else the raw column)."""
+    _require(frame, ("layer", "family", "mode", by), "sensitivity_bars")
+    only = frame[frame["mode"] == "only"]
+    if only.empty:
+        raise AwqnbError("sensitivity_bars ranks the 'only' rows; this frame has none.")
+    if top < 1:
+        raise AwqnbError(f"sensitivity_bars: top={top} must be at least 1.")
+    ranked = only.sort_values(by, ascending=False, kind="stable").head(top)
+    labels = [f"L{l} {f}" for l, f in zip(ranked["layer"], ranked["family"])]
+    exc = frame[frame["mode"] == "except"].set_index(["layer", "family"])
+    label = SENS_LABELS.get(by, by)
+    panels = 2 if not exc.empty else 1
+    quant_kl = _attr(frame, "quant_kl")
+    if by == "dppl":
+        rec_title, rec = "recovery: full-quant ppl − ppl", lambda v: v
+    elif by == "kl" and quant_kl is not None:
+        rec_title, rec = "recovery: KL(all quantized) − KL", lambda v: quant_kl - v
+    else:
+        rec_title, rec = f"{by} (everything else quantized)", lambda v: v
+    fig = make_subplots(rows=1, cols=panels, shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=(f"only this part quantized: {label}",) + ((rec_title,) if panels == 2 else ()))
+    fig.add_trace(go.Bar(y=labels, x=ranked[by], orientation="h", name="only", marker_color="#d62728",
+                         hovertemplate="%{y}<br>" + by + " %{x:.4g}<extra>only</extra>"), row=1, col=1)
+    if panels == 2:
+        vals = [rec(float(exc.loc[(l, f), by])) if (l, f) in exc.index else None
+                for l, f in zip(ranked["layer"], ranked["family"])]
+        fig.add_trace(go.Bar(y=labels, x=vals, orientation="h", name="except", marker_color="#2ca02c",
+                             hovertemplate="%{y}<br>%{x:.4g}<extra>except</extra>"), row=1, col=2)
+    fig.update_yaxes(autorange="reversed", title_text="layer · family", col=1)
+    fig.update_layout(title=title or _title(f"The {len(ranked)} most sensitive parts", frame,
+                                            _provenance(frame, meta), SENS_KEYS),
+                      showlegend=False, height=max(320, 24 * len(ranked) + 170))
+    return fig
+
+
+def pareto_plot(pareto_frame, fp_ppl: float | None = None, quant_ppl: float | None = None,
+                meta: Mapping | None = None, title: str | None = None) -> go.Figure:
+    """Mixed precision (`awqnb.sensitivity.pareto`): perplexity against average weight bits, one
+    line per strategy choosing which linears to keep at higher precision (each point labelled with
+    k, the number kept); the FP and fully quantized perplexities (arguments, else the frame's
+    attrs `fp_ppl` / `quant_ppl`) as dashed reference lines."""
+    _require(pareto_frame, ("strategy", "k", "avg_bits", "ppl"), "pareto_plot")
+    fig = go.Figure()
+    for s, d in pareto_frame.groupby("strategy", sort=False):
+        d = d.sort_values(["avg_bits", "k"])
+        kl = d["kl"] if "kl" in d.columns else [float("nan")] * len(d)
+        fig.add_trace(go.Scatter(
+            x=d["avg_bits"], y=d["ppl"], mode="lines+markers+text", name=str(s), text=[f"k={k}" for k in d["k"]],
+            textposition="top center", line=dict(color=STRATEGY_COLORS.get(str(s))),
+            customdata=list(zip(d["k"], kl)),
+            hovertemplate=f"{s}<br>k %{{customdata[0]}}<br>avg bits %{{x:.4f}}<br>ppl %{{y:.4f}}"
+                          "<br>KL %{customdata[1]:.4g}<extra></extra>"))
+    fp_ppl = fp_ppl if fp_ppl is not None else _attr(pareto_frame, "fp_ppl")
+    quant_ppl = quant_ppl if quant_ppl is not None else _attr(pareto_frame, "quant_ppl")
+    for v, name, color in ((fp_ppl, "FP", "#2ca02c"), (quant_ppl, "fully quantized", "#7f7f7f")):
+        if v is not None:
+            fig.add_hline(y=v, line=dict(color=color, dash="dash", width=1), annotation_text=f"{name} {v:.3f}",
+                          annotation_position="top left", name=name)
+    fig.update_layout(title=title or _title("Mixed precision: perplexity vs average bits", pareto_frame,
+                                            _provenance(pareto_frame, meta), SENS_KEYS),
+                      xaxis_title="average weight bits", yaxis_title="perplexity", legend_title="linears kept by")
+    return fig
+
+
+def _block_error_frame(obj):
+    """(frame with label, layer, rel_err; meta) from a QuantResult, a QuantResult metadata dict, a
+    {label: either} mapping, or a frame (layer, rel_err, optional method/label)."""
+    import pandas as pd
+
+    def one(label, r):
+        if hasattr(r, "block_errors"):
+            q = r.config.quant
+            m = {"model": r.model_name, "method": r.method, "bits": q.bits, "group_size": q.group_size}
+            return r.block_errors().assign(label=label or r.method), m
+        if isinstance(r, Mapping) and isinstance(r.get("layers"), list):  # QuantResult.metadata()
+            q = (r.get("config") or {}).get("quant") or {}
+            m = {"model": r.get("model"), "method": r.get("method"), "bits": q.get("bits"),
+                 "group_size": q.get("group_size")}
+            rows = [{"layer": L["index"], "rel_err": (L.get("evidence") or {}).get("block_rel_err", float("nan"))}
+                    for L in r["layers"]]
+            return pd.DataFrame(rows, columns=["layer", "rel_err"]).assign(label=label or r.get("method")), m
+        raise AwqnbError(f"block_error_profile takes a QuantResult, its metadata(), a mapping of label to those, "
+                         f"or a frame with layer and rel_err; not {type(r).__name__}.")
+
+    if hasattr(obj, "columns"):
+        _require(obj, ("layer", "rel_err"), "block_error_profile")
+        lab = "label" if "label" in obj.columns else "method" if "method" in obj.columns else None
+        d = obj.assign(label=obj[lab].astype(str) if lab else "")
+        return d, {}
+    if isinstance(obj, Mapping) and not isinstance(obj.get("layers"), list):
+        parts = [one(str(k), v) for k, v in obj.items()]
+        if not parts:
+            raise AwqnbError("block_error_profile: nothing to draw (an empty mapping).")
+        metas = [m for _, m in parts]
+        common = {k: v for k, v in metas[0].items() if all(m.get(k) == v for m in metas)}
+        if len(parts) > 1:
+            common.pop("method", None)
+        return pd.concat([f for f, _ in parts], ignore_index=True), common
+    return one(None, obj)
+
+
+def block_error_profile(result_or_frame, log: bool = True, meta: Mapping | None = None,
+                        title: str | None = None) -> go.Figure:
+    """Where the error enters while quantizing: each block's output error relative to the FP
+    block on the same inputs (`block_rel_err`, recorded by `pipeline.quantize` with
+    layer_batch_size 1), one line per method. Takes a QuantResult, its `metadata()`, a mapping
+    {label: QuantResult or metadata}, or a frame (layer, rel_err, optional method/label column)."""
+    d, m = _block_error_frame(result_or_frame)
+    d = d.dropna(subset=["rel_err"])
+    if d.empty:
+        raise AwqnbError("block_error_profile: no block_rel_err recorded (it is measured only with "
+                         "layer_batch_size 1, and only by runs since it was added).")
+    fig = go.Figure()
+    for lab, s in d.groupby("label", sort=False):
+        s = s.sort_values("layer")
+        fig.add_trace(go.Scatter(x=s["layer"], y=s["rel_err"], mode="lines+markers", name=str(lab) or "rel_err",
+                                 hovertemplate=f"{lab}<br>block %{{x}}<br>rel err %{{y:.4g}}<extra></extra>"))
+    fig.update_layout(title=title or _title("Where the error enters: block output error vs FP", d, {**m, **(meta or {})},
+                                            ("model", "method", "bits", "group_size")),
+                      xaxis_title="decoder block", yaxis_title="Σ‖B_q(x) − B(x)‖² / Σ‖B(x)‖²",
+                      yaxis_type="log" if log else "linear", legend_title="method", showlegend=d["label"].nunique() > 1)
     return fig
