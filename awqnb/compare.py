@@ -48,7 +48,8 @@ def method_configs(methods: Iterable[str], variants: Mapping[str, Mapping[str, A
 
 
 def _cfg_of(res) -> dict:
-    c = res.config.to_dict()
+    """The grid and search settings of a QuantResult or a MethodConfig."""
+    c = (res.config if hasattr(res, "config") else res).to_dict()
     return {"method": c["method"], **c["quant"], **{k: c["search"][k] for k in ("salience", "duo_scaling", "clip")},
             "params": c["params"]}
 
@@ -117,89 +118,115 @@ def winners(table):
     return pd.DataFrame(rows)
 
 
-def seed_claims(results: Mapping[str, Mapping[str, Any]], quant_results: Mapping[str, Any], n_boot: int = 2000,
-                seed: int = 0):
+def seed_claims(results, quant_results: Mapping[str, Any] | None = None, n_boot: int = 2000, seed: int = 0):
     """The seeds' claims checked on this run → one row per (claim, dataset or evidence):
     claim, a, b (labels compared), dataset, value (delta % of a against b, or the evidence's
-    figure), ci_low, ci_high (paired bootstrap 95%), seed_says, verdict.
+    figure), ci_low, ci_high (95%), n_seeds, unit, seed_says, verdict.
 
-    Perplexity claims (delta % = exp(mean NLL_a − mean NLL_b) − 1, negative: a is better):
+    results: a `runner.Comparison` (every calibration seed; quant_results then come from it), or
+    label → dataset → PerplexityResult of one run with quant_results: label → QuantResult.
+
+    Perplexity claims (delta % = exp(mean NLL_a − mean NLL_b) − 1, mean over seeds; negative: a is
+    better; the interval from the two-level bootstrap over seeds and evaluation units,
+    `evaluate.seed_bootstrap_delta`, over units alone with one seed):
       heuristic vs plain: awq_sh vs awq · L2 vs L1 salience: awq(l2) vs awq(l1) ·
       dynamic heuristic vs plain: awq_dh vs awq · praq vs awq · asymmetric vs symmetric: awq vs
-      awq(symmetric). Verdict: 'supported' (interval below 0), 'contradicted' (above 0),
-      'inconclusive' (holds 0), 'not run' (a side is missing: add it to the methods).
-    Evidence claims: Kneedle outlier fraction of awq_dh (mean over layers and linears; the seed
-      saw 0.65% on Llama-3-8B vs a fixed 5%) · ReFlip attention-score error of awq_gqa
-      (1 − ΣJ_after/ΣJ_before per layer; the seed: 14–86% better).
-    results: label → dataset → PerplexityResult; quant_results: label → QuantResult.
+      awq(symmetric). Verdict: 'held' (interval below 0), 'did not hold' (above 0), 'within
+      noise' (it holds 0), 'not run' (a side is missing: add it to the methods).
+    Evidence claims: Kneedle outlier fraction of awq_dh (mean over seeds, layers and linears; the
+      seed saw 0.65% on Llama-3-8B vs a fixed 5%) · ReFlip attention-score error of awq_gqa
+      (1 − ΣJ_after/ΣJ_before per layer, over seeds; the seed: 14–86% better).
     """
     import numpy as np
     import pandas as pd
 
-    from .evaluate import bootstrap_delta
+    from .evaluate import seed_bootstrap_delta
 
-    ref_label = _find_label(quant_results, "awq", None, salience="l2", symmetric=False) or \
-        _find_label(quant_results, "awq", None)
-    like = _cfg_of(quant_results[ref_label]) if ref_label else None
+    if hasattr(results, "per_seed"):  # a runner.Comparison
+        comp = results
+        configs = comp.configs()
+        records: dict[str, list] = {}
+        for (label, _s), qr in comp.quant_results.items():
+            records.setdefault(label, []).append(qr)
+
+        def per_seed(label, ds):
+            return comp.per_seed(label, ds)
+
+        datasets = comp.datasets
+        ran = {lb for lb in comp.labels if lb not in comp.skipped}
+    else:
+        quant_results = dict(quant_results or {})
+        configs = {k: r.config for k, r in quant_results.items()}
+        records = {k: [r] for k, r in quant_results.items()}
+
+        def per_seed(label, ds):
+            r = results.get(label, {}).get(ds)
+            return {0: r} if r is not None else {}
+
+        datasets = list(dict.fromkeys(ds for per in results.values() for ds in per))
+        ran = set(results)
+
+    ref_label = _find_label(configs, "awq", None, salience="l2", symmetric=False) or _find_label(configs, "awq", None)
+    like = _cfg_of(configs[ref_label]) if ref_label else None
     awq = ref_label
     pairs = [
-        ("heuristic rounding beats plain AWQ", _find_label(quant_results, "awq_sh", like), awq,
+        ("heuristic rounding beats plain AWQ", _find_label(configs, "awq_sh", like), awq,
          "awq_sh (heuristic-guided greedy rounding) lowers perplexity vs standard AWQ"),
-        ("dynamic heuristic beats plain AWQ", _find_label(quant_results, "awq_dh", like), awq,
+        ("dynamic heuristic beats plain AWQ", _find_label(configs, "awq_dh", like), awq,
          "awq_dh: 0.6–11% better perplexity than standard AWQ (Mistral, Llama-3, Qwen2.5)"),
-        ("L2 salience beats L1", _find_label(quant_results, "awq", like, salience="l2") if like else None,
-         _find_label(quant_results, "awq", like, salience="l1") if like else None,
+        ("L2 salience beats L1", _find_label(configs, "awq", like, salience="l2") if like else None,
+         _find_label(configs, "awq", like, salience="l1") if like else None,
          "E[x²] (L2) salience is the seeds' default over E|x| (L1)"),
-        ("praq beats AWQ", _find_label(quant_results, "praq", like), awq,
+        ("praq beats AWQ", _find_label(configs, "praq", like), awq,
          "Full-PRAQ/GW-PRAQ ~2% lower perplexity than Full-AWQ/GW-AWQ"),
         ("asymmetric beats symmetric", awq,
-         _find_label(quant_results, "awq", like, symmetric=True) if like else None,
+         _find_label(configs, "awq", like, symmetric=True) if like else None,
          "the seeds quantize asymmetrically ([0, 15])"),
     ]
     rows = []
     for claim, a, b, says in pairs:
-        if a is None or b is None or a == b or a not in results or b not in results:
+        if a is None or b is None or a == b or a not in ran or b not in ran:
             rows.append({"claim": claim, "a": a, "b": b, "dataset": None, "value": None, "ci_low": None,
-                         "ci_high": None, "unit": "delta %", "seed_says": says, "verdict": "not run"})
+                         "ci_high": None, "n_seeds": None, "unit": "delta %", "seed_says": says, "verdict": "not run"})
             continue
-        for ds, ra in results[a].items():
-            rb = results[b].get(ds)
-            if rb is None:
+        for ds in datasets:
+            ra, rb = per_seed(a, ds), per_seed(b, ds)
+            if not ra or not rb:
                 continue
-            d, lo, hi = bootstrap_delta(ra, rb, n_boot, seed)
-            verdict = "inconclusive" if lo <= 0 <= hi else ("supported" if hi < 0 else "contradicted")
+            d, lo, hi, k = seed_bootstrap_delta(ra, rb, n_boot, seed)
+            verdict = "within noise" if lo <= 0 <= hi else ("held" if hi < 0 else "did not hold")
             rows.append({"claim": claim, "a": a, "b": b, "dataset": ds, "value": d, "ci_low": lo, "ci_high": hi,
-                         "unit": "delta %", "seed_says": says, "verdict": verdict})
-    dh = _find_label(quant_results, "awq_dh", None)
-    if dh is not None:
-        fr = [v for r in quant_results[dh].layers for v in (r.evidence.get("outlier_frac") or {}).values()]
+                         "n_seeds": k, "unit": "delta %", "seed_says": says, "verdict": verdict})
+    dh = _find_label(configs, "awq_dh", None)
+    if dh is not None and dh in records:
+        fr = [v for qr in records[dh] for r in qr.layers for v in (r.evidence.get("outlier_frac") or {}).values()]
         rows.append({"claim": "Kneedle outlier fraction", "a": dh, "b": None, "dataset": "(evidence)",
                      "value": 100 * float(np.mean(fr)) if fr else None,
                      "ci_low": 100 * float(np.min(fr)) if fr else None, "ci_high": 100 * float(np.max(fr)) if fr else None,
-                     "unit": "% of channels (mean; min, max over linears)",
+                     "n_seeds": len(records[dh]), "unit": "% of channels (mean; min, max over linears)",
                      "seed_says": "0.65% outliers on average on Llama-3-8B (vs a fixed 5%)",
                      "verdict": "measured" if fr else "no evidence"})
     else:
         rows.append({"claim": "Kneedle outlier fraction", "a": None, "b": None, "dataset": "(evidence)", "value": None,
-                     "ci_low": None, "ci_high": None, "unit": "%", "seed_says": "0.65% on Llama-3-8B",
+                     "ci_low": None, "ci_high": None, "n_seeds": None, "unit": "%", "seed_says": "0.65% on Llama-3-8B",
                      "verdict": "not run"})
-    gq = _find_label(quant_results, "awq_gqa", None)
-    if gq is not None:
+    gq = _find_label(configs, "awq_gqa", None)
+    if gq is not None and gq in records:
         # the error of the scores the model computes (after RoPE) where the evidence has it
         imp = [r.evidence["gqa"].get("rope_rel_improvement", r.evidence["gqa"]["rel_improvement"])
-               for r in quant_results[gq].layers if "gqa" in r.evidence]
+               for qr in records[gq] for r in qr.layers if "gqa" in r.evidence]
         within = [14 <= 100 * v <= 86 for v in imp]
         rows.append({"claim": "ReFlip attention-score error", "a": gq, "b": None, "dataset": "(evidence)",
                      "value": 100 * float(np.median(imp)) if imp else None,
                      "ci_low": 100 * float(np.min(imp)) if imp else None,
-                     "ci_high": 100 * float(np.max(imp)) if imp else None,
+                     "ci_high": 100 * float(np.max(imp)) if imp else None, "n_seeds": len(records[gq]),
                      "unit": "% better post-RoPE scores (median; min, max over layers)",
                      "seed_says": "14–86% better attention scores",
                      "verdict": ("no evidence" if not imp else
-                                 "supported" if all(within) else
-                                 "partly" if any(v > 0 for v in imp) else "contradicted")})
+                                 "held" if all(within) else
+                                 "partly" if any(v > 0 for v in imp) else "did not hold")})
     else:
         rows.append({"claim": "ReFlip attention-score error", "a": None, "b": None, "dataset": "(evidence)",
-                     "value": None, "ci_low": None, "ci_high": None, "unit": "%",
+                     "value": None, "ci_low": None, "ci_high": None, "n_seeds": None, "unit": "%",
                      "seed_says": "14–86% better attention scores", "verdict": "not run"})
     return pd.DataFrame(rows)

@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -210,6 +211,66 @@ def bootstrap_delta(res: PerplexityResult, base: PerplexityResult, n_boot: int =
     d = (torch.exp((a[idx].sum(1) - b[idx].sum(1)) / n[idx].sum(1)) - 1) * 100
     lo, hi = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return delta, lo, hi
+
+
+def _units(res: PerplexityResult, base: PerplexityResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if res.n_units != base.n_units or res.n_tokens != base.n_tokens:
+        raise AwqnbError(f"cannot pair {res.dataset} results over different units "
+                         f"({res.n_units} vs {base.n_units}); evaluate both with the same settings.")
+    n = torch.tensor(res.n_tokens, dtype=torch.float64)
+    return torch.tensor(res.nll, dtype=torch.float64) * n, torch.tensor(base.nll, dtype=torch.float64) * n, n
+
+
+def _paired_stat(a: torch.Tensor, b: torch.Tensor, n: torch.Tensor, statistic: str) -> torch.Tensor:
+    """Over the last dim (units, token-weighted NLL sums): delta % of ppl(a) against ppl(b), or
+    ppl(a) − ppl(b)."""
+    if statistic == "delta_pct":
+        return (torch.exp((a.sum(-1) - b.sum(-1)) / n.sum(-1)) - 1) * 100
+    return torch.exp(a.sum(-1) / n.sum(-1)) - torch.exp(b.sum(-1) / n.sum(-1))
+
+
+def seed_bootstrap_delta(res: Mapping[int, PerplexityResult], base: Mapping[int, PerplexityResult],
+                         n_boot: int = 2000, seed: int = 0,
+                         statistic: str = "delta_pct") -> tuple[float, float, float, int]:
+    """Paired difference of `res` against `base` over calibration seeds and evaluation units →
+    (point, ci_low, ci_high, n_seeds).
+
+    res, base: calibration seed → PerplexityResult (the seeds both have are used; a method that
+    uses no calibration may map every seed to one result). Point: the mean over seeds of the
+    per-seed difference (`statistic` 'delta_pct': exp(mean NLL_res − mean NLL_base) − 1 in %,
+    token-weighted; 'ppl_diff': ppl_res − ppl_base). Interval: a two-level bootstrap, 95%: each
+    resample draws the seeds with replacement, then for each drawn seed the units (windows or
+    texts) with replacement, the same units for both sides (the pairing is kept), and averages
+    the per-seed differences. With one seed it is the paired bootstrap over units alone: it
+    carries evaluation noise only, not calibration noise."""
+    if statistic not in ("delta_pct", "ppl_diff"):
+        raise AwqnbError(f"statistic={statistic!r} is unknown; use 'delta_pct' or 'ppl_diff'.")
+    check_positive(n_boot=(n_boot, 1))
+    seeds = sorted(set(res) & set(base))
+    if not seeds:
+        raise AwqnbError(f"no calibration seed in common to pair (got {sorted(res)} and {sorted(base)}).")
+    data = [_units(res[s], base[s]) for s in seeds]
+    point = float(torch.stack([_paired_stat(a, b, n, statistic) for a, b, n in data]).mean())
+    g = torch.Generator().manual_seed(seed)
+    k = len(seeds)
+    pick = torch.randint(0, k, (n_boot, k), generator=g)  # seeds drawn per resample and slot
+    stats = torch.zeros(n_boot, dtype=torch.float64)
+    for j in range(k):  # slot j: its own window draw for whichever seed it picked (repeats stay independent)
+        for si, (a, b, n) in enumerate(data):
+            rows = (pick[:, j] == si).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            idx = torch.randint(0, len(n), (rows.numel(), len(n)), generator=g)
+            stats[rows] += _paired_stat(a[idx], b[idx], n[idx], statistic)
+    stats /= k
+    lo, hi = torch.quantile(stats, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return point, lo, hi, k
+
+
+def verdict_word(lo: float, hi: float) -> str:
+    """'better' (the interval of a lower-is-better difference lies below 0), 'worse' (above 0) or
+    'within noise' (it holds 0)."""
+    return "better" if hi < 0 else ("worse" if lo > 0 else "within noise")
 
 
 def comparison_table(results: dict[str, dict[str, PerplexityResult]], baseline: str, n_boot: int = 2000, seed: int = 0):

@@ -1,38 +1,44 @@
-"""Quality, wall time and peak memory of quantization methods on one model, in one run.
+"""Quality, wall time and peak memory of quantization methods on one model, over calibration seeds.
 
-For each group size and method: load the FP model fresh, quantize (timed; peak GPU memory
-from torch.cuda.max_memory_allocated, reset per run), evaluate, and compare every method against
-a baseline method with a paired bootstrap 95% interval. Writes `results.json` (provenance and
-every evaluation with its per-unit NLL), `metadata.json` (each quantization's metadata: α per
-layer, evidence, timings), `summary.csv` and `summary.md`.
+One call of `awqnb.runner.run_comparison` per group size: for each calibration seed (`--seeds`,
+or `--seed` for one) and method, a fresh exact copy of the FP model (deep copy, buffers included)
+is quantized (timed; peak GPU memory from torch.cuda.max_memory_allocated, reset per run) and
+evaluated (cast to `--eval-dtype` on a GPU); methods that use no calibration (fp, rtn) run once.
+Every method is compared with `--baseline`: the mean over seeds of delta %, a 95% interval from a
+two-level bootstrap (seeds, then windows/texts within a seed, paired) and a verdict (better /
+worse / within noise). Writes `comparison_g<G>.json` (the tidy result with provenance and every
+per-unit NLL), `results.json` (every evaluation, the format bench/seed_noise.py reads),
+`metadata.json` (each awqnb quantization's α per layer, evidence, timings), `summary.csv` and
+`summary.md` (mean ± sd over seeds per method and dataset, verdicts); rewritten after every run.
 
 Method specs: a registered method name with its defaults and the seeds' search (L2 salience,
-quantized propagation), `fp` (no quantization), or a preset:
+quantized propagation), `fp` (no quantization), `llmc_awq` / `llmc_gptq` (llm-compressor's AWQ and
+GPTQ on the same calibration token ids: `pip install 'awqnb[reference]'`; absent or of another
+version than 0.14.x they are skipped with the reason, the other methods still run), or a preset:
   awq_ref   awq as the reference tools run it: L1 salience, duo_scaling, clip, FP propagation.
 A spec may carry overrides after '@': `robust_praq@n_calib=16`, `awq_sh@outlier_percent=1`.
 
-Example (the issue-2 measurement; see bench/README.md for the figures):
-  python bench/quality.py --model smollm2-135m --methods fp,rtn,awq,awq_ref --group-sizes 64,128 \
-      --datasets wikitext2 --out bench/results/issue2
+Example (issue 15, SmolLM2 g64, three calibration seeds; see bench/README.md for the figures):
+  python bench/quality.py --model smollm2-135m --group-sizes 64 --seeds 42,43,44 --datasets wikitext2 \
+      --methods fp,rtn,awq,awq_ref,awq_sh,awq_dh,awq_js,awq_gqa,praq,gptq,awq_gptq,llmc_awq,llmc_gptq \
+      --baseline awq --device cuda:0 --out bench/results/issue15_smollm2_g64
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
 import json
 import logging
+import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from awqnb import pipeline
 from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.data import load_calibration, load_eval_texts, load_eval_tokens
-from awqnb.evaluate import PerplexityResult, comparison_table, sample_perplexity, token_perplexity
-from awqnb.models import cast_parameters, load_model, resolve_device, versions
+from awqnb.errors import AwqnbError
+from awqnb.models import load_model, resolve_device, versions
+from awqnb.reference import is_reference
+from awqnb.runner import CalibSpec, MethodSpec, check_seeds, eval_sets, run_comparison
 
 PRESETS = {
     "awq": ("awq", dict(salience="l2", propagate="quantized")),
@@ -60,6 +66,24 @@ def parse_spec(spec: str) -> tuple[str, str, dict, dict, dict]:
     return spec, method, search, params, run
 
 
+CALIB_FIELDS = {"n_calib": "n_calib", "calib_seqlen": "seqlen", "calib_dataset": "dataset"}
+
+
+def build_specs(specs, bits: int, g: int, args, dev) -> list[MethodSpec]:
+    out = []
+    for label, method, search, params, run in specs:
+        if method == "fp" or is_reference(method):
+            if search or params:
+                raise AwqnbError(f"{label}: {method} takes no search or method parameters (only {', '.join(RUN_KEYS)}).")
+            out.append(MethodSpec(label, method, None, {CALIB_FIELDS[k]: v for k, v in run.items()} or None))
+            continue
+        cfg = MethodConfig(method=method, quant=QuantConfig(bits, g), search=SearchConfig(**search), params=params,
+                           seed=args.seeds[0], dtype=args.dtype,
+                           calib_batch_size=args.calib_batch_size or (64 if dev.type == "cuda" else 16))
+        out.append(MethodSpec(label, method, cfg, {CALIB_FIELDS[k]: v for k, v in run.items()} or None))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -70,7 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--datasets", default="wikitext2", help="wikitext2, c4 (token ppl), ag_news (sample ppl)")
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--max-windows", type=int, default=None, help="token-ppl windows at most (c4: 256 unless given)")
     p.add_argument("--n-samples", type=int, default=2000)
     p.add_argument("--n-calib", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
@@ -79,133 +103,133 @@ def main(argv=None) -> int:
     p.add_argument("--eval-dtype", default="bfloat16", help="dtype the quantized model is evaluated in on GPU")
     p.add_argument("--load-dtype", default="auto", help="storage dtype of the model (auto: the checkpoint's own)")
     p.add_argument("--dtype", default="auto", help="awqnb compute dtype of the search (auto: the model's own)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", default=None, help="calibration seeds, comma-separated (e.g. 42,43,44); overrides --seed")
+    p.add_argument("--seed", type=int, default=42, help="one calibration seed (when --seeds is not given)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of each interval")
     p.add_argument("--calib-batch-size", type=int, default=None,
                    help="calibration samples per forward (default 64 on GPU, 16 on CPU)")
     p.add_argument("--out", default="bench/results/quality")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        return _run(args)
+    except AwqnbError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
 
+
+def _run(args) -> int:
+    if args.seeds is not None:
+        try:
+            args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError as e:
+            raise AwqnbError(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 42,43,44.") from e
+    else:
+        args.seeds = [args.seed]
+    args.seeds = list(check_seeds(args.seeds))
     dev = resolve_device(args.device)
-    eval_dtype = getattr(torch, args.eval_dtype) if dev.type == "cuda" else torch.float32
+    eval_dtype = getattr(torch, args.eval_dtype) if dev.type == "cuda" else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    specs = [parse_spec(s) for s in args.methods.split(",") if s]
+    labels = [s[0] for s in specs]
+    baseline = args.baseline or ("rtn" if "rtn" in labels else labels[0])
+    if baseline not in labels:
+        raise AwqnbError(f"--baseline {baseline!r} is not among --methods ({', '.join(labels)}).")
+    groups = [int(x) for x in args.group_sizes.split(",")]
+    for g in groups:
+        build_specs(specs, args.bits, g, args, dev)  # unknown methods / parameters fail before loading anything
     fp_model, tok = load_model(args.model, tokenizer=args.tokenizer, dtype=args.load_dtype)
     datasets = [d for d in args.datasets.split(",") if d]
-    eval_data = {}
-    for ds in datasets:
-        if ds in ("wikitext2", "c4"):
-            eval_data[ds] = load_eval_tokens(tok, ds)
-            logging.info("%s: %d tokens", ds, eval_data[ds].numel())
-        else:
-            eval_data[ds] = load_eval_texts(ds, args.n_samples, seed=args.seed)
-    calibs: dict = {}
-    specs = [parse_spec(s) for s in args.methods.split(",") if s]
-    rows, results = [], {}
-    all_evals, all_meta = [], []  # few files: the device returns at most 8
+    token = [d for d in datasets if d in ("wikitext2", "c4")]
+    sample = [d for d in datasets if d not in token]
+    sets = eval_sets(tok, token, sample, seqlen=args.seqlen,
+                     max_windows={"wikitext2": args.max_windows, "c4": args.max_windows or 256},
+                     n_samples=args.n_samples, sample_max_length=args.seqlen, seed=args.seeds[0])
+    for es in sets:
+        logging.info("%s: %s", es.name, es.describe())
+    done: dict = {}
 
-    def evaluate(model, label, g):
-        cast_parameters(model.to(dev), eval_dtype)
-        res = {}
-        for ds in datasets:
-            if ds in ("wikitext2", "c4"):
-                mw = args.max_windows if ds == "wikitext2" else (args.max_windows or 256)
-                r = token_perplexity(model, eval_data[ds], seqlen=args.seqlen, max_windows=mw, device=dev,
-                                     dataset=ds, batch_size=8 if dev.type == "cuda" else 1, progress=False)
-            else:
-                r = sample_perplexity(model, tok, eval_data[ds], max_length=args.seqlen, device=dev, dataset=ds,
-                                      batch_size=32 if dev.type == "cuda" else 8, progress=False)
-            r.meta.update(model=args.model, method=label, bits=args.bits, group_size=g, eval_dtype=str(eval_dtype))
-            all_evals.append(r.to_dict())
-            res[ds] = r
-            logging.info("%s g%s %s: ppl %.4f", label, g, ds, r.ppl)
-        return res
+    def save(comp, rec=None, final=False):
+        done[comp.provenance["group_size"]] = comp
+        write_outputs(out, args, dev, eval_dtype, labels, baseline, done, final=final)
 
-    for g in [int(x) for x in args.group_sizes.split(",")]:
-        results[g] = {}
-        for label, method, search, params, run in specs:
-            # a fresh exact copy (buffers included) on the CPU: no method sees another's evaluation
-            model = copy.deepcopy(fp_model)
-            row = {"model": args.model, "method": label, "bits": args.bits, "group_size": g}
-            if method == "fp":
-                row.update(quant_s=0.0, peak_mem_gb=None)
-            else:
-                cfg = MethodConfig(method=method, quant=QuantConfig(args.bits, g),
-                                   search=SearchConfig(**search), params=params, seed=args.seed, dtype=args.dtype,
-                                   calib_batch_size=args.calib_batch_size or (64 if dev.type == "cuda" else 16))
-                ck = tuple(run.get(k, getattr(args, k)) for k in RUN_KEYS)
-                if ck not in calibs:
-                    calibs[ck] = load_calibration(tok, ck[2], n_calib=ck[0], seqlen=ck[1], seed=args.seed)
-                gc.collect()
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.synchronize(dev)
-                    torch.cuda.reset_peak_memory_stats(dev)
-                t0 = time.perf_counter()
-                qr = pipeline.quantize(model, cfg, calibs[ck], device=dev, model_name=args.model, progress=False)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                row["quant_s"] = round(time.perf_counter() - t0, 2)
-                row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 3) if dev.type == "cuda" else None
-                row["calibration"] = f"{ck[2]} {ck[0]}x{ck[1]}"
-                row["config"] = cfg.to_dict()
-                all_meta.append({"label": label, "group_size": g, **qr.metadata()})
-                logging.info("%s g%s quantized in %.1f s", label, g, row["quant_s"])
-            results[g][label] = evaluate(model, label, g)
-            for ds, r in results[g][label].items():
-                rows.append({**row, "dataset": ds, "protocol": r.protocol, "seqlen": r.seqlen, "ppl": r.ppl})
-            del model
-            write_outputs(out, args, dev, eval_dtype, specs, rows, results, all_evals, all_meta, final=False)
-
-    md = write_outputs(out, args, dev, eval_dtype, specs, rows, results, all_evals, all_meta, final=True)
+    for g in groups:
+        comp = run_comparison(fp_model, build_specs(specs, args.bits, g, args, dev), tokenizer=tok, seeds=args.seeds,
+                              calibration=CalibSpec(args.calib_dataset, args.n_calib, args.calib_seqlen),
+                              datasets=sets, quant=QuantConfig(args.bits, g), device=dev, dtype=args.dtype,
+                              eval_dtype=eval_dtype, model_name=args.model, progress=False, on_run=save)
+        comp.provenance["argv"] = sys.argv
+        done[g] = comp
+    md = write_outputs(out, args, dev, eval_dtype, labels, baseline, done, final=True)
     sys.stdout.write(md)
     return 0
 
 
-def write_outputs(out: Path, args, dev, eval_dtype, specs, rows, results, all_evals, all_meta, final: bool) -> str:
-    """(Re)write the summary and results files; called after every run so a cut-off run keeps
-    what it measured."""
+def _fmt(x, spec=".3f") -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def write_outputs(out: Path, args, dev, eval_dtype, labels, baseline, done: dict, final: bool) -> str:
+    """(Re)write every output file from the comparisons so far; called after every run so a cut-off
+    run keeps what it measured. Few files: the device returns at most 8."""
     import pandas as pd
 
-    labels = [s[0] for s in specs]
-    baseline = args.baseline or ("rtn" if "rtn" in labels else labels[0])
-    tables = []
-    for g, res in results.items():
-        if baseline in res:
-            t = comparison_table(res, baseline=baseline)
-            t["group_size"] = g
-            tables.append(t)
-    summary = pd.DataFrame(rows).drop(columns=["config"], errors="ignore")
-    if tables:
-        cmp = pd.concat(tables)
-        summary = summary.merge(cmp[["group_size", "method", "dataset", "delta_pct", "ci_low", "ci_high", "winner"]],
-                                on=["group_size", "method", "dataset"], how="left")
-        base_t = summary[summary.method == baseline].groupby("group_size").quant_s.first()
-        summary["time_vs_base"] = [q / base_t.get(g, float("nan")) if base_t.get(g) else float("nan")
-                                   for q, g in zip(summary.quant_s, summary.group_size)]
+    summaries, verdicts, evals, meta = [], [], [], []
+    for g, comp in done.items():
+        comp.to_json(out / f"comparison_g{g}.json")
+        s = comp.summary()
+        if not s.empty:
+            s.insert(0, "group_size", g)
+            summaries.append(s)
+        ok = {r.label for r in comp.runs if r.status == "ok"}
+        if baseline in ok and len(ok) > 1:
+            v = comp.verdicts(baseline, n_boot=args.n_boot)
+            v.insert(0, "group_size", g)
+            verdicts.append(v)
+        for r in comp.runs:
+            for res in r.results.values():
+                e = res.to_dict()
+                e["meta"] = {**e["meta"], "method": r.label, "seed": r.seed, "shared_across_seeds": r.shared,
+                             "group_size": g, "quant_s": r.quantize_s, "peak_mem_gb": r.peak_mem_gb}
+                evals.append(e)
+        for (label, seed), qr in comp.quant_results.items():
+            meta.append({"label": label, "seed": seed, "group_size": g, **qr.metadata()})
+    summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame()
+    verd = pd.concat(verdicts, ignore_index=True) if verdicts else pd.DataFrame()
+    if not summary.empty and not verd.empty:
+        summary = summary.merge(verd[["group_size", "label", "dataset", "delta_pct", "ci_low", "ci_high", "verdict"]],
+                                on=["group_size", "label", "dataset"], how="left")
     summary.to_csv(out / "summary.csv", index=False)
     prov = {"argv": sys.argv, "versions": versions(), "device": str(dev), "eval_dtype": str(eval_dtype),
-            "baseline": baseline, "complete": final}
-    (out / "results.json").write_text(json.dumps({"provenance": prov, "evals": all_evals}, indent=1))
+            "baseline": baseline, "seeds": args.seeds, "complete": final}
+    (out / "results.json").write_text(json.dumps({"provenance": prov, "evals": evals}, indent=1))
     (out / "metadata.json").write_text(
-        json.dumps(all_meta, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+        json.dumps(meta, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    n = len(args.seeds)
     md = [f"model {args.model}, W{args.bits}, calibration {args.calib_dataset} {args.n_calib}x{args.calib_seqlen} "
-          f"(seed {args.seed}) unless the method says otherwise, eval seqlen {args.seqlen} (token ppl) / max length "
-          f"{args.seqlen} (sample ppl, {args.n_samples} texts), device {dev}, eval dtype {eval_dtype}; "
-          f"delta % vs {baseline} with paired bootstrap 95% CI; time_vs_base = quantization wall time / {baseline}'s"
-          + ("" if final else " (INCOMPLETE: run cut off)"), "",
-          summary.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else summary.to_string(index=False)]
-    (out / "summary.md").write_text("\n".join(md) + "\n")
-    return "\n".join(md) + "\n"
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
+          f"(seeds {', '.join(map(str, args.seeds))}) unless the method says otherwise, eval seqlen {args.seqlen} "
+          f"(token ppl) / max length {args.seqlen} (sample ppl, {args.n_samples} texts), device {dev}, eval dtype "
+          f"{eval_dtype or 'the model’s'}. ppl: mean ± sd over {n} calibration seed{'s' if n > 1 else ''} "
+          "(fp and rtn use no calibration: one run); delta % vs "
+          f"{baseline}: mean over seeds, 95% CI from a two-level bootstrap "
+          + ("(seeds, then windows/texts within a seed, paired)" if n > 1 else
+             "over windows/texts only (ONE seed: calibration noise not measured)")
+          + ("" if final else " (INCOMPLETE: run cut off)"), ""]
+    md += ["| group | method | dataset | ppl mean ± sd | per seed | quantize s | peak GB | "
+           f"delta % vs {baseline} [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary.to_dict("records"):
+        ci = ("" if r.get("delta_pct") is None or (isinstance(r.get("delta_pct"), float) and math.isnan(r["delta_pct"]))
+              else f"{r['delta_pct']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]")
+        verdict = r.get("verdict") if isinstance(r.get("verdict"), str) else ("(baseline)" if r["label"] == baseline else "")
+        md.append(f"| {r['group_size']} | {r['label']} | {r['dataset']} | {_fmt(r['ppl_mean'])} ± {_fmt(r['ppl_sd'])} | "
+                  f"{r['per_seed']} | {_fmt(r['quantize_s'], '.1f')} | {_fmt(r['peak_mem_gb'], '.2f')} | {ci} | {verdict} |")
+    skipped = {(g, k): v for g, c in done.items() for k, v in c.skipped.items()}
+    if skipped:
+        md += ["", "Skipped:"] + [f"- g{g} {k}: skipped — {v}" for (g, k), v in skipped.items()]
+    text = "\n".join(md) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 Reads `bench/quality.py` output directories named `<setting>_<seed>` (their results.json holds
 each evaluation's per-window NLL) and reports, per method and setting, the perplexity per seed,
 its mean and spread over seeds, and for setting B against setting A the paired difference with a
-95% interval from a two-level bootstrap: resample seeds, then windows within each (the same
-windows for both settings, so the pairing is kept). A difference counts only when the interval
-excludes 0.
+95% interval from a two-level bootstrap (`awqnb.evaluate.seed_bootstrap_delta`: resample seeds,
+then windows within each, the same windows for both settings, so the pairing is kept). A
+difference counts only when the interval excludes 0.
 
   python bench/seed_noise.py /tmp/q --a fp32 --b bf16 --out bench/results/h200/dtype_noise.md
 """
@@ -13,45 +13,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from awqnb.evaluate import PerplexityResult, seed_bootstrap_delta
+
 
 def load(root: Path) -> dict:
-    """{(setting, method): {seed: per-window NLL array}}."""
+    """{(setting, method): {seed: PerplexityResult}}."""
     out: dict = defaultdict(dict)
     for d in sorted(root.iterdir()):
         if not (d / "results.json").is_file() or "_" not in d.name:
             continue
         setting, seed = d.name.rsplit("_", 1)
         for e in json.loads((d / "results.json").read_text())["evals"]:
-            out[(setting, e["meta"]["method"])][int(seed)] = np.asarray(e["nll"], dtype=float)
+            out[(setting, e["meta"]["method"])][int(seed)] = PerplexityResult.from_dict(e)
     return out
 
 
-def ppl(nll: np.ndarray) -> float:
-    return math.exp(float(nll.mean()))
-
-
-def paired_bootstrap(a: dict, b: dict, n_boot: int, rng) -> tuple[float, float, float]:
+def paired_bootstrap(a: dict, b: dict, n_boot: int, seed: int = 0) -> tuple[float, float, float]:
     """Mean over seeds of ppl(b) − ppl(a), with a seeds × windows bootstrap 95% interval."""
-    seeds = sorted(set(a) & set(b))
-    point = float(np.mean([ppl(b[s]) - ppl(a[s]) for s in seeds]))
-    n_win = len(a[seeds[0]])
-    stats = np.empty(n_boot)
-    for i in range(n_boot):
-        pick = rng.choice(seeds, size=len(seeds), replace=True)
-        diffs = []
-        for s in pick:
-            w = rng.integers(0, n_win, n_win)
-            diffs.append(ppl(b[s][w]) - ppl(a[s][w]))
-        stats[i] = np.mean(diffs)
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return point, float(lo), float(hi)
+    point, lo, hi, _ = seed_bootstrap_delta(b, a, n_boot, seed, statistic="ppl_diff")
+    return point, lo, hi
 
 
 def main(argv=None) -> int:
@@ -63,18 +49,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     data = load(Path(args.root))
-    rng = np.random.default_rng(0)
     methods = sorted({m for _, m in data})
     lines = [f"| method | setting | ppl per seed | mean ± sd over seeds | {args.b} − {args.a} (95% CI, seeds × windows) |",
              "|---|---|---|---|---|"]
     for m in methods:
         for setting in (args.a, args.b):
             runs = data.get((setting, m), {})
-            vals = [ppl(runs[s]) for s in sorted(runs)]
+            vals = [runs[s].ppl for s in sorted(runs)]
             per = " / ".join(f"{v:.3f}" for v in vals)
             diff = ""
             if setting == args.b and (args.a, m) in data:
-                d, lo, hi = paired_bootstrap(data[(args.a, m)], runs, args.n_boot, rng)
+                d, lo, hi = paired_bootstrap(data[(args.a, m)], runs, args.n_boot)
                 verdict = "within noise" if lo <= 0 <= hi else ("higher" if lo > 0 else "lower")
                 diff = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}"
             lines.append(f"| {m} | {setting} | {per} (seeds {sorted(runs)}) | {np.mean(vals):.3f} ± "

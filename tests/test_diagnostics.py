@@ -262,11 +262,11 @@ def test_seed_claims_pairs_labels_by_config_and_gives_verdicts():
                "praq": {"wikitext2": _ppl([v + 0.05 for v in base])},  # worse on every window
                "awq_l1": {"wikitext2": _ppl([v + (0.01 if i % 2 else -0.01) for i, v in enumerate(base)])}}
     claims = compare.seed_claims(results, qr, n_boot=200).set_index("claim")
-    assert claims.loc["heuristic rounding beats plain AWQ", "verdict"] == "supported"
+    assert claims.loc["heuristic rounding beats plain AWQ", "verdict"] == "held"
     assert claims.loc["heuristic rounding beats plain AWQ", "value"] == pytest.approx((math.exp(-0.05) - 1) * 100)
-    assert claims.loc["praq beats AWQ", "verdict"] == "contradicted"
+    assert claims.loc["praq beats AWQ", "verdict"] == "did not hold"
     l2 = claims.loc["L2 salience beats L1"]
-    assert (l2["a"], l2["b"], l2["verdict"]) == ("awq", "awq_l1", "inconclusive")
+    assert (l2["a"], l2["b"], l2["verdict"]) == ("awq", "awq_l1", "within noise")
     for c in ("dynamic heuristic beats plain AWQ", "asymmetric beats symmetric", "Kneedle outlier fraction",
               "ReFlip attention-score error"):
         assert claims.loc[c, "verdict"] == "not run"
