@@ -6,8 +6,9 @@ ids the awqnb methods get, W{bits} asymmetric integer weights in groups of the r
 (lm_head left in full precision, as awqnb does). They are not awqnb quantizers: the comparison
 runner (`awqnb.runner`) accepts their names beside the registered methods.
 
-What `oneshot` leaves in each targeted `nn.Linear` (llm-compressor 0.14.0.1, compressed-tensors
-0.19.0, seen on CPU): `weight_scale` and `weight_zero_point` parameters, a `quantization_scheme`,
+What `oneshot` leaves (llm-compressor 0.14.0.1, compressed-tensors 0.19.0, seen on CPU): every
+module's parameters in an offload cache of its sequential pipeline (removed here with
+compressed-tensors' `remove_dispatch`, tensors onloaded), and in each targeted `nn.Linear`: `weight_scale` and `weight_zero_point` parameters, a `quantization_scheme`,
 status FROZEN, and an instance `forward` that fake-quantizes the weight on every call. GPTQ has
 also written the fake-quantized weight into `weight`; AWQ + QuantizationModifier leaves `weight`
 dense and full precision (scaled, not rounded): a bare `F.linear(x, weight)` would compute with FP
@@ -135,6 +136,24 @@ def _cpu_without_pinning():
         IntermediatesCache.pin_memory = orig
 
 
+def _undispatch(model: nn.Module, dev: torch.device) -> None:
+    """oneshot's sequential pipeline leaves every module's parameters in a compressed-tensors
+    OffloadCache (onloaded to its main device at each forward); give them back as plain
+    parameters on `dev`, so that casts and `.to()` act on the real tensors."""
+    try:
+        from compressed_tensors.offload import remove_dispatch
+    except ImportError:  # older compressed-tensors: accelerate hooks, if any
+        try:
+            from accelerate.hooks import remove_hook_from_module
+
+            remove_hook_from_module(model, recurse=True)
+        except ImportError:
+            pass
+    else:
+        remove_dispatch(model, onload_tensors=True)
+    model.to(dev)
+
+
 @torch.no_grad()
 def finalize(model: nn.Module) -> dict:
     """Turn what `oneshot` left into plain linears computing with the fake-quantized dense
@@ -224,6 +243,7 @@ def quantize_reference(model: nn.Module, name: str, calibration, tokenizer=None,
         if cuda:
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - t0
+    _undispatch(model, dev)
     found = finalize(model)
     return {"tool": "llm-compressor", "version": llmc_version(), "method": name, "seconds": seconds,
             "peak_gpu_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,

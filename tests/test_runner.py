@@ -254,15 +254,29 @@ def test_seed_claims_over_seeds(comp):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llmcompressor") is None, reason="llm-compressor not installed")
-def test_llmc_gptq_runs_in_the_comparison(setup):
+def test_llmc_methods_run_in_the_comparison(setup):
+    """llm-compressor's AWQ and GPTQ on the same calibration ids; what comes back is a plain model
+    whose linears hold the fake-quantized weights (no scales, wrappers or offload caches left)."""
     model, tok, data = setup
-    c = runner.run_comparison(model, ["rtn", "llmc_gptq"], tokenizer=tok, seeds=(1,), calibration=_calib(1000),
-                              datasets={"toks": data["toks"]}, quant=Q, eval_seqlen=48, device="cpu", progress=False)
+    c = runner.run_comparison(model, ["rtn", "llmc_awq", "llmc_gptq"], tokenizer=tok, seeds=(1,),
+                              calibration=_calib(1000), datasets={"toks": data["toks"]}, quant=Q, eval_seqlen=48,
+                              device="cpu", progress=False)
     assert not c.skipped, c.skipped
-    run = next(r for r in c.runs if r.label == "llmc_gptq")
-    assert run.info["linears"] == 14 and run.info["group_size"] == 32 and run.quantize_s > 0
-    assert math.isfinite(run.results["toks"].ppl)
-    assert run.results["toks"].ppl != c.per_seed("rtn", "toks")[1].ppl
+    for label in ("llmc_awq", "llmc_gptq"):
+        run = next(r for r in c.runs if r.label == label)
+        assert run.info["linears"] == 14 and run.info["group_size"] == 32 and run.quantize_s > 0
+        assert run.calibration["seed"] == 1 and run.calibration["n_calib"] == 4
+        assert math.isfinite(run.results["toks"].ppl)
+        assert run.results["toks"].ppl != c.per_seed("rtn", "toks")[1].ppl
+    assert next(r for r in c.runs if r.label == "llmc_gptq").info["weight_was_quantized"] == 14
+    from awqnb.reference import quantize_reference
+
+    m = copy.deepcopy(model)
+    quantize_reference(m, "llmc_awq", _calib(1000)(3), tok, 4, 32)
+    lin = m.model.layers[0].mlp.up_proj
+    assert [n for n, _ in lin.named_parameters()] == ["weight"] and "forward" not in vars(lin)
+    assert all(type(mod._parameters) is dict for mod in m.modules())
+    assert all(torch.unique(row).numel() <= 16 for row in lin.weight.detach().view(lin.out_features, -1, 32)[:, 0])
 
 
 def test_bench_quality_on_the_runner(tmp_path, monkeypatch):
