@@ -617,9 +617,9 @@ STRATEGY_COLORS = {"sensitivity": "#d62728", "mse": "#1f77b4", "random": "#7f7f7
 
 
 def _provenance(df, meta: Mapping | None = None) -> dict:
-    """Title context from the frame's `attrs['provenance']` (a MethodConfig dict under 'config' or
-    'quant' gives method, bits, group_size; 'eval_dataset' / 'eval_seqlen' name the evaluation),
-    then `meta` on top."""
+    """Title context from the frame's `attrs['provenance']` (model, method, bits, group_size; a
+    MethodConfig dict under 'config' or 'quant' also gives them; the evaluation slice from 'eval'
+    {seqlen, n_windows} or 'eval_dataset' / 'eval_seqlen'), then `meta` on top."""
     prov = dict((getattr(df, "attrs", None) or {}).get("provenance") or {})
     cfg = prov.get("config")
     if isinstance(cfg, Mapping):
@@ -629,6 +629,10 @@ def _provenance(df, meta: Mapping | None = None) -> dict:
     if isinstance(q, Mapping):
         prov.setdefault("bits", q.get("bits"))
         prov.setdefault("group_size", q.get("group_size"))
+    ev = prov.get("eval")  # awqnb.sensitivity: {"seqlen", "n_windows", ...} of the evaluation slice
+    if isinstance(ev, Mapping):
+        for k in ("dataset", "seqlen", "n_windows"):
+            prov.setdefault(k, ev.get(k))
     for k in ("dataset", "seqlen"):
         if prov.get(k) is None and prov.get(f"eval_{k}") is not None:
             prov[k] = prov[f"eval_{k}"]
@@ -734,12 +738,13 @@ def pareto_plot(pareto_frame, fp_ppl: float | None = None, quant_ppl: float | No
     for s, d in pareto_frame.groupby("strategy", sort=False):
         d = d.sort_values(["avg_bits", "k"])
         kl = d["kl"] if "kl" in d.columns else [float("nan")] * len(d)
+        plan = d["plan"].astype(str) if "plan" in d.columns else [""] * len(d)
         fig.add_trace(go.Scatter(
             x=d["avg_bits"], y=d["ppl"], mode="lines+markers+text", name=str(s), text=[f"k={k}" for k in d["k"]],
             textposition="top center", line=dict(color=STRATEGY_COLORS.get(str(s))),
-            customdata=list(zip(d["k"], kl)),
+            customdata=list(zip(d["k"], kl, plan)),
             hovertemplate=f"{s}<br>k %{{customdata[0]}}<br>avg bits %{{x:.4f}}<br>ppl %{{y:.4f}}"
-                          "<br>KL %{customdata[1]:.4g}<extra></extra>"))
+                          "<br>KL %{customdata[1]:.4g}<br>%{customdata[2]}<extra></extra>"))
     fp_ppl = fp_ppl if fp_ppl is not None else _attr(pareto_frame, "fp_ppl")
     quant_ppl = quant_ppl if quant_ppl is not None else _attr(pareto_frame, "quant_ppl")
     for v, name, color in ((fp_ppl, "FP", "#2ca02c"), (quant_ppl, "fully quantized", "#7f7f7f")):

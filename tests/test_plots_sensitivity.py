@@ -83,6 +83,17 @@ def test_heatmap_title_from_a_method_config_in_the_provenance():
     assert plots.sensitivity_heatmap(df, meta={"model": "other"}).layout.title.text.count("other") == 1
 
 
+def test_titles_from_the_provenance_awqnb_sensitivity_writes():
+    df = _sens()
+    df.attrs["provenance"] = {"model": "smollm2-135m", "method": "awq", "bits": 4, "group_size": 128,
+                              "calibration": {"dataset": "wikitext2", "n_calib": 16},
+                              "eval": {"seqlen": 256, "n_windows": 4, "n_positions": 1020}}
+    t = plots.sensitivity_bars(df).layout.title.text
+    assert t == "The 12 most sensitive parts — smollm2-135m · awq · W4 · g128 · seqlen 256 · 4 windows"
+    t = plots.sensitivity_heatmap(df, meta={"dataset": "wikitext2"}).layout.title.text
+    assert t.endswith("smollm2-135m · awq · W4 · g128 · wikitext2 · seqlen 256 · 4 windows")
+
+
 def test_bars_rank_only_and_show_the_recovery_beside():
     fig = plots.sensitivity_bars(_sens(), top=5)
     assert [t.type for t in fig.data] == ["bar", "bar"] and [t.orientation for t in fig.data] == ["h", "h"]
@@ -123,7 +134,8 @@ def _pareto():
     rows = []
     for s, slope in (("sensitivity", 2.0), ("mse", 1.0), ("random", 0.2)):
         for k in (4, 0, 1, 2):  # unsorted
-            rows.append({"strategy": s, "k": k, "avg_bits": 4.0 + 0.05 * k, "ppl": 30.0 - slope * k, "kl": 0.5 - 0.02 * k})
+            rows.append({"strategy": s, "k": k, "avg_bits": 4.0 + 0.05 * k, "ppl": 30.0 - slope * k, "kl": 0.5 - 0.02 * k,
+                         "plan": f"{s} top {k}"})
     df = pd.DataFrame(rows)
     df.attrs.update(provenance=dict(PROV), fp_ppl=20.0, quant_ppl=30.0)
     return df
@@ -136,7 +148,7 @@ def test_pareto_one_line_per_strategy_with_reference_lines():
     assert list(sens.x) == pytest.approx([4.0, 4.05, 4.1, 4.2])  # sorted by average bits
     assert list(sens.y) == pytest.approx([30.0, 28.0, 26.0, 22.0])
     assert list(sens.text) == ["k=0", "k=1", "k=2", "k=4"]
-    assert sens.customdata[3][1] == pytest.approx(0.5 - 0.08)
+    assert sens.customdata[3][1] == pytest.approx(0.5 - 0.08) and sens.customdata[3][2] == "sensitivity top 4"
     assert sens.line.color == plots.STRATEGY_COLORS["sensitivity"]
     lines = [s for s in fig.layout.shapes if s.type == "line"]
     assert sorted(s.y0 for s in lines) == [20.0, 30.0] and all(s.y0 == s.y1 for s in lines)
