@@ -55,6 +55,7 @@ class EvalSet:
     seqlen: int = 2048
     max_windows: int | None = None
     batch_size: int | None = None  # None: 8 (token) / 32 (sample) on a GPU, 1 / 8 on the CPU
+    source: dict | None = None  # a user's own file: its name and sha256 (data.dataset_info)
 
     def __post_init__(self):
         if self.protocol not in ("gptq-token", "sample"):
@@ -72,15 +73,16 @@ def eval_sets(tokenizer, token: Sequence[str] = ("wikitext2",), sample: Sequence
     """Load evaluation sets by name: `token` sets (GPTQ protocol: wikitext2, c4, a file) and
     `sample` sets (each text on its own: ag_news, c4-sample, ...; `n_samples` drawn with `seed`).
     max_windows: one limit for every token set, or name → limit."""
-    from .data import load_eval_texts, load_eval_tokens
+    from .data import dataset_info, load_eval_texts, load_eval_tokens
 
     out = []
     for name in token:
         mw = max_windows.get(name) if isinstance(max_windows, Mapping) else max_windows
-        out.append(EvalSet(name, "gptq-token", load_eval_tokens(tokenizer, name, data_dir=data_dir), seqlen, mw))
+        out.append(EvalSet(name, "gptq-token", load_eval_tokens(tokenizer, name, data_dir=data_dir), seqlen, mw,
+                           source=dataset_info(name) or None))
     for name in sample:
         out.append(EvalSet(name, "sample", load_eval_texts(name, n_samples=n_samples, seed=seed, data_dir=data_dir),
-                           sample_max_length))
+                           sample_max_length, source=dataset_info(name) or None))
     return out
 
 
@@ -362,6 +364,9 @@ class Comparison:
                 a, b = self.per_seed(label, ds), self.per_seed(baseline, ds)
                 if not a or not b:
                     continue
+                if {label, baseline} <= {r.label for r in self.runs if r.shared}:  # one run each: no seed level
+                    s0 = min(set(a) & set(b))
+                    a, b = {s0: a[s0]}, {s0: b[s0]}
                 d, lo, hi, k = seed_bootstrap_delta(a, b, n_boot, seed)
                 rows.append({"label": label, "baseline": baseline, "dataset": ds, "delta_pct": d, "ci_low": lo,
                              "ci_high": hi, "n_seeds": k, "verdict": verdict_word(lo, hi),
@@ -371,10 +376,10 @@ class Comparison:
 
     def _noise(self, a: str, b: str, k: int) -> str:
         shared = {r.label for r in self.runs if r.shared}
-        if k == 1:
-            return "evaluation units only (one calibration seed: calibration noise not measured)"
         if a in shared and b in shared:
             return "evaluation units only (neither side uses calibration)"
+        if k == 1:
+            return "evaluation units only (one calibration seed: calibration noise not measured)"
         return f"{k} calibration seeds × evaluation units"
 
     def claims(self, n_boot: int = 2000, seed: int = 0):
@@ -459,6 +464,8 @@ def _evaluate(model: nn.Module, sets: Sequence[EvalSet], tokenizer, dev: torch.d
             r = sample_perplexity(model, tokenizer, es.data, max_length=es.seqlen, device=dev, dataset=es.name,
                                   batch_size=es.batch_size or (32 if gpu else 8), progress=progress)
         r.meta.update(meta)
+        if es.source:
+            r.meta["data_file"] = es.source
         out[es.name] = r
     return out
 
@@ -601,7 +608,8 @@ def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_S
             if on_run:
                 on_run(comp, rec)
             continue
-        meta = {"model": model_name, "method": spec.label, "seed": None if shared else seed,
+        meta = {"model": model_name, "method": spec.config.method if spec.config is not None else spec.method,
+                "seed": None if shared else seed,
                 "bits": None if spec.kind == "fp" else quant.bits,
                 "group_size": None if spec.kind == "fp" else quant.group_size}
         qmodel = copy.deepcopy(model)  # a fresh exact copy, buffers included
@@ -658,7 +666,7 @@ def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_S
                 rec.info = info
             if dev.type == "cuda" and spec.kind != "fp":
                 rec.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 2**30
-            meta["calibration"] = rec.calibration
+            meta.update(calibration=rec.calibration, config=rec.config, quant_seconds=rec.quantize_s)
             rec.results = _evaluate(qmodel, sets, tokenizer, dev, eval_dtype, meta, progress=False)
         finally:
             del qmodel
