@@ -33,7 +33,7 @@ def test_committed_notebook_has_no_outputs_and_a_parameters_cell():
     assert len(params) == 1
     names = set(report.notebook_parameters(NOTEBOOK))
     assert {"model", "methods", "bits", "group_size", "n_calib", "calib_seqlen", "calib_dataset", "eval_dataset",
-            "eval_seqlen", "eval_windows", "device", "seed", "output_dir"} <= names
+            "eval_seqlen", "eval_windows", "device", "seed", "SEEDS", "output_dir"} <= names
 
 
 def test_metrics_json_has_every_number_with_its_context(batch):
@@ -62,6 +62,20 @@ def test_metrics_json_has_every_number_with_its_context(batch):
     assert rows["awq"]["calibration"]["n_calib"] == 4 and rows["awq"]["calibration"]["seqlen"] == 32
     assert doc["parameters"]["n_calib"] == 4 and doc["seed"] == 42 and doc["versions"]["torch"]
     assert set(doc["alphas"]) == {"awq"}
+    # the default three calibration seeds: mean ± spread per method, noise-aware verdicts against RTN
+    assert doc["seeds"] == [42, 43, 44] and doc["parameters"]["SEEDS"] == 3 and doc["skipped"] == {}
+    summ = {(r["label"], r["dataset"]): r for r in doc["seed_summary"]}
+    assert set(summ) == {(k, ds) for k in ("fp", "rtn", "awq") for ds in ("wikitext2", "ag_news")}
+    assert all(r["n_seeds"] == 3 and r["ppl_min"] * (1 - 1e-12) <= r["ppl_mean"] <= r["ppl_max"] * (1 + 1e-12)
+               for r in summ.values())
+    assert summ[("rtn", "wikitext2")]["ppl_sd"] == 0 and summ[("awq", "wikitext2")]["ppl_sd"] > 0
+    assert summ[("awq", "wikitext2")]["per_seed"].count(": ") == 3
+    assert summ[("fp", "wikitext2")]["ppl_mean"] == pytest.approx(rows["fp"]["ppl"])
+    verdicts = {(v["label"], v["dataset"]): v for v in doc["verdicts"]}
+    assert set(verdicts) == {(k, ds) for k in ("fp", "awq") for ds in ("wikitext2", "ag_news")}
+    v = verdicts[("awq", "wikitext2")]
+    assert v["baseline"] == "rtn" and v["n_seeds"] == 3 and v["verdict"] in ("better", "worse", "within noise")
+    assert v["ci_low"] <= v["delta_pct"] <= v["ci_high"] and "3 calibration seeds" in v["noise"]
 
 
 def test_html_embeds_plotly_offline(batch):
