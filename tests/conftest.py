@@ -26,7 +26,7 @@ def tiny():
 
 # The report notebook on tiny-random-llama: small enough to run in ~30 s on two CPU cores.
 TINY_REPORT_PARAMS = dict(n_calib=4, calib_seqlen=32, eval_windows=2, eval_seqlen=64, n_grid=4, n_samples=8,
-                          sample_max_length=64, diag_samples=2)
+                          sample_max_length=64, diag_samples=2, SENS_WINDOWS=2, SENS_SEQLEN=64)
 
 
 @pytest.fixture(scope="session")

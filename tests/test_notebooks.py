@@ -30,13 +30,18 @@ def runs(tmp_path_factory):
     jobs = {
         "deep_dive": ("tiny-random-llama", ["rtn", "awq", "awq_sh"], dict(cal, LAYER=1, top_k=3), "layer_deep_dive"),
         "deep_dive_out_of_range": ("tiny-random-gemma3", ["rtn"], dict(cal, LAYER=5), "layer_deep_dive"),
+        "deep_dive_most_sensitive": ("tiny-random-gemma3", ["rtn", "awq"],
+                                     dict(cal, LAYER="most_sensitive", SENS_WINDOWS=2, SENS_SEQLEN=64,
+                                          eval_dataset=str(calib_file), top_k=3), "layer_deep_dive"),
+        "deep_dive_bad_layer": ("tiny-random-llama", ["rtn"], dict(cal, LAYER="least_sensitive"), "layer_deep_dive"),
         "explorer": ("tiny-random-gemma3", [], dict(cal, max_tokens=64), "alpha_explorer"),
         "compare": ("tiny-random-llama", ["rtn", "awq", "awq_sh", "awq_dh", "awq_gqa", "praq"],
                     dict(TINY_CALIB, eval_windows=2, eval_seqlen=64, n_samples=8, sample_max_length=48, n_boot=200,
                          diag_samples=2, SEEDS=2), "compare_methods"),
     }
 
-    order = ["compare", "deep_dive", "explorer", "deep_dive_out_of_range"]
+    order = ["compare", "deep_dive", "deep_dive_most_sensitive", "explorer", "deep_dive_out_of_range",
+             "deep_dive_bad_layer"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # the workers and their kernels inherit it
         mp.setenv("AWQNB_DIAG_CACHE", str(out / "diag-cache"))  # not the user's cache
@@ -99,6 +104,35 @@ def test_layer_deep_dive_out_of_range_fails_with_the_valid_range(runs):
     nb = nbformat.read(d / "layer_deep_dive.ipynb", as_version=4)
     err = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert len(err) == 1 and err[0].ename == "AwqnbError"
+
+
+def test_layer_deep_dive_opens_on_the_most_sensitive_layer(runs):
+    d, rec, m = _ok(runs, "deep_dive_most_sensitive")
+    assert rec["parameters"]["LAYER"] == "most_sensitive"
+    choice = m["layer_choice"]
+    assert choice["asked"] == "most_sensitive" and choice["layer"] == m["layer"]
+    s = choice["sensitivity"]
+    assert s["method"] == "awq" and (s["windows"], s["seqlen"]) == (2, 64) and s["eval_dataset"].endswith("calib.txt")
+    frame = s["frame"]
+    assert sorted((r["layer"], r["family"]) for r in frame) == sorted(
+        (layer, f) for layer in (0, 1) for f in ("qkv", "vo", "gate_up", "down"))
+    assert {r["mode"] for r in frame} == {"only"} and all(r["kl"] >= 0 for r in frame)
+    total = {layer: sum(r["kl"] for r in frame if r["layer"] == layer) for layer in (0, 1)}
+    assert total[0] != total[1] and m["layer"] == max(total, key=total.get)
+    assert {r["layer"] for r in m["diagnostics"]["mse"]} == {m["layer"]}  # the dive is on that layer
+    html = (d / "layer_deep_dive.html").read_text(encoding="utf-8")
+    assert html.count("Sensitivity: KL to FP (nats") == 1
+
+
+def test_layer_deep_dive_rejects_an_unknown_layer_word(runs):
+    d, rec, m = runs["deep_dive_bad_layer"]
+    assert rec["state"] == "failed" and m is None
+    assert rec["error"] == ("AwqnbError: LAYER='least_sensitive' must be a decoder layer index "
+                            '(negative counts from the end) or "most_sensitive".')
+    nb = nbformat.read(d / "layer_deep_dive.ipynb", as_version=4)
+    err = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert len(err) == 1 and err[0].ename == "AwqnbError"
+    assert not [c for c in nb.cells if "fp_model, tokenizer = models.load_model" in c.source and c.outputs]
 
 
 def test_alpha_explorer_records_latency_and_alphas(runs):

@@ -33,7 +33,8 @@ def test_committed_notebook_has_no_outputs_and_a_parameters_cell():
     assert len(params) == 1
     names = set(report.notebook_parameters(NOTEBOOK))
     assert {"model", "methods", "bits", "group_size", "n_calib", "calib_seqlen", "calib_dataset", "eval_dataset",
-            "eval_seqlen", "eval_windows", "device", "seed", "SEEDS", "output_dir"} <= names
+            "eval_seqlen", "eval_windows", "device", "seed", "SEEDS", "output_dir", "SENSITIVITY", "SENS_METHOD",
+            "SENS_WINDOWS", "SENS_SEQLEN"} <= names
 
 
 def test_metrics_json_has_every_number_with_its_context(batch):
@@ -90,6 +91,59 @@ def test_html_embeds_plotly_offline(batch):
     assert html.count("Plotly.newPlot") >= 3  # perplexity bars, α curves, α map
     nb = nbformat.read(run["ipynb"], as_version=4)
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+
+
+def test_sensitivity_section_is_recorded_and_rendered(batch):
+    """The Sensitivity section on tiny-random-llama (SENS_WINDOWS=2, SENS_SEQLEN=64: the same slice as
+    the evaluation above, so its FP and fully quantized perplexities must match the report's)."""
+    _, _, runs = batch
+    run = runs["tiny-random-llama"]
+    assert run["state"] == "ok", run["error"]
+    doc = json.loads((run["dir"] / "metrics.json").read_text())
+    p = doc["parameters"]
+    assert (p["SENSITIVITY"], p["SENS_METHOD"], p["SENS_WINDOWS"], p["SENS_SEQLEN"]) == (True, "awq", 2, 64)
+    s = doc["sensitivity"]
+    assert s["method"] == "awq" and (s["windows"], s["seqlen"]) == (2, 64)
+    assert s["provenance"]["eval"]["n_windows"] == 2 and s["provenance"]["group_size"] == 128
+    ppl = {r["label"]: r["ppl"] for r in doc["results"] if r["dataset"] == "wikitext2"}
+    assert s["fp_ppl"] == pytest.approx(ppl["fp"], rel=1e-4)
+    assert s["quant_ppl"] == pytest.approx(ppl["awq"], rel=1e-4)  # awq's own QuantResult, replayed
+    frame = s["frame"]
+    families = ("qkv", "vo", "gate_up", "down")
+    assert sorted((r["layer"], r["family"], r["mode"]) for r in frame) == sorted(
+        (layer, f, m) for layer in (0, 1) for f in families for m in ("only", "except"))
+    for r in frame:
+        assert r["kl"] >= 0 and math.isfinite(r["ppl"]) and r["n_params"] > 0
+        expect = r["ppl"] - s["fp_ppl"] if r["mode"] == "only" else s["quant_ppl"] - r["ppl"]
+        assert r["dppl"] == pytest.approx(expect, rel=1e-6, abs=1e-6)
+    only_kl = {}
+    for r in frame:
+        if r["mode"] == "only":
+            only_kl[r["layer"]] = only_kl.get(r["layer"], 0.0) + r["kl"]
+    assert s["most_sensitive_layer"] == max(only_kl, key=only_kl.get)
+    front = s["pareto"]
+    assert {r["strategy"] for r in front} == {"sensitivity", "mse", "random"}
+    for strat in ("sensitivity", "mse", "random"):
+        rows = sorted((r for r in front if r["strategy"] == strat), key=lambda r: r["k"])
+        assert [r["k"] for r in rows] == [0, 1, 2, 4, 8]
+        assert rows[0]["avg_bits"] == pytest.approx(4.0) and rows[0]["ppl"] == pytest.approx(s["quant_ppl"], rel=1e-6)
+        assert rows[-1]["avg_bits"] == pytest.approx(8.0)  # every family kept at 8 bit
+        assert all(a["avg_bits"] < b["avg_bits"] for a, b in zip(rows, rows[1:]))
+    best = next(r for r in front if r["strategy"] == "sensitivity" and r["k"] == 1)
+    top = max((r for r in frame if r["mode"] == "only"), key=lambda r: r["kl"])
+    assert best["plan"] == f'{top["layer"]}.{top["family"]}:8'  # k = 1 keeps the part with the largest KL
+    be = doc["block_errors"]
+    assert set(be) == {"rtn", "awq"} and [r["layer"] for r in be["awq"]] == [0, 1]
+    assert all(r["rel_err"] is not None and 0 < r["rel_err"] < 1 for r in be["awq"])
+    html = run["html"].read_text(encoding="utf-8")
+    for title in ("Sensitivity: KL to FP (nats", "most sensitive parts", "Mixed precision: perplexity vs average bits",
+                  "Where the error enters: block output error vs FP"):
+        assert html.count(title) == 1, title
+    nb = nbformat.read(run["ipynb"], as_version=4)
+    sens_cells = {c.id: c for c in nb.cells if c.get("id", "").startswith("sens-") and c.cell_type == "code"}
+    assert set(sens_cells) == {"sens-check", "sens-run", "sens-pareto", "sens-blocks"}
+    for cid in ("sens-run", "sens-pareto", "sens-blocks"):
+        assert any("text/html" in (o.get("data") or {}) for o in sens_cells[cid].outputs), cid
 
 
 def test_failed_notebook_is_kept_and_does_not_stop_the_batch(batch):
