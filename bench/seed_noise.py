@@ -30,7 +30,8 @@ def load(root: Path) -> dict:
             continue
         setting, seed = d.name.rsplit("_", 1)
         for e in json.loads((d / "results.json").read_text())["evals"]:
-            out[(setting, e["meta"]["method"])][int(seed)] = PerplexityResult.from_dict(e)
+            s = e["meta"].get("seed")  # quality.py --seeds: several seeds in one directory
+            out[(setting, e["meta"]["method"])][int(seed) if s is None else int(s)] = PerplexityResult.from_dict(e)
     return out
 
 
