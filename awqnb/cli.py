@@ -106,7 +106,22 @@ def method_config(args):
         calib_batch_size=args.calib_batch_size,
         seed=args.seed,
         dtype=args.dtype,
+        plan=_plan(args),
     )
+
+
+def _plan(args):
+    """The mixed-precision plan of --plan FILE or --keep LAYER.FAMILY[:BITS],... (None without)."""
+    from .plan import Plan
+
+    plan_file, keep = getattr(args, "plan", None), getattr(args, "keep", None)
+    if plan_file and keep:
+        raise AwqnbError("give --plan FILE or --keep LAYER.FAMILY[:BITS],..., not both.")
+    if plan_file:
+        return Plan.read(plan_file)
+    if keep:
+        return Plan.parse_keep(keep, default_bits=8)
+    return None
 
 
 def cmd_quantize(args) -> int:
@@ -135,6 +150,9 @@ def cmd_quantize(args) -> int:
     # the model stays on the CPU: the block engine moves one block at a time to `device`
     model, tok = models.load_model(args.model)
     models.check_supported(model)
+    from .plan import check_model
+
+    check_model(cfg.plan, model, models.short_name(args.model))  # a layer or family it lacks: before calibration
     if args.format == "packed":
         export.check_packable(model, cfg)  # before minutes of quantizing
     tag = models.model_tag(args.model, cfg, _calibration_key(args) if method_cls.needs_calibration else None)
@@ -318,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="packed: compressed-tensors pack-quantized INT weights that transformers/vLLM load "
                         "(needs equal groups); fake: dequantized weights in the checkpoint's dtype (research copy)")
     q.add_argument("--list", action="store_true", help="list the available methods and exit")
+    q.add_argument("--plan", default=None, metavar="FILE",
+                   help="mixed-precision plan JSON (awqnb.sensitivity.plan_from_sensitivity(...).to_json): "
+                        "(layer, family, bits) kept at 8 bits or 16 = floating point")
+    q.add_argument("--keep", default=None, metavar="L.FAMILY[:BITS],...",
+                   help="keep these families at other bits, e.g. 12.down,28.gate_up:16 (bits default 8; "
+                        "families qkv, vo, gate_up, down; 16 = floating point, left out of the packed set)")
     q.set_defaults(fn=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity of a model (alias, HF dir or GGUF)")

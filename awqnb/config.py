@@ -90,6 +90,8 @@ class MethodConfig:
     rounds it in `lmhead_chunks` row chunks. layer_batch_size: decoder blocks calibrated per pass
     (their activations are held together). calib_batch_size: calibration samples per forward.
     dtype: compute dtype of the capture and search forwards ('auto' = the model's own dtype).
+    plan: an `awqnb.plan.Plan` (or its JSON document / entry list): (layer, family) kept at other
+    bits (8: round to nearest at 8 bits; 16: floating point); None or empty = every family at `quant`.
     """
 
     method: str = "awq"
@@ -102,6 +104,7 @@ class MethodConfig:
     calib_batch_size: int = 16
     seed: int = 42
     dtype: str = "auto"
+    plan: Any = None
 
     def __post_init__(self):
         if self.method.startswith("full_"):
@@ -118,14 +121,20 @@ class MethodConfig:
         if self.dtype not in DTYPE_NAMES:
             raise AwqnbError(f"dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPE_NAMES)}.")
         object.__setattr__(self, "params", dict(self.params))
+        if self.plan is not None:
+            from .plan import Plan
+
+            plan = Plan.from_obj(self.plan)
+            object.__setattr__(self, "plan", plan if plan else None)  # empty plan: same run as none
 
     @property
     def tag(self) -> str:
         head = "headfp16" if self.lm_head == "fp16" else "headq"
-        return f"{self.method}_{self.quant.tag}_{head}"
+        keep = f"_keep{len(self.plan)}" if self.plan else ""
+        return f"{self.method}_{self.quant.tag}_{head}{keep}"
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "method": self.method,
             "quant": self.quant.to_dict(),
             "search": self.search.to_dict(),
@@ -137,6 +146,9 @@ class MethodConfig:
             "seed": self.seed,
             "dtype": self.dtype,
         }
+        if self.plan:  # only when set: configs without a plan keep their hash (output directory names)
+            d["plan"] = self.plan.to_list()
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MethodConfig":

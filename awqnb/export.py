@@ -14,6 +14,19 @@ Conventions, awqnb → compressed-tensors (INT, `num_bits = b`):
     group g     strategy 'group', scale/zero `[co, ci / g]`;  g = −1: strategy 'channel', `[co, 1]`
 compressed-tensors needs `ci % g == 0` for every quantized linear (awqnb allows a shorter last
 group): such a model is refused with what to do instead.
+
+Mixed precision (`MethodConfig.plan`): linears a plan keeps in floating point (bits 16) go to the
+config's `ignore` list and are stored dense. Linears kept at other bits (8), `other_bits=`:
+    'group'  their own config group whose `targets` are their exact module names — compressed-tensors
+             (0.19 `match_targets`) ranks an exact-name target before the class target `Linear` of
+             `group_0`, so each module gets its own scheme (vLLM, compressed-tensors' loaders);
+    'dense'  in `ignore`, stored dense with their (8-bit-grid) values in the checkpoint's dtype;
+    'auto'   (default) 'group' for symmetric grids, 'dense' for asymmetric ones: transformers (5.23)
+             loads asymmetric checkpoints through its dequantize-on-load path (`_ask_dequantize`),
+             which decodes every dense module with ONE config group (`get_dense_scheme`), so an
+             8-bit group would be decoded as 4-bit there. Both choices reload bit for bit (tests).
+A plan names whole scale groups (q/k/v together, gate/up together), so an engine's fused
+projections never mix precisions.
 """
 from __future__ import annotations
 
@@ -30,6 +43,7 @@ from torch import nn
 from .arch import blocks, get_module, resolve_spec
 from .config import MethodConfig, QuantConfig
 from .errors import AwqnbError
+from .plan import FP_BITS, linear_bits
 from .primitives import (compute_qparams, dequantize, effective_group_size, expand_groups, group_view, qrange,
                          quantize)
 
@@ -56,19 +70,39 @@ def require_compressed_tensors():
 
 # --- which linears are quantized ------------------------------------------------------------
 
-def quantized_linears(model: nn.Module, cfg: MethodConfig) -> dict[str, nn.Linear]:
+def quantized_linears(model: nn.Module, cfg: MethodConfig, dense_other: bool = False) -> dict[str, nn.Linear]:
     """Full module name → linear, for every linear awqnb quantized under `cfg`: the block
-    linears of the architecture spec, and lm_head when `cfg.lm_head == 'quantize'`."""
+    linears of the architecture spec (but those a plan keeps in floating point, and with
+    `dense_other` those it keeps at other bits than `cfg.quant.bits`), and lm_head when
+    `cfg.lm_head == 'quantize'`."""
     spec = resolve_spec(model)
     names = {id(m): n for n, m in model.named_modules()}
     out = {}
-    for block in blocks(model, spec):
+    for j, block in enumerate(blocks(model, spec)):
+        planned = linear_bits(cfg.plan, spec, j, cfg.quant.bits)
         for rel in spec.linears:
+            if planned.get(rel) == FP_BITS or (dense_other and rel in planned):
+                continue
             lin = get_module(block, rel)
             out[names[id(lin)]] = lin
     if cfg.lm_head == "quantize":
         head = model.get_output_embeddings()
         out[names[id(head)]] = head
+    return out
+
+
+def linear_grids(model: nn.Module, cfg: MethodConfig) -> dict[str, QuantConfig]:
+    """Full module name → the grid of each quantized linear: `cfg.quant`, or the plan's bits on the
+    same group size and symmetry for the linears a plan keeps at other bits."""
+    import dataclasses
+
+    spec = resolve_spec(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {n: cfg.quant for n in quantized_linears(model, cfg)}
+    for j, block in enumerate(blocks(model, spec)):
+        for rel, b in linear_bits(cfg.plan, spec, j, cfg.quant.bits).items():
+            if b != FP_BITS:
+                out[names[id(get_module(block, rel))]] = dataclasses.replace(cfg.quant, bits=b)
     return out
 
 
@@ -250,12 +284,29 @@ def ct_scheme(cfg: QuantConfig):
     return QuantizationScheme(targets=["Linear"], weights=args, format=CT_FORMAT)
 
 
-def ct_config(cfg: QuantConfig, ignore: list[str]):
-    """compressed-tensors QuantizationConfig: one group over every Linear but `ignore`."""
+def ct_config(cfg: QuantConfig, ignore: list[str], others: dict[int, list[str]] | None = None):
+    """compressed-tensors QuantizationConfig: `group_0` over every Linear but `ignore` at `cfg`;
+    with `others` (bits → full module names), one more group per bits targeting those names exactly
+    (an exact name outranks the class target, see the module docstring)."""
+    import dataclasses
+
     from compressed_tensors.quantization import QuantizationConfig
 
-    return QuantizationConfig(config_groups={"group_0": ct_scheme(cfg)}, format=CT_FORMAT,
+    groups = {"group_0": ct_scheme(cfg)}
+    for i, (bits, names) in enumerate(sorted((others or {}).items()), start=1):
+        scheme = ct_scheme(dataclasses.replace(cfg, bits=bits))
+        groups[f"group_{i}"] = scheme.model_copy(update={"targets": sorted(names)})
+    return QuantizationConfig(config_groups=groups, format=CT_FORMAT,
                               quantization_status="compressed", ignore=list(ignore))
+
+
+def other_groups(model: nn.Module, cfg: MethodConfig) -> dict[int, list[str]]:
+    """bits → full names of the linears a plan keeps at bits other than `cfg.quant.bits` (not 16)."""
+    out: dict[int, list[str]] = {}
+    for n, q in linear_grids(model, cfg).items():
+        if q.bits != cfg.quant.bits:
+            out.setdefault(q.bits, []).append(n)
+    return out
 
 
 def to_ct(codes: Codes, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -340,13 +391,16 @@ def _state_dict_without_ties(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def packed_state_dict(model: nn.Module, cfg: MethodConfig, scale_dtype: torch.dtype,
-                      dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], list[str], dict]:
+                      dtype: torch.dtype | None = None,
+                      dense_other: bool = False) -> tuple[dict[str, torch.Tensor], list[str], dict]:
     """(state dict to save, ignore list, export stats) of a fake-quantized model.
 
     Quantized linears become weight_packed / weight_scale / weight_shape (/ weight_zero_point);
-    every other tensor is saved as it is, floating ones cast to `dtype` (default: unchanged)."""
+    every other tensor is saved as it is, floating ones cast to `dtype` (default: unchanged).
+    dense_other: linears a plan keeps at other bits are stored dense and ignored (module docstring)."""
     check_packable(model, cfg)
-    qlins = quantized_linears(model, cfg)
+    qlins = quantized_linears(model, cfg, dense_other)
+    grids = linear_grids(model, cfg)
     names = {id(m): n for n, m in model.named_modules()}
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qlins)
     packed_keys = {f"{n}.weight" for n in qlins}
@@ -359,7 +413,7 @@ def packed_state_dict(model: nn.Module, cfg: MethodConfig, scale_dtype: torch.dt
         sd[k] = v.detach().cpu().contiguous()
     stats = {"linears": 0, "quantized_weights": 0, "lattice_groups": 0, "max_abs_err": 0.0}
     for n, lin in qlins.items():
-        t, codes = pack_linear(lin.weight.data, cfg.quant, n, scale_dtype)
+        t, codes = pack_linear(lin.weight.data, grids[n], n, scale_dtype)
         for local, v in t.items():
             sd[f"{n}.{local}"] = v
         stats["linears"] += 1
@@ -382,7 +436,7 @@ def storage_bits(sd: dict[str, torch.Tensor], cfg: MethodConfig) -> dict:
 
 def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig, metadata: dict,
                 overwrite: bool = False, result=None, scale_dtype: torch.dtype | None = None,
-                dtype: torch.dtype | None = None) -> Path:
+                dtype: torch.dtype | None = None, other_bits: str = "auto") -> Path:
     """Save a fake-quantized model in compressed-tensors' pack-quantized format, atomically.
 
     dest gets config.json (with `quantization_config`), model.safetensors, the tokenizer,
@@ -391,7 +445,8 @@ def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig
     when given, the dtype the unquantized tensors are cast to (default: the quantized weights'
     dtype, tensors as they are). scale_dtype: of the saved
     scales (default float32: transformers casts them to the dtype the model is loaded in, so a
-    float32 load reproduces the float32 fake-quant weights exactly).
+    float32 load reproduces the float32 fake-quant weights exactly). other_bits: 'auto', 'group' or
+    'dense' — how linears a plan keeps at other bits (8) are stored (module docstring).
     """
     from safetensors.torch import save_file
 
@@ -405,9 +460,12 @@ def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig
     dtype = dtype or next(iter(quantized_linears(model, cfg).values())).weight.dtype
     scale_dtype = scale_dtype or torch.float32
     check_packable(model, cfg)
+    if other_bits not in ("auto", "group", "dense"):
+        raise AwqnbError(f"other_bits={other_bits!r} is unknown; use 'auto', 'group' or 'dense'.")
+    dense_other = other_bits == "dense" or (other_bits == "auto" and not cfg.quant.symmetric)
     dest = Path(dest)
     with atomic_dir(dest, overwrite=overwrite) as tmp:
-        sd, ignore, stats = packed_state_dict(model, cfg, scale_dtype, cast)
+        sd, ignore, stats = packed_state_dict(model, cfg, scale_dtype, cast, dense_other)
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         conf = model.config
         old = getattr(conf, "dtype", None)
@@ -419,7 +477,8 @@ def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
-        ModelCompressor(quantization_config=ct_config(cfg.quant, ignore)).update_config(str(tmp))
+        others = {} if dense_other else other_groups(model, cfg)
+        ModelCompressor(quantization_config=ct_config(cfg.quant, ignore, others)).update_config(str(tmp))
         if not cfg.quant.symmetric:
             _ask_dequantize(tmp / "config.json")
         if tokenizer is not None:
@@ -429,7 +488,10 @@ def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig
         meta = dict(metadata)
         meta["export"] = {"format": "packed", "compressed_tensors_format": CT_FORMAT,
                           "compressed_tensors": ct.__version__, "scale_dtype": str(scale_dtype).replace("torch.", ""),
-                          "dtype": str(dtype).replace("torch.", ""), "ignore": ignore, **stats, **size}
+                          "dtype": str(dtype).replace("torch.", ""), "ignore": ignore,
+                          "other_bits": {"stored": "dense" if dense_other else "group",
+                                         **{str(b): sorted(v) for b, v in other_groups(model, cfg).items()}},
+                          **stats, **size}
         (tmp / "quantization_metadata.json").write_text(json.dumps(meta, indent=1, default=_jsonable))
         if result is not None:
             result.save(tmp / "quant_result")

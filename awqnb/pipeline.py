@@ -7,6 +7,7 @@ quantization on a fresh copy of the model without calibration data.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .config import MethodConfig
 from .errors import AwqnbError
 from .methods.awq import GroupSearch, InspectRunner, apply_clip, fold_scales, search_clip, search_group
 from .methods.base import BlockContext, Method, get_method
+from .plan import FP_BITS, linear_bits
 from .primitives import check_weight, effective_group_size, fake_quant
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ class QuantResult:
             ],
             "timings": self.timings,
             "versions": self.versions,
+            **({"plan": self.config.plan.to_doc()} if self.config.plan else {}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -148,9 +151,20 @@ def validate(model: nn.Module, cfg: MethodConfig, spec: ArchSpec) -> None:
     """Fail before any work: NaN/Inf weights, a group size that does not fit a layer."""
     for name, p in model.named_parameters():
         check_weight(name, p.data)
-    for bi, block in enumerate(blocks(model, spec)):
+    bl = blocks(model, spec)
+    for bi, block in enumerate(bl):
         for name in spec.linears:
             effective_group_size(get_module(block, name).in_features, cfg.quant.group_size)
+    if cfg.plan:
+        cfg.plan.check(len(bl), [g.name for g in spec.groups], f"this {model.config.model_type} model")
+
+
+@torch.no_grad()
+def round_planned(lin: nn.Linear, bits: int, cfg: MethodConfig) -> None:
+    """A linear a plan keeps at `bits`: round to nearest on the run's grid at those bits, or
+    (16) leave it in floating point. The method's own rounding is not used for it."""
+    if bits != FP_BITS:
+        lin.weight.data.copy_(fake_quant(lin.weight.data, dataclasses.replace(cfg.quant, bits=bits)))
 
 
 def _rel_err(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
@@ -212,8 +226,9 @@ def _quantize_block(method: Method, ctx: BlockContext, rec: LayerRecord) -> None
             ctx.scale_of[key] = s_full
             rec.groups[group.name] = gs
     rec.phases["search_s"], t = _sync(block) - t, _sync(block)
+    planned = linear_bits(cfg.plan, spec, ctx.index, cfg.quant.bits)
     if cfg.search.clip and method.needs_calibration:
-        skip = {n for g in spec.groups for n in g.clip_skip}
+        skip = {n for g in spec.groups for n in g.clip_skip} | set(planned)  # clip ranges are for the base grid
         for name in spec.linears:
             if name in skip:
                 continue
@@ -224,6 +239,9 @@ def _quantize_block(method: Method, ctx: BlockContext, rec: LayerRecord) -> None
             rec.clip[name] = mv.cpu()
     rec.phases["clip_s"], t = _sync(block) - t, _sync(block)
     for name in spec.linears:
+        if name in planned:  # whole scale groups: methods that round a group jointly never see it
+            round_planned(get_module(block, name), planned[name], cfg)
+            continue
         replay = method.round_linear(ctx, name, get_module(block, name))
         if replay is not None:
             rec.replay[name] = replay
@@ -334,7 +352,11 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
             tb = time.perf_counter()
             rec = LayerRecord(j)
             with onloaded(block, device):
+                planned = linear_bits(cfg.plan, spec, j, cfg.quant.bits)
                 for name in spec.linears:
+                    if name in planned:
+                        round_planned(get_module(block, name), planned[name], cfg)
+                        continue
                     replay = method.round_linear(None, name, get_module(block, name))
                     if replay is not None:
                         rec.replay[name] = replay
@@ -377,8 +399,12 @@ def apply(model: nn.Module, result: QuantResult, device=None) -> nn.Module:
                     fold_scales(block, group, rec.groups[group.name].scales, spec, attn)
             for name, mv in rec.clip.items():
                 apply_clip(get_module(block, name), mv, cfg.quant)
+            planned = linear_bits(cfg.plan, spec, rec.index, cfg.quant.bits)
             for name in spec.linears:
-                method.replay_linear(name, get_module(block, name), rec.replay.get(name))
+                if name in planned:
+                    round_planned(get_module(block, name), planned[name], cfg)
+                else:
+                    method.replay_linear(name, get_module(block, name), rec.replay.get(name))
     if cfg.lm_head == "quantize":
         _quantize_lm_head(model, cfg)
     return model

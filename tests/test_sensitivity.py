@@ -1,0 +1,318 @@
+"""End-to-end layer sensitivity, mixed-precision plans in the quantizer, the CLI and the export."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from awqnb import export, pipeline, sensitivity as S
+from awqnb.config import MethodConfig, QuantConfig, SearchConfig
+from awqnb.errors import AwqnbError
+from awqnb.plan import Plan
+from awqnb.statcache import DiagnosticsCache
+
+FAST = SearchConfig(n_grid=4)
+SEQ, NWIN = 40, 2  # > the tiny Gemma's sliding window of 32
+
+
+def _cfg(method="awq", plan=None, quant=QuantConfig(4, 32), **kw):
+    return MethodConfig(method, quant, FAST, calib_batch_size=4, plan=plan, **kw)
+
+
+def _tokens(n=SEQ * NWIN + 7):
+    return torch.randint(0, 2000, (n,), generator=torch.Generator().manual_seed(1))
+
+
+def _windows():
+    return _tokens()[: SEQ * NWIN].view(NWIN, SEQ)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny):
+    """Per tiny model: (fp model, calibration, quantized copy, QuantResult) of awq W4 g32."""
+    out = {}
+    for name, (fp, tok, calib) in tiny.items():
+        q = copy.deepcopy(fp)
+        res = pipeline.quantize(q, _cfg(), calib, progress=False)
+        out[name] = (fp, calib, q, res)
+    return out
+
+
+@pytest.fixture(scope="module")
+def frames(quantized):
+    out = {}
+    for name, (fp, calib, q, res) in quantized.items():
+        out[name] = S.sensitivity(fp, None, calib, _tokens(), seqlen=SEQ, n_windows=NWIN, result=(q, res),
+                                  progress=False, cache=False)
+    return out
+
+
+def _kl_ppl(logits, ref_logits, ids):
+    """Mean KL(ref ‖ logits) over predicted positions and perplexity, from full-model logits."""
+    lp = torch.log_softmax(logits[:, :-1].double(), -1)
+    lr = torch.log_softmax(ref_logits[:, :-1].double(), -1)
+    kl = (lr.exp() * (lr - lp)).sum(-1).mean()
+    nll = -lp.gather(-1, ids[:, 1:, None]).mean()
+    return float(kl), math.exp(float(nll))
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gemma3"])
+def test_all_effective_weights_reproduce_the_quantized_model(quantized, name):
+    """Every W_eff swapped into the FP model (its norms unfolded) gives the quantized model's logits."""
+    fp, calib, q, res = quantized[name]
+    ref = S.reference(fp, None, result=(q, res))
+    hybrid = S.swap_effective(copy.deepcopy(fp), ref.weff)
+    ids = _windows()
+    with torch.no_grad():
+        a, b, c = hybrid(ids).logits, q(ids).logits, fp(ids).logits
+    assert (a - b).abs().max() < 1e-4 * b.abs().max()
+    assert (b - c).abs().max() > 100 * (a - b).abs().max()  # the quantization is visible at that scale
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gemma3"])
+def test_variants_from_cached_prefixes_equal_full_forwards(quantized, frames, name):
+    """A row of the frame (computed from cached hidden states, blocks i..L only) equals KL / ppl of
+    a full forward of the same hybrid model, for both modes, layers 0 and 1; also FP and fully
+    quantized references."""
+    fp, calib, q, res = quantized[name]
+    df = frames[name]
+    ref = S.reference(fp, None, result=(q, res))
+    ids = _windows()
+    fams = list(S.family_linears(pipeline.resolve_spec(fp)))
+    with torch.no_grad():
+        fp_logits = fp(ids).logits
+        _, fp_ppl = _kl_ppl(fp_logits, fp_logits, ids)
+        qkl, qppl = _kl_ppl(q(ids).logits, fp_logits, ids)
+    assert df.attrs["fp_ppl"] == pytest.approx(fp_ppl, rel=1e-5)
+    assert df.attrs["quant_ppl"] == pytest.approx(qppl, rel=1e-5)
+    assert df.attrs["quant_kl"] == pytest.approx(qkl, rel=1e-4, abs=1e-9)
+    for layer, fam, mode in [(0, "qkv", "only"), (1, "down", "only"), (0, "gate_up", "except"), (1, "vo", "except")]:
+        which = [(layer, fam)] if mode == "only" else [(l, f) for l in (0, 1) for f in fams if (l, f) != (layer, fam)]
+        hybrid = S.swap_effective(copy.deepcopy(fp), ref.weff, which)
+        with torch.no_grad():
+            kl, ppl = _kl_ppl(hybrid(ids).logits, fp_logits, ids)
+        row = df[(df.layer == layer) & (df.family == fam) & (df["mode"] == mode)].iloc[0]
+        assert row.kl == pytest.approx(kl, rel=1e-4, abs=1e-9), (layer, fam, mode)
+        assert row.ppl == pytest.approx(ppl, rel=1e-5)
+        assert row.dppl == pytest.approx(ppl - fp_ppl if mode == "only" else qppl - ppl, rel=1e-3, abs=1e-6)
+        assert row.kl > 1e-6  # something was measured
+
+
+def test_frame_schema_and_reading(frames):
+    df = frames["tiny-random-llama"]
+    assert list(df.columns) == S.COLUMNS
+    assert len(df) == 2 * 4 * 2 and set(df["mode"]) == {"only", "except"}
+    assert str(df.layer.dtype) == "int64" and str(df.n_params.dtype) == "int64"
+    assert set(df.mse_kind) == {"relative"} and (df.mse > 0).all()
+    # n_params: q+k+v of a 160-wide model with 2 kv heads of 40
+    assert df[(df.family == "qkv")].n_params.iloc[0] == 160 * 160 + 2 * (80 * 160)
+    prov = df.attrs["provenance"]
+    assert prov["method"] == "awq" and prov["bits"] == 4 and prov["group_size"] == 32
+    assert prov["eval"]["seqlen"] == SEQ and prov["eval"]["n_windows"] == NWIN
+    assert prov["calibration"]["n_calib"] == 4 and prov["dtype"] == "float32"
+    # the sum of one layer's 'only' KLs decides the most sensitive layer
+    only = df[df["mode"] == "only"].groupby("layer").kl.sum()
+    assert S.most_sensitive_layer(df) == int(only.idxmax())
+    r = S.rank(df, "kl", "only")
+    assert list(r["rank"]) == list(range(1, 9)) and r.kl.is_monotonic_decreasing
+    r = S.rank(df, "kl", "except")
+    assert r.kl.is_monotonic_increasing  # lowest KL without it = most recovered by keeping it FP
+
+
+def test_plans_from_the_frame(frames):
+    df = frames["tiny-random-llama"]
+    top = S.rank(df, "kl", "only")
+    p = S.plan_from_sensitivity(df, k=2)
+    assert [(l, f) for l, f, _ in p.entries] == sorted(zip(top.layer[:2], top.family[:2]),
+                                                       key=lambda t: (t[0], ["qkv", "vo", "gate_up", "down"].index(t[1])))
+    assert {b for *_, b in p.entries} == {8}
+    pm = S.plan_from_sensitivity(df, k=1, by="mse")
+    m = df.drop_duplicates(["layer", "family"]).sort_values("mse", ascending=False).iloc[0]
+    assert pm.entries == ((int(m.layer), m.family, 8),)
+    assert S.plan_from_sensitivity(df, k=3, by="random", seed=5) == S.plan_from_sensitivity(df, k=3, by="random", seed=5)
+    # average bits: weighted by n_params over all 8 candidates, never above the budget
+    for budget in (4.0, 4.5, 5.5, 8.0):
+        pb = S.plan_from_sensitivity(df, avg_bits=budget)
+        assert S.plan_avg_bits(df, pb) <= budget + 1e-12
+    assert len(S.plan_from_sensitivity(df, avg_bits=8.0)) == 8 and len(S.plan_from_sensitivity(df, avg_bits=4.0)) == 0
+    pl = S.plan_from_sensitivity(df, max_linears=2)
+    assert 0 < S.plan_linears(df, pl) <= 2
+    with pytest.raises(AwqnbError, match="exactly one budget"):
+        S.plan_from_sensitivity(df, k=1, avg_bits=5)
+    with pytest.raises(AwqnbError, match="keep_bits=5"):
+        S.plan_from_sensitivity(df, k=1, keep_bits=5)
+
+
+def test_plan_json_round_trip_and_validation(tmp_path):
+    p = Plan.parse_keep("12.down, 1.gate_up:16,0.o")
+    assert p.entries == ((0, "vo", 8), (1, "gate_up", 16), (12, "down", 8))
+    f = tmp_path / "plan.json"
+    p.to_json(f)
+    assert Plan.read(f) == p and Plan.from_obj(json.loads(f.read_text())["keep"]) == p
+    assert MethodConfig.from_dict(_cfg(plan=p).to_dict()).plan == p
+    for bad, msg in [("3.mlp", "family 'mlp' does not exist"), ("3.down:5", "bits 5"), ("down", "LAYER.FAMILY"),
+                     ("1.down,1.down:16", "twice"), ("x.down", "not a whole number"), ("", "empty")]:
+        with pytest.raises(AwqnbError, match=msg):
+            Plan.parse_keep(bad)
+    f.write_text('{"keep": [{"layer": 0}]}')
+    with pytest.raises(AwqnbError, match="lacks family"):
+        Plan.read(f)
+    # a config without a plan keeps its old dict (and so its output directory hash)
+    assert "plan" not in _cfg().to_dict() and _cfg(plan=Plan()).plan is None
+    assert _cfg(plan=p).tag.endswith("_keep3")
+
+
+def test_bad_input_is_refused_before_work(tiny):
+    fp, tok, calib = tiny["tiny-random-llama"]
+    m = copy.deepcopy(fp)
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    with pytest.raises(AwqnbError, match="layer 2 does not exist.*2 decoder layers"):
+        pipeline.quantize(m, _cfg(plan=Plan.parse_keep("2.down")), calib, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+    toks = _tokens()
+    for kw, msg in [(dict(n_windows=0), "n_windows=0"), (dict(seqlen=0), "seqlen=0"),
+                    (dict(n_windows=NWIN + 1), "needs n_windows × seqlen"), (dict(families=["mlp"]), "family 'mlp'"),
+                    (dict(modes=("all",)), "unknown"), (dict(layers=[5]), "layer 5 is out of range")]:
+        args = dict(seqlen=SEQ, n_windows=NWIN, progress=False, cache=False)
+        args.update(kw)
+        with pytest.raises(AwqnbError, match=msg):
+            S.sensitivity(m, _cfg(), calib, toks, **args)
+    with pytest.raises(AwqnbError, match="does not exist"):
+        S.sensitivity(m, _cfg(plan=Plan.parse_keep("7.qkv")), calib, toks, seqlen=SEQ, n_windows=NWIN, cache=False)
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_plan_keeping_everything_fp_is_the_fp_model(tiny, method):
+    """Every family at 16: the run is the FP model (rtn: the same weights; awq: scales folded
+    exactly), so every 'only' KL is 0 and the slice's ppl is the FP ppl."""
+    fp, tok, calib = tiny["tiny-random-llama"]
+    plan = Plan(tuple((l, f, 16) for l in (0, 1) for f in ("qkv", "vo", "gate_up", "down")))
+    q = copy.deepcopy(fp)
+    res = pipeline.quantize(q, _cfg(method, plan=plan), calib if method == "awq" else None, progress=False)
+    ids = _windows()
+    with torch.no_grad():
+        assert torch.allclose(q(ids).logits, fp(ids).logits, atol=1e-4)
+    if method == "rtn":
+        assert all(torch.equal(p, dict(fp.named_parameters())[n]) for n, p in q.named_parameters())
+    df = S.sensitivity(fp, None, calib, _tokens(), seqlen=SEQ, n_windows=NWIN, result=(q, res), modes="only",
+                       progress=False, cache=False)
+    # rtn: W_eff is W bit for bit; awq: x·s/s in float32 (quantized runs measure ~1e-3 nats)
+    tol = 1e-12 if method == "rtn" else 1e-6
+    assert df.kl.abs().max() < tol and df.mse.abs().max() < tol and abs(df.attrs["quant_kl"]) < tol
+    assert df.ppl.to_numpy() == pytest.approx(df.attrs["fp_ppl"], rel=tol)
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_planned_8bit_family_matches_keep_weights(tiny, quantized, method):
+    """The pipeline keeps a planned family at 8 bits on the run's scales: block 0 (same inputs with
+    or without the plan) equals `keep_weights` of the unplanned run, which pareto swaps in."""
+    fp, tok, calib = tiny["tiny-random-llama"]
+    c = calib if method == "awq" else None
+    base = copy.deepcopy(fp)
+    res0 = pipeline.quantize(base, _cfg(method), c, progress=False)
+    q = copy.deepcopy(fp)
+    res = pipeline.quantize(q, _cfg(method, plan=Plan.parse_keep("0.down,0.qkv")), c, progress=False)
+    kw = S.keep_weights(fp, res0, 8, [0])
+    eff = S.reference(fp, None, result=(q, res)).weff[0]
+    eff0 = S.reference(fp, None, result=(base, res0)).weff[0]
+    for n in ("mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"):
+        assert torch.allclose(eff[n], kw[0][n], atol=1e-6), n
+        assert not torch.allclose(eff[n], eff0[n], atol=1e-4), n  # 8 bits is not the 4-bit run
+    assert torch.allclose(eff["mlp.gate_proj"], eff0["mlp.gate_proj"], atol=1e-6)  # not planned: as before
+    # apply() replays the plan
+    again = pipeline.apply(copy.deepcopy(fp), res)
+    assert all(torch.equal(p, dict(again.named_parameters())[n]) for n, p in q.named_parameters())
+    assert res.metadata()["plan"]["keep"] == [{"layer": 0, "family": "qkv", "bits": 8},
+                                              {"layer": 0, "family": "down", "bits": 8}]
+
+
+def test_pareto_and_cache(quantized, frames, tmp_path):
+    fp, calib, q, res = quantized["tiny-random-llama"]
+    df = frames["tiny-random-llama"]
+    p = S.pareto(fp, None, calib, _tokens(), df, ks=(0, 1, 8), keep_bits=16, strategies=("sensitivity", "random"),
+                 result=(q, res), progress=False)
+    assert list(p.columns[:5]) == ["strategy", "k", "avg_bits", "ppl", "kl"]
+    k0 = p[p.k == 0].iloc[0]
+    assert k0.ppl == pytest.approx(df.attrs["quant_ppl"], rel=1e-9) and k0.avg_bits == 4
+    k8 = p[p.k == 8].iloc[0]  # everything kept FP: the FP model
+    assert k8.ppl == pytest.approx(df.attrs["fp_ppl"], rel=1e-6) and abs(k8.kl) < 1e-7 and k8.avg_bits == 16
+    k1 = p[(p.k == 1) & (p.strategy == "sensitivity")].iloc[0]  # one family FP = that family's 'except' row
+    top = S.plan_from_sensitivity(df, k=1).entries[0]
+    row = df[(df.layer == top[0]) & (df.family == top[1]) & (df["mode"] == "except")].iloc[0]
+    assert k1.kl == pytest.approx(row.kl, rel=1e-6) and k1.ppl == pytest.approx(row.ppl, rel=1e-9)
+    # cache: a second call reads the frame (and attrs) back without recomputing
+    cache = DiagnosticsCache(tmp_path / "cache")
+    args = dict(seqlen=SEQ, n_windows=NWIN, result=(q, res), progress=False, cache=cache, modes="except",
+                layers=[1], families=["down"])
+    a = S.sensitivity(fp, None, calib, _tokens(), **args)
+    fresh = DiagnosticsCache(tmp_path / "cache")  # from disk
+    b = S.sensitivity(fp, None, calib, _tokens(), **{**args, "cache": fresh})
+    assert fresh.hits == 1 and fresh.computed == 0
+    assert a.equals(b) and b.attrs["quant_ppl"] == a.attrs["quant_ppl"] and b.attrs["provenance"] == a.attrs["provenance"]
+    assert len(b) == 1 and b.kl.iloc[0] == pytest.approx(
+        df[(df.layer == 1) & (df.family == "down") & (df["mode"] == "except")].kl.iloc[0], rel=1e-9)
+
+
+def _packed_cfg(sym):
+    return _cfg("rtn", plan=Plan.parse_keep("0.down,1.qkv:16"), quant=QuantConfig(4, 32, sym))
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_export_keeps_planned_linears_out_of_the_4bit_set(tiny, tmp_path, sym):
+    """FP-kept linears are in `ignore`; 8-bit kept ones are a second exact-name group (symmetric) or
+    dense in `ignore` (asymmetric: transformers' dequantize-on-load path reads one group); the
+    reloaded model equals the fake-quant one either way."""
+    from transformers import AutoModelForCausalLM
+
+    fp, tok, calib = tiny["tiny-random-llama"]
+    cfg = _packed_cfg(sym)
+    m = copy.deepcopy(fp)
+    res = pipeline.quantize(m, cfg, None, progress=False)
+    export.save_packed(m, tok, tmp_path / "p", cfg, res.metadata(), result=res)
+    qc = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]
+    fp_kept = [f"model.layers.1.self_attn.{x}_proj" for x in "kqv"]
+    assert set(fp_kept) <= set(qc["ignore"]) and "lm_head" in qc["ignore"]
+    groups = qc["config_groups"]
+    assert groups["group_0"]["targets"] == ["Linear"] and groups["group_0"]["weights"]["num_bits"] == 4
+    if sym:
+        assert groups["group_1"]["targets"] == ["model.layers.0.mlp.down_proj"]
+        assert groups["group_1"]["weights"]["num_bits"] == 8
+        assert "model.layers.0.mlp.down_proj" not in qc["ignore"]
+    else:
+        assert list(groups) == ["group_0"] and "model.layers.0.mlp.down_proj" in qc["ignore"]
+    meta = json.loads((tmp_path / "p" / "quantization_metadata.json").read_text())
+    assert meta["export"]["linears"] == 14 - 3 - (0 if sym else 1)
+    assert meta["export"]["other_bits"]["8"] == ["model.layers.0.mlp.down_proj"]
+    assert meta["plan"]["keep"][0] == {"layer": 0, "family": "down", "bits": 8}
+    r = export.decompress(AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval())  # symmetric: lazy
+    got = dict(r.named_parameters())
+    for n, p in m.named_parameters():
+        assert torch.equal(p, got[n]), n
+
+
+def test_cli_keep_writes_the_plan(tmp_path, capsys):
+    from awqnb import cli
+
+    out = tmp_path / "out"
+    rc = cli.main(["quantize", "--model", "tiny-random-llama", "--method", "rtn", "--group-size", "32",
+                   "--keep", "1.down,0.gate_up:16", "--output-dir", str(out), "--format", "fake"])
+    assert rc == 0
+    dest = next(out.iterdir())
+    assert "_keep2_" in dest.name
+    meta = json.loads((dest / "quantization_metadata.json").read_text())
+    assert meta["config"]["plan"] == [{"layer": 0, "family": "gate_up", "bits": 16},
+                                      {"layer": 1, "family": "down", "bits": 8}]
+    assert meta["plan"]["keep"] == meta["config"]["plan"]
+    plan = tmp_path / "plan.json"
+    Plan.parse_keep("9.down").to_json(plan)
+    capsys.readouterr()
+    rc = cli.main(["quantize", "--model", "tiny-random-llama", "--method", "rtn", "--plan", str(plan),
+                   "--output-dir", str(tmp_path / "o2")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "layer 9 does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())
+    rc = cli.main(["quantize", "--model", "tiny-random-llama", "--method", "rtn", "--keep", "0.down:5",
+                   "--output-dir", str(tmp_path / "o3")])
+    assert rc == 2 and "bits 5" in capsys.readouterr().err
