@@ -77,6 +77,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duo-scaling", action="store_true")
     p.add_argument("--clip", action="store_true", help="AutoAWQ-style weight clipping search")
     p.add_argument("--propagate", choices=["quantized", "fp"], default="quantized")
+    p.add_argument("--alpha-select", choices=["argmin", "smooth"], default="argmin",
+                   help="α from the loss curve: argmin, or smooth = argmin of its 3-point moving average")
     p.add_argument("--layer-batch-size", type=int, default=1, help="decoder blocks calibrated per pass")
     p.add_argument("--calib-batch-size", type=int, default=16, help="calibration samples per forward")
     p.add_argument("--lm-head", choices=["fp16", "quantize"], default="fp16")
@@ -98,7 +100,7 @@ def method_config(args):
         method=args.method,
         quant=QuantConfig(args.bits, args.group_size, args.sym),
         search=SearchConfig(n_grid=args.n_grid, salience=args.salience, duo_scaling=args.duo_scaling,
-                            clip=args.clip, propagate=args.propagate),
+                            clip=args.clip, propagate=args.propagate, alpha_select=args.alpha_select),
         params=_method_params(args),
         lm_head=args.lm_head,
         lmhead_chunks=args.lmhead_chunks,

@@ -15,6 +15,9 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 # Compute dtype of the block forwards ('auto': the model's own dtype); quantization math
 # (scales, zero points, folded norms) is float32 whatever this says.
 DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
+# How the α search picks α from its loss curve (methods/awq.py select_alpha): 'argmin' of the
+# losses, or 'smooth' = argmin of their 3-point moving average over the grid.
+ALPHA_SELECT = ("argmin", "smooth")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class SearchConfig:
     n_grid: alpha in {0, 1/n_grid, ..., 1}. duo_scaling: AutoAWQ's s = a**alpha / w_mean**(1-alpha).
     clip: AutoAWQ-style per-group max shrink search. propagate: what the next block sees,
     'quantized' (block N's quantized output) or 'fp' (the full-precision output).
+    alpha_select: 'argmin' (α* = the grid point of least loss) or 'smooth' (the least 3-point moving
+    average of the loss over the grid: a broad minimum wins over a one-point dip; issue 15).
     """
 
     n_grid: int = 20
@@ -65,8 +70,11 @@ class SearchConfig:
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
     clip_max_tokens: int = 512
+    alpha_select: str = "argmin"
 
     def __post_init__(self):
+        if self.alpha_select not in ALPHA_SELECT:
+            raise AwqnbError(f"alpha_select={self.alpha_select!r} is unknown; use one of {', '.join(ALPHA_SELECT)}.")
         if self.salience not in ("l1", "l2"):
             raise AwqnbError(f"salience={self.salience!r} is unknown; use 'l1' or 'l2'.")
         if self.propagate not in ("quantized", "fp"):
@@ -77,7 +85,10 @@ class SearchConfig:
             raise AwqnbError("clip_max_shrink must lie in (0, 1); 0.5 searches 1.0 down to 0.55.")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["alpha_select"] == "argmin":  # the default is left out: earlier configs keep their hash
+            del d["alpha_select"]
+        return d
 
 
 @dataclass(frozen=True)

@@ -396,6 +396,42 @@ class Comparison:
                 out[m["label"]] = MethodConfig.from_dict(m["config"])
         return out
 
+    @classmethod
+    def merge(cls, *comps: "Comparison") -> "Comparison":
+        """One comparison from several runs of the same setting (e.g. methods or seeds split over
+        calls): the runs of all, a label/seed pair once (the first), a shared run (fp, rtn) once.
+        AwqnbError unless model, bits, group size, symmetry, calibration and datasets agree."""
+        if not comps:
+            raise AwqnbError("nothing to merge.")
+        keys = ("model", "bits", "group_size", "symmetric", "calibration", "datasets")
+        first = comps[0].provenance
+        for c in comps[1:]:
+            bad = [k for k in keys if c.provenance.get(k) != first.get(k)]
+            if bad:
+                raise AwqnbError(f"cannot merge comparisons that differ in {', '.join(bad)}.")
+        runs, seen, methods, quant_results = [], set(), [], {}
+        for c in comps:
+            for r in c.runs:
+                key = (r.label,) if r.shared else (r.label, r.seed)
+                if key not in seen:
+                    seen.add(key)
+                    runs.append(r)
+            for m in c.provenance.get("methods", []):
+                if m["label"] not in {x["label"] for x in methods}:
+                    methods.append(m)
+            quant_results.update(c.quant_results)
+        prov = {**first, "methods": methods, "seeds": sorted({s for c in comps for s in c.seeds}),
+                "complete": all(c.provenance.get("complete") for c in comps),
+                "merged_from": [{k: c.provenance.get(k) for k in ("seeds", "device", "versions", "argv")} for c in comps]}
+        frames = [c.mse for c in comps if c.mse is not None]
+        mse = None
+        if frames:
+            import pandas as pd
+
+            mse = pd.concat(frames, ignore_index=True)
+            mse = mse.drop_duplicates(subset=[x for x in ("method", "seed", "layer", "module") if x in mse.columns])
+        return cls(runs, prov, mse, quant_results)
+
     # -- serialisation --
     def to_dict(self) -> dict:
         return {"format": FORMAT, "provenance": self.provenance, "runs": [r.to_dict() for r in self.runs],

@@ -18,6 +18,10 @@ version than 0.14.x they are skipped with the reason, the other methods still ru
   awq_ref   awq as the reference tools run it: L1 salience, duo_scaling, clip, FP propagation.
 A spec may carry overrides after '@': `robust_praq@n_calib=16`, `awq_sh@outlier_percent=1`.
 
+A run that does not fit one call can be split (by methods or by seeds, same other settings) and
+the pieces merged: `--merge dirA,dirB --out dirAB [--baseline X]` reads their comparison JSON files
+and writes the combined tables (verdicts then pair methods of different pieces).
+
 Example (issue 15, SmolLM2 g64, three calibration seeds; see bench/README.md for the figures):
   python bench/quality.py --model smollm2-135m --group-sizes 64 --seeds 42,43,44 --datasets wikitext2 \
       --methods fp,rtn,awq,awq_ref,awq_sh,awq_dh,awq_js,awq_gqa,praq,gptq,awq_gptq,llmc_awq,llmc_gptq \
@@ -109,6 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--calib-batch-size", type=int, default=None,
                    help="calibration samples per forward (default 64 on GPU, 16 on CPU)")
     p.add_argument("--out", default="bench/results/quality")
+    p.add_argument("--merge", default=None,
+                   help="comma-separated output directories of earlier runs (methods or seeds split over calls): "
+                        "merge their comparison_g*.json and write the tables to --out; nothing is run")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
@@ -118,7 +125,42 @@ def main(argv=None) -> int:
         return 2
 
 
+def _merge(args) -> int:
+    from awqnb.runner import Comparison
+
+    by_g: dict = {}
+    for d in [x for x in args.merge.split(",") if x]:
+        files = sorted(Path(d).glob("comparison_g*.json"))
+        if not files:
+            raise AwqnbError(f"{d} holds no comparison_g*.json; pass output directories of bench/quality.py.")
+        for f in files:
+            c = Comparison.read(f)
+            by_g.setdefault(c.provenance["group_size"], []).append(c)
+    done = {g: Comparison.merge(*cs) for g, cs in by_g.items()}
+    first = next(iter(done.values()))
+    labels = list(dict.fromkeys(lb for c in done.values() for lb in c.labels))
+    baseline = args.baseline or ("rtn" if "rtn" in labels else labels[0])
+    if baseline not in labels:
+        raise AwqnbError(f"--baseline {baseline!r} is not among the merged labels ({', '.join(labels)}).")
+    prov = first.provenance
+    cal = prov.get("calibration", {})
+    args.model, args.bits = prov["model"], prov["bits"]
+    args.calib_dataset, args.n_calib, args.calib_seqlen = cal.get("dataset"), cal.get("n_calib"), cal.get("seqlen")
+    args.seeds = sorted({s for c in done.values() for s in c.seeds})
+    ds = prov.get("datasets", [])
+    args.seqlen = ds[0]["seqlen"] if ds else args.seqlen
+    args.n_samples = next((d.get("n_texts") for d in ds if d["protocol"] == "sample"), args.n_samples)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    md = write_outputs(out, args, prov.get("device"), prov.get("eval_dtype"), labels, baseline, done,
+                       final=all(c.provenance.get("complete") for c in done.values()))
+    sys.stdout.write(md)
+    return 0
+
+
 def _run(args) -> int:
+    if args.merge:
+        return _merge(args)
     if args.seeds is not None:
         try:
             args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]

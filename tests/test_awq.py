@@ -231,3 +231,82 @@ def test_bad_input_errors(tiny):
 
     with pytest.raises(AwqnbError, match="not supported"):
         resolve_spec(Odd())
+
+
+# --- alpha_select (issue 15): a broad minimum against a one-point dip ---------------------------
+
+# a broad minimum around α = 0.6 and, at α = 0.15, a one-point dip flanked by spikes: what one
+# intermediate row's lucky rounding does to SmolLM2's gate_up curves (bench/README.md, issue 15)
+JAGGED = [1.0, 2.0, 2.2, 0.45, 2.1, 1.2, 0.9, 0.8, 0.7, 0.6, 0.52, 0.49, 0.47, 0.48, 0.5, 0.56, 0.65, 0.75,
+          0.85, 0.95, 1.0]
+
+
+class _CurveRunner:
+    """Stands in for InspectRunner: returns a given loss per α, in grid order."""
+
+    def __init__(self, losses):
+        self.losses = iter(losses)
+
+    def outputs(self):
+        return []
+
+    def loss_tensor(self, weights, ref):
+        return torch.tensor(next(self.losses), dtype=torch.float32)
+
+
+def _curve_search(losses, **search):
+    toy = _Toy(ci=64, co=8)
+    group, _ = _toy_spec()
+    return search_group(toy, group, torch.rand(64) + 0.5, _CurveRunner(losses), QuantConfig(4, 32),
+                        SearchConfig(n_grid=len(losses) - 1, **search), AttnShape(1, 1, 1))
+
+
+def test_alpha_select_smooth_picks_the_broad_minimum():
+    from awqnb.methods.awq import select_alpha, selection_curve
+
+    assert select_alpha(JAGGED) == 3 and select_alpha(JAGGED, "smooth") == 12
+    gs = _curve_search(JAGGED, alpha_select="smooth")
+    assert gs.best_alpha == pytest.approx(0.6)
+    assert gs.best_loss == pytest.approx(0.47)  # the loss at the chosen α, not the smoothed value
+    assert gs.extra["argmin_alpha"] == pytest.approx(0.15) and gs.extra["argmin_loss"] == pytest.approx(0.45)
+    sm = selection_curve(JAGGED, "smooth")
+    assert sm[0] == pytest.approx(1.5) and sm[12] == pytest.approx((0.49 + 0.47 + 0.48) / 3)
+    # NaN never wins, and poisons the averages that touch it; all NaN → None (the caller falls back to RTN)
+    nan = float("nan")
+    assert select_alpha([1.0, nan, 0.5, 0.6, 0.7], "smooth") == 3
+    assert select_alpha([nan, nan, nan], "smooth") is None and select_alpha([nan, nan]) is None
+    assert _curve_search([nan] * 5, alpha_select="smooth").best_alpha == 0.0
+
+
+def test_alpha_select_default_is_the_plain_argmin():
+    assert SearchConfig().alpha_select == "argmin"
+    assert "alpha_select" not in SearchConfig().to_dict()  # configs of earlier runs keep their hash
+    assert SearchConfig(alpha_select="smooth").to_dict()["alpha_select"] == "smooth"
+    gs = _curve_search(JAGGED)
+    assert gs.best_alpha == pytest.approx(0.15) and gs.best_loss == pytest.approx(0.45) and gs.extra == {}
+    assert _curve_search([1.0, 0.5, 0.5, 0.7]).best_alpha == pytest.approx(1 / 3)  # ties: the smaller α
+    with pytest.raises(AwqnbError, match="alpha_select"):
+        SearchConfig(alpha_select="median")
+    cfg = MethodConfig("awq", search=SearchConfig(alpha_select="smooth"))
+    assert MethodConfig.from_dict(cfg.to_dict()).search.alpha_select == "smooth"
+
+
+def test_alpha_select_reaches_the_cli_and_bench_specs(tiny, monkeypatch):
+    from pathlib import Path
+
+    from awqnb import cli
+
+    args = cli.build_parser().parse_args(["quantize", "--alpha-select", "smooth"])
+    assert cli.method_config(args).search.alpha_select == "smooth"
+    assert cli.method_config(cli.build_parser().parse_args(["quantize"])).search.alpha_select == "argmin"
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import quality
+
+    spec = quality.parse_spec("awq@alpha_select=smooth")
+    assert any(isinstance(x, dict) and x.get("alpha_select") == "smooth" for x in spec)
+    # and a whole run records it
+    fp, tok, calib = _fresh(tiny, "tiny-random-llama")
+    cfg = MethodConfig("awq", QuantConfig(4, 32), SearchConfig(n_grid=6, alpha_select="smooth"), calib_batch_size=4)
+    res = pipeline.quantize(fp, cfg, calib, progress=False)
+    assert res.metadata()["config"]["search"]["alpha_select"] == "smooth"
+    assert all("argmin_alpha" in gs.extra for r in res.layers for gs in r.groups.values())

@@ -302,8 +302,24 @@ def test_bench_quality_on_the_runner(tmp_path, monkeypatch):
     md = (out / "summary.md").read_text()
     assert "awq@n_grid=2" in md and "±" in md and any(w in md for w in ("within noise", "better", "worse"))
     assert "llmc_gptq" in md and "skipped" in md
+    # a run split by seeds merges back into one comparison
+    for seed in ("1", "2"):
+        assert quality.main(["--model", "tiny-random-llama", "--methods", "rtn,awq", "--seeds", seed, "--group-sizes",
+                             "32", "--datasets", "wikitext2", "--seqlen", "64", "--max-windows", "3", "--n-calib", "2",
+                             "--calib-seqlen", "32", "--calib-dataset", str(calib), "--device", "cpu",
+                             "--out", str(out / f"s{seed}")]) == 0
+    assert quality.main(["--merge", f"{out / 's1'},{out / 's2'}", "--baseline", "rtn", "--out", str(out / "m")]) == 0
+    merged = runner.Comparison.read(out / "m" / "comparison_g32.json")
+    assert merged.seeds == [1, 2] and [(r.label, r.seed) for r in merged.runs] == [("rtn", 1), ("awq", 1), ("awq", 2)]
+    v = merged.verdicts("rtn", n_boot=100)
+    assert list(v.n_seeds) == [2]
+    whole = runner.Comparison.read(out / "comparison_g32.json")  # the one-call run above
+    assert whole.per_seed("rtn", "wikitext2")[1].nll == merged.per_seed("rtn", "wikitext2")[2].nll
+    assert "± " in (out / "m" / "summary.md").read_text()
     # --seed alone still works (one seed)
     rc = quality.main(["--model", "tiny-random-llama", "--methods", "rtn", "--seed", "7", "--group-sizes", "32",
                        "--datasets", "wikitext2", "--seqlen", "64", "--max-windows", "2", "--device", "cpu",
                        "--out", str(out / "one")])
     assert rc == 0 and json.loads((out / "one" / "comparison_g32.json").read_text())["provenance"]["seeds"] == [7]
+    with pytest.raises(AwqnbError, match="differ in calibration"):  # another calibration set: not one comparison
+        runner.Comparison.merge(merged, runner.Comparison.read(out / "one" / "comparison_g32.json"))

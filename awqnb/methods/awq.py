@@ -6,10 +6,14 @@ For a scale group with salience `a: [ci]` (L1 `E|x|` or L2 `sqrt(E[x²])`):
   W'(α) = Q(W · diag(s)) · diag(s)^-1
   L(α) = mean‖F(X; W'(α)) − F(X; W)‖²     F = the module the group feeds
   α* = argmin over α ∈ {0, 1/n_grid, …, 1}; ties → smallest α.
+       (SearchConfig.alpha_select 'smooth': the argmin of L's 3-point moving average over the
+       grid instead, so a single-α dip made by one row's lucky rounding does not win over a
+       broad minimum; the recorded best_loss is still L(α*) itself.)
 The chosen s is folded: prev op output channels ÷ s, scaled layers' input columns × s.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +22,8 @@ from torch.func import functional_call
 
 from ..arch import ArchSpec, AttnShape, ScaleGroup, get_module
 from ..engine import mark_fp32
-from ..config import QuantConfig, SearchConfig
+from ..config import ALPHA_SELECT, QuantConfig, SearchConfig
+from ..errors import AwqnbError
 from ..primitives import effective_group_size, expand_groups, fake_quant, group_view
 
 
@@ -74,6 +79,34 @@ def scales_for(a: torch.Tensor, alpha: float, w_mean: torch.Tensor | None) -> to
         s = a.pow(alpha)
     s = s.clamp(min=1e-4)
     return s / (s.max() * s.min()).sqrt()
+
+
+def selection_curve(losses: list[float], how: str = "argmin") -> list[float]:
+    """The curve α* minimises, one value per grid point; NaN/inf losses read as +inf.
+
+    'argmin': the losses themselves. 'smooth': their 3-point moving average over the α grid (at
+    each end the mean of the two points there), so any average touching a non-finite loss is +inf.
+    """
+    v = [float(l) if math.isfinite(l) else math.inf for l in losses]
+    if how == "argmin" or len(v) < 3:
+        return v
+    if how != "smooth":
+        raise AwqnbError(f"alpha_select={how!r} is unknown; use one of {', '.join(ALPHA_SELECT)}.")
+    out = []
+    for i in range(len(v)):
+        w = v[max(0, i - 1):i + 2]
+        out.append(math.inf if math.inf in w else sum(w) / len(w))
+    return out
+
+
+def select_alpha(losses: list[float], how: str = "argmin") -> int | None:
+    """Index of the chosen α: the first minimum of `selection_curve` (ties → the smaller α);
+    None when every value is +inf (every loss NaN/inf)."""
+    best_i, best = None, math.inf
+    for i, c in enumerate(selection_curve(losses, how)):
+        if c < best:  # strict: ties keep the smaller α
+            best_i, best = i, c
+    return best_i
 
 
 def scaled_fake_quant(w: torch.Tensor, s_full: torch.Tensor, qcfg: QuantConfig) -> torch.Tensor:
@@ -196,16 +229,20 @@ def search_group(block: nn.Module, group: ScaleGroup, a: torch.Tensor, runner: I
         losses_t.append(runner.loss_tensor([scaled_fake_quant(w, s_full, qcfg) for w in ws], ref))
     del ref
     losses = torch.stack(losses_t).double().cpu().tolist()  # the one host sync of this group
-    best_alpha, best_loss = 0.0, float("inf")
-    for alpha, loss in zip(alphas, losses):
-        if loss < best_loss:  # strict: ties keep the smaller α; NaN never wins
-            best_alpha, best_loss = alpha, loss
-    if best_loss == float("inf"):  # every loss was NaN/inf: fall back to s ≡ 1 (RTN)
+    i = select_alpha(losses, scfg.alpha_select)  # first minimum: ties keep the smaller α; NaN never wins
+    extra = {}
+    if i is None:  # every loss was NaN/inf: fall back to s ≡ 1 (RTN)
         best_alpha, best_loss = 0.0, losses[0]
         best_s = scales_for(a_prev, 0.0, None)
     else:
+        best_alpha, best_loss = alphas[i], losses[i]
         best_s = scales_for(a_prev, best_alpha, w_mean)
-    return GroupSearch(group.name, alphas, losses, best_alpha, best_loss, best_s.cpu(), a_prev.float().cpu())
+    if scfg.alpha_select != "argmin":  # what the plain argmin would have chosen (default records unchanged)
+        j = select_alpha(losses, "argmin")
+        extra["argmin_alpha"] = alphas[j] if j is not None else None
+        extra["argmin_loss"] = losses[j] if j is not None else None
+    return GroupSearch(group.name, alphas, losses, best_alpha, best_loss, best_s.cpu(), a_prev.float().cpu(),
+                       extra)
 
 
 @torch.no_grad()
