@@ -420,8 +420,11 @@ class Comparison:
                 if m["label"] not in {x["label"] for x in methods}:
                     methods.append(m)
             quant_results.update(c.quant_results)
-        prov = {**first, "methods": methods, "seeds": sorted({s for c in comps for s in c.seeds}),
-                "complete": all(c.provenance.get("complete") for c in comps),
+        seeds = sorted({s for c in comps for s in c.seeds})
+        # complete when every method has its run for every seed, whichever piece holds it
+        grid = all((m["label"],) in seen or (m["label"], s) in seen for m in methods for s in seeds)
+        prov = {**first, "methods": methods, "seeds": seeds,
+                "complete": grid,
                 "merged_from": [{k: c.provenance.get(k) for k in ("seeds", "device", "versions", "argv")} for c in comps]}
         frames = [c.mse for c in comps if c.mse is not None]
         mse = None

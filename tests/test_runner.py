@@ -311,6 +311,11 @@ def test_bench_quality_on_the_runner(tmp_path, monkeypatch):
     assert quality.main(["--merge", f"{out / 's1'},{out / 's2'}", "--baseline", "rtn", "--out", str(out / "m")]) == 0
     merged = runner.Comparison.read(out / "m" / "comparison_g32.json")
     assert merged.seeds == [1, 2] and [(r.label, r.seed) for r in merged.runs] == [("rtn", 1), ("awq", 1), ("awq", 2)]
+    assert merged.provenance["complete"]  # every (method, seed) is in one piece or the other
+    s2 = runner.Comparison.read(out / "s2" / "comparison_g32.json")
+    s2_cut = runner.Comparison([r for r in s2.runs if r.label != "awq"], s2.provenance, None, {})
+    assert not runner.Comparison.merge(runner.Comparison.read(out / "s1" / "comparison_g32.json"),
+                                       s2_cut).provenance["complete"]  # awq's seed-2 run is missing
     v = merged.verdicts("rtn", n_boot=100)
     assert list(v.n_seeds) == [2]
     whole = runner.Comparison.read(out / "comparison_g32.json")  # the one-call run above

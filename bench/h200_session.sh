@@ -1,0 +1,32 @@
+#!/bin/bash
+# The H200 runs of issues 11, 14 and 15 (SmolLM2-135M), one phase per device call, in the order
+# stage1, A 440, A2, B, C; see bench/README.md. Merge: bench/quality.py --merge q15,q15b --baseline awq.
+# Files outside the repo (/root/...) persist between calls while the machine stays warm.
+set -u
+R=$PWD
+export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 AWQNB_CACHE=/root/cache AWQNB_DATA_DIR=/root/data
+pack() { (cd /root/res && tar czf $OUT/res_$1.tgz .); }
+case $1 in
+  stage1)  # half the SmolLM2 GGUF and the data files
+    mkdir -p /root/stash /root/res && cp .stash1/gguf_part_aa /root/stash/ && rm -rf /root/data && cp -r .stash1/data /root/data ;;
+  A)  # issue 15 (and issue 14's SmolLM2 ReFlip): 3 calibration seeds, WikiText-2 full test
+    mkdir -p /root/cache/gguf && cat /root/stash/gguf_part_aa .stash2/gguf_part_ab > /root/cache/gguf/smollm2-135m.gguf
+    sha256sum /root/cache/gguf/smollm2-135m.gguf
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    timeout ${2:-470} python3 bench/quality.py --model smollm2-135m --group-sizes 64 --seeds 42,43,44 --datasets wikitext2 \
+      --methods fp,rtn,awq,awq_dh,awq_js,awq_gqa,awq_gqa@gqa_rope=false,gptq,awq_gptq,llmc_gptq \
+      --baseline awq --device cuda:0 --out /root/res/q15 > /root/res/q15.log 2>&1
+    grep -E "seed [0-9]+:|Error|error" /root/res/q15.log | tail -40; pack A ;;
+  A2)  # the seed-44 runs phase A's time limit cut off (awq again: bit-identical to A's, merged once)
+    timeout ${2:-85} python3 bench/quality.py --model smollm2-135m --group-sizes 64 --seeds 44 --datasets wikitext2 \
+      --methods awq,awq_gptq,llmc_gptq --baseline awq --device cuda:0 --out /root/res/q15b > /root/res/q15b.log 2>&1
+    grep -E "seed [0-9]+:" /root/res/q15b.log; pack A2 ;;
+  B)  # issue 11: sensitivity pass and plans chosen by sensitivity and by MSE (bf16 search and evaluation)
+    timeout ${2:-215} python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods awq --device cuda:0 \
+      --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,mse --out /root/res/sens_awq > /root/res/sens_awq.log 2>&1
+    tail -4 /root/res/sens_awq.log; pack B ;;
+  C)  # issue 15 item 2: same-seed determinism on the GPU
+    timeout ${2:-95} python3 bench/determinism.py --model smollm2-135m --device cuda:0 --methods awq,awq_dh,gptq \
+      --out /root/res/determinism > /root/res/determinism.log 2>&1
+    tail -15 /root/res/determinism.log; pack C ;;
+esac
