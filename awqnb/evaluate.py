@@ -122,7 +122,8 @@ def _nll_sums(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, lo
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         tgt = ids[:, s + 1:e + 1]
-        nll = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")  # [b, c]
+        # over the last (contiguous) dim: a vocab-strided reduction is 5-10x slower at 262k vocab
+        nll = F.cross_entropy(logits.flatten(0, 1), tgt.reshape(-1), reduction="none").view(tgt.shape)  # [b, c]
         valid = mask[:, s + 1:e + 1].bool() if mask is not None else torch.ones_like(tgt, dtype=torch.bool)
         tot += (nll * valid).sum(1).double()
         cnt += valid.sum(1).double()
