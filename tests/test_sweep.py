@@ -32,7 +32,9 @@ MODELS = ["tiny-random-llama", "tiny-random-gemma3"]
 def _grid(calib: Path, **kw) -> dict:
     doc = {"models": MODELS, "methods": ["rtn", "awq"], "group_sizes": [32, 64],
            "params": {"n_calib": 4, "calib_seqlen": 32, "calib_dataset": str(calib), "eval_windows": 2,
-                      "eval_seqlen": 64, "n_grid": 4, "diag_samples": 0, "sample_datasets": []}}
+                      "eval_seqlen": 64, "n_grid": 4, "diag_samples": 0, "sample_datasets": [],
+                      # executor behaviour is under test, not the report's sections: one seed, no sensitivity pass
+                      "SEEDS": 1, "SENSITIVITY": False}}
     doc.update(kw)
     return doc
 
