@@ -51,8 +51,11 @@ def data_dirs(data_dir: str | Path | None = None) -> list[Path]:
 
 @lru_cache(maxsize=16)
 def _load_rows(name: str, data_dir: str | None) -> tuple[str, object]:
-    """(where it came from, datasets.Dataset) for a named source."""
-    import datasets
+    """(where it came from, rows with a "text" column) for a named source."""
+    try:
+        import datasets
+    except ImportError:  # a machine with pandas/pyarrow only (the GPU box): local files still load
+        datasets = None
 
     rel, hub = SOURCES[name]
     tried = []
@@ -60,9 +63,13 @@ def _load_rows(name: str, data_dir: str | None) -> tuple[str, object]:
         f = d / rel
         tried.append(str(f))
         if f.is_file():
+            if datasets is None:
+                import pandas as pd
+
+                return str(f), {"text": pd.read_parquet(f, columns=["text"])["text"].tolist()}
             ds = datasets.load_dataset("parquet", data_files={"data": str(f)}, split="data")
             return str(f), ds
-    if hub is not None:
+    if hub is not None and datasets is not None:
         path, cfg, split = hub
         tried.append(f"Hub {path}/{cfg or ''}:{split}")
         try:

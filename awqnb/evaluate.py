@@ -28,6 +28,7 @@ from torch import nn
 from .progress import tqdm  # tqdm.auto, or events a report runner draws (progress.py)
 
 from .errors import AwqnbError
+from .files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,8 @@ class PerplexityResult:
     def read(cls, path: str | Path) -> "PerplexityResult":
         """A result written by `to_json` (`awqnb eval --json`), or AwqnbError saying why not."""
         path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise AwqnbError(f"results file {path} does not exist; write one with `awqnb eval --json {path}`.") from e
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise AwqnbError(f"results file {path} is not JSON ({e}); pass files written by `awqnb eval --json`.") from e
+        d = read_json(path, "results file", f"; write one with `awqnb eval --json {path}`",
+                      "; pass files written by `awqnb eval --json`")
         need = {"dataset": str, "protocol": str, "seqlen": int, "ppl": (int, float), "nll": list, "n_tokens": list}
         bad = [k for k, t in need.items() if not isinstance(d, dict) or not isinstance(d.get(k), t)]
         if not bad and (len(d["nll"]) != len(d["n_tokens"]) or not d["nll"]

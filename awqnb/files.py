@@ -29,6 +29,21 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
+def read_json(path: str | Path, what: str, missing_hint: str, bad_hint: str):
+    """The JSON document in `path`; AwqnbError naming `what` and what to do if it is missing or not JSON."""
+    import json
+
+    from .errors import AwqnbError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise AwqnbError(f"{what} {path} does not exist{missing_hint}.") from e
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise AwqnbError(f"{what} {path} is not JSON ({e}){bad_hint}.") from e
+
+
 def read_yaml_mapping(path: str | Path, what: str, shape: str) -> dict:
     """A YAML file that must hold a mapping (empty → {}); AwqnbError naming `what` otherwise
     (`shape` says what the mapping should contain)."""

@@ -32,6 +32,7 @@ from torch import nn
 
 from .config import MethodConfig, QuantConfig, SearchConfig
 from .errors import AwqnbError
+from .files import read_json
 from .evaluate import PerplexityResult, sample_perplexity, seed_bootstrap_delta, token_perplexity, verdict_word
 from .progress import tqdm
 
@@ -461,14 +462,7 @@ class Comparison:
 
     @classmethod
     def read(cls, path: str | Path) -> "Comparison":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise AwqnbError(f"comparison file {path} does not exist.") from e
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise AwqnbError(f"comparison file {path} is not JSON ({e}).") from e
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path, "comparison file", "", "; pass a file written by Comparison.to_json"))
 
 
 # --- the runner -------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.util
 import json
 import logging
 import math
@@ -48,30 +47,6 @@ from awqnb.importance import spearman
 from awqnb.models import cast_parameters, load_model, resolve_device, versions
 
 log = logging.getLogger("bench.sensitivity")
-
-
-def _datasets_fallback() -> None:
-    """Without `datasets`, read awqnb's local parquet sources with pandas (same rows, same order)."""
-    if importlib.util.find_spec("datasets") is not None:
-        return
-    import pandas as pd
-
-    from awqnb import data
-    from awqnb.errors import AwqnbError
-
-    def load_rows(name, data_dir):
-        rel, _ = data.SOURCES[name]
-        tried = []
-        for d in data.data_dirs(data_dir):
-            f = d / rel
-            tried.append(str(f))
-            if f.is_file():
-                return str(f), {"text": pd.read_parquet(f)["text"].tolist()}
-        raise AwqnbError(f"data set {name!r} not found (no `datasets` package; looked in {'; '.join(tried)}); "
-                         "set AWQNB_DATA_DIR.")
-
-    data._load_rows = load_rows
-    log.info("`datasets` is not installed: reading the local parquet files with pandas")
 
 
 def _sync(dev) -> float:
@@ -125,7 +100,6 @@ def main(argv=None) -> int:
     p.add_argument("--calib-batch-size", type=int, default=None, help="default 64 on GPU, 16 on CPU")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    _datasets_fallback()
     from awqnb.data import load_calibration, load_eval_tokens
 
     dev = resolve_device(args.device)

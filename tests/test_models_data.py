@@ -159,6 +159,23 @@ def test_explicit_data_dir_wins(tmp_path, tiny_llama):
     assert load_eval_texts("ag_news", 5, data_dir=tmp_path) == ["alpha beta", "gamma delta"]
 
 
+def test_local_data_loads_without_the_datasets_package(tmp_path, monkeypatch):
+    import sys
+
+    import pandas as pd
+
+    (tmp_path / "ag_news").mkdir()
+    pd.DataFrame({"text": ["alpha beta", "gamma delta"], "label": [0, 1]}).to_parquet(tmp_path / "ag_news/test.parquet")
+    want = data._texts("ag_news-test", tmp_path)
+    data._load_rows.cache_clear()
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    try:
+        assert data._texts("ag_news-test", tmp_path) == want == (str(tmp_path / "ag_news/test.parquet"),
+                                                                 ["alpha beta", "gamma delta"])
+    finally:
+        data._load_rows.cache_clear()
+
+
 def test_eval_sets(tiny_llama):
     tok = tiny_llama[1]
     ids = load_eval_tokens(tok, "wikitext2")
