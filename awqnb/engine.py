@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions",
                "hidden_states")
-KEEP_FP32 = "_awqnb_keep_fp32"  # attribute on a Parameter: stays float32 when its block is offloaded
+# On a module: the names of its parameters that stay float32 (cast, offload). Kept on the module, not
+# the Parameter, because `copy.deepcopy` of a Parameter drops its attributes.
+KEEP_FP32 = "_awqnb_keep_fp32"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -76,11 +78,17 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def mark_fp32(p: nn.Parameter) -> None:
-    """Store `p` in float32 from now on (exact folded (1+w) norm gains in a bf16 model)."""
+def mark_fp32(module: nn.Module, name: str = "weight") -> None:
+    """Store `module.<name>` in float32 from now on (exact folded (1+w) norm gains in a bf16 model)."""
+    p = getattr(module, name)
     if p.dtype != torch.float32:
         p.data = p.data.float()
-    setattr(p, KEEP_FP32, True)
+    setattr(module, KEEP_FP32, set(getattr(module, KEEP_FP32, ())) | {name})
+
+
+def fp32_names(module: nn.Module) -> set[str]:
+    """Qualified names of the parameters under `module` that `mark_fp32` marked."""
+    return {f"{mn}.{n}" if mn else n for mn, m in module.named_modules() for n in getattr(m, KEEP_FP32, ())}
 
 
 def stack_chunks(samples: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
@@ -109,14 +117,15 @@ def oom_message(what: str, module: nn.Module, device) -> str:
 
 
 def _move(module: nn.Module, device, dtype, home: dict | None = None) -> None:
+    keep = fp32_names(module)
     for name, p in list(module.named_parameters()) + list(module.named_buffers()):
         if home is not None:
             dev, dt = home[name]
-            if getattr(p, KEEP_FP32, False):
+            if name in keep:
                 dt = torch.float32
         else:
             dev = device
-            dt = dtype if (dtype is not None and p.is_floating_point() and not getattr(p, KEEP_FP32, False)
+            dt = dtype if (dtype is not None and p.is_floating_point() and name not in keep
                            and not name.endswith("inv_freq")) else p.dtype  # RoPE frequencies stay fp32
         if p.device != dev or p.dtype != dt:
             p.data = p.data.to(dev, dt)

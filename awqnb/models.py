@@ -357,10 +357,11 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast the floating parameters to `dtype`, leaving buffers (RoPE `inv_freq` must stay fp32:
     `model.to(bf16)` rounds it, an angle error of 0.7 rad at position 511) and parameters marked
     float32 by the quantizer (folded (1+w) norms) as they are."""
-    from .engine import KEEP_FP32
+    from .engine import fp32_names
 
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype and not getattr(p, KEEP_FP32, False):
+    keep = fp32_names(model)
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.dtype != dtype and name not in keep:
             p.data = p.data.to(dtype)
     return model
 

@@ -182,7 +182,7 @@ def keep_offset_norms_fp32(model: nn.Module, spec: ArchSpec) -> None:
     for block in blocks(model, spec):
         for g in spec.groups:
             if g.prev_kind == "norm":
-                mark_fp32(get_module(block, g.prev_op).weight)
+                mark_fp32(get_module(block, g.prev_op))
 
 
 def _capture_block(step: BlockStep, keys: dict[str, str], keep: bool = True) -> tuple[dict, dict, list]:

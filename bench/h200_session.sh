@@ -1,6 +1,6 @@
 #!/bin/bash
 # The H200 runs of issues 11, 14 and 15 (SmolLM2-135M), one phase per device call, in the order
-# stage1, A 440, A2, B, C; see bench/README.md. Merge: bench/quality.py --merge q15,q15b --baseline awq.
+# stage1, A 440, A2, B, C (session 16) and the Gemma phases below (session 17); see bench/README.md. Merge: bench/quality.py --merge q15,q15b --baseline awq.
 # Files outside the repo (/root/...) persist between calls while the machine stays warm.
 set -u
 R=$PWD
@@ -60,4 +60,22 @@ case $1 in
         --out /root/res/gemma_sens > /root/res/gemma_sens.log 2>&1
       tail -6 /root/res/gemma_sens.log; pack GS
     fi ;;
+  # --- the rest of session 17, as run (each after the phases above, on the same warm machine) ---
+  GX)  # Gemma: the other awqnb methods and llm-compressor AWQ, 3 seeds
+    timeout 300 python3 bench/quality.py --model gemma3-270m --tokenizer /root/tok --group-sizes 64 --seeds 42,43,44 \
+      --datasets wikitext2 --methods awq,awq_sh,praq,robust_praq,llmc_awq --baseline awq --device cuda:0 \
+      --out /root/res/gemma_x > /root/res/gemma_x.log 2>&1 ;;
+  GC)  # Gemma: C4 and AG News (the time limit cut it after seed 43)
+    timeout 250 python3 bench/quality.py --model gemma3-270m --tokenizer /root/tok --group-sizes 64 --seeds 42,43,44 \
+      --datasets wikitext2,c4,ag_news --methods fp,rtn,awq,gptq,awq_gptq,llmc_gptq --baseline awq --device cuda:0 \
+      --out /root/res/gemma_c4ag > /root/res/gemma_c4ag.log 2>&1 ;;
+  SR)  # SmolLM2 (after stage1 and the GGUF join of phase A): issue 11's RTN gap, with random plans
+    timeout 150 python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods rtn --device cuda:0 \
+      --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,random --random-seeds 0,1 \
+      --out /root/res/sens_rtn > /root/res/sens_rtn.log 2>&1 ;;
+  SX)  # SmolLM2: the other awqnb methods and llm-compressor AWQ (cut during llmc_awq seed 43; seed 44 then
+       # ran without llmc_awq into /root/res/smol_x44)
+    timeout 300 python3 bench/quality.py --model smollm2-135m --group-sizes 64 --seeds 42,43,44 --datasets wikitext2 \
+      --methods awq,awq_ref,awq_sh,praq,robust_praq,llmc_awq --baseline awq --device cuda:0 \
+      --out /root/res/smol_x > /root/res/smol_x.log 2>&1 ;;
 esac

@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-batch-size", type=int, default=None,
                    help="calibration samples per forward (default 64 on GPU, 16 on CPU)")
     p.add_argument("--out", default="bench/results/quality")
+    p.add_argument("--also-vs", default="",
+                   help="more baselines, comma-separated: verdicts.md has every method against each of them")
     p.add_argument("--merge", default=None,
                    help="comma-separated output directories of earlier runs (methods or seeds split over calls): "
                         "merge their comparison_g*.json and write the tables to --out; nothing is run")
@@ -271,7 +273,30 @@ def write_outputs(out: Path, args, dev, eval_dtype, labels, baseline, done: dict
         md += ["", "Skipped:"] + [f"- g{g} {k}: skipped — {v}" for (g, k), v in skipped.items()]
     text = "\n".join(md) + "\n"
     (out / "summary.md").write_text(text)
+    if getattr(args, "also_vs", ""):
+        (out / "verdicts.md").write_text(verdicts_md(args, labels, baseline, done))
     return text
+
+
+def verdicts_md(args, labels, baseline, done: dict) -> str:
+    """Every method against `baseline` and each --also-vs baseline that ran (two-level bootstrap)."""
+    bases = list(dict.fromkeys([baseline] + [b for b in args.also_vs.split(",") if b]))
+    n = len(args.seeds)
+    md = [f"# {args.model} W{args.bits}, seeds {'/'.join(map(str, args.seeds))}: every method against each baseline",
+          "delta % = mean over seeds of (ppl / baseline ppl − 1); 95% CI from the two-level bootstrap (seeds, then "
+          f"windows/texts within a seed, paired), {args.n_boot} resamples" + ("" if n > 1 else " (ONE seed)")]
+    for g, comp in done.items():
+        ok = {r.label for r in comp.runs if r.status == "ok"}
+        for b in bases:
+            if b not in ok:
+                md += ["", f"## g{g} vs {b}: did not run"]
+                continue
+            v = comp.verdicts(b, n_boot=args.n_boot)
+            md += ["", f"## g{g} vs {b}", "", "| method | dataset | delta % | 95% CI | seeds | verdict |",
+                   "|---|---|---|---|---|---|"]
+            md += [f"| {r['label']} | {r['dataset']} | {r['delta_pct']:+.2f} | [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | "
+                   f"{r['n_seeds']} | {r['verdict']} |" for r in v.to_dict("records")]
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from awqnb import pipeline
 from awqnb.arch import attn_shape, blocks, get_module, resolve_spec
 from awqnb.config import MethodConfig, QuantConfig, SearchConfig
 from awqnb.diagnostics import salience_table
-from awqnb.engine import KEEP_FP32, BlockEngine, mark_fp32, onloaded
+from awqnb.engine import BlockEngine, fp32_names, mark_fp32, onloaded
 from awqnb.errors import AwqnbError
 from awqnb.methods.awq import fold_scales
 from awqnb.models import cast_parameters
@@ -57,19 +57,33 @@ def test_walk_stops_after_the_last_requested_block(tiny):
 def test_onload_casts_and_restores_dtypes_and_devices(tiny):
     model, _, calib = _fresh(tiny, "tiny-random-gemma3")
     block = blocks(model, resolve_spec(model))[0]
-    norm = get_module(block, "input_layernorm").weight
+    ln = get_module(block, "input_layernorm")
+    norm = ln.weight
     before = {n: (p.dtype, p.device) for n, p in block.named_parameters()}
     with onloaded(block, "cpu", torch.bfloat16):
         assert get_module(block, "self_attn.q_proj").weight.dtype == torch.bfloat16
-        mark_fp32(norm)  # what the Gemma fold does while the block is loaded
+        mark_fp32(ln)  # what the Gemma fold does while the block is loaded
     after = {n: (p.dtype, p.device) for n, p in block.named_parameters()}
     assert after == before  # back in float32 (this model's own dtype)
     # a bf16 model: the marked norm stays float32 after offload, the rest returns to bf16
     cast_parameters(model, torch.bfloat16)
-    assert norm.dtype == torch.float32 and getattr(norm, KEEP_FP32)
+    assert norm.dtype == torch.float32 and "input_layernorm.weight" in fp32_names(block)
     with onloaded(block, "cpu", torch.bfloat16):
         assert norm.dtype == torch.float32
     assert get_module(block, "self_attn.q_proj").weight.dtype == torch.bfloat16 and norm.dtype == torch.float32
+
+
+def test_fp32_mark_survives_deepcopy(tiny):
+    """A copy of a quantized Gemma (runner, sensitivity bench) must keep its folded norms float32 when
+    cast for evaluation: the mark lived on the Parameter once, and deepcopy dropped it."""
+    model, _, _ = _fresh(tiny, "tiny-random-gemma3")
+    ln = get_module(blocks(model, resolve_spec(model))[0], "input_layernorm")
+    mark_fp32(ln)
+    twin = copy.deepcopy(model)
+    cast_parameters(twin, torch.bfloat16)
+    twin_ln = get_module(blocks(twin, resolve_spec(twin))[0], "input_layernorm")
+    assert twin_ln.weight.dtype == torch.float32
+    assert get_module(blocks(twin, resolve_spec(twin))[0], "post_attention_layernorm").weight.dtype == torch.bfloat16
 
 
 def test_rope_frequencies_are_never_cast(tiny):

@@ -308,7 +308,11 @@ def test_bench_quality_on_the_runner(tmp_path, monkeypatch):
                              "32", "--datasets", "wikitext2", "--seqlen", "64", "--max-windows", "3", "--n-calib", "2",
                              "--calib-seqlen", "32", "--calib-dataset", str(calib), "--device", "cpu",
                              "--out", str(out / f"s{seed}")]) == 0
-    assert quality.main(["--merge", f"{out / 's1'},{out / 's2'}", "--baseline", "rtn", "--out", str(out / "m")]) == 0
+    assert quality.main(["--merge", f"{out / 's1'},{out / 's2'}", "--baseline", "rtn", "--also-vs", "awq,nope",
+                         "--out", str(out / "m")]) == 0
+    vmd = (out / "m" / "verdicts.md").read_text()  # every method against rtn and against awq
+    assert "## g32 vs rtn" in vmd and "## g32 vs awq" in vmd and "## g32 vs nope: did not run" in vmd
+    assert "| rtn | wikitext2 |" in vmd.split("## g32 vs awq")[1] and "| 2 |" in vmd
     merged = runner.Comparison.read(out / "m" / "comparison_g32.json")
     assert merged.seeds == [1, 2] and [(r.label, r.seed) for r in merged.runs] == [("rtn", 1), ("awq", 1), ("awq", 2)]
     assert merged.provenance["complete"]  # every (method, seed) is in one piece or the other

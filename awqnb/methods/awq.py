@@ -257,7 +257,7 @@ def fold_scales(block: nn.Module, group: ScaleGroup, s: torch.Tensor, spec: Arch
     s = s.to(dev).float()
     if group.prev_kind == "norm":
         if spec.norm_offset:
-            mark_fp32(prev.weight)  # (offset + w)/s − offset is not representable in bf16
+            mark_fp32(prev)  # (offset + w)/s − offset is not representable in bf16
         w = prev.weight.data.float()
         prev.weight.data.copy_(((spec.norm_offset + w) / s - spec.norm_offset).to(prev.weight.dtype))
     else:
