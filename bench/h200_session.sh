@@ -46,7 +46,6 @@ case $1 in
         > /root/cache/gguf/gemma3-270m.gguf && rm -f /root/stash/gpart_*
       mkdir -p /root/tok /root/res && gunzip -c .stash7/tok/tokenizer.json.gz > /root/tok/tokenizer.json \
         && cp .stash7/tok/tokenizer_config.json /root/tok/ && rm -rf /root/data && cp -r .stash7/data /root/data
-      [ -f .stash7/prof.py ] && timeout 60 python3 .stash7/prof.py > /root/res/eval_profile.log 2>&1
     fi
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     sha256sum /root/cache/gguf/gemma3-270m.gguf   # a5fd3b62…6818
