@@ -72,6 +72,11 @@ case $1 in
     timeout 150 python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods rtn --device cuda:0 \
       --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,random --random-seeds 0,1 \
       --out /root/res/sens_rtn > /root/res/sens_rtn.log 2>&1 ;;
+  GSA)  # prepared for the next session (after gpart 3..6 and G's setup): issue 11's AWQ plans on Gemma again,
+        # with the folded norms kept float32 in the evaluated copies (GS's AWQ real runs are withdrawn)
+    timeout ${2:-300} python3 bench/sensitivity.py --model gemma3-270m --tokenizer /root/tok --group-size 64 --methods awq \
+      --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,mse,random --random-seeds 0,1 \
+      --out /root/res/gemma_sens_awq > /root/res/gemma_sens_awq.log 2>&1; tail -6 /root/res/gemma_sens_awq.log; pack GSA ;;
   SX)  # SmolLM2: the other awqnb methods and llm-compressor AWQ (cut during llmc_awq seed 43; seed 44 then
        # ran without llmc_awq into /root/res/smol_x44)
     timeout 300 python3 bench/quality.py --model smollm2-135m --group-sizes 64 --seeds 42,43,44 --datasets wikitext2 \
