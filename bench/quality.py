@@ -250,9 +250,13 @@ def write_outputs(out: Path, args, dev, eval_dtype, labels, baseline, done: dict
     (out / "results.json").write_text(json.dumps({"provenance": prov, "evals": evals}, indent=1))
     (out / "metadata.json").write_text(
         json.dumps(meta, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-    n = len(args.seeds)
+    # the seeds that produced a calibrated run (a cut-off run may not reach every requested seed)
+    ran = sorted({r.seed for c in done.values() for r in c.runs if not r.shared and r.status == "ok"}) or args.seeds
+    n = len(ran)
+    seeds_txt = ", ".join(map(str, ran)) + ("" if set(ran) == set(args.seeds) else
+                                            f"; requested {', '.join(map(str, args.seeds))}")
     md = [f"model {args.model}, W{args.bits}, calibration {args.calib_dataset} {args.n_calib}x{args.calib_seqlen} "
-          f"(seeds {', '.join(map(str, args.seeds))}) unless the method says otherwise, eval seqlen {args.seqlen} "
+          f"(seeds {seeds_txt}) unless the method says otherwise, eval seqlen {args.seqlen} "
           f"(token ppl) / max length {args.seqlen} (sample ppl, {args.n_samples} texts), device {dev}, eval dtype "
           f"{eval_dtype or 'the model’s'}. ppl: mean ± sd over {n} calibration seed{'s' if n > 1 else ''} "
           "(fp and rtn use no calibration: one run); delta % vs "

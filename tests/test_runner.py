@@ -323,6 +323,13 @@ def test_bench_quality_on_the_runner(tmp_path, monkeypatch):
     v = merged.verdicts("rtn", n_boot=100)
     assert list(v.n_seeds) == [2]
     whole = runner.Comparison.read(out / "comparison_g32.json")  # the one-call run above
+    # a run cut off before seed 2: the table says which seeds it holds, not the requested count
+    cut = runner.Comparison([r for r in whole.runs if r.shared or r.seed == 1], whole.provenance, None, {})
+    (out / "cut").mkdir()
+    cut.to_json(out / "cut" / "comparison_g32.json")
+    assert quality.main(["--merge", str(out / "cut"), "--baseline", "rtn", "--out", str(out / "cm")]) == 0
+    head = (out / "cm" / "summary.md").read_text().splitlines()[0]
+    assert "(seeds 1; requested 1, 2)" in head and "over 1 calibration seed " in head
     assert whole.per_seed("rtn", "wikitext2")[1].nll == merged.per_seed("rtn", "wikitext2")[2].nll
     assert "± " in (out / "m" / "summary.md").read_text()
     # --seed alone still works (one seed)
