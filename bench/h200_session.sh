@@ -35,9 +35,9 @@ case $1 in
   # tokenizer saved with transformers 5.23 (tok/tokenizer.json.gz + tok/tokenizer_config.json) and a copy of
   # the data directory (data/). Then call gpart 3, gpart 4, gpart 5, gpart 6 (each carrying its .stashN),
   # one right after the other, and G / GS carrying .stash7 and .whl:
-  #   G 520 42 fp,rtn,<M>   then   G 330 43 <M>   then   G 330 44 <M>   then   GS
+  #   G 500 42 fp,rtn,<M>   then   G 560 43,44 <M>   then   GS 240, GX, GC
   # with <M> = awq,awq_ref,awq_dh,awq_js,awq_gqa,gptq,awq_gptq,llmc_gptq (fp and rtn use no calibration: once).
-  # Merge here: bench/quality.py --merge gemma_q15_42,gemma_q15_43,gemma_q15_44 --baseline awq.
+  # Merge here: see bench/README.md, "Session 17 on the H200".
   gpart)
     mkdir -p /root/stash && cp .stash$2/gpart_* /root/stash/ && ls /root/stash ;;
   G|GS)
@@ -49,10 +49,11 @@ case $1 in
     fi
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     sha256sum /root/cache/gguf/gemma3-270m.gguf   # a5fd3b62…6818
-    if [ $1 = G ]; then  # issue 15 on Gemma, one calibration seed per call
+    if [ $1 = G ]; then  # issue 15 on Gemma: the seeds $3 (comma-separated), methods $4
+      t=${3//,/}  # no commas in names: the device does not return such files
       timeout ${2:-330} python3 bench/quality.py --model gemma3-270m --tokenizer /root/tok --group-sizes 64 --seeds $3 \
-        --datasets wikitext2 --methods $4 --baseline awq --device cuda:0 --out /root/res/gemma_q15_$3 > /root/res/gemma_q15_$3.log 2>&1
-      grep -E "seed [0-9]+:|skipped|Error" /root/res/gemma_q15_$3.log | tail -20; pack G$3
+        --datasets wikitext2 --methods $4 --baseline awq --device cuda:0 --out /root/res/gemma_q15_$t > /root/res/gemma_q15_$t.log 2>&1
+      grep -E "seed [0-9]+:|skipped|Error" /root/res/gemma_q15_$t.log | tail -20; pack G$t
     else  # issue 11 on Gemma: RTN and AWQ gaps closed by sensitivity-chosen 8-bit families
       timeout ${2:-540} python3 bench/sensitivity.py --model gemma3-270m --tokenizer /root/tok --group-size 64 --methods rtn,awq \
         --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity \

@@ -250,8 +250,7 @@ def write_outputs(out: Path, args, dev, eval_dtype, labels, baseline, done: dict
     (out / "results.json").write_text(json.dumps({"provenance": prov, "evals": evals}, indent=1))
     (out / "metadata.json").write_text(
         json.dumps(meta, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-    # the seeds that produced a calibrated run (a cut-off run may not reach every requested seed)
-    ran = sorted({r.seed for c in done.values() for r in c.runs if not r.shared and r.status == "ok"}) or args.seeds
+    ran = seeds_ran(args, done)
     n = len(ran)
     seeds_txt = ", ".join(map(str, ran)) + ("" if set(ran) == set(args.seeds) else
                                             f"; requested {', '.join(map(str, args.seeds))}")
@@ -278,15 +277,21 @@ def write_outputs(out: Path, args, dev, eval_dtype, labels, baseline, done: dict
     text = "\n".join(md) + "\n"
     (out / "summary.md").write_text(text)
     if getattr(args, "also_vs", ""):
-        (out / "verdicts.md").write_text(verdicts_md(args, labels, baseline, done))
+        (out / "verdicts.md").write_text(verdicts_md(args, baseline, done))
     return text
 
 
-def verdicts_md(args, labels, baseline, done: dict) -> str:
+def seeds_ran(args, done: dict) -> list[int]:
+    """The seeds that produced a calibrated run (a cut-off run may not reach every requested seed)."""
+    return sorted({r.seed for c in done.values() for r in c.runs if not r.shared and r.status == "ok"}) or args.seeds
+
+
+def verdicts_md(args, baseline, done: dict) -> str:
     """Every method against `baseline` and each --also-vs baseline that ran (two-level bootstrap)."""
     bases = list(dict.fromkeys([baseline] + [b for b in args.also_vs.split(",") if b]))
-    n = len(args.seeds)
-    md = [f"# {args.model} W{args.bits}, seeds {'/'.join(map(str, args.seeds))}: every method against each baseline",
+    ran = seeds_ran(args, done)
+    n = len(ran)
+    md = [f"# {args.model} W{args.bits}, seeds {'/'.join(map(str, ran))}: every method against each baseline",
           "delta % = mean over seeds of (ppl / baseline ppl − 1); 95% CI from the two-level bootstrap (seeds, then "
           f"windows/texts within a seed, paired), {args.n_boot} resamples" + ("" if n > 1 else " (ONE seed)")]
     for g, comp in done.items():

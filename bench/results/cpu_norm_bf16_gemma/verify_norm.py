@@ -1,5 +1,6 @@
+# Usage: python verify_norm.py TOKENIZER_DIR (Gemma's tokenizer saved with transformers 5.23)
 # Does evaluating a quantized Gemma with its folded (1+w) norms rounded to bf16 raise perplexity?
-import copy, torch
+import copy, sys, torch
 from awqnb.models import load_model, cast_parameters
 from awqnb.data import load_calibration, load_eval_tokens
 from awqnb.config import MethodConfig, QuantConfig
@@ -7,7 +8,7 @@ from awqnb import pipeline
 from awqnb.evaluate import token_perplexity
 from awqnb.engine import fp32_names
 torch.set_num_threads(1)
-m, tok = load_model("gemma3-270m", tokenizer="/tmp/gtok")
+m, tok = load_model("gemma3-270m", tokenizer=sys.argv[1])
 calib = load_calibration(tok, "wikitext2", n_calib=16, seqlen=512, seed=42)
 pipeline.quantize(m, MethodConfig(method="awq", quant=QuantConfig(4, 64), seed=42), calib, device="cpu", progress=False)
 print("marked:", len(fp32_names(m)))
