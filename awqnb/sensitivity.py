@@ -57,7 +57,10 @@ MODES = ("only", "except")
 COLUMNS = ["layer", "family", "mode", "kl", "ppl", "dppl", "n_params", "mse", "mse_kind"]
 PARETO_COLUMNS = ["strategy", "k", "avg_bits", "ppl", "kl", "n_linears", "plan"]
 MSE_KIND = "relative"  # Σ‖(W − W_eff) x‖² / Σ‖W x‖² over the family's linears (FP inputs, the slice)
-STRATEGIES = {"sensitivity": "kl", "kl": "kl", "mse": "mse", "random": "random"}
+# strategy name → the order `_order` builds: 'only' KL; the 'except' rows' recovery; 'only' KL per
+# parameter (the cost of a family in bits); relative output MSE; a seeded permutation
+STRATEGIES = {"sensitivity": "kl", "kl": "kl", "recovery": "recovery", "density": "density", "mse": "mse",
+              "random": "random"}
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -654,7 +657,20 @@ def _order(frame, by: str, seed: int) -> list[tuple[int, str]]:
         else:
             r = rank(frame, "kl", "except")
         return [(int(l), str(f)) for l, f in zip(r["layer"], r["family"])]
-    raise AwqnbError(f"by={by!r} is unknown; use 'kl', 'mse' or 'random'.")
+    if by == "recovery":
+        if not (frame["mode"] == "except").any():
+            raise AwqnbError("by='recovery' needs the frame's 'except' rows; compute it with modes including 'except'.")
+        r = rank(frame, "kl", "except")
+        return [(int(l), str(f)) for l, f in zip(r["layer"], r["family"])]
+    if by == "density":
+        if not (frame["mode"] == "only").any():
+            raise AwqnbError("by='density' needs the frame's 'only' rows; compute it with modes including 'only'.")
+        r = rank(frame, "kl", "only")
+        # KL removed per parameter kept: the greedy order for a bits budget (ties: the larger KL first)
+        d = sorted(zip(r["layer"], r["family"], r["kl"], r["n_params"]),
+                   key=lambda t: (-float(t[2]) / max(int(t[3]), 1), -float(t[2]), int(t[0])))
+        return [(int(l), str(f)) for l, f, _, _ in d]
+    raise AwqnbError(f"by={by!r} is unknown; use 'kl', 'recovery', 'density', 'mse' or 'random'.")
 
 
 def plan_from_sensitivity(frame, *, k: int | None = None, avg_bits: float | None = None,
@@ -663,8 +679,10 @@ def plan_from_sensitivity(frame, *, k: int | None = None, avg_bits: float | None
     """A mixed-precision plan keeping the most deserving families at `keep_bits` (8, or 16 = FP).
 
     by: 'kl' (end-to-end sensitivity: 'only' KL, or the 'except' rows' recovery when the frame has
-    no 'only' rows), 'mse' (the family's relative output MSE) or 'random' (a permutation drawn with
-    `seed`). Budget, exactly one of:
+    no 'only' rows), 'recovery' (the 'except' rows: how much keeping the family FP recovers in the
+    quantized model), 'density' ('only' KL per parameter: the most KL for the bits spent), 'mse' (the
+    family's relative output MSE) or 'random' (a permutation drawn with `seed`). The strategy names
+    of `STRATEGIES` are accepted too. Budget, exactly one of:
       k            the top k (layer, family) pairs;
       avg_bits     the longest prefix of the order whose average bits stay ≤ avg_bits, where average
                    bits = Σ n_params · bits / Σ n_params over every (layer, family) of the frame (the

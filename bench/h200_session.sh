@@ -78,6 +78,33 @@ case $1 in
     timeout ${2:-300} python3 bench/sensitivity.py --model gemma3-270m --tokenizer /root/tok --group-size 64 --methods awq \
       --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,mse,random --random-seeds 0,1 \
       --out /root/res/gemma_sens_awq > /root/res/gemma_sens_awq.log 2>&1; tail -6 /root/res/gemma_sens_awq.log; pack GSA ;;
+  # --- session 18: issue 11's AWQ plans on Gemma (GS's AWQ real runs withdrawn) and the 'recovery' /
+  # 'density' strategies on both models. Calls: gpart 3 … gpart 6 (each carrying its .stashN), then
+  # P18 carrying .stash1 and .stash7/tok, then S18 carrying .stash2 and .whl, back to back. ---
+  P18)  # the SmolLM2 GGUF's first half, the data files and the Gemma tokenizer
+    mkdir -p /root/stash /root/res /root/tok && cp .stash1/gguf_part_aa /root/stash/ && rm -rf /root/data \
+      && cp -r .stash1/data /root/data && gunzip -c .stash7/tok/tokenizer.json.gz > /root/tok/tokenizer.json \
+      && cp .stash7/tok/tokenizer_config.json /root/tok/ && ls /root/stash /root/tok ;;
+  S18)
+    mkdir -p /root/cache/gguf /root/res
+    cat /root/stash/gpart_00 /root/stash/gpart_01 /root/stash/gpart_02 /root/stash/gpart_03 > /root/cache/gguf/gemma3-270m.gguf
+    cat /root/stash/gguf_part_aa .stash2/gguf_part_ab > /root/cache/gguf/smollm2-135m.gguf
+    sha256sum /root/cache/gguf/*.gguf   # gemma a5fd3b62…6818, smollm2 b179c952…
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    timeout ${2:-330} python3 bench/sensitivity.py --model gemma3-270m --tokenizer /root/tok --group-size 64 --methods awq \
+      --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery,density,mse,random \
+      --random-seeds 0,1 --out /root/res/gemma_sens_awq > /root/res/gemma_sens_awq.log 2>&1; tail -3 /root/res/gemma_sens_awq.log
+    timeout ${3:-220} python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods awq,rtn --device cuda:0 \
+      --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery,density \
+      --out /root/res/smol_sens18 > /root/res/smol_sens18.log 2>&1; tail -3 /root/res/smol_sens18.log; pack S18 ;;
+  X18)  # issue 15's g128 leftover, after S18: both models, 3 seeds, WikiText-2
+    timeout ${2:-270} python3 bench/quality.py --model gemma3-270m --tokenizer /root/tok --group-sizes 128 --seeds 42,43,44 \
+      --datasets wikitext2 --methods fp,rtn,awq,gptq,awq_gptq,llmc_gptq --baseline awq --device cuda:0 \
+      --out /root/res/gemma_g128 > /root/res/gemma_g128.log 2>&1; grep -E "seed [0-9]+:" /root/res/gemma_g128.log | tail -8
+    timeout ${3:-270} python3 bench/quality.py --model smollm2-135m --group-sizes 128 --seeds 42,43,44 \
+      --datasets wikitext2 --methods fp,rtn,awq,gptq,awq_gptq,llmc_gptq --baseline awq --device cuda:0 \
+      --out /root/res/smol_g128 > /root/res/smol_g128.log 2>&1; grep -E "seed [0-9]+:" /root/res/smol_g128.log | tail -8
+    rm -rf /root/res/gemma_sens_awq /root/res/smol_sens18 /root/res/*sens*.log; pack X18 ;;
   SX)  # SmolLM2: the other awqnb methods and llm-compressor AWQ (cut during llmc_awq seed 43; seed 44 then
        # ran without llmc_awq into /root/res/smol_x44)
     timeout 300 python3 bench/quality.py --model smollm2-135m --group-sizes 64 --seeds 42,43,44 --datasets wikitext2 \

@@ -132,6 +132,26 @@ def test_plans_from_the_frame(frames):
     m = df.drop_duplicates(["layer", "family"]).sort_values("mse", ascending=False).iloc[0]
     assert pm.entries == ((int(m.layer), m.family, 8),)
     assert S.plan_from_sensitivity(df, k=3, by="random", seed=5) == S.plan_from_sensitivity(df, k=3, by="random", seed=5)
+    # recovery: the family whose FP copy lowers the fully quantized model's KL most
+    ex = df[df["mode"] == "except"].sort_values("kl").iloc[0]
+    assert S.plan_from_sensitivity(df, k=1, by="recovery").entries == ((int(ex.layer), ex.family, 8),)
+    # density: 'only' KL per parameter, so a small family can come before a larger, more sensitive one
+    only = df[df["mode"] == "only"]
+    dens = (only.kl / only.n_params).to_numpy()
+    best = only.iloc[int(dens.argmax())]
+    assert S.plan_from_sensitivity(df, k=1, by="density").entries == ((int(best.layer), best.family, 8),)
+    two = df.copy()
+    two.loc[(two["mode"] == "only") & (two.family == "qkv"), "kl"] = 1.0  # 2 qkv families, both very sensitive
+    two.loc[(two["mode"] == "only") & (two.family == "down"), "kl"] = 0.9
+    two.loc[(two["mode"] == "only") & (two.family == "down"), "n_params"] = 1  # …but a down costs almost nothing
+    assert {f for _, f, _ in S.plan_from_sensitivity(two, k=2, by="density").entries} == {"down"}
+    assert {f for _, f, _ in S.plan_from_sensitivity(two, k=2, by="kl").entries} == {"qkv"}
+    with pytest.raises(AwqnbError, match="'except' rows"):
+        S.plan_from_sensitivity(df[df["mode"] == "only"], k=1, by="recovery")
+    with pytest.raises(AwqnbError, match="'only' rows"):
+        S.plan_from_sensitivity(df[df["mode"] == "except"], k=1, by="density")
+    with pytest.raises(AwqnbError, match="unknown"):
+        S.plan_from_sensitivity(df, k=1, by="magic")
     # average bits: weighted by n_params over all 8 candidates, never above the budget
     for budget in (4.0, 4.5, 5.5, 8.0):
         pb = S.plan_from_sensitivity(df, avg_bits=budget)
