@@ -613,7 +613,8 @@ SENS_FAMILIES = ("qkv", "vo", "gate_up", "down")  # block order; vo is the o_pro
 SENS_LABELS = {"kl": "KL to FP (nats/token)", "dppl": "Δ perplexity", "ppl": "perplexity", "mse": "output MSE",
                "rel_err": "block output error vs FP"}
 SENS_KEYS = ("model", "method", "bits", "group_size", "dataset", "seqlen", "n_windows")
-STRATEGY_COLORS = {"sensitivity": "#d62728", "mse": "#1f77b4", "random": "#7f7f7f"}
+STRATEGY_COLORS = {"sensitivity": "#d62728", "recovery": "#ff7f0e", "density": "#9467bd", "mse": "#1f77b4",
+                   "random": "#7f7f7f"}
 
 
 def _provenance(df, meta: Mapping | None = None) -> dict:

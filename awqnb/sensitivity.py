@@ -749,7 +749,8 @@ def plan_linears(frame, plan: Plan) -> int:
 # --- Pareto ---------------------------------------------------------------------------------
 
 def pareto(model: nn.Module, cfg: MethodConfig | None, calibration, eval_tokens: torch.Tensor, frame, *,
-           ks=(0, 1, 2, 4, 8), keep_bits: int = 8, strategies=("sensitivity", "mse", "random"), seed: int = 0,
+           ks=(0, 1, 2, 4, 8), keep_bits: int = 8, strategies=("sensitivity", "recovery", "mse", "random"),
+           seed: int = 0,
            device=None, seqlen: int | None = None, n_windows: int | None = None, result=None, dtype="float32",
            batch_size: int = 8, max_linears: Iterable[int] = (), progress: bool = True, model_name: str | None = None,
            logit_rows: int = 2048, offload_activations: bool = False):

@@ -6,6 +6,15 @@ set -u
 R=$PWD
 export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 AWQNB_CACHE=/root/cache AWQNB_DATA_DIR=/root/data
 pack() { (cd /root/res && tar czf $OUT/res_$1.tgz .); }
+setup18() {  # session 18: both GGUFs from the P18 pieces, the Gemma tokenizer, the data, the wheels
+  mkdir -p /root/cache/gguf /root/res /root/tok
+  cat /root/stash/gp_00 /root/stash/gp_01 /root/stash/gp_02 /root/stash/gp_03 /root/stash/gp_04 > /root/cache/gguf/gemma3-270m.gguf
+  cat /root/stash/gguf_part_aa /root/stash/gguf_part_ab > /root/cache/gguf/smollm2-135m.gguf
+  gunzip -c .stash7/tok/tokenizer.json.gz > /root/tok/tokenizer.json && cp .stash7/tok/tokenizer_config.json /root/tok/
+  rm -rf /root/data && cp -r .stash7/data /root/data
+  sha256sum /root/cache/gguf/*.gguf   # gemma a5fd3b62…6818, smollm2 b179c952…
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+}
 case $1 in
   stage1)  # half the SmolLM2 GGUF and the data files
     mkdir -p /root/stash /root/res && cp .stash1/gguf_part_aa /root/stash/ && rm -rf /root/data && cp -r .stash1/data /root/data ;;
@@ -79,24 +88,32 @@ case $1 in
       --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,mse,random --random-seeds 0,1 \
       --out /root/res/gemma_sens_awq > /root/res/gemma_sens_awq.log 2>&1; tail -6 /root/res/gemma_sens_awq.log; pack GSA ;;
   # --- session 18: issue 11's AWQ plans on Gemma (GS's AWQ real runs withdrawn) and the 'recovery' /
-  # 'density' strategies on both models. Calls: gpart 3 … gpart 6 (each carrying its .stashN), then
-  # P18 carrying .stash1 and .stash7/tok, then S18 carrying .stash2 and .whl, back to back. ---
-  P18)  # the SmolLM2 GGUF's first half, the data files and the Gemma tokenizer
-    mkdir -p /root/stash /root/res /root/tok && cp .stash1/gguf_part_aa /root/stash/ && rm -rf /root/data \
-      && cp -r .stash1/data /root/data && gunzip -c .stash7/tok/tokenizer.json.gz > /root/tok/tokenizer.json \
-      && cp .stash7/tok/tokenizer_config.json /root/tok/ && ls /root/stash /root/tok ;;
+  # 'density' strategies on both models. The Gemma GGUF split in five (`split -n 5 -d g.gguf gp_`: the
+  # tracked tree grew, four pieces no longer fit a call) into .stash3 … .stash6 and .stash8. Calls, back
+  # to back: P18 3, P18 4, P18 5, P18 6, P18 8, P18 1, P18 2 (each carrying its .stashN; .stash1 and
+  # .stash2 hold the SmolLM2 halves), then S18 carrying .stash7 and .whl, then X18. ---
+  P18)
+    mkdir -p /root/stash && cp .stash$2/g*_a? .stash$2/gp_0? /root/stash/ 2>/dev/null; ls /root/stash ;;
   S18)
-    mkdir -p /root/cache/gguf /root/res
-    cat /root/stash/gpart_00 /root/stash/gpart_01 /root/stash/gpart_02 /root/stash/gpart_03 > /root/cache/gguf/gemma3-270m.gguf
-    cat /root/stash/gguf_part_aa .stash2/gguf_part_ab > /root/cache/gguf/smollm2-135m.gguf
-    sha256sum /root/cache/gguf/*.gguf   # gemma a5fd3b62…6818, smollm2 b179c952…
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    setup18 || exit 1
     timeout ${2:-330} python3 bench/sensitivity.py --model gemma3-270m --tokenizer /root/tok --group-size 64 --methods awq \
       --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery,density,mse,random \
       --random-seeds 0,1 --out /root/res/gemma_sens_awq > /root/res/gemma_sens_awq.log 2>&1; tail -3 /root/res/gemma_sens_awq.log
     timeout ${3:-220} python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods awq,rtn --device cuda:0 \
       --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery,density \
       --out /root/res/smol_sens18 > /root/res/smol_sens18.log 2>&1; tail -3 /root/res/smol_sens18.log; pack S18 ;;
+  Y18)  # a fresh machine after P18 3 … P18 2: S18's setup without its runs, then SmolLM2 AWQ plans on seeds 43
+        # and 44 (is 'recovery' ahead of 'sensitivity' beyond the seed spread?) and Gemma RTN with the new strategies
+    setup18 || exit 1
+    for sd in 43 44; do
+      timeout 130 python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods awq --device cuda:0 --seed $sd \
+        --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery --ks 4,8 \
+        --out /root/res/smol_sens_s$sd > /root/res/smol_sens_s$sd.log 2>&1; grep "ppl" /root/res/smol_sens_s$sd.log | tail -7
+    done
+    timeout 150 python3 bench/sensitivity.py --model gemma3-270m --tokenizer /root/tok --group-size 64 --methods rtn \
+      --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery,density \
+      --out /root/res/gemma_sens_rtn18 > /root/res/gemma_sens_rtn18.log 2>&1; grep "ppl" /root/res/gemma_sens_rtn18.log | tail -16
+    pack Y18 ;;
   X18)  # issue 15's g128 leftover, after S18: both models, 3 seeds, WikiText-2
     timeout ${2:-270} python3 bench/quality.py --model gemma3-270m --tokenizer /root/tok --group-sizes 128 --seeds 42,43,44 \
       --datasets wikitext2 --methods fp,rtn,awq,gptq,awq_gptq,llmc_gptq --baseline awq --device cuda:0 \

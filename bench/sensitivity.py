@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--ks", default="1,2,4,8", help="families kept at --keep-bits in the real runs")
     p.add_argument("--linear-frac", type=float, default=0.10, help="also the <= this share of linears budget (0: off)")
     p.add_argument("--keep-bits", type=int, default=8)
-    p.add_argument("--strategies", default="sensitivity,mse,random")
+    p.add_argument("--strategies", default="sensitivity,recovery,mse,random")
     p.add_argument("--random-seeds", default="0")
     p.add_argument("--no-real", action="store_true", help="skip the real pipeline runs (sensitivity + pareto only)")
     p.add_argument("--calib-batch-size", type=int, default=None, help="default 64 on GPU, 16 on CPU")

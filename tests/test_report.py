@@ -122,8 +122,8 @@ def test_sensitivity_section_is_recorded_and_rendered(batch):
             only_kl[r["layer"]] = only_kl.get(r["layer"], 0.0) + r["kl"]
     assert s["most_sensitive_layer"] == max(only_kl, key=only_kl.get)
     front = s["pareto"]
-    assert {r["strategy"] for r in front} == {"sensitivity", "mse", "random"}
-    for strat in ("sensitivity", "mse", "random"):
+    assert {r["strategy"] for r in front} == {"sensitivity", "recovery", "mse", "random"}
+    for strat in ("sensitivity", "recovery", "mse", "random"):
         rows = sorted((r for r in front if r["strategy"] == strat), key=lambda r: r["k"])
         assert [r["k"] for r in rows] == [0, 1, 2, 4, 8]
         assert rows[0]["avg_bits"] == pytest.approx(4.0) and rows[0]["ppl"] == pytest.approx(s["quant_ppl"], rel=1e-6)

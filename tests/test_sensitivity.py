@@ -251,7 +251,7 @@ def test_planned_8bit_family_matches_keep_weights(tiny, quantized, method):
 def test_pareto_and_cache(quantized, frames, tmp_path):
     fp, calib, q, res = quantized["tiny-random-llama"]
     df = frames["tiny-random-llama"]
-    p = S.pareto(fp, None, calib, _tokens(), df, ks=(0, 1, 8), keep_bits=16, strategies=("sensitivity", "random"),
+    p = S.pareto(fp, None, calib, _tokens(), df, ks=(0, 1, 8), keep_bits=16, strategies=("sensitivity", "recovery", "random"),
                  result=(q, res), progress=False)
     assert list(p.columns[:5]) == ["strategy", "k", "avg_bits", "ppl", "kl"]
     k0 = p[p.k == 0].iloc[0]
@@ -262,6 +262,10 @@ def test_pareto_and_cache(quantized, frames, tmp_path):
     top = S.plan_from_sensitivity(df, k=1).entries[0]
     row = df[(df.layer == top[0]) & (df.family == top[1]) & (df["mode"] == "except")].iloc[0]
     assert k1.kl == pytest.approx(row.kl, rel=1e-6) and k1.ppl == pytest.approx(row.ppl, rel=1e-9)
+    # 'recovery' keeps the family whose FP copy the 'except' rows say recovers most: at k = 1 (kept FP),
+    # the plan's KL is exactly that smallest 'except' KL
+    r1 = p[(p.k == 1) & (p.strategy == "recovery")].iloc[0]
+    assert r1.kl == pytest.approx(df[df["mode"] == "except"].kl.min(), rel=1e-6)
     # cache: a second call reads the frame (and attrs) back without recomputing
     cache = DiagnosticsCache(tmp_path / "cache")
     args = dict(seqlen=SEQ, n_windows=NWIN, result=(q, res), progress=False, cache=cache, modes="except",
