@@ -8,7 +8,7 @@ export PYTHONPATH=/tmp/site:$R PYTHONUNBUFFERED=1 AWQNB_CACHE=/root/cache AWQNB_
 pack() { (cd /root/res && tar czf $OUT/res_$1.tgz .); }
 setup18() {  # session 18: both GGUFs from the P18 pieces, the Gemma tokenizer, the data, the wheels
   mkdir -p /root/cache/gguf /root/res /root/tok
-  cat /root/stash/gp_00 /root/stash/gp_01 /root/stash/gp_02 /root/stash/gp_03 /root/stash/gp_04 > /root/cache/gguf/gemma3-270m.gguf
+  [ -f /root/stash/gp_04 ] && cat /root/stash/gp_00 /root/stash/gp_01 /root/stash/gp_02 /root/stash/gp_03 /root/stash/gp_04 > /root/cache/gguf/gemma3-270m.gguf
   cat /root/stash/gguf_part_aa /root/stash/gguf_part_ab > /root/cache/gguf/smollm2-135m.gguf
   gunzip -c .stash7/tok/tokenizer.json.gz > /root/tok/tokenizer.json && cp .stash7/tok/tokenizer_config.json /root/tok/
   rm -rf /root/data && cp -r .stash7/data /root/data
@@ -82,6 +82,41 @@ case $1 in
     timeout 150 python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods rtn --device cuda:0 \
       --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,random --random-seeds 0,1 \
       --out /root/res/sens_rtn > /root/res/sens_rtn.log 2>&1 ;;
+  # --- session 18: issue 11's AWQ plans on Gemma (GS's AWQ real runs withdrawn) and the 'recovery' /
+  # 'density' strategies on both models. The Gemma GGUF split in five (`split -n 5 -d g.gguf gp_`: the
+  # tracked tree grew, four pieces no longer fit a call) into .stash3 … .stash6 and .stash8. Calls, back
+  # to back: P18 3, P18 4, P18 5, P18 6, P18 8, P18 1, P18 2 (each carrying its .stashN; .stash1 and
+  # .stash2 hold the SmolLM2 halves), then S18 carrying .stash7 and .whl, then X18. ---
+  P18)
+    mkdir -p /root/stash && cp .stash$2/g*_a? .stash$2/gp_0? /root/stash/ 2>/dev/null; ls /root/stash ;;
+  S18)
+    setup18 || exit 1
+    timeout ${2:-330} python3 bench/sensitivity.py --model gemma3-270m --tokenizer /root/tok --group-size 64 --methods awq \
+      --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery,density,mse,random \
+      --random-seeds 0,1 --out /root/res/gemma_sens_awq > /root/res/gemma_sens_awq.log 2>&1; tail -3 /root/res/gemma_sens_awq.log
+    timeout ${3:-220} python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods awq,rtn --device cuda:0 \
+      --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery,density \
+      --out /root/res/smol_sens18 > /root/res/smol_sens18.log 2>&1; tail -3 /root/res/smol_sens18.log; pack S18 ;;
+  Y18)  # a fresh machine after P18 3 … P18 2: S18's setup without its runs, then SmolLM2 AWQ plans on seeds 43
+        # and 44 (is 'recovery' ahead of 'sensitivity' beyond the seed spread?) and Gemma RTN with the new strategies
+    setup18 || exit 1
+    for sd in 43 44; do
+      timeout 100 python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods awq --device cuda:0 --seed $sd \
+        --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery --ks 8 \
+        --out /root/res/smol_sens_s$sd > /root/res/smol_sens_s$sd.log 2>&1; grep "ppl" /root/res/smol_sens_s$sd.log | tail -7
+    done
+    [ -s /root/cache/gguf/gemma3-270m.gguf ] && timeout 110 python3 bench/sensitivity.py --model gemma3-270m --tokenizer /root/tok --group-size 64 --methods rtn \
+      --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery,density \
+      --out /root/res/gemma_sens_rtn18 > /root/res/gemma_sens_rtn18.log 2>&1; grep "ppl" /root/res/gemma_sens_rtn18.log | tail -16
+    pack Y18 ;;
+  X18)  # issue 15's g128 leftover, after S18: both models, 3 seeds, WikiText-2
+    timeout ${2:-270} python3 bench/quality.py --model gemma3-270m --tokenizer /root/tok --group-sizes 128 --seeds 42,43,44 \
+      --datasets wikitext2 --methods fp,rtn,awq,gptq,awq_gptq,llmc_gptq --baseline awq --device cuda:0 \
+      --out /root/res/gemma_g128 > /root/res/gemma_g128.log 2>&1; grep -E "seed [0-9]+:" /root/res/gemma_g128.log | tail -8
+    timeout ${3:-270} python3 bench/quality.py --model smollm2-135m --group-sizes 128 --seeds 42,43,44 \
+      --datasets wikitext2 --methods fp,rtn,awq,gptq,awq_gptq,llmc_gptq --baseline awq --device cuda:0 \
+      --out /root/res/smol_g128 > /root/res/smol_g128.log 2>&1; grep -E "seed [0-9]+:" /root/res/smol_g128.log | tail -8
+    rm -rf /root/res/gemma_sens_awq /root/res/smol_sens18 /root/res/*sens*.log; pack X18 ;;
   SX)  # SmolLM2: the other awqnb methods and llm-compressor AWQ (cut during llmc_awq seed 43; seed 44 then
        # ran without llmc_awq into /root/res/smol_x44)
     timeout 300 python3 bench/quality.py --model smollm2-135m --group-sizes 64 --seeds 42,43,44 --datasets wikitext2 \
