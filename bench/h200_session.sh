@@ -109,6 +109,11 @@ case $1 in
       --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery,density \
       --out /root/res/gemma_sens_rtn18 > /root/res/gemma_sens_rtn18.log 2>&1; grep "ppl" /root/res/gemma_sens_rtn18.log | tail -16
     pack Y18 ;;
+  Z18)  # the device time left after two failed starts: P18 1, P18 2, then SmolLM2 AWQ seed 43, the <= 10% plans
+    setup18 || exit 1
+    timeout ${2:-90} python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods awq --device cuda:0 --seed 43 \
+      --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery --ks "" \
+      --out /root/res/smol_sens_s43 > /root/res/smol_sens_s43.log 2>&1; grep "ppl" /root/res/smol_sens_s43.log | tail -4; pack Z18 ;;
   X18)  # issue 15's g128 leftover, after S18: both models, 3 seeds, WikiText-2
     timeout ${2:-270} python3 bench/quality.py --model gemma3-270m --tokenizer /root/tok --group-sizes 128 --seeds 42,43,44 \
       --datasets wikitext2 --methods fp,rtn,awq,gptq,awq_gptq,llmc_gptq --baseline awq --device cuda:0 \
