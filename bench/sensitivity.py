@@ -8,8 +8,9 @@ For one model and group size, per method (rtn, awq):
      torch.cuda.synchronize before and after (a small warm-up pass first), plus its fast
      `pareto` approximation on the slice;
   3. real `pipeline.quantize` runs with plans keeping k ∈ `--ks` families at 8 bits, and the
-     ≤ `--linear-frac` of linears budget, chosen by sensitivity ('only' KL), by MSE (relative output
-     MSE of the family) and at random (`--random-seeds`): full WikiText-2 perplexity and the share
+     ≤ `--linear-frac` of linears budget, chosen by `--strategies`: sensitivity ('only' KL), recovery
+     ('except' KL), density ('only' KL per parameter), MSE (relative output MSE of the family) and at
+     random (`--random-seeds`): full WikiText-2 perplexity and the share
      of the method's gap to FP closed, (ppl_method − ppl_plan) / (ppl_method − ppl_FP);
   4. Spearman rank correlation between per-family MSE and 'only' KL (does MSE predict what hurts?).
 
