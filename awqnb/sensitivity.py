@@ -651,25 +651,13 @@ def _order(frame, by: str, seed: int) -> list[tuple[int, str]]:
         if m.isna().any():
             raise AwqnbError("the frame has no MSE for some families; choose by='kl' or 'random'.")
         return [k for k, _ in sorted(((k, float(m[k])) for k in keys), key=lambda t: (-t[1], t[0]))]
-    if by == "kl":
-        if (frame["mode"] == "only").any():
-            r = rank(frame, "kl", "only")
-        else:
-            r = rank(frame, "kl", "except")
+    if by in ("kl", "recovery", "density"):
+        # rank() says which mode a frame lacks; 'kl' falls back to the 'except' rows
+        mode = "except" if by == "recovery" or (by == "kl" and not (frame["mode"] == "only").any()) else "only"
+        r = rank(frame, "kl", mode)
+        if by == "density":  # KL per parameter kept: the greedy order for a bits budget (stable: KL breaks ties)
+            r = r.assign(d=r["kl"] / r["n_params"].clip(lower=1)).sort_values("d", ascending=False, kind="stable")
         return [(int(l), str(f)) for l, f in zip(r["layer"], r["family"])]
-    if by == "recovery":
-        if not (frame["mode"] == "except").any():
-            raise AwqnbError("by='recovery' needs the frame's 'except' rows; compute it with modes including 'except'.")
-        r = rank(frame, "kl", "except")
-        return [(int(l), str(f)) for l, f in zip(r["layer"], r["family"])]
-    if by == "density":
-        if not (frame["mode"] == "only").any():
-            raise AwqnbError("by='density' needs the frame's 'only' rows; compute it with modes including 'only'.")
-        r = rank(frame, "kl", "only")
-        # KL removed per parameter kept: the greedy order for a bits budget (ties: the larger KL first)
-        d = sorted(zip(r["layer"], r["family"], r["kl"], r["n_params"]),
-                   key=lambda t: (-float(t[2]) / max(int(t[3]), 1), -float(t[2]), int(t[0])))
-        return [(int(l), str(f)) for l, f, _, _ in d]
     raise AwqnbError(f"by={by!r} is unknown; use 'kl', 'recovery', 'density', 'mse' or 'random'.")
 
 

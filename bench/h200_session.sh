@@ -97,18 +97,6 @@ case $1 in
     timeout ${3:-220} python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods awq,rtn --device cuda:0 \
       --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery,density \
       --out /root/res/smol_sens18 > /root/res/smol_sens18.log 2>&1; tail -3 /root/res/smol_sens18.log; pack S18 ;;
-  Y18)  # a fresh machine after P18 3 … P18 2: S18's setup without its runs, then SmolLM2 AWQ plans on seeds 43
-        # and 44 (is 'recovery' ahead of 'sensitivity' beyond the seed spread?) and Gemma RTN with the new strategies
-    setup18 || exit 1
-    for sd in 43 44; do
-      timeout 100 python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods awq --device cuda:0 --seed $sd \
-        --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery --ks 8 \
-        --out /root/res/smol_sens_s$sd > /root/res/smol_sens_s$sd.log 2>&1; grep "ppl" /root/res/smol_sens_s$sd.log | tail -7
-    done
-    [ -s /root/cache/gguf/gemma3-270m.gguf ] && timeout 110 python3 bench/sensitivity.py --model gemma3-270m --tokenizer /root/tok --group-size 64 --methods rtn \
-      --device cuda:0 --dtype bfloat16 --eval-dtype bfloat16 --strategies sensitivity,recovery,density \
-      --out /root/res/gemma_sens_rtn18 > /root/res/gemma_sens_rtn18.log 2>&1; grep "ppl" /root/res/gemma_sens_rtn18.log | tail -16
-    pack Y18 ;;
   Z18)  # the device time left after two failed starts: P18 1, P18 2, then SmolLM2 AWQ seed 43, the <= 10% plans
     setup18 || exit 1
     timeout ${2:-90} python3 bench/sensitivity.py --model smollm2-135m --group-size 64 --methods awq --device cuda:0 --seed 43 \
