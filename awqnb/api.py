@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .errors import AwqnbError
 
 log = logging.getLogger(__name__)
@@ -151,18 +152,11 @@ def detect_quantization(path: str | Path) -> dict:
     'lm_head': 'fp16' | 'quantize' | None, 'quant_method': e.g. 'compressed-tensors'}.
     """
     p = Path(path).expanduser()
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise AwqnbError(f"{p} is not a model directory (no config.json).")
-    try:
-        conf = json.loads(cfg_file.read_text())
-        meta_file = p / "quantization_metadata.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise AwqnbError(f"cannot read the configuration of {p}: {e}") from e
+    conf, qc, meta = checkpoint.read_records(p)  # one line for a malformed file
+    checkpoint.check_records_agree(p, qc, meta)
+    qc, meta = qc or {}, meta or {}
     out = {"quantized": False, "method": None, "format": None, "bits": None, "group_size": None,
            "symmetric": None, "lm_head": None, "quant_method": None}
-    qc = conf.get("quantization_config") or {}
     if qc:
         out["quant_method"] = qc.get("quant_method")
     if qc.get("quant_method") == "compressed-tensors":

@@ -67,7 +67,9 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="alias, HF directory, GGUF file or Hub id")
     p.add_argument("--method", default="awq", help="quantization method (see `awqnb quantize --list`)")
     p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128, help="-1 = per channel")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="weights per scale, -1 = per channel (default: 128, or the largest of 64/32/16 that "
+                        "divides every linear's input width)")
     p.add_argument("--sym", action="store_true", help="symmetric grid [-(2^(b-1)-1), 2^(b-1)-1]")
     p.add_argument("--n-calib", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
@@ -98,7 +100,7 @@ def method_config(args):
 
     return MethodConfig(
         method=args.method,
-        quant=QuantConfig(args.bits, args.group_size, args.sym),
+        quant=QuantConfig(args.bits, 128 if args.group_size is None else args.group_size, args.sym),
         search=SearchConfig(n_grid=args.n_grid, salience=args.salience, duo_scaling=args.duo_scaling,
                             clip=args.clip, propagate=args.propagate, alpha_select=args.alpha_select),
         params=_method_params(args),
@@ -152,6 +154,9 @@ def cmd_quantize(args) -> int:
     # the model stays on the CPU: the block engine moves one block at a time to `device`
     model, tok = models.load_model(args.model)
     models.check_supported(model)
+    if args.group_size is None:
+        args.group_size = _default_group_size(model)
+        cfg = method_config(args)
     from .plan import check_model
 
     check_model(cfg.plan, model, models.short_name(args.model))  # a layer or family it lacks: before calibration
@@ -179,6 +184,21 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _default_group_size(model) -> int:
+    """128, or the largest smaller power of two that divides every quantized linear's input width
+    (SmolLM2's 576, the tiny models' 160), so the bare command works on every supported model."""
+    from torch import nn
+
+    from .arch import blocks, resolve_spec
+
+    widths = {m.in_features for b in blocks(model, resolve_spec(model)) for m in b.modules()
+              if isinstance(m, nn.Linear)}
+    gs = next((g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths)), -1)
+    if gs != 128:
+        log.info("--group-size not given: using %d (128 does not divide the input widths %s)", gs, sorted(widths))
+    return gs
+
+
 def _calibration_key(args) -> dict:
     """What of the calibration decides the result (a file by its content), for the directory name."""
     import hashlib
@@ -191,7 +211,7 @@ def _calibration_key(args) -> dict:
 
 
 def cmd_eval(args) -> int:
-    from . import export, models
+    from . import checkpoint, export, models
     from .data import EVAL_TEXT_SETS, EVAL_TOKEN_SETS, TEXT_FILE_SUFFIXES, dataset_info, is_text_file, load_eval_texts, load_eval_tokens
     from .evaluate import check_positive, sample_perplexity, token_perplexity
 
@@ -208,27 +228,30 @@ def cmd_eval(args) -> int:
         protocol = "token" if own or args.dataset in EVAL_TOKEN_SETS else "sample"
     if protocol == "token" and not own and args.dataset not in EVAL_TOKEN_SETS:
         raise AwqnbError(f"--dataset {args.dataset} has no token protocol; use --protocol sample.")
+    if args.text_column is not None and not (own and Path(args.dataset).suffix in (".jsonl", ".parquet")):
+        raise AwqnbError(f"--text-column applies to a .jsonl or .parquet file, not to {args.dataset!r} "
+                         "(a .txt is read as it is); drop the flag.")
+    args.text_column = args.text_column or "text"
     info = dataset_info(args.dataset, args.text_column)  # name + sha256 of the user's file, read now
+    if args.json:
+        models.check_writable(Path(args.json).parent)  # a file in the way: now, not after the evaluation
     device = models.resolve_device(args.device)
+    local = Path(args.model).expanduser()
+    records = checkpoint.read_records(local) if local.is_dir() else None  # malformed files: one line
     if export.is_packed(args.model):
         export.require_compressed_tensors()  # a clear message instead of transformers' ImportError
     model, tok = models.load_model(args.model, device=device)
     meta = {"model": args.model, "method": "fp"}
-    if export.is_packed(args.model):  # e.g. written by llm-compressor: no awqnb metadata
+    if records is not None and (records[1] or records[2]):
         from .api import detect_quantization
 
-        d = detect_quantization(args.model)
-        meta.update(method=d["method"] or "compressed-tensors", bits=d["bits"], group_size=d["group_size"])
-    qmeta = Path(args.model) / "quantization_metadata.json"
-    if qmeta.is_file():
-        try:
-            q = json.loads(qmeta.read_text())
-            meta.update(method=q.get("method"), bits=q["config"]["quant"]["bits"],
-                        group_size=q["config"]["quant"]["group_size"], calibration=q.get("calibration"),
-                        model=q.get("model", args.model))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise AwqnbError(f"{qmeta} is damaged ({type(e).__name__}: {e}); re-save the model with "
-                             "`awqnb quantize`, or remove the file to evaluate it as an FP model.") from e
+        d = detect_quantization(local)  # e.g. written by llm-compressor: no awqnb metadata
+        if d["quantized"]:
+            meta.update(method=d["method"] or d["quant_method"] or "quantized", bits=d["bits"],
+                        group_size=d["group_size"])
+        q = records[2] or {}
+        if q:
+            meta.update(calibration=q.get("calibration"), model=q.get("model", args.model))
     if protocol == "token":
         tokens = load_eval_tokens(tok, args.dataset, text_column=args.text_column)
         max_windows = args.max_windows
@@ -354,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--protocol", choices=["auto", "token", "sample"], default="auto",
                    help="token: GPTQ windows over the joined text; sample: each line / record on its own "
                         "(auto: token for wikitext2, c4 and files, sample for ag_news, c4-sample)")
-    e.add_argument("--text-column", default="text", help="the text field of a .jsonl / .parquet file (default text)")
+    e.add_argument("--text-column", default=None, help="the text field of a .jsonl / .parquet file (default text)")
     e.add_argument("--seqlen", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--n-samples", type=int, default=2000)

@@ -526,23 +526,11 @@ def is_packed(path: str | Path) -> bool:
 
 
 def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = torch.float32):
-    """(model, tokenizer) of a compressed-tensors directory, through plain transformers, with the
-    weights decompressed now (transformers leaves them packed until the first forward)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of a compressed-tensors directory with dense (dequantized) weights:
+    `models.load_model`, which checks the tensors and records first (dtype None: the config's)."""
+    from .models import load_model
 
-    require_compressed_tensors()
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
-    except OSError as e:
-        raise AwqnbError(f"could not load the packed model {path}: {e}") from e
-    decompress(model)
-    if device is not None:
-        from .models import resolve_device
-
-        model = model.to(resolve_device(device))
-    model.eval()
-    return model, tok
+    return load_model(str(path), device=device, dtype=dtype if dtype is not None else "auto")
 
 
 def decompress(model: nn.Module) -> nn.Module:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import checkpoint
 from .arch import SPECS as _SPECS, resolve_spec
 from .errors import AwqnbError
 
@@ -337,11 +338,24 @@ def load_model(name: str = "smollm2-135m", device=None, dtype: torch.dtype | str
                              "not an existing directory or .gguf file, and not a Hub id (owner/name).")
         gguf = name in GGUF_ALIASES or p.suffix == ".gguf"
         load_dtype = want or (torch.bfloat16 if gguf else "auto")
-        if isinstance(src, Path):
-            read_config(src)  # a clear line for a broken config.json before transformers reads it
-        with _load_errors(name):
+        kw = {}
+        if isinstance(src, Path) and not gguf:
+            # clear lines for broken records and missing tensors before transformers reads weights
+            _, qc, meta = checkpoint.read_records(src)
+            checkpoint.check_records_agree(src, qc, meta)
+            checkpoint.check_tensors(src, qc)
+            if checkpoint.is_compressed(qc):
+                from .export import require_compressed_tensors
+
+                require_compressed_tensors()
+                from transformers import CompressedTensorsConfig
+
+                # dense at load (symmetric and asymmetric alike); awqnb reads and moves the weights
+                kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+        with _load_errors(name), checkpoint.quiet_loaders():
             tok = AutoTokenizer.from_pretrained(src)
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=load_dtype)
+            model, info = AutoModelForCausalLM.from_pretrained(src, dtype=load_dtype, output_loading_info=True, **kw)
+        checkpoint.check_loading_info(info, str(src))
         _drop_quantizer(model)
     if tokenizer is not None:
         tok = AutoTokenizer.from_pretrained(tokenizer)

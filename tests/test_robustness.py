@@ -165,7 +165,7 @@ CASES = [
     ("parquet no text column", _parquet_without_text, r"no column 'text' \(columns: body\)", True),
     ("parquet corrupt", _eval_file("t.parquet", b"PAR1garbage"), r"not a readable parquet file", True),
     ("text file too short for a window", _eval_file("s.txt", "hi"), r"fewer than one window", False),
-    ("--json under a file", _json_under_file, r"is a file, not a directory", False),
+    ("--json under a file", _json_under_file, r"is a file, not a directory", True),
     ("compare: missing file", _compare(None), r"bad\.json does not exist", True),
     ("compare: not JSON", _compare("{nope"), r"bad\.json is not JSON", True),
     ("compare: other schema", _compare('{"results": []}'), r"is not an `awqnb eval --json` result", True),
@@ -201,14 +201,174 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_dir, monkeypatc
         def no_load(*a, **k):
             raise AssertionError("the model was loaded before the input was checked")
         monkeypatch.setattr(models, "load_model", no_load)
+    _refused_in_one_line(tmp_path, capsys, argv, pattern)
+
+
+def _refused_in_one_line(tmp_path, capsys, argv, pattern):
+    """Exit status 2, stderr exactly one `awqnb: error:` line matching `pattern` (transformers' load
+    report and bars go to the DEBUG log), and no new file under tmp_path."""
+    from awqnb.cli import main
+
     before = {p for p in tmp_path.rglob("*")}
     assert main(argv) == 2
     err = capsys.readouterr().err
-    last = err.strip().splitlines()[-1]  # (transformers may draw a "Loading weights" bar above it)
-    assert last.startswith("awqnb: error: ") and err.count("awqnb: error") == 1 and "Traceback" not in err, err
-    assert re.search(pattern, last), err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("awqnb: error: "), err
+    assert re.search(pattern, lines[0]), err
     new = {p for p in tmp_path.rglob("*")} - before
     assert not [p for p in new if p.is_file()], new  # nothing half-written (no temp files, no outputs)
+
+
+# --- checkpoints that are incomplete, tampered or malformed ----------------------------------
+# Each case: (id, setup(tmp, dirs) -> CLI argv, regex of the one line). dirs: plain (tiny_dir), and
+# tiny-random-llama packed asymmetric (asym) and symmetric (sym), RTN W4 g32.
+
+@pytest.fixture(scope="module")
+def dirs(tiny_dir, tmp_path_factory):
+    from types import SimpleNamespace
+
+    from awqnb import export, pipeline
+    from awqnb.config import MethodConfig, QuantConfig
+
+    out = {"plain": tiny_dir}
+    for name, sym in (("asym", False), ("sym", True)):
+        model, tok = models.load_model("tiny-random-llama")
+        cfg = MethodConfig("rtn", QuantConfig(4, 32, sym))
+        res = pipeline.quantize(model, cfg, None, device="cpu", progress=False)
+        out[name] = export.save_packed(model, tok, tmp_path_factory.mktemp(name) / "p", cfg, res.metadata(),
+                                       result=res)
+        out[name + "_fake"] = models.save_quantized(model, tok, tmp_path_factory.mktemp(name) / "f", res.metadata())
+    return SimpleNamespace(**out)
+
+
+def _edit_tensors(src, edit):
+    def setup(tmp, dirs):
+        from safetensors.torch import load_file, save_file
+
+        d = _copy_model(getattr(dirs, src), tmp / "m")
+        sd = load_file(d / "model.safetensors")
+        edit(sd)
+        save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+        return ["eval", "--model", str(d), "--seqlen", "32", "--max-windows", "1", "--device", "cpu"]
+    return setup
+
+
+def _drop(name):
+    return lambda sd: sd.pop(name)
+
+
+def _edit_json(src, file, edit, cmd="eval"):
+    def setup(tmp, dirs):
+        d = _copy_model(getattr(dirs, src), tmp / "m")
+        doc = json.loads((d / file).read_text())
+        doc = edit(doc)
+        (d / file).write_text(json.dumps(doc))
+        if cmd == "quantize":
+            return ["quantize", "--model", str(d), "--method", "rtn", "--group-size", "32",
+                    "--output-dir", str(tmp / "out")]
+        return ["eval", "--model", str(d), "--seqlen", "32", "--max-windows", "1", "--device", "cpu"]
+    return setup
+
+
+def _qc(edit):
+    def f(c):
+        edit(c["quantization_config"])
+        return c
+    return f
+
+
+def _set(path, value):
+    def f(doc):
+        *head, last = path
+        for k in head:
+            doc = doc[k]
+        doc[last] = value
+    return f
+
+
+_DOWN = "model.layers.1.mlp.down_proj"
+CHECKPOINT_CASES = [
+    ("fake: a weight missing", _edit_tensors("plain", _drop(f"{_DOWN}.weight")),
+     rf"model\.safetensors is missing 1 tensor\(s\) the model needs \({_DOWN}\.weight\)"),
+    ("fake: an extra tensor", _edit_tensors("plain", lambda sd: sd.update(extra=torch.zeros(2))),
+     r"holds 1 tensor\(s\) the model does not have \(extra\)"),
+    *[(f"packed: {part} missing", _edit_tensors("asym", _drop(f"{_DOWN}.{part}")),
+       rf"model\.safetensors is missing 1 tensor\(s\) the model needs \({_DOWN}\.{part}\)")
+      for part in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")],
+    ("packed: config.json lost quantization_config",
+     _edit_json("asym", "config.json", lambda c: {k: v for k, v in c.items() if k != "quantization_config"}),
+     r"holds packed tensors .* but config\.json has no quantization_config"),
+    ("packed: num_bits 4 -> 2 in config.json",
+     _edit_json("asym", "config.json", _qc(_set(("config_groups", "group_0", "weights", "num_bits"), 2))),
+     r"config\.json says bits=2, group_size=32, symmetric=False but quantization_metadata\.json says bits=4"),
+    ("packed: group_size changed in config.json",
+     _edit_json("sym", "config.json", _qc(_set(("config_groups", "group_0", "weights", "group_size"), 16))),
+     r"the two records disagree"),
+    ("quantization_config a string", _edit_json("asym", "config.json", lambda c: {**c, "quantization_config": "awq"}),
+     r"config\.json is malformed: its quantization_config is a str"),
+    ("config_groups a list", _edit_json("asym", "config.json", _qc(_set(("config_groups",), [1, 2]))),
+     r"config_groups is not an object"),
+    ("ignore: [1]", _edit_json("asym", "config.json", _qc(_set(("ignore",), [1]))),
+     r"ignore is not a list of module names"),
+    ("quantization_metadata.json a list", _edit_json("asym_fake", "quantization_metadata.json", lambda m: [m]),
+     r"quantization_metadata\.json is malformed \(it is a JSON list"),
+    ("quantization_metadata.json config a string",
+     _edit_json("asym_fake", "quantization_metadata.json", lambda m: {**m, "config": "awq"}),
+     r"quantization_metadata\.json is malformed \(its 'config' is not an object"),
+    ("quantize from a checkpoint missing a weight",
+     _edit_json("plain", "config.json", lambda c: c, cmd="quantize"), None),  # replaced below
+    ("--text-column with a .txt", lambda tmp, dirs: (tmp / "t.txt").write_text("a b c " * 40) and [
+        "eval", "--model", str(dirs.plain), "--device", "cpu", "--dataset", str(tmp / "t.txt"),
+        "--text-column", "body"], r"--text-column applies to a \.jsonl or \.parquet file"),
+]
+
+
+def _quantize_missing(tmp, dirs):
+    argv = _edit_tensors("plain", _drop(f"{_DOWN}.weight"))(tmp, dirs)
+    return ["quantize", "--model", argv[2], "--method", "rtn", "--group-size", "32", "--output-dir", str(tmp / "out")]
+
+
+CHECKPOINT_CASES = [c if c[2] is not None else (c[0], _quantize_missing, rf"is missing 1 tensor\(s\).*{_DOWN}\.weight")
+                    for c in CHECKPOINT_CASES]
+
+
+@pytest.mark.parametrize("setup,pattern", [c[1:] for c in CHECKPOINT_CASES], ids=[c[0] for c in CHECKPOINT_CASES])
+def test_broken_checkpoint_is_refused_in_one_line(tmp_path, dirs, monkeypatch, capsys, setup, pattern):
+    monkeypatch.chdir(tmp_path)
+    _refused_in_one_line(tmp_path, capsys, setup(tmp_path, dirs), pattern)
+
+
+def test_detect_quantization_refuses_what_the_loader_refuses(tmp_path, dirs):
+    from awqnb.api import detect_quantization
+
+    d = _edit_json("asym", "config.json", _qc(_set(("config_groups", "group_0", "weights", "num_bits"), 2)))(tmp_path, dirs)[2]
+    with pytest.raises(AwqnbError, match="the two records disagree"):
+        detect_quantization(d)
+    for i, edit in enumerate((lambda m: [m], lambda m: {**m, "config": "x"}, lambda m: {**m, "export": 3})):
+        d = _edit_json("asym", "quantization_metadata.json", edit)(tmp_path / str(i), dirs)[2] \
+            if (tmp_path / str(i)).mkdir() is None else None
+        with pytest.raises(AwqnbError, match="quantization_metadata.json is malformed"):
+            detect_quantization(d)
+    (tmp_path / "file").write_text("x")  # a file where the directory should be
+    with pytest.raises(AwqnbError, match="is not a model directory"):
+        detect_quantization(tmp_path / "file")
+    assert detect_quantization(dirs.sym)["bits"] == 4 and detect_quantization(dirs.sym)["symmetric"] is True
+
+
+@pytest.mark.parametrize("kind", ["asym", "sym"])
+def test_packed_checkpoint_evaluates_like_its_fake_quant_twin(dirs, kind, capsys):
+    """`awqnb eval` on a packed directory (symmetric ones crashed in compressed-tensors' forward)
+    gives the perplexity of the same weights saved fake-quantized."""
+    from awqnb.cli import main
+
+    ppl = {}
+    for d in (getattr(dirs, kind), getattr(dirs, kind + "_fake")):
+        assert main(["eval", "--model", str(d), "--seqlen", "32", "--max-windows", "4", "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        assert "[rtn]" in out
+        ppl[d] = float(out.strip().rsplit(" ", 1)[-1])
+    a, b = ppl.values()
+    assert math.isclose(a, b, rel_tol=1e-5), ppl
 
 
 # --- library functions refuse the same things ----------------------------------------------
