@@ -58,7 +58,7 @@ def _method_param_flags(p: argparse.ArgumentParser) -> None:
             if k in _SEED_ALIASES:
                 alias, value = _SEED_ALIASES[k]
                 g.add_argument(alias, dest=f"mp_{k}", action="store_const", const=value, default=None,
-                               help=f"same as {'--' if value else '--no-'}{k.replace('_', '-')}")
+                               help=f"same as {'--' if value else '--no-'}{k.replace('_', '-')} (default: not given)")
         else:
             g.add_argument(flag, dest=f"mp_{k}", type=type(v) if v is not None else str, default=None, help=hlp)
 
@@ -66,29 +66,36 @@ def _method_param_flags(p: argparse.ArgumentParser) -> None:
 def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="alias, HF directory, GGUF file or Hub id")
     p.add_argument("--method", default="awq", help="quantization method (see `awqnb quantize --list`)")
-    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--bits", type=int, default=4, help="bits per weight")
     p.add_argument("--group-size", type=int, default=None,
                    help="weights per scale, -1 = per channel (default: 128, or the largest of 64/32/16 that "
                         "divides every linear's input width)")
-    p.add_argument("--sym", action="store_true", help="symmetric grid [-(2^(b-1)-1), 2^(b-1)-1]")
-    p.add_argument("--n-calib", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--sym", action="store_true", help="symmetric grid [-(2^(b-1)-1), 2^(b-1)-1] (default: asymmetric, "
+                                                      "[0, 2^b-1] with a zero point)")
+    p.add_argument("--n-calib", type=int, default=128, help="calibration samples")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample")
     p.add_argument("--calib-dataset", default="wikitext2", help="wikitext2, wikitext2-simple, c4 or a .txt path")
-    p.add_argument("--n-grid", type=int, default=20)
-    p.add_argument("--salience", choices=["l1", "l2"], default="l2")
-    p.add_argument("--duo-scaling", action="store_true")
-    p.add_argument("--clip", action="store_true", help="AutoAWQ-style weight clipping search")
-    p.add_argument("--propagate", choices=["quantized", "fp"], default="quantized")
+    p.add_argument("--n-grid", type=int, default=20, help="AWQ α grid: α ∈ {0, 1/N, …, 1}")
+    p.add_argument("--salience", choices=["l1", "l2"], default="l2",
+                   help="activation salience per input channel: mean |x| (l1) or sqrt(mean x²) (l2)")
+    p.add_argument("--duo-scaling", action="store_true",
+                   help="AutoAWQ's duo scaling: s = x^α / w^(1-α) (default: off, s = x^α)")
+    p.add_argument("--clip", action="store_true", help="AutoAWQ-style weight clipping search (default: off)")
+    p.add_argument("--propagate", choices=["quantized", "fp"], default="quantized",
+                   help="what the next block is calibrated on: this block's quantized or FP output")
     p.add_argument("--alpha-select", choices=["argmin", "smooth"], default="argmin",
                    help="α from the loss curve: argmin, or smooth = argmin of its 3-point moving average")
     p.add_argument("--layer-batch-size", type=int, default=1, help="decoder blocks calibrated per pass")
     p.add_argument("--calib-batch-size", type=int, default=16, help="calibration samples per forward")
-    p.add_argument("--lm-head", choices=["fp16", "quantize"], default="fp16")
-    p.add_argument("--lmhead-chunks", type=int, default=8)
-    p.add_argument("--param", action="append", help="method parameter key=value (repeatable)")
+    p.add_argument("--lm-head", choices=["fp16", "quantize"], default="fp16",
+                   help="keep the output head in floating point, or quantize it with RTN")
+    p.add_argument("--lmhead-chunks", type=int, default=8, help="row chunks the head is quantized in (memory)")
+    p.add_argument("--param", action="append", help="method parameter key=value (repeatable; default: none, "
+                                                     "each method's defaults below)")
     _method_param_flags(p)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=42, help="seed of the calibration draw and of random choices")
+    p.add_argument("--device", default="auto", help="where blocks are computed: auto (cuda:0 if present, else cpu), "
+                                                   "cpu, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="compute dtype of the block forwards (auto: the model's own; quantization math is fp32)")
     p.add_argument("--offload-activations", action="store_true",
@@ -119,13 +126,16 @@ def _plan(args):
     from .plan import Plan
 
     plan_file, keep = getattr(args, "plan", None), getattr(args, "keep", None)
-    if plan_file and keep:
+    if plan_file is not None and keep is not None:
         raise AwqnbError("give --plan FILE or --keep LAYER.FAMILY[:BITS],..., not both.")
-    if plan_file:
-        return Plan.read(plan_file)
-    if keep:
-        return Plan.parse_keep(keep, default_bits=8)
-    return None
+    if plan_file is not None:
+        plan, source = Plan.read(plan_file), f"--plan {plan_file}"
+    elif keep is not None:  # --keep "" too: parse_keep refuses an empty list
+        plan, source = Plan.parse_keep(keep, default_bits=8), f"--keep {keep}"
+    else:
+        return None
+    plan.check_base_bits(args.bits, source)  # entries at the run's own bits would change nothing
+    return plan
 
 
 def cmd_quantize(args) -> int:
@@ -138,7 +148,11 @@ def cmd_quantize(args) -> int:
     if args.list:
         from .methods import REGISTRY
 
-        sys.stdout.write("\n".join(sorted(REGISTRY)) + "\n")
+        width = max(map(len, REGISTRY))
+        for name, cls in sorted(REGISTRY.items()):
+            first = (cls.__doc__ or "").strip().splitlines()[0] if (cls.__doc__ or "").strip() else ""
+            first = first.removeprefix(f"{name}:").strip()
+            sys.stdout.write(f"{name:<{width}}  {first}\n")
         return 0
     cfg = method_config(args)
     method_cls = get_method(cfg.method)
@@ -162,7 +176,8 @@ def cmd_quantize(args) -> int:
     check_model(cfg.plan, model, models.short_name(args.model))  # a layer or family it lacks: before calibration
     if args.format == "packed":
         export.check_packable(model, cfg)  # before minutes of quantizing
-    tag = models.model_tag(args.model, cfg, _calibration_key(args) if method_cls.needs_calibration else None)
+    tag = models.model_tag(args.model, cfg, _calibration_key(args) if method_cls.needs_calibration else None,
+                           fmt=args.format)
     dest = out_root / tag
     if dest.exists() and any(dest.iterdir()) and not args.overwrite:
         raise AwqnbError(f"{dest} already exists; pass --overwrite or choose another --output-dir.")
@@ -348,41 +363,62 @@ def cmd_report(args) -> int:
     return 0
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it already says it (None: no default)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if not action.option_strings or "default" in h or action.default in (None, argparse.SUPPRESS):
+            return h
+        d = ("off" if not action.default else "on") if isinstance(action.default, bool) else action.default
+        return f"{h} (default: {d})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="awqnb", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, including what transformers prints while loading a model")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model and save it in the HF layout")
+    q = sub.add_parser("quantize", help="quantize a model and save it in the HF layout",
+                       formatter_class=_Help,
+                       description="Quantize a model block by block with one method and save it under "
+                                   "OUTPUT_DIR/<model>_<method>_w<bits>_g<group>_..._<hash8>/ (packed INT weights by "
+                                   "default, with quantization_metadata.json and the replay record). `--list` shows "
+                                   "the methods.")
     _quant_args(q)
-    q.add_argument("--output-dir", default="quantized")
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--output-dir", default="quantized", help="where the model directory is written")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing result of the same configuration")
     q.add_argument("--format", choices=["packed", "fake"], default="packed",
                    help="packed: compressed-tensors pack-quantized INT weights that transformers/vLLM load "
                         "(needs equal groups); fake: dequantized weights in the checkpoint's dtype (research copy)")
     q.add_argument("--list", action="store_true", help="list the available methods and exit")
     q.add_argument("--plan", default=None, metavar="FILE",
                    help="mixed-precision plan JSON (awqnb.sensitivity.plan_from_sensitivity(...).to_json): "
-                        "(layer, family, bits) kept at 8 bits or 16 = floating point")
+                        "(layer, family, bits) kept at 8 bits or 16 = floating point (default: none)")
     q.add_argument("--keep", default=None, metavar="L.FAMILY[:BITS],...",
                    help="keep these families at other bits, e.g. 12.down,28.gate_up:16 (bits default 8; "
-                        "families qkv, vo, gate_up, down; 16 = floating point, left out of the packed set)")
+                        "families qkv, vo, gate_up, down; 16 = floating point, left out of the packed set; default: none)")
     q.set_defaults(fn=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity of a model (alias, HF dir or GGUF)")
-    e.add_argument("--model", default="smollm2-135m")
+    e = sub.add_parser("eval", help="perplexity of a model (alias, HF dir or GGUF)", formatter_class=_Help,
+                       description="Perplexity of a model (an alias, an HF or awqnb directory, packed or not, or a "
+                                   "GGUF) on a data set or your own text file; one line on stdout, --json for the "
+                                   "per-window NLLs that `awqnb compare` reads.")
+    e.add_argument("--model", default="smollm2-135m", help="alias, HF directory, GGUF file or Hub id")
     e.add_argument("--dataset", default="wikitext2",
                    help="wikitext2, c4 (token protocol), ag_news, c4-sample (sample protocol), or your own "
                         ".txt / .jsonl / .parquet file (its name and sha256 are recorded beside the number)")
     e.add_argument("--protocol", choices=["auto", "token", "sample"], default="auto",
                    help="token: GPTQ windows over the joined text; sample: each line / record on its own "
                         "(auto: token for wikitext2, c4 and files, sample for ag_news, c4-sample)")
-    e.add_argument("--text-column", default=None, help="the text field of a .jsonl / .parquet file (default text)")
-    e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--n-samples", type=int, default=2000)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--json", default=None, help="write the result (with per-window NLL) here")
+    e.add_argument("--text-column", default=None, help="the text field of a .jsonl / .parquet file (default: text)")
+    e.add_argument("--seqlen", type=int, default=2048, help="tokens per window (token) / max tokens per text (sample)")
+    e.add_argument("--max-windows", type=int, default=None,
+                   help="evaluate only the first N windows (default: all; c4: 256, GPTQ's protocol)")
+    e.add_argument("--n-samples", type=int, default=2000, help="texts evaluated under the sample protocol")
+    e.add_argument("--device", default="auto", help="auto (cuda:0 if present, else cpu), cpu, cuda:N")
+    e.add_argument("--json", default=None, help="write the result (with per-window NLL) here (default: none)")
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("compare", help="compare eval JSON files: delta %%, bootstrap 95%% CI, winner")
