@@ -292,6 +292,7 @@ def cmd_compare(args) -> int:
     import pandas as pd
 
     from .evaluate import PerplexityResult, comparison_table
+    from .stats import SINGLE_RUN_NOTE
 
     results: dict = {}
     names = []
@@ -300,12 +301,19 @@ def cmd_compare(args) -> int:
         name = r.meta.get("label") or f"{r.meta.get('method', 'fp')}:{Path(f).stem}"
         names.append(name)
         results.setdefault(name, {})[r.dataset] = r
+    names = list(dict.fromkeys(names))
     baseline = args.baseline or names[0]
-    if baseline not in results:
-        raise AwqnbError(f"--baseline {baseline!r} is not one of {names}")
+    if baseline not in results:  # a bare method or file stem names the one result it matches
+        hits = [n for n in names if baseline in n.split(":", 1)]
+        if len(hits) > 1:
+            raise AwqnbError(f"--baseline {baseline!r} matches several results {hits}; give one of those names.")
+        if not hits:
+            raise AwqnbError(f"--baseline {baseline!r} is not one of {names} (a method or file name of one of them)")
+        baseline = hits[0]
     df = comparison_table(results, baseline=baseline)
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        sys.stdout.write(df.to_string(index=False) + "\n")
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+        sys.stdout.write(df.drop(columns=["noise"]).to_string(index=False) + "\n")
+    sys.stdout.write(f"Note: {SINGLE_RUN_NOTE}\n")
     if args.csv:
         from .files import atomic_write
 
@@ -421,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="write the result (with per-window NLL) here (default: none)")
     e.set_defaults(fn=cmd_eval)
 
-    c = sub.add_parser("compare", help="compare eval JSON files: delta %%, bootstrap 95%% CI, winner")
+    c = sub.add_parser("compare", help="compare eval JSON files: delta %%, 95%% CI and verdict (one run each: "
+                                       "evaluation noise only)")
     c.add_argument("results", nargs="+")
     c.add_argument("--baseline", default=None)
     c.add_argument("--csv", default=None)

@@ -80,7 +80,7 @@ def summary_table(table, quant_results: Mapping[str, Any] | None = None, mse=Non
         row = rows.setdefault(r["method"], {"label": r["method"]})
         ds = r["dataset"]
         row[f"ppl {ds}"] = r["ppl"]
-        if r.get("winner") != "(baseline)":
+        if r.get("verdict") != "(baseline)":
             row[f"delta % {ds}"] = r["delta_pct"]
             row[f"CI {ds}"] = f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
     datasets = list(dict.fromkeys(table["dataset"]))
@@ -99,26 +99,31 @@ def summary_table(table, quant_results: Mapping[str, Any] | None = None, mse=Non
     return df.reindex(columns=[c for c in cols if c in df.columns])
 
 
-def winners(table):
+def best_per_dataset(table):
     """Per dataset of an `evaluate.comparison_table`: the quantized method with the lowest
-    perplexity → rows (dataset, protocol, seqlen, best, ppl, delta_pct, ci_low, ci_high,
-    runner_up, runner_up_ppl) (the baseline row is left out)."""
+    perplexity → rows (dataset, protocol, seqlen, best, ppl, delta_pct, ci_low, ci_high, verdict
+    (against the table's baseline), runner_up, runner_up_ppl) (the baseline row is left out). A
+    ranking of one result per method, not a verdict between best and runner-up: those need seeds
+    (`runner.Comparison.verdicts`)."""
     import pandas as pd
 
+    from .stats import BASELINE
+
     rows = []
-    q = table[table["winner"] != "(baseline)"]
+    q = table[table["verdict"] != BASELINE]
     for ds, d in q.groupby("dataset", sort=False):
         d = d.sort_values("ppl", kind="stable")
         best = d.iloc[0]
         second = d.iloc[1] if len(d) > 1 else None
         rows.append({"dataset": ds, "protocol": best["protocol"], "seqlen": best["seqlen"], "best": best["method"],
                      "ppl": best["ppl"], "delta_pct": best["delta_pct"], "ci_low": best["ci_low"],
-                     "ci_high": best["ci_high"], "runner_up": None if second is None else second["method"],
+                     "ci_high": best["ci_high"], "verdict": best["verdict"],
+                     "runner_up": None if second is None else second["method"],
                      "runner_up_ppl": None if second is None else second["ppl"]})
     return pd.DataFrame(rows)
 
 
-def seed_claims(results, quant_results: Mapping[str, Any] | None = None, n_boot: int = 2000, seed: int = 0):
+def seed_claims(results, quant_results: Mapping[str, Any] | None = None):
     """The seeds' claims checked on this run → one row per (claim, dataset or evidence):
     claim, a, b (labels compared), dataset, value (delta % of a against b, or the evidence's
     figure), ci_low, ci_high (95%), n_seeds, unit, seed_says, verdict.
@@ -126,13 +131,13 @@ def seed_claims(results, quant_results: Mapping[str, Any] | None = None, n_boot:
     results: a `runner.Comparison` (every calibration seed; quant_results then come from it), or
     label → dataset → PerplexityResult of one run with quant_results: label → QuantResult.
 
-    Perplexity claims (delta % = exp(mean NLL_a − mean NLL_b) − 1, mean over seeds; negative: a is
-    better; the interval from the two-level bootstrap over seeds and evaluation units,
-    `evaluate.seed_bootstrap_delta`, over units alone with one seed):
+    Perplexity claims (delta % = exp(mean over seeds of mean NLL_a − mean NLL_b) − 1; negative: a
+    is better; interval and verdict from `awqnb.stats.paired_interval`, the one rule):
       heuristic vs plain: awq_sh vs awq · L2 vs L1 salience: awq(l2) vs awq(l1) ·
       dynamic heuristic vs plain: awq_dh vs awq · praq vs awq · asymmetric vs symmetric: awq vs
-      awq(symmetric). Verdict: 'held' (interval below 0), 'did not hold' (above 0), 'within
-      noise' (it holds 0), 'not run' (a side is missing: add it to the methods).
+      awq(symmetric). Verdict: 'held' (the rule says better), 'did not hold' (worse), 'within
+      noise', 'cannot separate seeds' (fewer than 3 seeds: one run per method is one of these),
+      'not run' (a side is missing: add it to the methods).
     Evidence claims: Kneedle outlier fraction of awq_dh (mean over seeds, layers and linears; the
       seed saw 0.65% on Llama-3-8B vs a fixed 5%) · ReFlip attention-score error of awq_gqa
       (1 − ΣJ_after/ΣJ_before per layer, over seeds; the seed: 14–86% better).
@@ -140,7 +145,7 @@ def seed_claims(results, quant_results: Mapping[str, Any] | None = None, n_boot:
     import numpy as np
     import pandas as pd
 
-    from .evaluate import seed_bootstrap_delta
+    from . import stats
 
     if hasattr(results, "per_seed"):  # a runner.Comparison
         comp = results
@@ -193,10 +198,11 @@ def seed_claims(results, quant_results: Mapping[str, Any] | None = None, n_boot:
             ra, rb = per_seed(a, ds), per_seed(b, ds)
             if not ra or not rb:
                 continue
-            d, lo, hi, k = seed_bootstrap_delta(ra, rb, n_boot, seed)
-            verdict = "within noise" if lo <= 0 <= hi else ("held" if hi < 0 else "did not hold")
-            rows.append({"claim": claim, "a": a, "b": b, "dataset": ds, "value": d, "ci_low": lo, "ci_high": hi,
-                         "n_seeds": k, "unit": "delta %", "seed_says": says, "verdict": verdict})
+            iv = stats.paired_interval(ra, rb)  # every claim pairs calibrated methods
+            verdict = {stats.BETTER: "held", stats.WORSE: "did not hold"}.get(iv.verdict, iv.verdict)
+            rows.append({"claim": claim, "a": a, "b": b, "dataset": ds, "value": iv.delta_pct, "ci_low": iv.ci_low,
+                         "ci_high": iv.ci_high, "n_seeds": iv.n_seeds, "unit": "delta %", "seed_says": says,
+                         "verdict": verdict})
     dh = _find_label(configs, "awq_dh", None)
     if dh is not None and dh in records:
         fr = [v for qr in records[dh] for r in qr.layers for v in (r.evidence.get("outlier_frac") or {}).values()]

@@ -5,8 +5,11 @@
   NLL)` (all windows have `seqlen − 1` predicted tokens).
 - Sample perplexity: each text scored on its own (truncated to `max_length`);
   `ppl = exp(Σ NLL / Σ predicted tokens)`.
-- Comparisons: delta % against a baseline with a paired bootstrap 95% interval over the
-  evaluation units (windows or texts), resampled with a fixed seed.
+- Comparisons (`comparison_table`: one result per method): delta % against a baseline with the
+  95% interval and verdict of `awqnb.stats` (the one home for verdicts). One result per method
+  measures the evaluation units' sampling noise only, so a method that uses calibration gets no
+  verdict there ('cannot separate seeds'); `awqnb.runner.Comparison.verdicts` judges over seeds.
+- A mean NLL beyond what a float can exponentiate (≈ 709 nats) gives ppl = inf, not an error.
 
 The logits are never materialised for a whole window: the final hidden states go through the
 output head in slices of `logit_chunk` positions (Gemma's 262k vocabulary), with the model's
@@ -20,7 +23,6 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,16 @@ class PerplexityResult:
             raise AwqnbError(f"{path} is not an `awqnb eval --json` result (missing or wrong: {', '.join(bad) or 'meta'}); "
                              "pass files written by `awqnb eval --json`.")
         return cls.from_dict(d)
+
+
+def exp_nll(mean_nll: float) -> float:
+    """Perplexity of a mean NLL: exp, or inf past the float range (a broken model's mean NLL can
+    exceed ~709 nats; math.exp would raise OverflowError)."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        log.warning("mean NLL %.4g nats is beyond exp's range: perplexity reported as inf", mean_nll)
+        return math.inf
 
 
 def check_positive(**settings: tuple) -> None:
@@ -157,7 +169,7 @@ def token_perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int = 2048,
         tot, c = _nll_sums(model, windows[i:i + batch_size].to(dev), None, logit_chunk)
         nll += (tot / c).tolist()
         cnt += c.long().tolist()
-    ppl = math.exp(sum(nll) / len(nll))
+    ppl = exp_nll(sum(nll) / len(nll))
     return PerplexityResult(dataset, "gptq-token", seqlen, ppl, nll, cnt, time.perf_counter() - t0)
 
 
@@ -191,12 +203,13 @@ def sample_perplexity(model: nn.Module, tokenizer, texts: list[str], max_length:
     keep = sorted(nll_by)
     nll = [nll_by[i] for i in keep]
     cnt = [cnt_by[i] for i in keep]
-    ppl = math.exp(sum(n * c for n, c in zip(nll, cnt)) / sum(cnt))
+    ppl = exp_nll(sum(n * c for n, c in zip(nll, cnt)) / sum(cnt))
     return PerplexityResult(dataset, "sample", max_length, ppl, nll, cnt, time.perf_counter() - t0)
 
 
 def bootstrap_delta(res: PerplexityResult, base: PerplexityResult, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Delta % of `res` against `base` and its paired bootstrap 95% interval over units."""
+    """Delta % of `res` against `base` and its paired bootstrap 95% interval over units (one
+    result each: evaluation noise only). An interval, not a verdict: verdicts are `awqnb.stats`'s."""
     if res.n_units != base.n_units or res.n_tokens != base.n_tokens:
         raise AwqnbError(f"cannot pair {res.dataset} results over different units "
                          f"({res.n_units} vs {base.n_units}); evaluate both with the same settings.")
@@ -211,70 +224,16 @@ def bootstrap_delta(res: PerplexityResult, base: PerplexityResult, n_boot: int =
     return delta, lo, hi
 
 
-def _units(res: PerplexityResult, base: PerplexityResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if res.n_units != base.n_units or res.n_tokens != base.n_tokens:
-        raise AwqnbError(f"cannot pair {res.dataset} results over different units "
-                         f"({res.n_units} vs {base.n_units}); evaluate both with the same settings.")
-    n = torch.tensor(res.n_tokens, dtype=torch.float64)
-    return torch.tensor(res.nll, dtype=torch.float64) * n, torch.tensor(base.nll, dtype=torch.float64) * n, n
-
-
-def _paired_stat(a: torch.Tensor, b: torch.Tensor, n: torch.Tensor, statistic: str) -> torch.Tensor:
-    """Over the last dim (units, token-weighted NLL sums): delta % of ppl(a) against ppl(b), or
-    ppl(a) − ppl(b)."""
-    if statistic == "delta_pct":
-        return (torch.exp((a.sum(-1) - b.sum(-1)) / n.sum(-1)) - 1) * 100
-    return torch.exp(a.sum(-1) / n.sum(-1)) - torch.exp(b.sum(-1) / n.sum(-1))
-
-
-def seed_bootstrap_delta(res: Mapping[int, PerplexityResult], base: Mapping[int, PerplexityResult],
-                         n_boot: int = 2000, seed: int = 0,
-                         statistic: str = "delta_pct") -> tuple[float, float, float, int]:
-    """Paired difference of `res` against `base` over calibration seeds and evaluation units →
-    (point, ci_low, ci_high, n_seeds).
-
-    res, base: calibration seed → PerplexityResult (the seeds both have are used; a method that
-    uses no calibration may map every seed to one result). Point: the mean over seeds of the
-    per-seed difference (`statistic` 'delta_pct': exp(mean NLL_res − mean NLL_base) − 1 in %,
-    token-weighted; 'ppl_diff': ppl_res − ppl_base). Interval: a two-level bootstrap, 95%: each
-    resample draws the seeds with replacement, then for each drawn seed the units (windows or
-    texts) with replacement, the same units for both sides (the pairing is kept), and averages
-    the per-seed differences. With one seed it is the paired bootstrap over units alone: it
-    carries evaluation noise only, not calibration noise."""
-    if statistic not in ("delta_pct", "ppl_diff"):
-        raise AwqnbError(f"statistic={statistic!r} is unknown; use 'delta_pct' or 'ppl_diff'.")
-    check_positive(n_boot=(n_boot, 1))
-    seeds = sorted(set(res) & set(base))
-    if not seeds:
-        raise AwqnbError(f"no calibration seed in common to pair (got {sorted(res)} and {sorted(base)}).")
-    data = [_units(res[s], base[s]) for s in seeds]
-    point = float(torch.stack([_paired_stat(a, b, n, statistic) for a, b, n in data]).mean())
-    g = torch.Generator().manual_seed(seed)
-    k = len(seeds)
-    pick = torch.randint(0, k, (n_boot, k), generator=g)  # seeds drawn per resample and slot
-    stats = torch.zeros(n_boot, dtype=torch.float64)
-    for j in range(k):  # slot j: its own window draw for whichever seed it picked (repeats stay independent)
-        for si, (a, b, n) in enumerate(data):
-            rows = (pick[:, j] == si).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            idx = torch.randint(0, len(n), (rows.numel(), len(n)), generator=g)
-            stats[rows] += _paired_stat(a[idx], b[idx], n[idx], statistic)
-    stats /= k
-    lo, hi = torch.quantile(stats, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return point, lo, hi, k
-
-
-def verdict_word(lo: float, hi: float) -> str:
-    """'better' (the interval of a lower-is-better difference lies below 0), 'worse' (above 0) or
-    'within noise' (it holds 0)."""
-    return "better" if hi < 0 else ("worse" if lo > 0 else "within noise")
-
-
-def comparison_table(results: dict[str, dict[str, PerplexityResult]], baseline: str, n_boot: int = 2000, seed: int = 0):
-    """One row per (method, dataset): ppl, delta % against `baseline` with a bootstrap 95% CI,
-    and the winner of the pair ('baseline' / the method / 'tie' when the interval holds 0)."""
+def comparison_table(results: dict[str, dict[str, PerplexityResult]], baseline: str):
+    """One row per (method, dataset) of one result per method: ppl, delta % against `baseline`
+    with its 95% interval, the verdict and what the interval carries (`awqnb.stats`). One result
+    per method measures the evaluation units' sampling only: where either side used calibration
+    data the verdict is 'cannot separate seeds' (judge those over seeds with
+    `runner.Comparison.verdicts`); fp against rtn (no calibration on either side) is judged. The
+    baseline's own row has verdict '(baseline)'."""
     import pandas as pd
+
+    from . import stats
 
     if baseline not in results:
         raise AwqnbError(f"baseline {baseline!r} is not among the results ({', '.join(results)}).")
@@ -282,16 +241,17 @@ def comparison_table(results: dict[str, dict[str, PerplexityResult]], baseline: 
     for name, per_ds in results.items():
         for ds, r in per_ds.items():
             row = {"method": name, "dataset": ds, "protocol": r.protocol, "seqlen": r.seqlen, "units": r.n_units,
-                   "ppl": r.ppl, "delta_pct": 0.0, "ci_low": 0.0, "ci_high": 0.0, "winner": ""}
+                   "ppl": r.ppl, "delta_pct": 0.0, "ci_low": 0.0, "ci_high": 0.0, "verdict": "", "noise": ""}
             for k in ("model", "bits", "group_size", "calibration"):
                 if k in r.meta:
                     row[k] = r.meta[k] if not isinstance(r.meta[k], dict) else r.meta[k].get("dataset")
             b = results[baseline].get(ds)
             if name != baseline and b is not None:
-                d, lo, hi = bootstrap_delta(r, b, n_boot, seed)
-                row.update(delta_pct=d, ci_low=lo, ci_high=hi,
-                           winner="tie" if lo <= 0 <= hi else (name if d < 0 else baseline))
+                iv = stats.paired_interval({0: r}, {0: b},
+                                           calibrated=stats.uses_calibration(r) or stats.uses_calibration(b))
+                row.update(delta_pct=iv.delta_pct, ci_low=iv.ci_low, ci_high=iv.ci_high, verdict=iv.verdict,
+                           noise=iv.noise)
             elif name == baseline:
-                row["winner"] = "(baseline)"
+                row["verdict"] = stats.BASELINE
             rows.append(row)
     return pd.DataFrame(rows)

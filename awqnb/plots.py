@@ -2,7 +2,7 @@
 function selects, reshapes and draws columns that are already there.
 
 - `perplexity_bar(table)`: `awqnb.evaluate.comparison_table` output (method, dataset, protocol,
-  seqlen, ppl, delta_pct, ci_low, ci_high, winner; model/bits/group_size when known).
+  seqlen, ppl, delta_pct, ci_low, ci_high, verdict; model/bits/group_size when known).
 - `alpha_curves(curves)`, `alpha_map(curves)`: `QuantResult.curves()` output (layer, group, alpha,
   loss, best_alpha, loss_rel_rtn), one method at a time; optional constant columns model, method,
   bits, group_size name the run in the title.
@@ -126,11 +126,11 @@ def perplexity_bar(table, meta: Mapping | None = None, title: str | None = None)
         for _, r in sub.iterrows():
             label = f"{r['ppl']:.2f}"
             extra = ""
-            if has_ci and r.get("winner") != "(baseline)":
+            if has_ci and r.get("verdict") != "(baseline)":
                 label += f" ({r['delta_pct']:+.1f}%)"
                 extra = f"<br>Δ {r['delta_pct']:+.2f}% [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
-            if "winner" in sub.columns and r["winner"]:
-                extra += f"<br>winner: {r['winner']}"
+            if "verdict" in sub.columns and r["verdict"]:
+                extra += f"<br>verdict: {r['verdict']}"
             text.append(label)
             hover.append(f"{r['method']}<br>ppl {r['ppl']:.4f}{extra}")
         protocol = _one(sub, "protocol")

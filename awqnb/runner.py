@@ -11,9 +11,10 @@ skipped with the reason, and the others still run.
 
 The `Comparison` it returns is tidy: `frame()` has one row per (label, seed, dataset) with the
 per-unit NLLs; `summary()` the mean and spread over seeds; `verdicts(baseline)` each method's paired
-difference against a baseline with a 95% interval from a two-level bootstrap (seeds, then units
-within a seed: `evaluate.seed_bootstrap_delta`) and a verdict word; `to_json`/`read` round-trip it
-(no pickle) with its provenance.
+difference against a baseline with its 95% interval and verdict from `awqnb.stats` (a t interval
+over the seeds' paired differences combined with the windows' shared sampling noise; 'cannot
+separate seeds' with fewer than 3 seeds); `to_json`/`read` round-trip it (no pickle) with its
+provenance.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from torch import nn
 from .config import MethodConfig, QuantConfig, SearchConfig
 from .errors import AwqnbError
 from .files import read_json
-from .evaluate import PerplexityResult, sample_perplexity, seed_bootstrap_delta, token_perplexity, verdict_word
+from .evaluate import PerplexityResult, sample_perplexity, token_perplexity
 from .progress import tqdm
 
 log = logging.getLogger(__name__)
@@ -346,17 +347,22 @@ class Comparison:
                          "shared": bool(d["shared"].iloc[0])})
         return pd.DataFrame(rows)
 
-    def verdicts(self, baseline: str, n_boot: int = 2000, seed: int = 0, labels: Iterable[str] | None = None):
-        """Each label (but the baseline) against `baseline`, per dataset: delta_pct (mean over seeds
-        of exp(mean NLL − mean NLL_baseline) − 1, in %; negative: better than the baseline),
-        ci_low, ci_high (95%, two-level bootstrap over seeds and units), n_seeds, noise (what the
-        interval carries) and verdict: 'better' / 'worse' / 'within noise'."""
+    def verdicts(self, baseline: str, labels: Iterable[str] | None = None):
+        """Each label (but the baseline) against `baseline`, per dataset (`awqnb.stats`): delta_pct
+        (100 (exp(mean over seeds of log(ppl / ppl_baseline)) − 1); negative: better than the
+        baseline), ci_low, ci_high (95%: the seeds' t interval combined with the windows' shared
+        sampling noise), n_seeds, verdict ('better' / 'worse' / 'within noise', or 'cannot separate
+        seeds' with fewer than 3 seeds where a side uses calibration) and noise (what the interval
+        carries)."""
         import pandas as pd
+
+        from . import stats
 
         if baseline not in self.labels:
             raise AwqnbError(f"baseline {baseline!r} is not among the labels ({', '.join(self.labels)}).")
         if baseline in self.skipped:
             raise AwqnbError(f"baseline {baseline!r} did not run ({self.skipped[baseline]}); choose another.")
+        shared = {r.label for r in self.runs if r.shared}
         rows = []
         for label in (labels or self.labels):
             if label == baseline or label in self.skipped:
@@ -365,29 +371,25 @@ class Comparison:
                 a, b = self.per_seed(label, ds), self.per_seed(baseline, ds)
                 if not a or not b:
                     continue
-                if {label, baseline} <= {r.label for r in self.runs if r.shared}:  # one run each: no seed level
-                    s0 = min(set(a) & set(b))
-                    a, b = {s0: a[s0]}, {s0: b[s0]}
-                d, lo, hi, k = seed_bootstrap_delta(a, b, n_boot, seed)
-                rows.append({"label": label, "baseline": baseline, "dataset": ds, "delta_pct": d, "ci_low": lo,
-                             "ci_high": hi, "n_seeds": k, "verdict": verdict_word(lo, hi),
-                             "noise": self._noise(label, baseline, k)})
+                iv = stats.paired_interval(a, b, calibrated=not {label, baseline} <= shared)
+                rows.append({"label": label, "baseline": baseline, "dataset": ds, "delta_pct": iv.delta_pct,
+                             "ci_low": iv.ci_low, "ci_high": iv.ci_high, "n_seeds": iv.n_seeds,
+                             "verdict": iv.verdict, "noise": iv.noise})
         return pd.DataFrame(rows, columns=["label", "baseline", "dataset", "delta_pct", "ci_low", "ci_high", "n_seeds",
                                            "verdict", "noise"])
 
-    def _noise(self, a: str, b: str, k: int) -> str:
-        shared = {r.label for r in self.runs if r.shared}
-        if a in shared and b in shared:
-            return "evaluation units only (neither side uses calibration)"
-        if k == 1:
-            return "evaluation units only (one calibration seed: calibration noise not measured)"
-        return f"{k} calibration seeds × evaluation units"
+    def seeds_note(self) -> str:
+        """What this comparison's number of seeds can and cannot show (`stats.seeds_note`)."""
+        from . import stats
 
-    def claims(self, n_boot: int = 2000, seed: int = 0):
+        calibrated = [r.seed for r in self.runs if not r.shared and r.status == "ok"]
+        return stats.seeds_note(len(set(calibrated)) or len(self.seeds))
+
+    def claims(self):
         """`compare.seed_claims` on this comparison (every seed)."""
         from .compare import seed_claims
 
-        return seed_claims(self, None, n_boot=n_boot, seed=seed)
+        return seed_claims(self, None)
 
     def configs(self) -> dict[str, MethodConfig]:
         """label → MethodConfig of the awqnb methods (first seed's)."""

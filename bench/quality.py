@@ -1,12 +1,14 @@
 """Quality, wall time and peak memory of quantization methods on one model, over calibration seeds.
 
 One call of `awqnb.runner.run_comparison` per group size: for each calibration seed (`--seeds`,
-or `--seed` for one) and method, a fresh exact copy of the FP model (deep copy, buffers included)
+default five: 42…46; `--seed` for one) and method, a fresh exact copy of the FP model (deep copy, buffers included)
 is quantized (timed; peak GPU memory from torch.cuda.max_memory_allocated, reset per run) and
 evaluated (cast to `--eval-dtype` on a GPU); methods that use no calibration (fp, rtn) run once.
-Every method is compared with `--baseline`: the mean over seeds of delta %, a 95% interval from a
-two-level bootstrap (seeds, then windows/texts within a seed, paired) and a verdict (better /
-worse / within noise). Writes `comparison_g<G>.json` (the tidy result with provenance and every
+Every method is compared with `--baseline` by `awqnb.stats` (the one verdict rule): delta % of the
+mean over seeds of log(ppl / baseline ppl), a 95% interval combining a t interval over the seeds'
+paired differences with the windows' shared sampling noise, and a verdict (better / worse / within
+noise; 'cannot separate seeds' with fewer than 3 seeds). Five seeds by default: with three the
+seed term's t quantile is 4.30 and only differences of about 3 seed sd are resolved. Writes `comparison_g<G>.json` (the tidy result with provenance and every
 per-unit NLL), `results.json` (every evaluation, the format bench/seed_noise.py reads),
 `metadata.json` (each awqnb quantization's α per layer, evidence, timings), `summary.csv` and
 `summary.md` (mean ± sd over seeds per method and dataset, verdicts); rewritten after every run.
@@ -22,8 +24,8 @@ A run that does not fit one call can be split (by methods or by seeds, same othe
 the pieces merged: `--merge dirA,dirB --out dirAB [--baseline X]` reads their comparison JSON files
 and writes the combined tables (verdicts then pair methods of different pieces).
 
-Example (issue 15, SmolLM2 g64, three calibration seeds; see bench/README.md for the figures):
-  python bench/quality.py --model smollm2-135m --group-sizes 64 --seeds 42,43,44 --datasets wikitext2 \
+Example (issue 15, SmolLM2 g64, five calibration seeds (the default); see bench/README.md):
+  python bench/quality.py --model smollm2-135m --group-sizes 64 --datasets wikitext2 \
       --methods fp,rtn,awq,awq_ref,awq_sh,awq_dh,awq_js,awq_gqa,praq,gptq,awq_gptq,llmc_awq,llmc_gptq \
       --baseline awq --device cuda:0 --out bench/results/issue15_smollm2_g64
 """
@@ -43,12 +45,14 @@ from awqnb.errors import AwqnbError
 from awqnb.models import load_model, resolve_device, versions
 from awqnb.reference import is_reference
 from awqnb.runner import CalibSpec, MethodSpec, check_seeds, eval_sets, run_comparison
+from awqnb.stats import seeds_note
 
 PRESETS = {
     "awq": ("awq", dict(salience="l2", propagate="quantized")),
     "awq_ref": ("awq", dict(salience="l1", duo_scaling=True, clip=True, propagate="fp")),
 }
 RUN_KEYS = ("n_calib", "calib_seqlen", "calib_dataset")
+DEFAULT_SEEDS = "42,43,44,45,46"  # five: where the bench makes claims (issue 25)
 
 
 def parse_spec(spec: str) -> tuple[str, str, dict, dict, dict]:
@@ -107,9 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-dtype", default="bfloat16", help="dtype the quantized model is evaluated in on GPU")
     p.add_argument("--load-dtype", default="auto", help="storage dtype of the model (auto: the checkpoint's own)")
     p.add_argument("--dtype", default="auto", help="awqnb compute dtype of the search (auto: the model's own)")
-    p.add_argument("--seeds", default=None, help="calibration seeds, comma-separated (e.g. 42,43,44); overrides --seed")
-    p.add_argument("--seed", type=int, default=42, help="one calibration seed (when --seeds is not given)")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of each interval")
+    p.add_argument("--seeds", default=None,
+                   help=f"calibration seeds, comma-separated (default {DEFAULT_SEEDS}; overrides --seed)")
+    p.add_argument("--seed", type=int, default=None, help="one calibration seed instead of --seeds' default five")
     p.add_argument("--calib-batch-size", type=int, default=None,
                    help="calibration samples per forward (default 64 on GPU, 16 on CPU)")
     p.add_argument("--out", default="bench/results/quality")
@@ -169,7 +173,7 @@ def _run(args) -> int:
         except ValueError as e:
             raise AwqnbError(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 42,43,44.") from e
     else:
-        args.seeds = [args.seed]
+        args.seeds = [args.seed] if args.seed is not None else [int(x) for x in DEFAULT_SEEDS.split(",")]
     args.seeds = list(check_seeds(args.seeds))
     dev = resolve_device(args.device)
     eval_dtype = getattr(torch, args.eval_dtype) if dev.type == "cuda" else None
@@ -228,7 +232,7 @@ def write_outputs(out: Path, args, dev, eval_dtype, labels, baseline, done: dict
             summaries.append(s)
         ok = {r.label for r in comp.runs if r.status == "ok"}
         if baseline in ok and len(ok) > 1:
-            v = comp.verdicts(baseline, n_boot=args.n_boot)
+            v = comp.verdicts(baseline)
             v.insert(0, "group_size", g)
             verdicts.append(v)
         for r in comp.runs:
@@ -259,10 +263,8 @@ def write_outputs(out: Path, args, dev, eval_dtype, labels, baseline, done: dict
           f"(token ppl) / max length {args.seqlen} (sample ppl, {args.n_samples} texts), device {dev}, eval dtype "
           f"{eval_dtype or 'the model’s'}. ppl: mean ± sd over {n} calibration seed{'s' if n > 1 else ''} "
           "(fp and rtn use no calibration: one run); delta % vs "
-          f"{baseline}: mean over seeds, 95% CI from a two-level bootstrap "
-          + ("(seeds, then windows/texts within a seed, paired)" if n > 1 else
-             "over windows/texts only (ONE seed: calibration noise not measured)")
-          + ("" if final else " (INCOMPLETE: run cut off)"), ""]
+          f"{baseline}: 100 (exp(mean over seeds of log ppl ratio) − 1), 95% CI and verdict by awqnb.stats. "
+          + seeds_note(n) + ("" if final else " (INCOMPLETE: run cut off)"), ""]
     md += ["| group | method | dataset | ppl mean ± sd | per seed | quantize s | peak GB | "
            f"delta % vs {baseline} [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary.to_dict("records"):
@@ -287,20 +289,21 @@ def seeds_ran(args, done: dict) -> list[int]:
 
 
 def verdicts_md(args, baseline, done: dict) -> str:
-    """Every method against `baseline` and each --also-vs baseline that ran (two-level bootstrap)."""
+    """Every method against `baseline` and each --also-vs baseline that ran (`awqnb.stats`)."""
     bases = list(dict.fromkeys([baseline] + [b for b in args.also_vs.split(",") if b]))
     ran = seeds_ran(args, done)
     n = len(ran)
     md = [f"# {args.model} W{args.bits}, seeds {'/'.join(map(str, ran))}: every method against each baseline",
-          "delta % = mean over seeds of (ppl / baseline ppl − 1); 95% CI from the two-level bootstrap (seeds, then "
-          f"windows/texts within a seed, paired), {args.n_boot} resamples" + ("" if n > 1 else " (ONE seed)")]
+          "delta % = 100 (exp(mean over seeds of log(ppl / baseline ppl)) − 1); 95% CI and verdict by awqnb.stats "
+          "(t interval over the seeds' paired differences combined with the windows' shared sampling noise). "
+          + seeds_note(n)]
     for g, comp in done.items():
         ok = {r.label for r in comp.runs if r.status == "ok"}
         for b in bases:
             if b not in ok:
                 md += ["", f"## g{g} vs {b}: did not run"]
                 continue
-            v = comp.verdicts(b, n_boot=args.n_boot)
+            v = comp.verdicts(b)
             md += ["", f"## g{g} vs {b}", "", "| method | dataset | delta % | 95% CI | seeds | verdict |",
                    "|---|---|---|---|---|---|"]
             md += [f"| {r['label']} | {r['dataset']} | {r['delta_pct']:+.2f} | [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] | "

@@ -2,10 +2,10 @@
 
 Reads `bench/quality.py` output directories named `<setting>_<seed>` (their results.json holds
 each evaluation's per-window NLL) and reports, per method and setting, the perplexity per seed,
-its mean and spread over seeds, and for setting B against setting A the paired difference with a
-95% interval from a two-level bootstrap (`awqnb.evaluate.seed_bootstrap_delta`: resample seeds,
-then windows within each, the same windows for both settings, so the pairing is kept). A
-difference counts only when the interval excludes 0.
+its mean and spread over seeds, and for setting B against setting A the paired difference (delta %)
+with its 95% interval and verdict from `awqnb.stats` (the one verdict rule: a t interval over the
+seeds' paired differences combined with the windows' shared sampling noise; fewer than 3 seeds
+give no verdict).
 
   python bench/seed_noise.py /tmp/q --a fp32 --b bf16 --out bench/results/h200/dtype_noise.md
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from awqnb.evaluate import PerplexityResult, seed_bootstrap_delta
+from awqnb.evaluate import PerplexityResult
+from awqnb.stats import paired_interval
 
 
 def load(root: Path) -> dict:
@@ -35,10 +36,6 @@ def load(root: Path) -> dict:
     return out
 
 
-def paired_bootstrap(a: dict, b: dict, n_boot: int, seed: int = 0) -> tuple[float, float, float]:
-    """Mean over seeds of ppl(b) − ppl(a), with a seeds × windows bootstrap 95% interval."""
-    point, lo, hi, _ = seed_bootstrap_delta(b, a, n_boot, seed, statistic="ppl_diff")
-    return point, lo, hi
 
 
 def main(argv=None) -> int:
@@ -46,12 +43,11 @@ def main(argv=None) -> int:
     p.add_argument("root")
     p.add_argument("--a", required=True, help="reference setting (directory prefix)")
     p.add_argument("--b", required=True, help="setting compared with it")
-    p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     data = load(Path(args.root))
     methods = sorted({m for _, m in data})
-    lines = [f"| method | setting | ppl per seed | mean ± sd over seeds | {args.b} − {args.a} (95% CI, seeds × windows) |",
+    lines = [f"| method | setting | ppl per seed | mean ± sd over seeds | {args.b} vs {args.a}, delta % (95% CI, awqnb.stats) |",
              "|---|---|---|---|---|"]
     for m in methods:
         for setting in (args.a, args.b):
@@ -60,9 +56,8 @@ def main(argv=None) -> int:
             per = " / ".join(f"{v:.3f}" for v in vals)
             diff = ""
             if setting == args.b and (args.a, m) in data:
-                d, lo, hi = paired_bootstrap(data[(args.a, m)], runs, args.n_boot)
-                verdict = "within noise" if lo <= 0 <= hi else ("higher" if lo > 0 else "lower")
-                diff = f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}"
+                iv = paired_interval(runs, data[(args.a, m)])
+                diff = f"{iv.delta_pct:+.2f} [{iv.ci_low:+.2f}, {iv.ci_high:+.2f}] {iv.verdict}"
             lines.append(f"| {m} | {setting} | {per} (seeds {sorted(runs)}) | {np.mean(vals):.3f} ± "
                          f"{np.std(vals, ddof=1) if len(vals) > 1 else float('nan'):.3f} | {diff} |")
     text = "\n".join(lines) + "\n"

@@ -261,12 +261,15 @@ def test_seed_claims_pairs_labels_by_config_and_gives_verdicts():
                "awq_sh": {"wikitext2": _ppl([v - 0.05 for v in base])},  # better on every window
                "praq": {"wikitext2": _ppl([v + 0.05 for v in base])},  # worse on every window
                "awq_l1": {"wikitext2": _ppl([v + (0.01 if i % 2 else -0.01) for i, v in enumerate(base)])}}
-    claims = compare.seed_claims(results, qr, n_boot=200).set_index("claim")
-    assert claims.loc["heuristic rounding beats plain AWQ", "verdict"] == "held"
+    claims = compare.seed_claims(results, qr).set_index("claim")
+    # one run per method: the calibration seed cannot be told from the method (awqnb.stats), however
+    # clear the windows are; the seeds' verdicts (held / did not hold) are tested in test_runner
+    assert claims.loc["heuristic rounding beats plain AWQ", "verdict"] == "cannot separate seeds"
     assert claims.loc["heuristic rounding beats plain AWQ", "value"] == pytest.approx((math.exp(-0.05) - 1) * 100)
-    assert claims.loc["praq beats AWQ", "verdict"] == "did not hold"
+    assert claims.loc["praq beats AWQ", "verdict"] == "cannot separate seeds"
+    assert claims.loc["praq beats AWQ", "ci_low"] > 0
     l2 = claims.loc["L2 salience beats L1"]
-    assert (l2["a"], l2["b"], l2["verdict"]) == ("awq", "awq_l1", "within noise")
+    assert (l2["a"], l2["b"], l2["verdict"]) == ("awq", "awq_l1", "cannot separate seeds") and l2["ci_low"] < 0
     for c in ("dynamic heuristic beats plain AWQ", "asymmetric beats symmetric", "Kneedle outlier fraction",
               "ReFlip attention-score error"):
         assert claims.loc[c, "verdict"] == "not run"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from awqnb import stats
 from awqnb.evaluate import PerplexityResult, bootstrap_delta, comparison_table, sample_perplexity, token_perplexity
 from awqnb.errors import AwqnbError
 from awqnb.models import load_model
@@ -49,10 +50,10 @@ def test_sample_perplexity_matches_per_text_loss(tiny):
     assert r.ppl == pytest.approx(math.exp(tot / n), rel=1e-4)
 
 
-def _res(nll, n=None, ds="wikitext2"):
+def _res(nll, n=None, ds="wikitext2", method=None):
     n = n or [10] * len(nll)
     ppl = math.exp(sum(a * b for a, b in zip(nll, n)) / sum(n))
-    return PerplexityResult(ds, "gptq-token", 2048, ppl, list(nll), list(n))
+    return PerplexityResult(ds, "gptq-token", 2048, ppl, list(nll), list(n), meta={"method": method} if method else {})
 
 
 def test_bootstrap_is_paired_and_covers_the_delta():
@@ -70,17 +71,75 @@ def test_bootstrap_is_paired_and_covers_the_delta():
         bootstrap_delta(_res([1.0, 2.0]), base)
 
 
-def test_comparison_table_winner():
-    base = _res([2.0, 3.0, 2.5, 4.0])
-    t = comparison_table({"rtn": {"wikitext2": base}, "awq": {"wikitext2": _res([x - 0.1 for x in base.nll])},
-                          "bad": {"wikitext2": _res([x + 0.1 for x in base.nll])}}, baseline="rtn")
-    w = dict(zip(t.method, t.winner))
-    assert w == {"rtn": "(baseline)", "awq": "awq", "bad": "rtn"}
-    assert (t.set_index("method").delta_pct["awq"]) < 0
+def test_comparison_table_verdicts_of_one_run_per_method():
+    """One result per method: fp against rtn (no calibration on either side) is judged on the windows;
+    anything calibrated (awq) or unknown gets 'cannot separate seeds', however large the difference."""
+    base = _res([2.0, 3.0, 2.5, 4.0], method="rtn")
+    t = comparison_table({"rtn": {"wikitext2": base},
+                          "fp": {"wikitext2": _res([x - 0.1 for x in base.nll], method="fp")},
+                          "worse_fp": {"wikitext2": _res([x + 0.1 for x in base.nll], method="fp")},
+                          "awq": {"wikitext2": _res([x - 0.3 for x in base.nll], method="awq")},
+                          "unknown": {"wikitext2": _res([x - 0.3 for x in base.nll])}}, baseline="rtn")
+    v = dict(zip(t.method, t.verdict))
+    assert v == {"rtn": "(baseline)", "fp": "better", "worse_fp": "worse", "awq": "cannot separate seeds",
+                 "unknown": "cannot separate seeds"}
+    assert set(v.values()) <= set(stats.VERDICTS) | {stats.BASELINE}
+    rows = t.set_index("method")
+    assert rows.delta_pct["fp"] < 0 and rows.delta_pct["awq"] == pytest.approx((math.exp(-0.3) - 1) * 100)
+    assert "neither side uses calibration" in rows.noise["fp"] and "ONE calibration seed" in rows.noise["awq"]
     with pytest.raises(AwqnbError, match="baseline"):
         comparison_table({"a": {}}, baseline="b")
     r = _res([1.0])
     assert PerplexityResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_perplexity_past_the_float_range_is_inf(tmp_path, capsys, caplog):
+    """A model whose mean NLL exceeds ~709 nats: `awqnb eval` reports ppl inf (math.exp would raise
+    OverflowError), and the result file still reads back and compares."""
+    from awqnb.cli import main
+    from awqnb.evaluate import exp_nll
+
+    assert exp_nll(709.0) == pytest.approx(math.exp(709.0)) and exp_nll(710.0) == math.inf
+    model, tok = load_model("tiny-random-llama")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(1e5)  # logits in the 1e4–1e5 range: NLL far past 709
+    d = tmp_path / "broken"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    with caplog.at_level("WARNING", logger="awqnb.evaluate"):
+        assert main(["eval", "--model", str(d), "--seqlen", "32", "--max-windows", "2", "--json",
+                     str(tmp_path / "broken.json")]) == 0
+    out = capsys.readouterr().out
+    assert "units=2: inf" in out and any("inf" in r.message for r in caplog.records)
+    r = PerplexityResult.read(tmp_path / "broken.json")
+    assert r.ppl == math.inf and min(r.nll) > 709 and all(math.isfinite(x) for x in r.nll)
+    t = comparison_table({"broken": {r.dataset: r}, "copy": {r.dataset: r}}, baseline="broken")
+    assert t.set_index("method").delta_pct["copy"] == 0.0
+
+
+def test_compare_baseline_by_bare_method_name(tmp_path, capsys):
+    """`awqnb compare rtn.json awq.json --baseline rtn`: names are method:stem; a bare method (or
+    stem) that matches one result is that result; one matching several is refused, naming them."""
+    from awqnb.cli import main
+
+    base = [2.0, 3.0, 2.5, 4.0, 3.5, 2.2]
+    for name, method, shift in (("rtn", "rtn", 0.0), ("awq", "awq", -0.1), ("awq2", "awq", -0.2)):
+        _res([x + shift for x in base], method=method).to_json(tmp_path / f"{name}.json")
+    assert main(["compare", str(tmp_path / "awq.json"), str(tmp_path / "rtn.json"), "--baseline", "rtn"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith(("rtn:", "awq:"))}
+    assert "(baseline)" in lines["rtn:rtn"] and "cannot separate seeds" in lines["awq:awq"]
+    assert "evaluation windows' sampling noise only" in out and "Calibration-seed noise is not measured" in out
+    assert main(["compare", str(tmp_path / "awq.json"), str(tmp_path / "rtn.json"), "--baseline", "rtn:rtn"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "awq.json"), str(tmp_path / "awq2.json"), str(tmp_path / "rtn.json"),
+                 "--baseline", "awq2"]) == 0  # a file stem names one result too
+    assert "(baseline)" in next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("awq:awq2"))
+    assert main(["compare", str(tmp_path / "awq.json"), str(tmp_path / "awq2.json"), "--baseline", "awq"]) == 2
+    err = capsys.readouterr().err
+    assert "matches several results ['awq:awq', 'awq:awq2']" in err
+    assert main(["compare", str(tmp_path / "awq.json"), str(tmp_path / "rtn.json"), "--baseline", "gptq"]) == 2
+    assert "is not one of ['awq:awq', 'rtn:rtn']" in capsys.readouterr().err
 
 
 def _cli(*args, cwd):
@@ -109,6 +168,7 @@ def test_cli_quantize_eval_compare(tmp_path):
     p = _cli("compare", str(tmp_path / "rtn.json"), str(tmp_path / "awq.json"), "--csv", str(tmp_path / "c.csv"), cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "delta_pct" in p.stdout and (tmp_path / "c.csv").is_file()
+    assert "cannot separate seeds" in p.stdout and "Calibration-seed noise is not measured" in p.stdout
 
 
 @pytest.mark.parametrize("args,msg", [

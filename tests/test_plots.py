@@ -24,13 +24,13 @@ def _curves(layers=(0, 1), groups=("qkv", "down"), **const):
 def _table():
     return pd.DataFrame([
         {"method": "fp", "dataset": "wikitext2", "protocol": "gptq-token", "seqlen": 2048, "ppl": 20.0,
-         "delta_pct": 0.0, "ci_low": 0.0, "ci_high": 0.0, "winner": "(baseline)", "model": "m", "bits": np.nan,
+         "delta_pct": 0.0, "ci_low": 0.0, "ci_high": 0.0, "verdict": "(baseline)", "model": "m", "bits": np.nan,
          "group_size": np.nan},
         {"method": "rtn", "dataset": "wikitext2", "protocol": "gptq-token", "seqlen": 2048, "ppl": 25.0,
-         "delta_pct": 25.0, "ci_low": 20.0, "ci_high": 30.0, "winner": "fp", "model": "m", "bits": 4,
+         "delta_pct": 25.0, "ci_low": 20.0, "ci_high": 30.0, "verdict": "worse", "model": "m", "bits": 4,
          "group_size": 128},
         {"method": "awq", "dataset": "wikitext2", "protocol": "gptq-token", "seqlen": 2048, "ppl": 22.0,
-         "delta_pct": 10.0, "ci_low": 8.0, "ci_high": 12.0, "winner": "fp", "model": "m", "bits": 4,
+         "delta_pct": 10.0, "ci_low": 8.0, "ci_high": 12.0, "verdict": "cannot separate seeds", "model": "m", "bits": 4,
          "group_size": 128},
     ])
 

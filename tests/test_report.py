@@ -54,7 +54,7 @@ def test_metrics_json_has_every_number_with_its_context(batch):
         assert r["dataset"] == "wikitext2" and r["protocol"] == "gptq-token" and r["seqlen"] == 64
         assert r["n_units"] == 2
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1
-    assert rows["fp"]["bits"] is None and rows["fp"]["winner"] == "(baseline)"
+    assert rows["fp"]["bits"] is None and rows["fp"]["verdict"] == "(baseline)"
     for label in ("rtn", "awq"):
         assert rows[label]["bits"] == 4 and rows[label]["group_size"] == 128
         assert rows[label]["ci_low"] <= rows[label]["delta_pct"] <= rows[label]["ci_high"]

@@ -1,5 +1,5 @@
 """The comparison runner (awqnb.runner) on tiny random models: tidy shape over methods × seeds,
-fresh exact copies per method, the two-level bootstrap's verdicts, seeds < 1, the reference methods
+fresh exact copies per method, the verdicts of awqnb.stats over seeds, seeds < 1, the reference methods
 refused without llm-compressor, JSON round trip; bench/quality.py on the runner."""
 import copy
 import importlib.util
@@ -15,7 +15,8 @@ from awqnb import runner
 from awqnb.config import QuantConfig, SearchConfig
 from awqnb.data import Calibration
 from awqnb.errors import AwqnbError
-from awqnb.evaluate import PerplexityResult, seed_bootstrap_delta, verdict_word
+from awqnb import stats
+from awqnb.evaluate import PerplexityResult
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = QuantConfig(bits=4, group_size=32)
@@ -78,9 +79,10 @@ def test_tidy_shape_two_methods_two_seeds(comp):
     assert row.ppl_sd == pytest.approx(abs(aw[1] - aw[2]) / math.sqrt(2))
     assert s.loc[("rtn", "toks")].ppl_sd == 0
     assert "1: " in row.per_seed and "2: " in row.per_seed
-    v = comp.verdicts("rtn", n_boot=200)
+    v = comp.verdicts("rtn")
     assert set(zip(v.label, v.dataset)) == {("awq", "toks"), ("awq", "texts")}
-    assert (v.n_seeds == 2).all() and v.verdict.isin(["better", "worse", "within noise"]).all()
+    assert (v.n_seeds == 2).all() and (v.verdict == "cannot separate seeds").all()  # 2 seeds: no verdict
+    assert v.noise.str.contains("fewer than 3 seeds").all()
     assert ((v.ci_low <= v.delta_pct) & (v.delta_pct <= v.ci_high)).all()
     assert set(comp.mse.method) == {"rtn", "awq"} and set(comp.mse.seed) == {1}
     assert set(comp.quant_results) == {("rtn", 1), ("awq", 1), ("awq", 2)}
@@ -98,7 +100,7 @@ def test_json_round_trip_keeps_provenance_and_units(comp, tmp_path):
     back = runner.Comparison.read(p)
     assert back.frame().drop(columns=["nll", "n_tokens"]).equals(comp.frame().drop(columns=["nll", "n_tokens"]))
     assert back.per_seed("awq", "toks")[2].nll == comp.per_seed("awq", "toks")[2].nll
-    assert back.verdicts("rtn", n_boot=100).equals(comp.verdicts("rtn", n_boot=100))
+    assert back.verdicts("rtn").equals(comp.verdicts("rtn"))
     with pytest.raises(AwqnbError, match="not an awqnb comparison"):
         runner.Comparison.from_dict({"format": "x"})
 
@@ -139,26 +141,59 @@ def _res(nll, ds="w"):
     return PerplexityResult(ds, "gptq-token", 64, math.exp(sum(nll) / len(nll)), list(nll), [63] * len(nll))
 
 
-def test_two_level_bootstrap_verdicts():
+def _seeds(shifts, base_nll, ds="w"):
+    return {s: _res([v + off for v in base_nll], ds) for s, off in shifts.items()}
+
+
+def test_verdicts_over_seeds_follow_the_rule():
     g = torch.Generator().manual_seed(0)
     base = {s: _res((3 + 0.1 * torch.randn(30, generator=g)).tolist()) for s in (1, 2, 3)}
-    d, lo, hi, k = seed_bootstrap_delta(base, base, 500)
-    assert (d, k) == (0.0, 3) and lo <= 0 <= hi and verdict_word(lo, hi) == "within noise"
+    iv = stats.paired_interval(base, base)
+    assert (iv.delta_pct, iv.n_seeds, iv.verdict) == (0.0, 3, "within noise") and iv.ci_low == iv.ci_high == 0
     shifted = {s: _res([v - 0.05 for v in r.nll]) for s, r in base.items()}
-    d, lo, hi, _ = seed_bootstrap_delta(shifted, base, 500)
-    assert d == pytest.approx((math.exp(-0.05) - 1) * 100) and hi < 0 and verdict_word(lo, hi) == "better"
-    assert verdict_word(*seed_bootstrap_delta(base, shifted, 500)[1:3]) == "worse"
-    # seed noise: each seed shifted by a different amount, mean 0 → the seed level keeps it within noise,
-    # although every single seed's window bootstrap is far from 0
-    spread = {s: _res([v + off for v in base[s].nll]) for s, off in zip((1, 2, 3), (-0.2, 0.0, 0.2))}
-    d, lo, hi, _ = seed_bootstrap_delta(spread, base, 2000)
-    assert lo < 0 < hi and verdict_word(lo, hi) == "within noise"
-    d1, lo1, hi1, k1 = seed_bootstrap_delta({1: spread[1]}, {1: base[1]}, 500)
-    assert k1 == 1 and hi1 < 0  # one seed: evaluation noise only
+    iv = stats.paired_interval(shifted, base)
+    assert iv.delta_pct == pytest.approx((math.exp(-0.05) - 1) * 100) and iv.verdict == "better"
+    assert stats.paired_interval(base, shifted).verdict == "worse"
+    # seed noise: each seed shifted by a different amount around −1% → within noise with 3 seeds (t = 4.30),
+    # although every seed is better on every window; the same spread over 5 seeds is resolved
+    three = _seeds({1: -0.02, 2: -0.01, 3: 0.0}, base[1].nll)
+    iv3 = stats.paired_interval(three, {s: base[1] for s in three})
+    assert iv3.verdict == "within noise" and iv3.ci_low < 0 < iv3.ci_high
+    half = math.log1p(iv3.ci_high / 100) - math.log(1 + iv3.delta_pct / 100)
+    assert half == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-4)  # t_2 × sd / √k, no window term
+    five = _seeds({1: -0.02, 2: -0.015, 3: -0.01, 4: -0.005, 5: 0.0}, base[1].nll)
+    assert stats.paired_interval(five, {s: base[1] for s in five}).verdict == "better"
+    # two seeds that agree perfectly still give no verdict; neither side calibrated gives one on windows
+    two = {s: shifted[s] for s in (1, 2)}
+    assert stats.paired_interval(two, base).verdict == "cannot separate seeds"
+    assert stats.paired_interval({1: shifted[1]}, {1: base[1]}, calibrated=False).verdict == "better"
     with pytest.raises(AwqnbError, match="different units"):
-        seed_bootstrap_delta({1: _res([3.0] * 4)}, {1: _res([3.0] * 5)})
+        stats.paired_interval({1: _res([3.0] * 4)}, {1: _res([3.0] * 5)})
     with pytest.raises(AwqnbError, match="no calibration seed in common"):
-        seed_bootstrap_delta({1: base[1]}, {2: base[2]})
+        stats.paired_interval({1: base[1]}, {2: base[2]})
+
+
+def test_seed_claims_over_three_seeds_say_held_or_did_not_hold():
+    """compare.seed_claims on a Comparison: 'held' where the rule says better, 'did not hold' where
+    it says worse, 'within noise' where a seed spread hides the difference."""
+    from awqnb.compare import method_configs
+
+    cfgs = method_configs(["awq", "awq_sh", "praq", "awq_dh"], {"awq_l1": {"method": "awq", "salience": "l1"}}, Q,
+                          SearchConfig(salience="l2"))
+    g = torch.Generator().manual_seed(0)
+    base = (3 + 0.1 * torch.randn(40, generator=g)).tolist()
+    shift = {"awq": (0, 0, 0), "awq_sh": (-0.05, -0.04, -0.06), "praq": (0.05, 0.04, 0.06),
+             "awq_dh": (-0.1, 0.0, 0.08), "awq_l1": (0.01, -0.01, 0.0)}
+    runs = [runner.RunRecord(lb, cfgs[lb].method, s, results={"w": _res([v + off for v in base])})
+            for lb, offs in shift.items() for s, off in zip((1, 2, 3), offs)]
+    prov = {"seeds": [1, 2, 3], "methods": [{"label": lb, "method": c.method, "kind": "awqnb", "config": c.to_dict()}
+                                             for lb, c in cfgs.items()]}
+    claims = runner.Comparison(runs, prov).claims().set_index("claim")
+    assert claims.loc["heuristic rounding beats plain AWQ", "verdict"] == "held"
+    assert claims.loc["praq beats AWQ", "verdict"] == "did not hold"
+    assert claims.loc["dynamic heuristic beats plain AWQ", "verdict"] == "within noise"
+    assert claims.loc["L2 salience beats L1", "verdict"] == "within noise"
+    assert (claims.loc["heuristic rounding beats plain AWQ", "n_seeds"]) == 3
 
 
 def test_one_seed_says_calibration_noise_is_not_measured(setup):
@@ -166,8 +201,10 @@ def test_one_seed_says_calibration_noise_is_not_measured(setup):
     c = runner.run_comparison(model, ["rtn", "awq"], tokenizer=tok, seeds=(5,), calibration=_calib(1000),
                               datasets={"toks": data["toks"]}, quant=Q, search=S, eval_seqlen=48, device="cpu",
                               progress=False)
-    v = c.verdicts("rtn", n_boot=100)
-    assert list(v.n_seeds) == [1] and "one calibration seed" in v.noise.iloc[0]
+    v = c.verdicts("rtn")
+    assert list(v.n_seeds) == [1] and "ONE calibration seed" in v.noise.iloc[0]
+    assert list(v.verdict) == ["cannot separate seeds"]
+    assert "cannot separate seeds" in c.seeds_note() and "3 or more seeds" in c.seeds_note()
     assert math.isnan(c.summary().set_index("label").loc["awq", "ppl_sd"])
 
 
@@ -247,8 +284,8 @@ def test_reference_version_outside_the_tested_range(monkeypatch):
 
 
 def test_seed_claims_over_seeds(comp):
-    claims = comp.claims(n_boot=100)
-    assert set(claims.verdict) <= {"not run", "held", "did not hold", "within noise"}
+    claims = comp.claims()
+    assert set(claims.verdict) <= {"not run", "held", "did not hold", "within noise", "cannot separate seeds"}
     assert (claims.verdict == "not run").all()  # rtn, awq only: no pair of the claims ran
 
 
@@ -300,7 +337,7 @@ def test_bench_quality_on_the_runner(tmp_path, monkeypatch):
     assert runs[("awq@n_grid=2", 2)]["config"]["search"]["n_grid"] == 2
     assert runs[("llmc_gptq", 1)]["status"] == "skipped"
     md = (out / "summary.md").read_text()
-    assert "awq@n_grid=2" in md and "±" in md and any(w in md for w in ("within noise", "better", "worse"))
+    assert "awq@n_grid=2" in md and "±" in md and "| cannot separate seeds |" in md  # 2 seeds: no verdict
     assert "llmc_gptq" in md and "skipped" in md
     # a run split by seeds merges back into one comparison
     for seed in ("1", "2"):
@@ -320,7 +357,7 @@ def test_bench_quality_on_the_runner(tmp_path, monkeypatch):
     s2_cut = runner.Comparison([r for r in s2.runs if r.label != "awq"], s2.provenance, None, {})
     assert not runner.Comparison.merge(runner.Comparison.read(out / "s1" / "comparison_g32.json"),
                                        s2_cut).provenance["complete"]  # awq's seed-2 run is missing
-    v = merged.verdicts("rtn", n_boot=100)
+    v = merged.verdicts("rtn")
     assert list(v.n_seeds) == [2]
     whole = runner.Comparison.read(out / "comparison_g32.json")  # the one-call run above
     # a run cut off before seed 2: the table says which seeds it holds, not the requested count
