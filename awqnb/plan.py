@@ -127,6 +127,8 @@ class Plan:
     @classmethod
     def read(cls, path: str | Path) -> "Plan":
         """A plan from a JSON file, or AwqnbError saying what is wrong with it."""
+        if not str(path).strip():
+            raise AwqnbError("the plan file name is empty; give a plan JSON file, e.g. --plan plan.json.")
         path = Path(path)
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
@@ -190,6 +192,17 @@ class Plan:
     def describe(self) -> str:
         """`'12.down:8, 28.gate_up:16'`."""
         return ", ".join(f"{l}.{f}:{b}" for l, f, b in self.entries) or "(empty)"
+
+    def check_base_bits(self, bits: int, source: str = "the plan") -> None:
+        """AwqnbError for entries at the run's own `bits`: they change no weight, so the plan would
+        only save the same model under another directory name."""
+        same = [f"{l}.{f}" for l, f, b in self.entries if b == bits]
+        if same:
+            other = ", ".join(str(b) for b in plan_bits() if b != bits)
+            it = "it" if len(same) == 1 else "them"
+            raise AwqnbError(f"{source}: {', '.join(same)} at {bits} bits is the run's own precision: that changes "
+                             f"no weight and would only save the same model under another name; drop {it} or "
+                             f"give other bits ({other}).")
 
     def check(self, n_layers: int, families: Iterable[str], where: str = "the model") -> None:
         """AwqnbError unless every entry names a layer < n_layers and one of `families`."""
