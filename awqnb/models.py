@@ -87,12 +87,19 @@ def versions() -> dict:
     return out
 
 
-def model_tag(name: str, cfg, calibration: dict | None = None) -> str:
-    """`smollm2-135m_awq_w4_g64_headfp16_<hash8>`: the model's short name, the method config tag
-    and a hash of everything else that decides the result (the whole config, seed included, and
-    the calibration set: name, size, length), so different configurations never share a directory."""
+SAVE_FORMATS = ("packed", "fake")
+
+
+def model_tag(name: str, cfg, calibration: dict | None = None, fmt: str = "fake") -> str:
+    """`smollm2-135m_awq_w4_g64_headfp16_packed_<hash8>`: the model's short name, the method config
+    tag, the save format (`packed`: `export.save_packed`, `fake`: `save_quantized`) and a hash of
+    everything else that decides the result (the whole config, seed included, and the calibration
+    set: name, size, length), so different configurations, or one configuration's two formats,
+    never share a directory."""
+    if fmt not in SAVE_FORMATS:
+        raise AwqnbError(f"format {fmt!r} is unknown; use one of {', '.join(SAVE_FORMATS)}.")
     doc = json.dumps({"config": cfg.to_dict(), "calibration": calibration or {}}, sort_keys=True, default=str)
-    return f"{short_name(name)}_{cfg.tag}_{hashlib.sha256(doc.encode()).hexdigest()[:8]}"
+    return f"{short_name(name)}_{cfg.tag}_{fmt}_{hashlib.sha256(doc.encode()).hexdigest()[:8]}"
 
 
 def short_name(name: str) -> str:
