@@ -118,20 +118,35 @@ def atomic_dir(dest: Path, overwrite: bool = False):
     one is complete (and only with overwrite=True). Without overwrite the final move is a plain
     rename, which the OS refuses onto a non-empty directory: of two writers racing for one `dest`,
     exactly one wins and the other gets an error (its files are removed). The directory gets the
-    user's normal permissions (umask), not mkdtemp's 0700."""
+    user's normal permissions (umask), not mkdtemp's 0700. The temporary directory is named
+    `.<dest>.tmp-<host>-<pid>-…` (awqnb.files): if this process is killed, the next writer into the
+    same folder removes it. A failed write (disk full: OSError, or safetensors' SafetensorError)
+    is one AwqnbError; the folders made for `dest` are removed again."""
+    import errno
+    import uuid
+
+    from .files import is_write_error, temp_prefix, write_error_text
+
     dest = Path(dest)
     if dest.exists() and not overwrite and (not dest.is_dir() or any(dest.iterdir())):
         raise AwqnbError(f"{dest} already exists; pass --overwrite (overwrite=True) or choose another path.")
-    check_writable(dest.parent)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    check_writable(dest.parent)  # (also removes what killed writers left there)
+    made = [q for q in (dest.parent, *dest.parent.parents) if not q.exists()]
+    tmp = None
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest.name), dir=dest.parent))
         try:
             yield tmp
-        except OSError as e:  # disk full, permissions changed under us: say so, leave nothing
-            raise AwqnbError(f"could not write {dest} ({e.strerror or e}); nothing was written there. "
-                             "Free some space or choose another output directory.") from e
-        _fix_modes(tmp)
+            _fix_modes(tmp)
+        except Exception as e:  # disk full, permissions changed under us: say so, leave nothing
+            if not is_write_error(e):
+                raise
+            what = write_error_text(e)
+            full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "space" in what.lower()
+            raise AwqnbError(f"could not write {dest} ({what}); nothing was written there. "
+                             + ("Free some space or choose another output directory." if full else
+                                "Choose another output directory.")) from e
         if not overwrite:
             try:
                 tmp.rename(dest)  # atomic; fails if another writer got there first
@@ -139,14 +154,26 @@ def atomic_dir(dest: Path, overwrite: bool = False):
                 raise AwqnbError(f"{dest} was created by another run while this one was writing; "
                                  "pass --overwrite (overwrite=True) or choose another path.") from e
             return
+        old = None
+        if dest.exists():  # named like a temporary: if we die before the swap, the next writer puts it back
+            old = dest.with_name(temp_prefix(dest.name, "old") + uuid.uuid4().hex[:8])
+            dest.rename(old)
+        try:
+            tmp.rename(dest)
+        except OSError as e:
+            if old is not None:
+                old.rename(dest)
+            raise AwqnbError(f"could not move the new {dest} into place ({e.strerror or e}); "
+                             "the earlier one is kept.") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for q in made:  # deepest first; a folder someone else filled meanwhile stays
+            try:
+                q.rmdir()
+            except OSError:
+                break
         raise
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        dest.rename(old)
-    tmp.rename(dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -164,13 +191,18 @@ def _fix_modes(root: Path) -> None:
 def check_writable(directory: str | Path) -> Path:
     """Prove a file can be written in `directory` (or, if it does not exist yet, in the nearest
     existing folder above it, creating nothing), or AwqnbError saying what is wrong (a file in the
-    way, read-only, full): checked before any long work."""
+    way, read-only, full): checked before any long work. An existing `directory` is first rid of
+    the temporaries of killed awqnb processes (awqnb.files.clean_stale): they may be what fills it."""
+    from .files import clean_stale, temp_prefix
+
     d = Path(directory).expanduser().absolute()
     existing = next(q for q in (d, *d.parents) if q.exists())
     if not existing.is_dir():
         raise AwqnbError(f"cannot write under {d}: {existing} is a file, not a directory; choose another output directory.")
+    if existing == d:
+        clean_stale(d, legacy=True)
     try:
-        fd, probe = tempfile.mkstemp(prefix=".awqnb-write-probe-", dir=existing)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix("awqnb-write-probe"), dir=existing)
         try:
             os.write(fd, b"x" * 4096)
             os.fsync(fd)
@@ -261,11 +293,20 @@ def _alias_gguf(alias: str) -> Path:
     if not out.is_file():
         from importlib import import_module
 
+        import uuid
+
+        from .files import clean_stale, temp_prefix
+
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        clean_stale(out.parent)  # a killed assembly leaves a partial GGUF of hundreds of MB
+        tmp = out.with_name(temp_prefix(out.name) + uuid.uuid4().hex[:8])
         log.info("assembling %s GGUF into %s", alias, out)
-        import_module(info["package"]).assemble(output_path=tmp, overwrite=True)
-        tmp.replace(out)
+        try:
+            import_module(info["package"]).assemble(output_path=tmp, overwrite=True)
+            tmp.replace(out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return out
 
 

@@ -7,9 +7,10 @@ tagged so that they come back as they were.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
-import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -70,28 +71,39 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save(obj: Any, path: str | Path) -> Path:
     """Write `obj` to `<stem>.json` + `<stem>.safetensors` (each replaced atomically); returns the
-    JSON path."""
+    JSON path. A failed write (disk full) raises OSError, safetensors' own error included, and
+    leaves no temporary (a killed writer's goes at the next save next to it)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
+
+    from .files import clean_stale, temp_prefix, write_error_text
 
     s = stem(path)
     tensors: dict[str, torch.Tensor] = {}
     doc = {"format": "awqnb-record/1", "data": _encode(obj, "r", tensors)}
     s.parent.mkdir(parents=True, exist_ok=True)
-    tmp_st = s.with_name(f".{s.name}.safetensors.tmp-{os.getpid()}")
-    tmp_js = s.with_name(f".{s.name}.json.tmp-{os.getpid()}")
+    tmps = {}
+    for suffix in (".safetensors", ".json"):
+        clean_stale(s.parent, name=s.name + suffix)
+        tmps[suffix] = s.with_name(temp_prefix(s.name + suffix) + uuid.uuid4().hex[:8])
     try:
-        save_file(tensors, str(tmp_st), metadata={"format": "pt"})
-        tmp_js.write_text(json.dumps(doc, indent=1))
-        tmp_st.replace(s.with_suffix(".safetensors"))
-        tmp_js.replace(s.with_suffix(".json"))
+        try:
+            save_file(tensors, str(tmps[".safetensors"]), metadata={"format": "pt"})
+        except SafetensorError as e:  # what its writer raises for a full disk: an OSError like any write's
+            full = "No space left" in str(e)
+            raise OSError(errno.ENOSPC if full else errno.EIO, write_error_text(e), str(s)) from e
+        tmps[".json"].write_text(json.dumps(doc, indent=1))
+        for suffix, t in tmps.items():
+            t.replace(s.with_suffix(suffix))
     finally:
-        for t in (tmp_st, tmp_js):
+        for t in tmps.values():
             t.unlink(missing_ok=True)
     return s.with_suffix(".json")
 
 
 def load(path: str | Path) -> Any:
     """Read a record written by `save` (either file's path, or the stem)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     s = stem(path)
@@ -101,8 +113,11 @@ def load(path: str | Path) -> Any:
     try:
         doc = json.loads(js.read_text())
         tensors = load_file(str(st))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # truncated or not the format
         raise AwqnbError(f"cannot read the record {s}: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != "awqnb-record/1":
         raise AwqnbError(f"{js} is not an awqnb record (format {doc.get('format') if isinstance(doc, dict) else '?'}).")
-    return _decode(doc["data"], tensors)
+    try:
+        return _decode(doc["data"], tensors)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a tensor or field it names is missing
+        raise AwqnbError(f"the record {s} is damaged ({type(e).__name__}: {e}); save it again.") from e
