@@ -367,6 +367,13 @@ def _check_request(notebook: str, params: Mapping[str, Any] | None, methods) -> 
     return nb_in, params, method_list, known
 
 
+# How long nbclient waits, after a cell's reply, for the rest of its output (IOPub) before giving up
+# on it: its default, 4 s, runs out on a loaded machine (load 10 on 2 cores failed a sweep run)
+# and papermill makes that an error. Waiting longer costs nothing when the output comes; an error
+# is still raised (a cell's output is never dropped silently) if it does not come at all.
+IOPUB_TIMEOUT_S = 600
+
+
 def _quiet_papermill_kwargs() -> dict:
     """papermill/nbclient settings that keep the kernel off the user's terminal: IPC transport
     (nothing listens on TCP, so ipykernel has no "running over TCP without encryption" warning to
@@ -396,6 +403,7 @@ def execute_into(nb_in: Path, run_dir: Path, nb_params: Mapping[str, Any], *, mo
     try:
         pm.execute_notebook(str(nb_in), str(nb_out), parameters=dict(nb_params), kernel_name=kernel,
                             cwd=str(run_dir), progress_bar=False, log_output=False, execution_timeout=timeout,
+                            iopub_timeout=max(IOPUB_TIMEOUT_S, timeout or 0), raise_on_iopub_timeout=True,
                             **_quiet_papermill_kwargs())
         record["state"] = "ok"
     except KeyboardInterrupt:
@@ -489,12 +497,43 @@ def manifest_ok(run_dir: Path, rec: Mapping[str, Any]) -> bool:
     return True
 
 
+_CELL_TIMEOUT = re.compile(r"after (?P<t>[\d.]+) seconds\.\s*The message was: (?P<msg>.*?)\.?\s*\n"
+                           r".*?-{5,}\s*\n(?P<src>.*?)\n-{5,}", re.S)
+
+
+def _cell_timeout_text(text: str) -> str | None:
+    """nbclient's CellTimeoutError (its text: what timed out, then the cell between rules of
+    dashes) as one line saying what timed out, after how long, in which cell."""
+    import ast
+
+    m = _CELL_TIMEOUT.search(text)
+    if m is None:
+        return None
+    first = next((ln.strip() for ln in m["src"].splitlines() if ln.strip()), "")
+    if first.startswith("["):  # a long cell is previewed as the repr of a list of its lines
+        try:
+            first = next((ln.strip() for ln in ast.literal_eval(first) if ln.strip()), "")
+        except (ValueError, SyntaxError, TypeError):
+            pass
+    where = f"the cell starting `{first[:80]}`" if first else "a cell"
+    if "iopub" in m["msg"].lower():
+        return (f"{where} finished, but its output did not arrive within {m['t']} s (the kernel's IOPub "
+                f"messages: {m['msg']}); the machine is overloaded or the kernel lost them: run it again")
+    return f"{where} ran longer than its {m['t']} s limit ({m['msg']}); raise --timeout or leave it unset"
+
+
 def _short_error(e: Exception) -> str:
-    """papermill's error: the exception name and value from the failing cell, not its traceback."""
+    """papermill's error: the exception name and value from the failing cell, not its traceback; a
+    timeout says what timed out, where and after how long."""
     ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
     if ename:
         return f"{ename}: {evalue}"
-    return str(e).strip().splitlines()[-1][:500] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    timed_out = _cell_timeout_text(text) if isinstance(e, TimeoutError) else None
+    if timed_out:
+        return timed_out
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().strip("-=~")]  # not a rule of dashes
+    return lines[-1][:500] if lines else type(e).__name__
 
 
 @dataclass

@@ -278,3 +278,64 @@ def test_cli_rejects_a_bad_params_file_before_running(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "pass it as --methods" in out.stderr
     assert not (tmp_path / "r").exists()
+
+
+# --- timeouts (issue 21, item 11) -----------------------------------------------------------
+
+def _timeout_error(msg: str, seconds: int, source: str):
+    from nbclient.exceptions import CellTimeoutError
+    from nbformat.v4 import new_code_cell
+
+    return CellTimeoutError.error_from_timeout_and_cell(msg, seconds, new_code_cell(source))
+
+
+def test_a_cell_timeout_says_what_timed_out_in_which_cell():
+    long_cell = "\n".join(f"x{i} = {i}" for i in range(14))  # nbclient previews it as a list of lines
+    cases = [(("Timeout waiting for IOPub output", 4, "for m in methods:\n    run(m)"),
+              r"^the cell starting `for m in methods:` finished, but its output did not arrive within 4 s \(the "
+              r"kernel's IOPub messages: Timeout waiting for IOPub output\)"),
+             (("Cell execution timed out", 30, long_cell),
+              r"^the cell starting `x0 = 0` ran longer than its 30 s limit \(Cell execution timed out\); "
+              r"raise --timeout")]
+    for args, pattern in cases:
+        e = _timeout_error(*args)
+        assert str(e).strip().splitlines()[-1].startswith("-----")  # what the message used to be
+        assert re.search(pattern, report._short_error(e)), report._short_error(e)
+    assert report._short_error(RuntimeError("kernel died\n------")) == "kernel died"
+
+
+def test_slow_output_on_a_loaded_machine_does_not_fail_the_run(tmp_path, monkeypatch):
+    """The client receives a cell's output 5 s after the cell's reply (as on a machine with load
+    10): nbclient's 4 s IOPub wait would fail the run; awqnb's waits. A wait that does run out
+    names the IOPub timeout and the cell."""
+    import asyncio
+
+    import nbclient.client as ncc
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    delay = 5
+    assert ncc.NotebookClient.iopub_timeout.default_value < delay
+    nb = new_notebook(cells=[new_code_cell("x: int = 1", metadata={"tags": ["parameters"]}),
+                             new_code_cell("print('late output', x)  # SLOW")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    src = tmp_path / "slow.ipynb"
+    nbformat.write(nb, str(src))
+    real = ncc.NotebookClient._async_poll_output_msg
+
+    async def late(self, parent_msg_id, cell, cell_index):
+        if "SLOW" in cell.source:
+            await asyncio.sleep(delay)
+        return await real(self, parent_msg_id, cell, cell_index)
+
+    monkeypatch.setattr(ncc.NotebookClient, "_async_poll_output_msg", late)
+    (tmp_path / "ok").mkdir()
+    rec = report.execute_into(src, tmp_path / "ok", {"x": 2}, model="m", methods=[])
+    assert rec["state"] == "ok", rec["error"]
+    out = nbformat.read(str(tmp_path / "ok" / "slow.ipynb"), as_version=4)
+    assert [o.get("text") for c in out.cells for o in c.get("outputs", [])] == ["late output 2\n"]  # none dropped
+    monkeypatch.setattr(report, "IOPUB_TIMEOUT_S", 2)
+    (tmp_path / "short").mkdir()
+    rec = report.execute_into(src, tmp_path / "short", {"x": 2}, model="m", methods=[])
+    assert rec["state"] == "failed"
+    assert re.fullmatch(r"CellTimeoutError: the cell starting `print\('late output', x\)  # SLOW` finished, but its "
+                        r"output did not arrive within 2 s \(the kernel's IOPub messages: .*", rec["error"]), rec["error"]
