@@ -95,16 +95,18 @@ def write_metrics(output_dir: str | Path, results: Mapping[str, Mapping[str, Any
     results: label → dataset → `PerplexityResult` (the shape `comparison_table` takes); each
     result's `meta` should hold model, method, bits, group_size and calibration (None for FP /
     RTN). table: the `comparison_table` of those results (adds delta_pct, ci_low, ci_high,
-    winner). provenance: anything else to record (params, versions, seed, device, timings...).
+    verdict and noise: awqnb.stats). provenance: anything else to record (params, versions, seed,
+    device, timings...).
 
     Schema: {"schema": 1, "created": ISO time, **provenance, "results": [one row per number:
     label, model, method, bits, group_size, calibration, dataset, protocol, seqlen, n_units,
-    ppl, eval_seconds, delta_pct, ci_low, ci_high, winner, plus any other meta keys]}.
+    ppl, eval_seconds, delta_pct, ci_low, ci_high, verdict, noise, plus any other meta keys]}.
     """
     deltas = {}
     if table is not None:
         for r in table.to_dict("records"):
-            deltas[(r["method"], r["dataset"])] = {k: r.get(k) for k in ("delta_pct", "ci_low", "ci_high", "winner")}
+            deltas[(r["method"], r["dataset"])] = {k: r[k] for k in ("delta_pct", "ci_low", "ci_high", "verdict", "noise")
+                                                   if k in r}
     rows = []
     for label, per_ds in results.items():
         for ds, res in per_ds.items():
@@ -139,8 +141,8 @@ def read_metrics(path: str | Path) -> dict:
 
 
 def style_comparison(table):
-    """The comparison table as a pandas Styler: numbers rounded, winners in bold, deltas coloured
-    (green = lower perplexity than the baseline)."""
+    """The comparison table as a pandas Styler: numbers rounded, verdicts that tell (better, worse)
+    in bold, deltas coloured (green = lower perplexity than the baseline)."""
     fmt = {"ppl": "{:.3f}", "delta_pct": "{:+.2f}", "ci_low": "{:+.2f}", "ci_high": "{:+.2f}",
            "seqlen": "{:.0f}", "units": "{:.0f}", "bits": "{:.0f}", "group_size": "{:.0f}"}
 
@@ -152,9 +154,10 @@ def style_comparison(table):
     sty = table.style.format({k: v for k, v in fmt.items() if k in table.columns}, na_rep="—")
     if "delta_pct" in table.columns:
         sty = sty.map(colour, subset=["delta_pct"])
-    if "winner" in table.columns:
-        sty = sty.map(lambda v: "font-weight: bold" if v not in ("", "tie", "(baseline)") else "",
-                      subset=["winner"])
+    if "verdict" in table.columns:
+        from . import stats
+
+        sty = sty.map(lambda v: "font-weight: bold" if v in (stats.BETTER, stats.WORSE) else "", subset=["verdict"])
     return sty.hide(axis="index")
 
 
@@ -743,7 +746,8 @@ def index_html(runs: list[dict], root: Path) -> str:
         for i, m in enumerate(results):
             bits, gs = _bits(m)
             d = m.get("delta_pct")
-            delta = "—" if d is None or m.get("winner") == "(baseline)" else (
+            baseline = (m.get("verdict") or m.get("winner")) == "(baseline)"  # (runs written before awqnb.stats: winner)
+            delta = "—" if d is None or baseline else (
                 f"{d:+.2f} [{_cell(m.get('ci_low'), '{:+.2f}')}, {_cell(m.get('ci_high'), '{:+.2f}')}]")
             first = f"<td>{run_cell}</td><td>{state}</td>" if i == 0 else "<td></td><td></td>"
             rows.append(
