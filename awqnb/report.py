@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import AwqnbError
-from .files import _umask, atomic_write
+from .files import _umask, atomic_write, clean_stale, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -448,23 +449,33 @@ def run_report(model: str, methods: list[str] | str, params: dict | None = None,
 
     model_dir = Path(output_dir) / _safe(model)
     model_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale(model_dir)  # run directories of killed processes
     name = run_name(nb_params)
     dest = model_dir / name
     n = 2
     while dest.exists():
         dest = model_dir / f"{name}-{n}"
         n += 1
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=model_dir))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest.name), dir=model_dir))
     try:
-        record = execute_into(nb_in, tmp, nb_params, model=model, methods=method_list, hide_code=hide_code,
-                              timeout=timeout)
-    except KeyboardInterrupt:
-        record = {"state": "interrupted", "model": model, "notebook": nb_in.stem, "parameters": nb_params,
-                  "error": "KeyboardInterrupt"}
-        _finish_run(record, tmp, dest)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        try:
+            record = execute_into(nb_in, tmp, nb_params, model=model, methods=method_list, hide_code=hide_code,
+                                  timeout=timeout)
+        except KeyboardInterrupt:
+            record = {"state": "interrupted", "model": model, "notebook": nb_in.stem, "parameters": nb_params,
+                      "error": "KeyboardInterrupt"}
+            _finish_run(record, tmp, dest)
+            raise
+        return _finish_run(record, tmp, dest)
+    except OSError as e:  # the disk filled up: nothing of the run is kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AwqnbError(f"could not write the report run {dest} ({e.strerror or e}); nothing of it was kept. "
+                         "Free some space or choose another output_dir.") from e
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _finish_run(record, tmp, dest)
 
 
 def _finish_run(record: dict, tmp: Path, dest: Path) -> Path:

@@ -47,7 +47,7 @@ from typing import Any, Iterable, Mapping
 
 from . import progress, report
 from .errors import AwqnbError
-from .files import _umask, atomic_write
+from .files import _umask, atomic_write, clean_stale, is_write_error, run_prefix, temp_prefix, write_error_text
 
 log = logging.getLogger(__name__)
 
@@ -389,12 +389,24 @@ class Claim:
 
 
 @contextmanager
-def _index_lock(out: Path):
+def _index_lock(out: Path, remove: bool = False):
+    """The index lock; remove: delete its file before letting go (a sweep that leaves nothing).
+    A waiter that then gets the lock of the deleted file sees it is not the current one and retries."""
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / INDEX_LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    try:
+    path = out / INDEX_LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == path.stat().st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         yield
+        if remove:
+            path.unlink(missing_ok=True)
     finally:
         os.close(fd)
 
@@ -407,11 +419,13 @@ def write_index(out: Path) -> Path:
 
 def commit(out: Path, spec: RunSpec, result: Mapping[str, Any], sweep_id: str) -> Path:
     """Write a run's files into a temporary directory, `run.json` last (with every file's size),
-    then rename it into `<out>/<model>/<name>` (an older attempt there is moved aside first)."""
+    then rename it into `<out>/<model>/<name>` (an older attempt there is moved aside first).
+    A failed write (disk full) leaves nothing of the run and keeps an older attempt: AwqnbError."""
     model_dir = out / spec.model_dir
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=model_dir))
+    tmp = old = None
     try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(spec.name), dir=model_dir))
         os.chmod(tmp, 0o777 & ~_umask())
         sizes = {}
         for rel, data in sorted(result["files"].items()):
@@ -427,13 +441,19 @@ def commit(out: Path, spec: RunSpec, result: Mapping[str, Any], sweep_id: str) -
                    committed=datetime.now(timezone.utc).isoformat(timespec="seconds"))
         atomic_write(tmp / report.RUN_FILE, json.dumps(report._clean(rec), indent=1))
         dest = model_dir / spec.name
-        old = None
-        if dest.exists():
-            old = model_dir / f".{spec.name}.old-{uuid.uuid4().hex[:8]}"
+        if dest.exists():  # named like a temporary: if we die before the swap, the next sweep puts it back
+            old = model_dir / (temp_prefix(spec.name, "old") + uuid.uuid4().hex[:8])
             dest.rename(old)
         tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not (model_dir / spec.name).exists():
+            old.rename(model_dir / spec.name)
+        if isinstance(e, Exception) and is_write_error(e):
+            raise AwqnbError(f"could not write run {spec.rel} into {out} ({write_error_text(e)}); nothing of it "
+                             "was kept. Free some space and rerun the same command (complete runs are "
+                             "skipped).") from e
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -455,8 +475,10 @@ def _make_bar(kind: str):
 def execute_run(payload: Mapping[str, Any]) -> dict:
     """Run one notebook in a private temporary directory; return {"record": run.json fields,
     "files": {relative path: bytes}} (executed notebook, HTML, metrics.json, anything else it
-    wrote). Plain data in and out, so it runs the same here and as a Ray task on any node."""
-    with tempfile.TemporaryDirectory(prefix="awqnb-run-") as work:
+    wrote). Plain data in and out, so it runs the same here and as a Ray task on any node. The work
+    directory is `awqnb-run-<host>-<pid>-…`; a killed run's is removed by the next run on its host."""
+    clean_stale(tempfile.gettempdir(), legacy=True, runs=True)
+    with tempfile.TemporaryDirectory(prefix=run_prefix()) as work:
         work = Path(work)
         nb_in = work / "in" / payload["notebook_file"]
         nb_in.parent.mkdir()
@@ -656,34 +678,49 @@ def run_sweep(grid: Grid, output_dir: str | Path = "reports", executor: str = "l
     if bars is None:  # bars redraw in place on a terminal; in a log file they would be noise
         bars = ("ray" if executor == "ray" else "std") if sys.stderr.isatty() else "none"
     sweep_id = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-    out.mkdir(parents=True, exist_ok=True)
+    # what this sweep adds around its runs, taken away again if it cannot finish (disk full)
+    made = [p for p in (out, *out.parents) if not p.exists()]
+    existed = {p: p.exists() for p in [out / INDEX_LOCK, out / "index.html"] + [out / s.model_dir for s in specs]}
+    for d in {out / s.model_dir for s in specs}:
+        clean_stale(d)  # runs of sweeps that were killed while committing
+    clean_stale(tempfile.gettempdir(), legacy=True, runs=True)  # their work directories
 
     from tqdm.std import tqdm as std_tqdm
 
     results: dict[str, SweepRun] = {}
     todo: list[tuple[RunSpec, Claim]] = []
     waiting: list[tuple[RunSpec, tuple]] = []
-    for spec in specs:
-        d = out / spec.model_dir / spec.name
-        before = _committed(d)
-        if not force and run_state(d) == "ok":
-            results[spec.run_id] = _outcome_from_disk(out, spec, skipped=True)
-            continue
-        claim = Claim(out, spec)
-        if not claim.try_acquire(sweep_id):
-            waiting.append((spec, before))
-        elif _committed(d) != before and run_state(d) == "ok":  # another sweep finished it just now
-            claim.release(done=True)
-            results[spec.run_id] = _outcome_from_disk(out, spec, by_other=True)
-        else:
-            todo.append((spec, claim))
-    log.info("sweep %s: %d run(s): %d complete (skipped), %d to run, %d claimed by another sweep; executor %s",
-             sweep_id, len(specs), len(results), len(todo), len(waiting), executor)
-    bar = std_tqdm(total=len(specs), initial=len(results), desc="sweep runs", file=sys.stderr, dynamic_ncols=True,
-                   disable=bars == "none")
-    committer = _Committer(out, sweep_id, bar, len(todo) + len(waiting))
-    claims = [c for _, c in todo]
+    claims: list[Claim] = []
+    bar = committer = saved = None
+    aborted = interrupted = False
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        if existed[out / "index.html"]:  # a second name for the index as it is (no space needed): put back on failure
+            saved = out / (temp_prefix("index.html", "old") + uuid.uuid4().hex[:8])
+            try:
+                os.link(out / "index.html", saved)
+            except OSError:
+                saved = None
+        for spec in specs:
+            d = out / spec.model_dir / spec.name
+            before = _committed(d)
+            if not force and run_state(d) == "ok":
+                results[spec.run_id] = _outcome_from_disk(out, spec, skipped=True)
+                continue
+            claim = Claim(out, spec)
+            if not claim.try_acquire(sweep_id):
+                waiting.append((spec, before))
+            elif _committed(d) != before and run_state(d) == "ok":  # another sweep finished it just now
+                claim.release(done=True)
+                results[spec.run_id] = _outcome_from_disk(out, spec, by_other=True)
+            else:
+                todo.append((spec, claim))
+                claims.append(claim)
+        log.info("sweep %s: %d run(s): %d complete (skipped), %d to run, %d claimed by another sweep; executor %s",
+                 sweep_id, len(specs), len(results), len(todo), len(waiting), executor)
+        bar = std_tqdm(total=len(specs), initial=len(results), desc="sweep runs", file=sys.stderr,
+                       dynamic_ncols=True, disable=bars == "none")
+        committer = _Committer(out, sweep_id, bar, len(todo) + len(waiting))
         write_index(out)
         pending = todo
         run = _run_ray if executor == "ray" else _run_local
@@ -706,19 +743,73 @@ def run_sweep(grid: Grid, output_dir: str | Path = "reports", executor: str = "l
                     pending.append((spec, claim))
             waiting = []
     except KeyboardInterrupt:
+        interrupted = True
         for claim in claims:
             claim.release(done=False)
         log.warning("sweep %s interrupted: %d of %d run(s) complete; rerun the same command to finish it",
                     sweep_id, sum(1 for r in results.values() if r.state in ("ok", "failed")), len(specs))
         raise
+    except Exception as e:  # e.g. the disk filled up: complete runs stay, nothing else of this sweep does
+        aborted = True
+        for claim in claims:
+            claim.release(done=True)
+        _take_back(out, made, existed, saved, committer.n if committer is not None else 0)
+        saved = None
+        if is_write_error(e):
+            raise AwqnbError(f"could not write under {out} ({write_error_text(e)}); runs completed before are "
+                             "kept, nothing else of this sweep is. Free some space and rerun the same "
+                             "command.") from e
+        raise
     finally:
-        bar.close()
-        index = write_index(out)
+        if bar is not None:
+            bar.close()
+        if not aborted:
+            try:
+                index = write_index(out)
+            except OSError as e:
+                if not interrupted:  # (the interruption in flight says more)
+                    raise AwqnbError(f"could not write {out / 'index.html'} ({write_error_text(e)}); every run "
+                                     "is complete, rerun the same command to write the index.") from e
+                index = out / "index.html"
+        if saved is not None:
+            saved.unlink(missing_ok=True)
     runs = [results.get(s.run_id) or SweepRun(s, "interrupted", None, None) for s in specs]
     res = SweepResult(index, runs, sweep_id, time.perf_counter() - t0)
     if res.failed:
         log.warning("%d of %d run(s) failed", len(res.failed), len(runs))
     return res
+
+
+def _take_back(out: Path, made: list[Path], existed: Mapping[Path, bool], saved: Path | None,
+               committed: int) -> None:
+    """After a failed sweep: put back the index as it was (`saved`: its second name) if no run was
+    committed, else bring it up to date; remove what the sweep added that holds no run (an index of
+    nothing, its lock, empty model directories, the folders it made)."""
+    try:
+        if committed == 0 and saved is not None:
+            with _index_lock(out):
+                os.replace(saved, out / "index.html")
+        elif committed or (report.find_runs(out) if out.is_dir() else []) or existed.get(out / "index.html"):
+            write_index(out)
+        else:
+            with _index_lock(out, remove=not existed.get(out / INDEX_LOCK)):
+                (out / "index.html").unlink(missing_ok=True)
+    except OSError as e:  # still full: the index stays as it is (whole: written atomically)
+        log.debug("could not update %s: %s", out / "index.html", e)
+    finally:
+        if saved is not None:
+            saved.unlink(missing_ok=True)
+    for p, was in existed.items():
+        if not was and p.name != "index.html" and p.name != INDEX_LOCK:
+            try:
+                p.rmdir()  # only if empty
+            except OSError:
+                pass
+    for p in made:  # deepest first
+        try:
+            p.rmdir()
+        except OSError:
+            break
 
 
 def _run_local(pending, committer, bars, hide_code, timeout, env, cpus, gpus, max_retries) -> Iterable[SweepRun]:
