@@ -327,7 +327,7 @@ def _gguf_cache(name_or_path: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantising %s once into %s", gguf, dest)
-    with _load_errors(str(gguf)):
+    with _load_errors(str(gguf)), checkpoint.quiet_loaders():
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     _drop_quantizer(model)
