@@ -36,16 +36,15 @@ uses calibration (fp vs rtn) there is no seed noise: the interval is the window 
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Mapping
 
 import numpy as np
 
 from .errors import AwqnbError
 
-log = logging.getLogger(__name__)
 
 ALPHA = 0.05  # nominal two-sided false-positive rate of a verdict
 LEVEL = 1 - ALPHA
@@ -133,6 +132,12 @@ def t_quantile(q: float, df) -> np.ndarray:
     return t
 
 
+@lru_cache(maxsize=256)
+def _t(q: float, df: float) -> float:
+    """t_quantile for one df, cached: a rule uses only k − 1 and n − 1."""
+    return float(t_quantile(q, df))
+
+
 def _erfinv(y: float) -> float:
     x = 0.0
     for _ in range(100):  # Newton on erf(x) = y
@@ -192,8 +197,8 @@ def interval(x, weights=None, calibrated: bool = True, level: float = LEVEL) -> 
     n = x.shape[-1]
     comp = components(x, weights)
     q = 0.5 + level / 2
-    t_s = float(t_quantile(q, k - 1)) if k > 1 else 0.0
-    t_w = float(t_quantile(q, n - 1))
+    t_s = _t(q, k - 1) if k > 1 else 0.0
+    t_w = _t(q, n - 1)
     half = np.sqrt(t_s ** 2 * comp["V_s"] + t_w ** 2 * comp["V_w"])
     lo, hi = comp["D"] - half, comp["D"] + half
     with np.errstate(over="ignore"):
@@ -281,7 +286,7 @@ def seeds_note(n_seeds: int) -> str:
     """What a comparison over `n_seeds` calibration seeds can and cannot show (for reports)."""
     if n_seeds < 1:
         raise AwqnbError(f"n_seeds={n_seeds}: at least one seed.")
-    t = float(t_quantile(0.5 + LEVEL / 2, max(n_seeds - 1, 1)))
+    t = _t(0.5 + LEVEL / 2, max(n_seeds - 1, 1))
     if n_seeds < MIN_SEEDS:
         return (f"{n_seeds} calibration seed{'s' if n_seeds > 1 else ''}: the calibration-seed spread cannot be "
                 "separated from the method, so methods that use calibration get no verdict ('cannot separate "
