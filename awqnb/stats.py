@@ -156,14 +156,15 @@ def components(x, weights=None) -> dict:
     if x.ndim < 2:
         raise AwqnbError("components: x must be [..., seeds, units].")
     k, n = x.shape[-2:]
-    if n < 2:
-        raise AwqnbError(f"an interval needs at least 2 evaluation units (got {n}).")
     p = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
     p = p / p.sum(-1, keepdims=True)
     d = (x * p).sum(-1)  # [..., k]
     D = d.mean(-1)
     m = x.mean(-2)  # [..., n]
-    W = n / (n - 1) * (p ** 2 * (m - D[..., None]) ** 2).sum(-1)
+    if n < 2:  # one unit: its sampling noise cannot be estimated, so nothing can be excluded
+        W = np.full(D.shape, np.inf)
+    else:
+        W = n / (n - 1) * (p ** 2 * (m - D[..., None]) ** 2).sum(-1)
     if k > 1:
         vs = d.var(-1, ddof=1) / k
         e = (p ** 2 * (x - d[..., None]).var(-2, ddof=1)).sum(-1) / k
@@ -198,8 +199,9 @@ def interval(x, weights=None, calibrated: bool = True, level: float = LEVEL) -> 
     comp = components(x, weights)
     q = 0.5 + level / 2
     t_s = _t(q, k - 1) if k > 1 else 0.0
-    t_w = _t(q, n - 1)
-    half = np.sqrt(t_s ** 2 * comp["V_s"] + t_w ** 2 * comp["V_w"])
+    t_w = _t(q, n - 1) if n > 1 else np.inf
+    with np.errstate(invalid="ignore"):
+        half = np.sqrt(t_s ** 2 * comp["V_s"] + t_w ** 2 * comp["V_w"])
     lo, hi = comp["D"] - half, comp["D"] + half
     with np.errstate(over="ignore"):
         pct = {"delta_pct": 100 * np.expm1(comp["D"]), "ci_low": 100 * np.expm1(lo), "ci_high": 100 * np.expm1(hi)}

@@ -86,6 +86,9 @@ def test_fewer_than_three_seeds_never_give_a_verdict():
     # neither side calibrated (fp vs rtn): the window term alone, and a verdict
     a, b = simulate(rng, 1, 0.0, 0.02, delta=0.05, n_sim=200)
     assert set(np.asarray(stats.interval(a - b, calibrated=False)["verdict"]).ravel()) == {stats.WORSE}
+    # one evaluation unit: its sampling noise is unknown, so no difference is claimed
+    one = stats.interval(np.full((3, 1), 0.05))
+    assert one["verdict"] == stats.NOISE and one["ci_high"] == np.inf
 
 
 POWER_CASES = [  # (k, tau, sig_v, true delta in %): a clear effect is a few seed sd
