@@ -75,8 +75,9 @@ def baseline(env):
 
 @pytest.fixture(scope="module")
 def cluster(env, baseline):
+    """The local cluster awqnb starts (`--executor ray` without `--ray-address`), with 2 CPUs."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    sweep.check_ray(None, 1.0, 0.0, num_cpus=2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -181,6 +182,30 @@ def test_two_sweeps_into_one_directory_lose_nothing(env, cluster):
     assert sorted(r["rel"] for r in runs) == sorted(done) and {r["state"] for r in runs} == {"ok"}
     html = (out / "index.html").read_text()
     assert all(k.split("/")[1] in html for k in done)
+
+
+def test_local_cluster_listens_on_loopback_only_with_a_token(cluster):
+    """Every server of the local cluster (GCS, raylets, workers, agents) listens on 127.0.0.1, not
+    on all interfaces, and drivers must present the cluster's token."""
+    psutil = pytest.importorskip("psutil")
+    import ray
+
+    assert cluster.rpartition(":")[0] == "127.0.0.1"
+
+    @ray.remote
+    def worker_pid():
+        return os.getpid()
+
+    worker = ray.get(worker_pid.remote())  # a worker is up, with its own server
+    here = psutil.Process()
+    ours = {here.pid} | {p.pid for p in here.children(recursive=True)}
+    assert worker in ours
+    listening = [(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name()) for c in psutil.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    names = {n for _, _, n in listening}
+    assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names), listening
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for ip, _, _ in listening), listening
+    assert os.environ.get("RAY_AUTH_MODE") == "token"
 
 
 def test_bad_input_is_one_line_before_any_run(env, tmp_path, capsys):
