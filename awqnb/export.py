@@ -44,7 +44,7 @@ from .arch import blocks, get_module, resolve_spec
 from .config import MethodConfig, QuantConfig
 from .errors import AwqnbError
 from .plan import FP_BITS, linear_bits
-from .primitives import (compute_qparams, dequantize, effective_group_size, expand_groups, group_view, qrange,
+from .primitives import (_grouped_qparams, dequantize, effective_group_size, expand_groups, group_view, qrange,
                          quantize)
 
 log = logging.getLogger(__name__)
@@ -145,78 +145,109 @@ class Codes:
     max_abs_err: float
 
 
-def _value_tol(w: torch.Tensor, s_full: torch.Tensor) -> torch.Tensor:
-    """Allowed |dequant − Ŵ| per weight: float32 noise of the scale (1e-4 of a step) plus the
-    rounding of Ŵ to its own dtype (half an ulp, relative eps/2 of |Ŵ|)."""
-    eps = torch.finfo(w.dtype).eps if w.dtype.is_floating_point else 0.0
-    return 1e-4 * s_full + eps * w.float().abs()
+OFF_GRID_HINT = ("pack a model quantized by awqnb with the same bits/group size/symmetry, "
+                 "or save it with --format fake.")
 
 
-def _bad_groups(w: torch.Tensor, q, scale, zero, cfg: QuantConfig) -> torch.Tensor:
-    """`[co, n_group]` bool: groups where dequantize(q) misses Ŵ by more than `_value_tol`."""
-    ci = w.shape[1]
-    s_full = expand_groups(scale, ci, cfg.group_size)
-    err = (dequantize(q, scale, zero, cfg) - w.float()).abs() > _value_tol(w, s_full)
-    return group_view(err.to(torch.uint8), cfg.group_size).amax(-1).bool()
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
 
 
-def _lattice(wg: torch.Tensor, zero0: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero `[n]` of groups `wg: [n, g]` from the spacing of their distinct values.
+def _misses(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig, eps: float) -> torch.Tensor:
+    """`[..., n]` bool over groups `wg: [..., n, g]` (float32): requantizing with (scale, zero)
+    misses some Ŵ by more than float32 noise of the scale (1e-4 of a step) plus the rounding of Ŵ
+    to its own dtype (`eps` relative: Ŵ's half ulp, with a factor 2 to spare). On the group view,
+    with in-place arithmetic on one temporary: the pipeline runs it on every linear."""
+    lo, hi = qrange(cfg)
+    s, z = scale[..., None], zero[..., None]
+    d = torch.div(wg, s).round_().add_(z).clamp_(lo, hi).sub_(z).mul_(s).sub_(wg).abs_()
+    return (d > wg.abs().mul_(eps).add_(1e-4 * s)).any(-1)
 
-    Ŵ takes values k·s (k = q − zero integer), so every gap between distinct values is a
-    multiple of s, and s ≥ range / (2^b − 1); the smallest such gap is s (or a multiple of it,
-    which represents the same values). s is then refined by least squares over k; zero is the
-    integer in the range that keeps every code on the grid, nearest `zero0`.
+
+def _lattice(wg: torch.Tensor, zero0: torch.Tensor, cfg: QuantConfig, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero `[n]` of groups `wg: [n, g]` (float32 values of Ŵ; `eps` of Ŵ's dtype).
+
+    Ŵ takes values k·s with k = q − zero an integer, |k| ≤ K (2^b − 1; symmetric 2^(b−1) − 1), so
+    a group's largest |Ŵ| is m·s for some m in 1..K. Each m is tried, smallest first: k =
+    round(Ŵ / (max|Ŵ| / m)), s refined by least squares over k (twice, re-rounding k), accepted
+    when every k·s is within `_misses`' tolerance of Ŵ and the k fit the code range.
+    Not the smallest gap between distinct values (the old estimate): in bf16 each value carries up
+    to half an ulp of rounding, so a gap between two large values can be an ulp short of s, and
+    at |k| ≈ 10 that moved k by ½ (SmolLM2 gptq, issue 21). The ratio to the largest value is off
+    by at most a relative half ulp (2^-9), so at 4 bits k is off by ≤ 15·2^-9 ≪ ½: exact.
+    zero: the integer in range keeping every code on the grid, nearest `zero0`. Groups no m fits
+    keep s = max|Ŵ| / K (the caller then finds them off the grid).
     """
     lo, hi = qrange(cfg)
-    n, g = wg.shape
-    v = wg.sort(dim=1).values
-    rng = v[:, -1] - v[:, 0]
-    s_lo = rng / (2**cfg.bits - 1)
-    gaps = v[:, 1:] - v[:, :-1]
-    big = torch.where(gaps > 0.5 * s_lo[:, None], gaps, torch.full_like(gaps, float("inf"))).amin(1)
-    amax = v.abs().amax(1)
-    s = torch.where(torch.isfinite(big), big, amax)  # one distinct value: k = ±1
-    s = torch.where(s > 0, s, torch.ones_like(s))  # all zeros: any scale
-    k = torch.round(wg / s[:, None])
-    kk = (k * k).sum(1)
-    s = torch.where(kk > 0, (wg.double() * k.double()).sum(1).div(kk.double().clamp(min=1)).float(), s)
+    kmax = hi if cfg.symmetric else hi - lo
+    amax = wg.abs().amax(1)
+    scale = torch.where(amax > 0, amax / kmax, torch.ones_like(amax))  # all zeros: any scale, k = 0
+    k_lo = torch.zeros_like(amax)
+    k_hi = torch.zeros_like(amax)
+    todo = torch.nonzero(amax > 0).squeeze(1)
+    for m in range(1, kmax + 1):
+        if not todo.numel():
+            break
+        v = wg[todo]
+        k = torch.round(v / (amax[todo] / m)[:, None])  # the largest |Ŵ| gets |k| = m
+        for _ in range(2):  # check the k the caller's quantize() will get from the returned s
+            s = (v.double() * k.double()).sum(1).div((k.double() ** 2).sum(1).clamp(min=1)).float()
+            k = torch.round(v / s[:, None])
+        fit = ((k * s[:, None] - v).abs() <= 1e-4 * s[:, None] + eps * v.abs()).all(1)
+        kl, kh = k.amin(1), k.amax(1)
+        if cfg.symmetric:
+            fit &= (kh <= hi) & (kl >= lo)
+        else:  # some zero in [lo, hi] puts every k + zero in [lo, hi]
+            fit &= torch.clamp(lo - kl, min=lo) <= torch.clamp(hi - kh, max=hi)
+        done, todo = todo[fit], todo[~fit]
+        scale[done], k_lo[done], k_hi[done] = s[fit], kl[fit], kh[fit]
     if cfg.symmetric:
-        return s, torch.zeros_like(s)
-    z_lo = lo - k.amin(1)
-    z_hi = hi - k.amax(1)
-    return s, torch.minimum(torch.maximum(zero0, z_lo), z_hi)
+        return scale, torch.zeros_like(scale)
+    z_lo = torch.clamp(lo - k_lo, min=lo)
+    z_hi = torch.clamp(hi - k_hi, max=hi)
+    return scale, torch.minimum(torch.maximum(zero0, z_lo), z_hi)
 
 
 @torch.no_grad()
-def recover_codes(w: torch.Tensor, cfg: QuantConfig, name: str = "weight") -> Codes:
-    """(q, scale, zero) with `dequantize(q, scale, zero) == Ŵ` for a fake-quantized `w: [co, ci]`.
+def grid_of(w: torch.Tensor, cfg: QuantConfig, name: str = "weight",
+            hint: str = OFF_GRID_HINT) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(scale, zero, lattice groups) of a fake-quantized `w: [co, ci]`: float32 `[co, n_group]`
+    with `quantize(w, scale, zero)` reproducing Ŵ. The codes part of `recover_codes` without
+    the exact-scale refinement; cheap enough for the pipeline to check every linear it rounds.
+    Raises AwqnbError naming `name` (then `hint`) when `w` is not on a `cfg` grid.
 
-    Fast path: compute_qparams(Ŵ) is the grid whenever a group's codes still reach both ends
-    of the range (or, symmetric, ±q_max). Flips can move an end code inwards, and a group of
-    one sign has zero clamped; those groups get the lattice search (`_lattice`). Raises
-    AwqnbError if `w` is not on a `cfg` grid (a model that was not quantized with `cfg`).
-    """
-    co, ci = w.shape
-    wf = w.float()
-    scale, zero = compute_qparams(wf, cfg)
-    q = quantize(wf, scale, zero, cfg)
-    bad = _bad_groups(w, q, scale, zero, cfg)
+    Fast path: compute_qparams(Ŵ) is the grid whenever a group's codes still reach both ends of
+    the range (or, symmetric, ±q_max). Flips can move an end code inwards, GPTQ's codes need not
+    reach them, a group of one sign has zero clamped, and in bf16 the rounded ends can move the
+    scale; those groups get the lattice search (`_lattice`)."""
+    eps = _eps(w.dtype)
+    wg = group_view(w.float(), cfg.group_size)
+    scale, zero = _grouped_qparams(wg, cfg)
+    bad = _misses(wg, scale, zero, cfg, eps)
     n_bad = int(bad.sum())
     if n_bad:
-        wg = group_view(wf, cfg.group_size)
-        s2, z2 = _lattice(wg[bad], zero[bad], cfg)
-        scale, zero = scale.clone(), zero.clone()
+        sub = wg[bad]
+        s2, z2 = _lattice(sub, zero[bad], cfg, eps)
         scale[bad], zero[bad] = s2, z2
-        q = quantize(wf, scale, zero, cfg)
-        still = _bad_groups(w, q, scale, zero, cfg)
+        still = torch.zeros_like(bad)
+        still[bad] = _misses(sub, s2, z2, cfg, eps)
         if bool(still.any()):
             r, gi = (int(t) for t in torch.nonzero(still)[0])
             raise AwqnbError(
                 f"{name} is not on a {cfg.bits}-bit grid with group size {cfg.group_size} "
-                f"({int(still.sum())} groups off it, e.g. row {r} group {gi}): pack a model quantized by awqnb "
-                "with the same bits/group size/symmetry, or save it with --format fake."
+                f"({int(still.sum())} groups off it, e.g. row {r} group {gi}): {hint}"
             )
+    return scale, zero, n_bad
+
+
+@torch.no_grad()
+def recover_codes(w: torch.Tensor, cfg: QuantConfig, name: str = "weight") -> Codes:
+    """(q, scale, zero) with `dequantize(q, scale, zero) == Ŵ` for a fake-quantized `w: [co, ci]`
+    (grid from `grid_of`, scale refined by `_exact_scale`). Raises AwqnbError if `w` is not on a
+    `cfg` grid (a model that was not quantized with `cfg`)."""
+    wf = w.float()
+    scale, zero, n_bad = grid_of(w, cfg, name)
+    q = quantize(wf, scale, zero, cfg)
     scale = _exact_scale(wf, q, scale, zero, cfg, w.dtype)
     # in w's own dtype: what a load in that dtype gets (bf16 Ŵ is round_bf16(k · s))
     err = float((dequantize(q, scale, zero, cfg).to(w.dtype).float() - wf).abs().max()) if w.numel() else 0.0

@@ -167,6 +167,19 @@ def round_planned(lin: nn.Linear, bits: int, cfg: MethodConfig) -> None:
         lin.weight.data.copy_(fake_quant(lin.weight.data, dataclasses.replace(cfg.quant, bits=bits)))
 
 
+@torch.no_grad()
+def check_on_grid(block: nn.Module, names, j: int, cfg: MethodConfig) -> None:
+    """Refuse, as soon as a block is rounded, a linear the packed export could not encode: every
+    linear the method rounded must be on its own grid, recoverable from Ŵ alone (export.grid_of;
+    ~1.5 s for all of SmolLM2-135M on one CPU core, vs minutes of calibrated quantization)."""
+    from .export import grid_of
+
+    for name in names:
+        grid_of(get_module(block, name).weight.data, cfg.quant, f"block {j} {name}",
+                hint=f"{cfg.method} rounded it off its own grid, an awqnb bug (the packed export would refuse "
+                     "this model); please report it with the model and method.")
+
+
 def _rel_err(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     """Σ‖out − ref‖² / Σ‖ref‖² over the chunks (fp32 sums on the device, one read-back)."""
     num = sum((o.float() - r.float()).pow(2).sum() for o, r in zip(out, ref))
@@ -246,14 +259,17 @@ def _quantize_block(method: Method, ctx: BlockContext, rec: LayerRecord) -> None
         if replay is not None:
             rec.replay[name] = replay
     method.finish_block(ctx)
-    rec.phases["round_s"] = _sync(block) - t
+    rec.phases["round_s"], t = _sync(block) - t, _sync(block)
+    check_on_grid(block, [n for n in spec.linears if n not in planned], ctx.index, cfg)
+    rec.phases["grid_check_s"] = _sync(block) - t
     rec.evidence.update(ctx.evidence)
 
 
 @torch.no_grad()
-def _quantize_lm_head(model: nn.Module, cfg: MethodConfig) -> None:
+def _quantize_lm_head(model: nn.Module, cfg: MethodConfig, check: bool = False) -> None:
     """Round lm_head in `lmhead_chunks` row chunks (rows are independent, so this is exact);
-    untie it first so the input embeddings stay in full precision."""
+    untie it first so the input embeddings stay in full precision. check: each chunk must be on
+    its grid (check_on_grid)."""
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
@@ -264,6 +280,10 @@ def _quantize_lm_head(model: nn.Module, cfg: MethodConfig) -> None:
     w = head.weight.data
     for rows in torch.chunk(torch.arange(w.shape[0], device=w.device), cfg.lmhead_chunks):
         w[rows] = fake_quant(w[rows], cfg.quant)
+        if check:
+            from .export import grid_of
+
+            grid_of(w[rows], cfg.quant, "lm_head", hint="an awqnb bug (the packed export would refuse it).")
 
 
 @torch.no_grad()
@@ -360,12 +380,15 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
                     replay = method.round_linear(None, name, get_module(block, name))
                     if replay is not None:
                         rec.replay[name] = replay
+                tc = time.perf_counter()
+                check_on_grid(block, [n for n in spec.linears if n not in planned], j, cfg)
+                rec.phases["grid_check_s"] = time.perf_counter() - tc
             rec.seconds = time.perf_counter() - tb
             records.append(rec)
     if cfg.lm_head == "quantize":
-        _quantize_lm_head(model, cfg)
+        _quantize_lm_head(model, cfg, check=True)
     timings["total_s"] = time.perf_counter() - t0
-    for ph in ("capture_s", "search_s", "clip_s", "round_s"):
+    for ph in ("capture_s", "search_s", "clip_s", "round_s", "grid_check_s"):
         timings[f"blocks_{ph}"] = sum(r.phases.get(ph, 0.0) for r in records)
     timings["device"] = str(device)
     timings["compute_dtype"] = dtype_name(compute_dtype)

@@ -13,7 +13,7 @@ from awqnb import export, pipeline, tensorjson
 from awqnb.api import detect_quantization, quantize_with_awq, read_prompts
 from awqnb.config import MethodConfig, QuantConfig, SearchConfig
 from awqnb.errors import AwqnbError
-from awqnb.primitives import compute_qparams, fake_quant, quantize
+from awqnb.primitives import compute_qparams, dequantize, fake_quant, quantize
 
 FAST = SearchConfig(n_grid=4)
 
@@ -131,8 +131,6 @@ def test_recover_codes_handles_lost_end_codes_and_refuses_off_grid():
     g1, g2 = q[1, :8], q[2, 8:]
     g1[g1 == 0] += 1  # flips move every code-0 weight of a group inwards
     g2[g2 == 15] -= 1  # ... and every code-15 weight of another
-    from awqnb.primitives import dequantize
-
     w_hat = dequantize(q, scale, zero, cfg)
     naive_s, naive_z = compute_qparams(w_hat, cfg)
     assert not torch.allclose(naive_s, scale)  # the fast path alone cannot see the grid
@@ -143,6 +141,45 @@ def test_recover_codes_handles_lost_end_codes_and_refuses_off_grid():
     with pytest.raises(AwqnbError, match="not on a 4-bit grid"):
         export.recover_codes(w, cfg)  # FP weights: not quantized at all
     assert torch.equal(export.recover_codes(fake_quant(w, cfg), cfg).q.float(), quantize(w, scale, zero, cfg))
+
+
+# a group of SmolLM2-135M's layers.0.self_attn.q_proj (row 443, group 7) after gptq at g64 (issue 21):
+# codes 1..15 (GPTQ never reached code 0), zero 11, scale 0.05755208432674408, weights stored in bf16
+SMOLLM2_GPTQ_CODES = [7, 10, 11, 11, 13, 11, 8, 11, 9, 9, 12, 15, 5, 12, 12, 12, 2, 7, 12, 4, 10, 12, 14, 8, 9, 7,
+                      10, 9, 12, 11, 9, 8, 15, 6, 13, 10, 15, 3, 11, 12, 7, 6, 9, 11, 12, 7, 13, 10, 1, 9, 12, 13,
+                      10, 10, 12, 13, 13, 1, 12, 14, 9, 15, 10, 11]
+
+
+def test_recover_codes_on_the_bf16_gptq_group_the_export_refused():
+    """The smallest gap between its bf16 values (0.0547) is an ulp short of the step (0.0576): the old
+    lattice estimate then put -0.574 (k = -10) and -0.520 (k = -9) both on k = -10 and refused the
+    model. The codes, zero and every bf16 value come back exactly."""
+    cfg = QuantConfig(4, 64)
+    k = torch.tensor([SMOLLM2_GPTQ_CODES], dtype=torch.float32) - 11
+    w_hat = (k * torch.tensor(0.05755208432674408)).to(torch.bfloat16)
+    c = export.recover_codes(w_hat, cfg)
+    assert c.lattice_groups == 1 and c.max_abs_err == 0.0
+    assert torch.equal(c.q.float() - c.zero, k) and int(c.zero) == 11
+    assert torch.equal(dequantize(c.q.float(), c.scale, c.zero, cfg).to(torch.bfloat16), w_hat)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sym", [False, True])
+def test_recover_codes_on_low_precision_groups_without_an_end_code(dtype, sym):
+    """16384 groups that lost their lowest code (as GPTQ's and flips' can), stored in bf16/fp16: every
+    one needs the lattice and comes back bit for bit (before the fix 4 asymmetric bf16 ones were refused).
+    Genuinely off-grid weights of the same dtype are still refused."""
+    cfg = QuantConfig(4, 64, sym)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, 256, generator=g) * 0.05
+    scale, zero = compute_qparams(w, cfg)
+    q = quantize(w, scale, zero, cfg).clamp(min=-6 if sym else 1)
+    w_hat = dequantize(q, scale, zero, cfg).to(dtype)
+    c = export.recover_codes(w_hat, cfg)
+    assert c.max_abs_err == 0.0 and c.lattice_groups > (6000 if sym else 16000)
+    assert torch.equal(dequantize(c.q.float(), c.scale, c.zero, cfg).to(dtype), w_hat)
+    with pytest.raises(AwqnbError, match="not on a 4-bit grid"):
+        export.recover_codes((torch.randn(64, 256, generator=g) * 0.05).to(dtype), cfg)
 
 
 def test_format_refusals_are_clear(tiny, tmp_path, monkeypatch):
