@@ -231,8 +231,11 @@ def read_yaml_mapping(path: str | Path, what: str, shape: str) -> dict:
 
     try:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise AwqnbError(f"{what} {path} is not UTF-8 text (a binary file?); give a YAML mapping {shape}.") from e
     except (OSError, yaml.YAMLError) as e:
-        raise AwqnbError(f"cannot read {what} {path}: {e}") from e
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise AwqnbError(f"cannot read {what} {path}: {first}") from e
     if not isinstance(doc, dict):
         raise AwqnbError(f"{what} {path} must be a YAML mapping {shape}.")
     return doc

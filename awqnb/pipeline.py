@@ -127,13 +127,17 @@ class QuantResult:
         from . import tensorjson
 
         d = tensorjson.load(path)
-        layers = []
-        for r in d["layers"]:
-            r = dict(r)
-            r["groups"] = {g: GroupSearch(**s) for g, s in r["groups"].items()}
-            layers.append(LayerRecord(**r))
-        return cls(MethodConfig.from_dict(d["config"]), d["model_name"], d["model_type"],
-                   d["calibration"], layers, d["timings"], d["versions"])
+        try:
+            layers = []
+            for r in d["layers"]:
+                r = dict(r)
+                r["groups"] = {g: GroupSearch(**s) for g, s in r["groups"].items()}
+                layers.append(LayerRecord(**r))
+            return cls(MethodConfig.from_dict(d["config"]), d["model_name"], d["model_type"],
+                       d["calibration"], layers, d["timings"], d["versions"])
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise AwqnbError(f"{path} is not a complete quantization record ({type(e).__name__}: {e}); "
+                             "re-save it with `awqnb quantize`.") from e
 
 
 def _input_keys(spec: ArchSpec) -> dict[str, str]:
