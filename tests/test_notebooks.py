@@ -197,3 +197,16 @@ def test_compare_methods_records_datasets_verdicts_and_claims(runs):
         assert v["ci_low"] <= v["delta_pct"] <= v["ci_high"]
         assert v["n_seeds"] == (1 if label == "fp" else 2) and ("seeds" in v["noise"] or label == "fp")
     assert m["skipped"] == {}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")))
+def test_a_notebook_opened_by_hand_writes_under_reports_not_notebooks(name):
+    """Jupyter runs a notebook in notebooks/: its default output_dir must lead out of it, into the
+    gitignored reports/ (papermill runs get their run directory injected)."""
+    import ast
+
+    from awqnb import report
+
+    default = ast.literal_eval(report.notebook_parameters(NOTEBOOK_DIR / f"{name}.ipynb")["output_dir"])
+    where = (NOTEBOOK_DIR / default).resolve()
+    assert where.is_relative_to(NOTEBOOK_DIR.parent.resolve() / "reports"), where
