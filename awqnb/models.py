@@ -446,18 +446,9 @@ def _load_errors(name: str):
 
 
 def read_config(model_dir: str | Path) -> dict:
-    """config.json of a model directory as a dict, or AwqnbError (missing, not JSON, not a mapping)."""
-    f = Path(model_dir) / "config.json"
-    try:
-        conf = json.loads(f.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise AwqnbError(f"{model_dir} is not a Hugging Face model directory (no config.json).") from e
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise AwqnbError(f"{f} is unreadable or not valid JSON ({e}); the checkpoint is damaged: "
-                         "re-download or re-save it.") from e
-    if not isinstance(conf, dict):
-        raise AwqnbError(f"{f} is not a JSON object; the checkpoint is damaged: re-download or re-save it.")
-    return conf
+    """config.json of a model directory as a dict, or AwqnbError (missing, not JSON, not a mapping,
+    malformed quantization records): `checkpoint.read_records`."""
+    return checkpoint.read_records(model_dir)[0]
 
 
 def _gguf_architecture(path: Path) -> str | None:
