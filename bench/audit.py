@@ -41,6 +41,9 @@ COMPARISONS = {  # key → comparison JSON (every per-window NLL)
     "gemma_g128": "h200/s18/gemma_g128/comparison_g128.json",
     "smol_g128": "h200/s18/smol_g128/comparison_g128.json",
     "gemma_cpu": "cpu_reflip_rope_gemma/comparison_g64.json",  # CPU, one seed, 20 windows
+    # five calibration seeds 42–46: the 3-seed runs above merged with seeds 45, 46 (bench/quality.py --merge)
+    "smol5": "quality/2026-12-03_h200_smollm2-135m_g64_5seeds/comparison_g64.json",
+    "gemma5": "quality/2026-12-03_h200_gemma3-270m_g64_5seeds/comparison_g64.json",
 }
 RESULTS = {  # key → bench/quality.py results.json of one-seed runs (every per-window NLL)
     "smol_cpu": "cpu_reflip_rope/results.json",  # CPU, SmolLM2, one seed, 40 windows
@@ -146,7 +149,7 @@ def t(key: str, label: str) -> str:
 def method_cells() -> dict[str, tuple[str, str]]:
     """Row key (the first cell of README's method table) → (SmolLM2 cell, Gemma cell), the figures
     recomputed here; the README's cells must carry the same numbers, verdict words and bold."""
-    S, M, G, C4, G128, S128 = "smol", "smol_more", "gemma", "gemma_c4ag", "gemma_g128", "smol_g128"
+    S, M, G, C4, G128, S128 = "smol5", "smol_more", "gemma5", "gemma_c4ag", "gemma_g128", "smol_g128"
 
     def vs(key, a, b, ds="wikitext2"):  # a verdict that claims a difference is bold
         iv = judge(key, a, b, ds)
@@ -161,9 +164,9 @@ def method_cells() -> dict[str, tuple[str, str]]:
         "`awq`": (f"{ms(S, 'awq')}, {t(S, 'awq')}",
                   f"{ms(G, 'awq')}, {t(G, 'awq')} (seed 42: {ppl(C4, 'awq', seed=42, nd=2)} / "
                   f"{ppl(C4, 'awq', 'c4', seed=42, nd=2)} / {ppl(C4, 'awq', 'ag_news', seed=42, nd=2)})"),
-        "`awq` reference style": (f"{ms(M, 'awq_ref')}, {vs(M, 'awq_ref', 'awq')}, {t(M, 'awq_ref')}",
+        "`awq` reference style": (f"{ms(S, 'awq_ref')}, {vs(S, 'awq_ref', 'awq')}, {t(S, 'awq_ref')}",
                                   f"{ms(G, 'awq_ref')}, {vs(G, 'awq_ref', 'awq')}, {t(G, 'awq_ref')}"),
-        "`awq_sh`": (f"{ms(M, 'awq_sh')}, {vs(M, 'awq_sh', 'awq')}, {t(M, 'awq_sh')}",
+        "`awq_sh`": (f"{ms(S, 'awq_sh')}, {vs(S, 'awq_sh', 'awq')}, {t(S, 'awq_sh')}",
                      f"{ms(G, 'awq_sh')}, {vs(G, 'awq_sh', 'awq')}, {t(G, 'awq_sh')}"),
         "`awq_dh`": (f"{ms(S, 'awq_dh')}, {vs(S, 'awq_dh', 'awq')}, {t(S, 'awq_dh')}",
                      f"{ms(G, 'awq_dh')}, {vs(G, 'awq_dh', 'awq')}, {t(G, 'awq_dh')}"),
@@ -173,9 +176,9 @@ def method_cells() -> dict[str, tuple[str, str]]:
                       f"(`gqa_rope=false`) {ms(S, 'awq_gqa@gqa_rope=false')}; post- against pre-RoPE "
                       f"{vs(S, 'awq_gqa', 'awq_gqa@gqa_rope=false')}",
                       f"{ms(G, 'awq_gqa')}, {vs(G, 'awq_gqa', 'awq')}, {t(G, 'awq_gqa')}"),
-        "`praq`": (f"{ms(M, 'praq')}, {vs(M, 'praq', 'awq')}, {t(M, 'praq')}",
+        "`praq`": (f"{ms(S, 'praq')}, {vs(S, 'praq', 'awq')}, {t(S, 'praq')}",
                    f"{ms(G, 'praq')}, {vs(G, 'praq', 'awq')}, {t(G, 'praq')}"),
-        "`robust_praq`": (f"{ms(M, 'robust_praq')}, {vs(M, 'robust_praq', 'awq')}, {t(M, 'robust_praq')}",
+        "`robust_praq`": (f"{ms(S, 'robust_praq')}, {vs(S, 'robust_praq', 'awq')}, {t(S, 'robust_praq')}",
                           f"{ms(G, 'robust_praq')}, {vs(G, 'robust_praq', 'awq')}, {t(G, 'robust_praq')}"),
         "`gptq`": (f"{ms(S, 'gptq')}, {vs(S, 'gptq', 'awq')}, {t(S, 'gptq')}",
                    f"{ms(G, 'gptq')}, {vs(G, 'gptq', 'awq')}, {t(G, 'gptq')}; against `llmc_gptq` "
