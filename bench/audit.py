@@ -34,21 +34,21 @@ ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "bench" / "results"
 
 COMPARISONS = {  # key → comparison JSON (every per-window NLL)
-    "smol": "h200/issue15_smollm2_g64/comparison_g64.json",  # session 16, SmolLM2 g64, 3 seeds
-    "smol_more": "h200/issue15_smollm2_g64_more/comparison_g64.json",  # session 17, the other SmolLM2 methods
-    "gemma": "h200/issue15_gemma_g64/comparison_g64.json",  # session 17, Gemma g64, 3 seeds (merged)
-    "gemma_c4ag": "h200/s17/gemma_c4ag/comparison_g64.json",  # session 17, Gemma C4 / AG News, 2 seeds (cut)
-    "gemma_g128": "h200/s18/gemma_g128/comparison_g128.json",
-    "smol_g128": "h200/s18/smol_g128/comparison_g128.json",
-    "gemma_cpu": "cpu_reflip_rope_gemma/comparison_g64.json",  # CPU, one seed, 20 windows
+    "smol": "quality/2026-12-02_h200_smollm2-135m_g64/comparison_g64.json",  # SmolLM2 g64, 3 seeds
+    "smol_more": "quality/2026-12-02_h200_smollm2-135m_g64_more/comparison_g64.json",  # the other SmolLM2 methods
+    "gemma": "quality/2026-12-02_h200_gemma3-270m_g64/comparison_g64.json",  # Gemma g64, 3 seeds (merged)
+    "gemma_c4ag": "quality/2026-12-02_h200_gemma3-270m_g64_run_c4ag/comparison_g64.json",  # Gemma C4 / AG News, 2 seeds (cut)
+    "gemma_g128": "quality/2026-12-02_h200_gemma3-270m_g128_run/comparison_g128.json",
+    "smol_g128": "quality/2026-12-02_h200_smollm2-135m_g128_run/comparison_g128.json",
+    "gemma_cpu": "quality/2026-12-02_cpu_gemma3-270m_g64_reflip-rope/comparison_g64.json",  # CPU, one seed, 20 windows
     # five calibration seeds 42–46: the 3-seed runs above merged with seeds 45, 46 (bench/quality.py --merge)
     "smol5": "quality/2026-12-03_h200_smollm2-135m_g64_5seeds/comparison_g64.json",
     "gemma5": "quality/2026-12-03_h200_gemma3-270m_g64_5seeds/comparison_g64.json",
 }
 RESULTS = {  # key → bench/quality.py results.json of one-seed runs (every per-window NLL)
-    "smol_cpu": "cpu_reflip_rope/results.json",  # CPU, SmolLM2, one seed, 40 windows
-    "gemma_42": "h200/gemma/gemma_42/results.json",  # session 16, Gemma seed 42
-    "gemma_b42": "h200/gemma/gemma_b42/results.json",
+    "smol_cpu": "quality/2026-12-02_cpu_smollm2-135m_g64_reflip-rope/results.json",  # CPU, SmolLM2, one seed, 40 windows
+    "gemma_42": "quality/2026-12-02_h200_gemma3-270m_g64_seed42_awq-variants/results.json",  # Gemma seed 42
+    "gemma_b42": "quality/2026-12-02_h200_gemma3-270m_g64_seed42_gptq-praq/results.json",
 }
 
 
@@ -349,11 +349,11 @@ PUBLISHED_PAIRS = [
 # verdicts published without per-window data in the repo: one seed (the rule cannot separate seeds
 # from method, whatever the data) or none kept
 UNSTORED = [
-    ("bench", "Issues 2–4 (H100, one seed, `results/h100/`: summaries only)",
+    ("bench", "Issues 2–4 (H100, one seed, `results/quality/2026-11-23_h100_*/`: summaries only)",
      "every delta with an interval excluding 0 in the issue 2, 3 and 4 tables and their seed-claims paragraphs "
      "(awq vs rtn, the flip methods and PRAQ vs awq, awq_ref vs awq; 34 in all), and README's Full-PRAQ vs "
      "Full-AWQ figures", "better / worse (bold)", "cannot separate seeds (one seed); not reproducible from the repo"),
-    ("both", "Issue 9 dtype (H200, 3 seeds, `results/h200/dtype_noise.md`: summaries only)",
+    ("both", "Issue 9 dtype (H200, 3 seeds, `results/seed_noise/2026-12-02_h200_smollm2-135m_dtype/dtype_noise.md`: summaries only)",
      "awq bf16 vs fp32 search +0.113 ppl [+0.079, +0.147]; awq_dh within noise", "worse; within noise",
      "not re-judged: no per-window data kept"),
 ]

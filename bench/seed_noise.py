@@ -7,7 +7,7 @@ with its 95% interval and verdict from `awqnb.stats` (the one verdict rule: a t 
 seeds' paired differences combined with the windows' shared sampling noise; fewer than 3 seeds
 give no verdict).
 
-  python bench/seed_noise.py /tmp/q --a fp32 --b bf16 --out bench/results/h200/dtype_noise.md
+  python bench/seed_noise.py /tmp/q --a fp32 --b bf16 --out bench/results/seed_noise/2026-12-02_h200_smollm2-135m_dtype/dtype_noise.md
 """
 from __future__ import annotations
 
