@@ -316,16 +316,23 @@ def test_llmc_methods_run_in_the_comparison(setup):
     assert all(torch.unique(row).numel() <= 16 for row in lin.weight.detach().view(lin.out_features, -1, 32)[:, 0])
 
 
+def _bench_quality(args: list[str]) -> int:
+    """bench/quality.py run as a script (tests do not import bench scripts)."""
+    import subprocess
+
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), *map(str, args)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.returncode
+
+
 def test_bench_quality_on_the_runner(tmp_path, monkeypatch):
     """bench/quality.py with --seeds on a tiny model: tidy JSON, a table of mean ± sd and verdicts."""
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    import quality
-
     calib = tmp_path / "calib.txt"
     calib.write_text("The tower is 324 metres tall, about the same height as an 81-storey building. " * 60)
     out = tmp_path / "q"
     _hide_llmcompressor(monkeypatch)
-    rc = quality.main(["--model", "tiny-random-llama", "--methods", "rtn,awq@n_grid=2,llmc_gptq", "--seeds", "1,2",
+    rc = _bench_quality(["--model", "tiny-random-llama", "--methods", "rtn,awq@n_grid=2,llmc_gptq", "--seeds", "1,2",
                        "--group-sizes", "32", "--datasets", "wikitext2", "--seqlen", "64", "--max-windows", "3",
                        "--n-calib", "2", "--calib-seqlen", "32", "--calib-dataset", str(calib), "--device", "cpu",
                        "--baseline", "rtn", "--out", str(out)])
@@ -341,11 +348,11 @@ def test_bench_quality_on_the_runner(tmp_path, monkeypatch):
     assert "llmc_gptq" in md and "skipped" in md
     # a run split by seeds merges back into one comparison
     for seed in ("1", "2"):
-        assert quality.main(["--model", "tiny-random-llama", "--methods", "rtn,awq", "--seeds", seed, "--group-sizes",
+        assert _bench_quality(["--model", "tiny-random-llama", "--methods", "rtn,awq", "--seeds", seed, "--group-sizes",
                              "32", "--datasets", "wikitext2", "--seqlen", "64", "--max-windows", "3", "--n-calib", "2",
                              "--calib-seqlen", "32", "--calib-dataset", str(calib), "--device", "cpu",
                              "--out", str(out / f"s{seed}")]) == 0
-    assert quality.main(["--merge", f"{out / 's1'},{out / 's2'}", "--baseline", "rtn", "--also-vs", "awq,nope",
+    assert _bench_quality(["--merge", f"{out / 's1'},{out / 's2'}", "--baseline", "rtn", "--also-vs", "awq,nope",
                          "--out", str(out / "m")]) == 0
     vmd = (out / "m" / "verdicts.md").read_text()  # every method against rtn and against awq
     assert "## g32 vs rtn" in vmd and "## g32 vs awq" in vmd and "## g32 vs nope: did not run" in vmd
@@ -364,13 +371,13 @@ def test_bench_quality_on_the_runner(tmp_path, monkeypatch):
     cut = runner.Comparison([r for r in whole.runs if r.shared or r.seed == 1], whole.provenance, None, {})
     (out / "cut").mkdir()
     cut.to_json(out / "cut" / "comparison_g32.json")
-    assert quality.main(["--merge", str(out / "cut"), "--baseline", "rtn", "--out", str(out / "cm")]) == 0
+    assert _bench_quality(["--merge", str(out / "cut"), "--baseline", "rtn", "--out", str(out / "cm")]) == 0
     head = (out / "cm" / "summary.md").read_text().splitlines()[0]
     assert "(seeds 1; requested 1, 2)" in head and "over 1 calibration seed " in head
     assert whole.per_seed("rtn", "wikitext2")[1].nll == merged.per_seed("rtn", "wikitext2")[2].nll
     assert "± " in (out / "m" / "summary.md").read_text()
     # --seed alone still works (one seed)
-    rc = quality.main(["--model", "tiny-random-llama", "--methods", "rtn", "--seed", "7", "--group-sizes", "32",
+    rc = _bench_quality(["--model", "tiny-random-llama", "--methods", "rtn", "--seed", "7", "--group-sizes", "32",
                        "--datasets", "wikitext2", "--seqlen", "64", "--max-windows", "2", "--device", "cpu",
                        "--out", str(out / "one")])
     assert rc == 0 and json.loads((out / "one" / "comparison_g32.json").read_text())["provenance"]["seeds"] == [7]
