@@ -226,6 +226,9 @@ def evaluate(model, tokens, args, dev, eval_dtype):
 
 # --- main ---------------------------------------------------------------------------------------
 
+from _common import run_dir, write_run_info  # noqa: E402 — bench/ is on sys.path when run as a script
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -251,7 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True, warn_only=True) and CUBLAS_WORKSPACE_CONFIG=:4096:8; "
                         "the warnings name the ops without a deterministic kernel")
-    p.add_argument("--out", default="bench/results/determinism")
+    p.add_argument("--out", default=None, help="default: bench/results/determinism/<date>_<device>_<model>/")
     args = p.parse_args(argv)
     if args.runs < 2:
         p.error("--runs must be at least 2 (a run is compared with the first)")
@@ -272,8 +275,7 @@ def main(argv=None) -> int:
 
     dev = resolve_device(args.device)
     eval_dtype = getattr(torch, args.eval_dtype) if dev.type == "cuda" else torch.float32
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = write_run_info(args.out or run_dir("determinism", args.model, dev), dev)
     names = [n for s in args.methods.split(",") if s
              for n in ((["awq_ref"] + sorted(REGISTRY)) if s == "all" else [s])]
     specs = [parse_spec(s) for s in names]

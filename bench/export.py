@@ -293,6 +293,9 @@ def behavior(models: list[dict]) -> str:
             "and speed after loading are those of the bf16 model; the packed format saves disk and download.")
 
 
+from _common import run_dir, write_run_info  # noqa: E402 — bench/ is on sys.path when run as a script
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="smollm2-135m@64,llama3-8b-random@128", help="name or name@group_size, comma-separated")
@@ -312,13 +315,14 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-max-windows", type=int, default=None, help="default: the full test set")
     p.add_argument("--work", default=None, help="where packed checkpoints are written (default OUT/work)")
     p.add_argument("--keep", action="store_true", help="keep the packed checkpoints")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default=None, help="default: bench/results/export/<date>_<device>_<models>/")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     export.require_compressed_tensors()
     device = resolve_device(args.device)
-    out_dir = Path(args.out)
+    out_dir = write_run_info(args.out or run_dir("export", "-".join(m.split("@")[0] for m in args.models.split(",")),
+                                                   device), device)
     work = Path(args.work) if args.work else out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     vers = dict(versions(), **export.versions())

@@ -92,6 +92,9 @@ def build_specs(specs, bits: int, g: int, args, dev) -> list[MethodSpec]:
     return out
 
 
+from _common import run_dir, write_run_info  # noqa: E402 — bench/ is on sys.path when run as a script
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None, help="one calibration seed instead of --seeds' default five")
     p.add_argument("--calib-batch-size", type=int, default=None,
                    help="calibration samples per forward (default 64 on GPU, 16 on CPU)")
-    p.add_argument("--out", default="bench/results/quality")
+    p.add_argument("--out", default=None, help="default: bench/results/quality/<date>_<device>_<model>/")
     p.add_argument("--also-vs", default="",
                    help="more baselines, comma-separated: verdicts.md has every method against each of them")
     p.add_argument("--merge", default=None,
@@ -156,8 +159,7 @@ def _merge(args) -> int:
     ds = prov.get("datasets", [])
     args.seqlen = ds[0]["seqlen"] if ds else args.seqlen
     args.n_samples = next((d.get("n_texts") for d in ds if d["protocol"] == "sample"), args.n_samples)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = write_run_info(args.out or run_dir("quality", args.model, prov.get("device"), "merged"))
     md = write_outputs(out, args, prov.get("device"), prov.get("eval_dtype"), labels, baseline, done,
                        final=all(c.provenance.get("complete") for c in done.values()))
     sys.stdout.write(md)
@@ -177,8 +179,7 @@ def _run(args) -> int:
     args.seeds = list(check_seeds(args.seeds))
     dev = resolve_device(args.device)
     eval_dtype = getattr(torch, args.eval_dtype) if dev.type == "cuda" else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = write_run_info(args.out or run_dir("quality", args.model, dev), dev)
     specs = [parse_spec(s) for s in args.methods.split(",") if s]
     labels = [s[0] for s in specs]
     baseline = args.baseline or ("rtn" if "rtn" in labels else labels[0])

@@ -153,6 +153,9 @@ def run_llmc(model, cfg, which: str, calib: Calibration, device) -> dict:
             "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9 if cuda else None}
 
 
+from _common import run_dir, write_run_info  # noqa: E402 — bench/ is on sys.path when run as a script
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="llama3-8b")
@@ -167,12 +170,11 @@ def main(argv=None) -> int:
     p.add_argument("--llmc", default="", help="llm-compressor methods to run beside: awq, gptq")
     p.add_argument("--llmc-layers", type=int, default=4)
     p.add_argument("--llmc-shapes", default="", help="shapes for llm-compressor (default: the first)")
-    p.add_argument("--out", default="bench/results/scale")
+    p.add_argument("--out", default=None, help="default: bench/results/scale/<date>_<device>_<shapes>/")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("awqnb").setLevel(logging.WARNING)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = write_run_info(args.out or run_dir("scale", args.shapes.replace(",", "-"), args.device), args.device)
     device = torch.device(args.device)
     rows = []
 

@@ -72,6 +72,9 @@ def md_table(rows: list[dict], cols: list[str], fmt: dict | None = None) -> str:
     return "\n".join(out)
 
 
+from _common import run_dir, write_run_info  # noqa: E402 — bench/ is on sys.path when run as a script
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", help="compute dtype of the search and the sensitivity forwards")
     p.add_argument("--eval-dtype", default="float32", help="dtype of the full-perplexity evaluations")
     p.add_argument("--load-dtype", default="auto", help="storage dtype of the model (auto: the checkpoint's own)")
-    p.add_argument("--out", default="bench/results/sensitivity")
+    p.add_argument("--out", default=None, help="default: bench/results/sensitivity/<date>_<device>_<model>/")
     p.add_argument("--n-windows", type=int, default=8, help="sensitivity slice: windows")
     p.add_argument("--seqlen", type=int, default=512, help="sensitivity slice: window length")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="full WikiText-2 perplexity window (GPTQ protocol)")
@@ -105,8 +108,7 @@ def main(argv=None) -> int:
 
     dev = resolve_device(args.device)
     eval_dtype = getattr(torch, args.eval_dtype)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = write_run_info(args.out or run_dir("sensitivity", args.model, dev), dev)
     fp_model, tok = load_model(args.model, tokenizer=args.tokenizer, dtype=args.load_dtype)
     tokens = load_eval_tokens(tok, "wikitext2")
     calib = load_calibration(tok, args.calib_dataset, n_calib=args.n_calib, seqlen=args.calib_seqlen, seed=args.seed)

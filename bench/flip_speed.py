@@ -2,7 +2,7 @@
 same calibration set, same device, in one run; prints each method's time as a ratio to awq.
 Target (METHODS.md): awq_sh <= 1.2x awq.
 
-    python bench/bench_flip_speed.py [--model smollm2-135m] [--device auto] [--n-calib 128]
+    python bench/flip_speed.py [--model smollm2-135m] [--device auto] [--n-calib 128]
         [--calib-seqlen 512] [--group-size 128] [--n-grid 20] [--repeats 1]
         [--methods awq,awq_sh,awq_dh,awq_js,awq_gqa] [--json out.json]
 

@@ -1,6 +1,6 @@
 """How fast the α explorer answers: α-slider moves and group changes on a real model.
 
-    python bench/alpha_explorer_latency.py [--model smollm2-135m] [--layer 28] [--n-calib 16]
+    python bench/widgets_latency.py [--model smollm2-135m] [--layer 28] [--n-calib 16]
         [--device cpu] [--threads N]
 
 For every scale group of the layer: the time to (re)compute the α→loss curve when the group is

@@ -2,7 +2,7 @@
 channel groups of a synthetic SiLU MLP, and the down_proj output error after 4-bit AWQ whose α
 search each of them drives. Deterministic (seed 0); a few seconds on a CPU.
 
-    python bench/loud_silence.py [--seed 0] [--p-burst 0.02]
+    python bench/probes/loud_silence.py [--seed 0] [--p-burst 0.02]
 
 Groups (awqnb/synthetic.py): A steady moderate, B dead just below τ with rare large bursts,
 C quiet. Errors are mean squared errors of the layer output on held-out tokens: all of them, the
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pandas as pd  # noqa: E402
 

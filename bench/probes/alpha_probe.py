@@ -7,7 +7,7 @@ to intermediate channels with the diagonal approximation
 and print, per α, the loss (mean over tokens of ‖ΔMLP(x)‖²), its share carried by the 10 worst tokens
 and by the top intermediate channels.
 
-  python bench/alpha_probe.py --model smollm2-135m --layer 28 --group-size 64 --n-calib 32
+  python bench/probes/alpha_probe.py --model smollm2-135m --layer 28 --group-size 64 --n-calib 32
 """
 from __future__ import annotations
 

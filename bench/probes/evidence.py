@@ -1,6 +1,6 @@
 """Summarise the per-layer evidence that flip methods record (bench/quality.py's metadata.json).
 
-    python bench/evidence.py bench/results/quality/2026-11-23_h100_smollm2-135m_g64/metadata.json[.gz] [...]
+    python bench/probes/evidence.py bench/results/quality/2026-11-23_h100_smollm2-135m_g64/metadata.json[.gz] [...]
 
 Prints one row per (run, method): flips as a fraction of weights, row error |e| before/after
 (mean over modules), Kneedle outlier fraction (awq_dh), James-Stein factor (awq_js, awq_gqa) and
