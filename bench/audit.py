@@ -256,7 +256,7 @@ def check_method_table(text: str) -> list[str]:
 # `old` is the published verdict: better / worse / within noise (the old vocabulary's 'tie' is
 # within noise; a bracketed interval without a word, excluding 0, is better/worse by the old rule).
 PUBLISHED = [
-    # session 16, SmolLM2 g64, 3 seeds: bench/README table and bullets, README method table
+    # SmolLM2 g64, 3 seeds (first H200 runs): bench/README table and bullets, README method table
     ("both", "SmolLM2 g64", "smol", "rtn", "awq", "worse"),
     ("both", "SmolLM2 g64", "smol", "awq_dh", "awq", "better"),
     ("both", "SmolLM2 g64", "smol", "awq_js", "awq", "better"),
@@ -275,13 +275,13 @@ PUBLISHED = [
     ("both", "SmolLM2 g64", "smol", "awq_gqa", "awq_gqa@gqa_rope=false", "within noise"),
     ("bench", "SmolLM2 g64", "smol", "awq_gqa", "awq_js", "within noise"),
     ("bench", "SmolLM2 g64", "smol", "awq_gqa@gqa_rope=false", "awq_js", "better"),
-    # session 17, the other SmolLM2 methods (vs that run's awq)
+    # the other SmolLM2 methods (second H200 runs) (vs that run's awq)
     ("both", "SmolLM2 g64", "smol_more", "awq_ref", "awq", "within noise"),
     ("both", "SmolLM2 g64", "smol_more", "awq_sh", "awq", "better"),
     ("both", "SmolLM2 g64", "smol_more", "praq", "awq", "within noise"),
     ("both", "SmolLM2 g64", "smol_more", "robust_praq", "awq", "within noise"),
     ("both", "SmolLM2 g64, seed 42", "smol_more", "llmc_awq", "awq", "worse"),
-    # session 17, Gemma g64, 3 seeds
+    # Gemma g64, 3 seeds (second H200 runs)
     ("both", "Gemma g64", "gemma", "awq_ref", "awq", "within noise"),
     ("both", "Gemma g64", "gemma", "awq_sh", "awq", "better"),
     ("both", "Gemma g64", "gemma", "awq_dh", "awq", "better"),
@@ -322,14 +322,14 @@ PUBLISHED = [
     ("bench", "Gemma g64 AG News, 2 seeds", "gemma_c4ag", "gptq", "llmc_gptq", "within noise", "ag_news"),
     ("both", "Gemma g64 C4, 2 seeds", "gemma_c4ag", "awq_gptq", "llmc_gptq", "better", "c4"),
     ("both", "Gemma g64 AG News, 2 seeds", "gemma_c4ag", "awq_gptq", "llmc_gptq", "better", "ag_news"),
-    # session 18, g128, 3 seeds
+    # g128, 3 seeds (third H200 runs)
     ("bench", "Gemma g128", "gemma_g128", "awq", "gptq", "worse"),
     ("bench", "Gemma g128", "gemma_g128", "awq_gptq", "gptq", "within noise"),
     ("bench", "Gemma g128", "gemma_g128", "llmc_gptq", "gptq", "within noise"),
     ("bench", "Gemma g128", "gemma_g128", "awq_gptq", "llmc_gptq", "within noise"),
     ("bench", "SmolLM2 g128", "smol_g128", "awq", "gptq", "worse"),
     ("bench", "SmolLM2 g128", "smol_g128", "awq_gptq", "gptq", "better"),
-    # one seed, per-window data stored: CPU ReFlip runs and session 16's Gemma seed 42
+    # one seed, per-window data stored: CPU ReFlip runs and the first H200 runs' Gemma seed 42
     ("bench", "Gemma g64 CPU, 1 seed", "gemma_cpu", "awq_gqa", "awq_js", "within noise"),
     ("bench", "Gemma g64 CPU, 1 seed", "gemma_cpu", "awq_gqa@gqa_rope=false", "awq_js", "worse"),
     ("bench", "Gemma g64 CPU, 1 seed", "gemma_cpu", "awq_gqa", "awq_gqa@gqa_rope=false", "better"),

@@ -1,4 +1,4 @@
-"""Issue 15, item 2: is quantization run-to-run deterministic, and does it amplify tiny numeric differences?
+"""Is quantization run-to-run deterministic, and does it amplify tiny numeric differences?
 
 For each method spec in --methods (quality.py's syntax: a registered method, the `awq_ref` preset,
 overrides after '@' such as `awq@alpha_select=smooth`), on one device:
@@ -24,9 +24,9 @@ Writes `determinism.json` (provenance, per-run hashes and timings, per-group mar
 perplexities) and `determinism.md` to --out. Imports only torch, transformers, pandas, numpy and awqnb.
 
 GPU (the issue-15 settings; the bf16 run is what bench/quality.py does by default):
-  python bench/determinism.py --model smollm2-135m --device cuda --out bench/results/h200/determinism_bf16
+  python bench/determinism.py --model smollm2-135m --device cuda
   python bench/determinism.py --model smollm2-135m --device cuda --load-dtype float32 --dtype float32 \\
-      --methods awq,awq@alpha_select=smooth,awq_ref,awq_dh --perturb --out bench/results/h200/determinism_perturb
+      --methods awq,awq@alpha_select=smooth,awq_ref,awq_dh --perturb
 CPU smoke run:
   python bench/determinism.py --model tiny-random-llama --device cpu --n-calib 4 --calib-seqlen 64 \\
       --methods awq,gptq --perturb --seqlen 128 --max-windows 4 --out /tmp/det

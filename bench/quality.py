@@ -24,10 +24,10 @@ A run that does not fit one call can be split (by methods or by seeds, same othe
 the pieces merged: `--merge dirA,dirB --out dirAB [--baseline X]` reads their comparison JSON files
 and writes the combined tables (verdicts then pair methods of different pieces).
 
-Example (issue 15, SmolLM2 g64, five calibration seeds (the default); see bench/README.md):
+Example (SmolLM2 g64, five calibration seeds (the default); see bench/README.md):
   python bench/quality.py --model smollm2-135m --group-sizes 64 --datasets wikitext2 \
       --methods fp,rtn,awq,awq_ref,awq_sh,awq_dh,awq_js,awq_gqa,praq,gptq,awq_gptq,llmc_awq,llmc_gptq \
-      --baseline awq --device cuda:0 --out bench/results/issue15_smollm2_g64
+      --baseline awq --device cuda:0
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ PRESETS = {
     "awq_ref": ("awq", dict(salience="l1", duo_scaling=True, clip=True, propagate="fp")),
 }
 RUN_KEYS = ("n_calib", "calib_seqlen", "calib_dataset")
-DEFAULT_SEEDS = "42,43,44,45,46"  # five: where the bench makes claims (issue 25)
+DEFAULT_SEEDS = "42,43,44,45,46"  # five: where the bench makes claims
 
 
 def parse_spec(spec: str) -> tuple[str, str, dict, dict, dict]:

@@ -10,7 +10,7 @@ Shapes: llama3-8b, qwen2.5-7b, llama3-70b (any with `:N` for N layers, e.g. llam
 (CPU smoke run). Calibration: `--n-calib` random token sequences of `--seqlen`, seed `--seed`.
 
   python bench/scale.py --shapes llama3-8b,llama3-70b:4,llama3-70b:8 --methods awq,awq_dh \
-      --group-size 128 --device cuda:0 --llmc awq --out bench/results/h200-scale
+      --group-size 128 --device cuda:0 --llmc awq
 Writes results.json (provenance + every row) and summary.md.
 """
 from __future__ import annotations

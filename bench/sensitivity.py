@@ -1,4 +1,4 @@
-"""Which layers hurt (issue 11, item 5): end-to-end sensitivity, and how much of each method's gap
+"""Which layers hurt: end-to-end sensitivity, and how much of each method's gap
 to FP keeping the most sensitive families at 8 bits closes — measured with real quantization runs.
 
 For one model and group size, per method (rtn, awq):
@@ -24,7 +24,7 @@ measured on (~1.3% of its tokens), for every strategy alike.
 
 Example (H200):
   python bench/sensitivity.py --model smollm2-135m --group-size 64 --methods rtn,awq --device cuda \
-      --dtype float32 --out bench/results/h200/sensitivity_smollm2_g64
+      --dtype float32
 """
 from __future__ import annotations
 

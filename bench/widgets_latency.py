@@ -5,7 +5,7 @@
 
 For every scale group of the layer: the time to (re)compute the α→loss curve when the group is
 selected, then the time of each α-slider move over 0, 0.25, …, 1 (`AlphaExplorer.timings`),
-driven through the widgets' own API as a user's slider would. The target (issue 5) is "well under
+driven through the widgets' own API as a user's slider would. The target is "well under
 a second" per slider move; the ratio column is the move time against that 1 s budget.
 """
 from __future__ import annotations

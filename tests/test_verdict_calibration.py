@@ -4,7 +4,7 @@ Per-window NLLs of a method A and a baseline B are simulated the way a compariso
 a window difficulty both share (it cancels in the pairing), a method × window effect (the same
 windows score every seed, so it does not average away over seeds), a per-seed calibration effect
 of each method, and per-seed × window noise. Magnitudes are those measured on the H200 runs
-(bench/results/h200: per-window sd of the paired difference ≈ 0.01–0.03 nats between methods, a
+(bench/results/quality/*_h200_*: per-window sd of the paired difference ≈ 0.01–0.03 nats between methods, a
 seed sd of the difference of 0.003–0.04 nats, 148 windows). With NO true difference the rule may
 say 'better' or 'worse' in at most 7% of 2,000 comparisons (nominal 5%); with a true difference
 the test prints the power (`pytest -s tests/test_verdict_calibration.py`).
