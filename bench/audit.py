@@ -339,21 +339,21 @@ PUBLISHED = [
 ]
 # one seed in two runs of one session (gemma_42: the AWQ variants; gemma_b42: gptq, awq_gptq, praq)
 PUBLISHED_PAIRS = [
-    ("bench", "Gemma g64, seed 42 (session 16)", ("gemma_42", "awq"), ("gemma_b42", "gptq"), "worse"),
-    ("bench", "Gemma g64, seed 42 (session 16)", ("gemma_42", "awq_ref"), ("gemma_b42", "gptq"), "worse"),
-    ("bench", "Gemma g64, seed 42 (session 16)", ("gemma_42", "awq_sh"), ("gemma_b42", "gptq"), "worse"),
-    ("bench", "Gemma g64, seed 42 (session 16)", ("gemma_42", "awq_dh"), ("gemma_b42", "gptq"), "worse"),
-    ("bench", "Gemma g64, seed 42 (session 16)", ("gemma_b42", "praq"), ("gemma_b42", "gptq"), "worse"),
-    ("bench", "Gemma g64, seed 42 (session 16)", ("gemma_b42", "awq_gptq"), ("gemma_b42", "gptq"), "better"),
+    ("bench", "Gemma g64, seed 42 (first H200 runs)", ("gemma_42", "awq"), ("gemma_b42", "gptq"), "worse"),
+    ("bench", "Gemma g64, seed 42 (first H200 runs)", ("gemma_42", "awq_ref"), ("gemma_b42", "gptq"), "worse"),
+    ("bench", "Gemma g64, seed 42 (first H200 runs)", ("gemma_42", "awq_sh"), ("gemma_b42", "gptq"), "worse"),
+    ("bench", "Gemma g64, seed 42 (first H200 runs)", ("gemma_42", "awq_dh"), ("gemma_b42", "gptq"), "worse"),
+    ("bench", "Gemma g64, seed 42 (first H200 runs)", ("gemma_b42", "praq"), ("gemma_b42", "gptq"), "worse"),
+    ("bench", "Gemma g64, seed 42 (first H200 runs)", ("gemma_b42", "awq_gptq"), ("gemma_b42", "gptq"), "better"),
 ]
 # verdicts published without per-window data in the repo: one seed (the rule cannot separate seeds
 # from method, whatever the data) or none kept
 UNSTORED = [
-    ("bench", "Issues 2–4 (H100, one seed, `results/quality/2026-11-23_h100_*/`: summaries only)",
-     "every delta with an interval excluding 0 in the issue 2, 3 and 4 tables and their seed-claims paragraphs "
+    ("bench", "H100, one seed (`results/quality/2026-11-23_h100_*/`: summaries only)",
+     "every delta with an interval excluding 0 in the H100 one-seed tables and their seed-claims paragraphs "
      "(awq vs rtn, the flip methods and PRAQ vs awq, awq_ref vs awq; 34 in all), and README's Full-PRAQ vs "
      "Full-AWQ figures", "better / worse (bold)", "cannot separate seeds (one seed); not reproducible from the repo"),
-    ("both", "Issue 9 dtype (H200, 3 seeds, `results/seed_noise/2026-12-02_h200_smollm2-135m_dtype/dtype_noise.md`: summaries only)",
+    ("both", "bf16 vs fp32 search (H200, 3 seeds, `results/seed_noise/2026-12-02_h200_smollm2-135m_dtype/dtype_noise.md`: summaries only)",
      "awq bf16 vs fp32 search +0.113 ppl [+0.079, +0.147]; awq_dh within noise", "worse; within noise",
      "not re-judged: no per-window data kept"),
 ]
