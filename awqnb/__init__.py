@@ -7,7 +7,7 @@ __all__ = ["quantize_with_awq", "detect_quantization"]
 def __getattr__(name):
     # lazy: `import awqnb` stays light (no torch) until the API is used
     if name in __all__:
-        from . import api
+        from awqnb import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'awqnb' has no attribute {name!r}")

@@ -14,8 +14,15 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
-from .errors import AwqnbError
+from awqnb.core.config import QuantConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.export import packed as export
+from awqnb.model import checkpoint, models
+from awqnb.model.data import Calibration
+from awqnb.model.models import short_name
+from awqnb.quant import pipeline
+from awqnb.quant.method_config import MethodConfig
+from awqnb.quant.methods import get_method
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +44,10 @@ def read_prompts(calib_path: str | Path) -> list[str]:
 
 def prompt_calibration(tokenizer, calib_path: str | Path, seqlen: int = 512, seed: int = 13,
                        chat_template: bool = False, max_prompts: int | None = None):
-    """An `awqnb.data.Calibration` with one sample per prompt (token ids, at most `seqlen`).
+    """An `awqnb.model.data.Calibration` with one sample per prompt (token ids, at most `seqlen`).
 
     chat_template: render each prompt as a user turn through the tokenizer's chat template (what
     a chat model sees at inference). max_prompts: keep that many, drawn with `seed`."""
-    from .data import Calibration
-
     prompts = read_prompts(calib_path)
     if max_prompts is not None and max_prompts < len(prompts):
         g = torch.Generator().manual_seed(seed)
@@ -71,8 +76,6 @@ def prompt_calibration(tokenizer, calib_path: str | Path, seqlen: int = 512, see
 
 def output_name(src: str, method: str, bits: int, group_size: int, skip_lm_head: bool, packed: bool) -> str:
     """`{base}_AWQ_w4_g128_headfp16` (+ `_quantized` for the packed model), as the seed names them."""
-    from .models import short_name
-
     g = "ch" if group_size == -1 else str(group_size)
     head = "headfp16" if skip_lm_head else "headq"
     name = f"{short_name(str(src))}_{method.upper()}_w{bits}_g{g}_{head}"
@@ -94,10 +97,6 @@ def quantize_with_awq(src, dst, calib_path, bits: int = 4, group_size: int = 128
     parameter, calibration file and its sha256, per-layer α and losses = the scaling data,
     versions) and the replay record `quant_result.json` + `.safetensors`.
     """
-    from . import export, models, pipeline
-    from .config import MethodConfig, QuantConfig
-    from .methods import get_method
-
     if format not in export.FORMATS:
         raise AwqnbError(f"format={format!r} is unknown; use one of {export.FORMATS}.")
     cfg = MethodConfig(backend, QuantConfig(bits, group_size, symmetric), params=method_params or {},
@@ -106,7 +105,7 @@ def quantize_with_awq(src, dst, calib_path, bits: int = 4, group_size: int = 128
     method_cls(cfg)  # validates the method's parameters
     packed = format == "packed"
     if packed:
-        export.require_compressed_tensors()
+        checkpoint.require_compressed_tensors()
     dest = Path(dst).expanduser() / output_name(src, cfg.method, bits, cfg.quant.group_size, skip_lm_head, packed)
     if dest.exists() and not overwrite and (not dest.is_dir() or any(dest.iterdir())):
         raise AwqnbError(f"{dest} already exists; pass overwrite=True or choose another dst.")

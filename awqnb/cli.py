@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import AwqnbError
+from awqnb.core.errors import AwqnbError
 
 log = logging.getLogger("awqnb")
 
@@ -41,7 +41,7 @@ _SEED_ALIASES = {"use_heuristic": ("--no-heuristic", False)}
 def _method_param_flags(p: argparse.ArgumentParser) -> None:
     """One flag per method parameter of every registered method (`outlier_percent` →
     `--outlier-percent`; booleans get `--x/--no-x`); the chosen method validates what it gets."""
-    from .methods import REGISTRY
+    from awqnb.quant.methods import REGISTRY
 
     defaults: dict = {}
     owners: dict = {}
@@ -103,7 +103,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def method_config(args):
-    from .config import MethodConfig, QuantConfig, SearchConfig
+    from awqnb.quant.method_config import MethodConfig
+    from awqnb.core.config import QuantConfig, SearchConfig
 
     return MethodConfig(
         method=args.method,
@@ -123,7 +124,7 @@ def method_config(args):
 
 def _plan(args):
     """The mixed-precision plan of --plan FILE or --keep LAYER.FAMILY[:BITS],... (None without)."""
-    from .plan import Plan
+    from awqnb.quant.plan import Plan
 
     plan_file, keep = getattr(args, "plan", None), getattr(args, "keep", None)
     if plan_file is not None and keep is not None:
@@ -141,12 +142,14 @@ def _plan(args):
 def cmd_quantize(args) -> int:
     import torch
 
-    from . import export, models, pipeline
-    from .data import load_calibration
-    from .methods import get_method
+    from awqnb.export import packed as export
+    from awqnb.model import models
+    from awqnb.quant import pipeline
+    from awqnb.model.data import load_calibration
+    from awqnb.quant.methods import get_method
 
     if args.list:
-        from .methods import REGISTRY
+        from awqnb.quant.methods import REGISTRY
 
         width = max(map(len, REGISTRY))
         for name, cls in sorted(REGISTRY.items()):
@@ -158,7 +161,7 @@ def cmd_quantize(args) -> int:
     method_cls = get_method(cfg.method)
     method_cls(cfg)  # validates method params before loading anything
     if method_cls.needs_calibration:
-        from .evaluate import check_positive
+        from awqnb.analysis.evaluate import check_positive
 
         check_positive(n_calib=(args.n_calib, 1), calib_seqlen=(args.calib_seqlen, 2))
     out_root = Path(args.output_dir)
@@ -171,7 +174,7 @@ def cmd_quantize(args) -> int:
     if args.group_size is None:
         args.group_size = _default_group_size(model)
         cfg = method_config(args)
-    from .plan import check_model
+    from awqnb.quant.plan import check_model
 
     check_model(cfg.plan, model, models.short_name(args.model))  # a layer or family it lacks: before calibration
     if args.format == "packed":
@@ -204,7 +207,7 @@ def _default_group_size(model) -> int:
     (SmolLM2's 576, the tiny models' 160), so the bare command works on every supported model."""
     from torch import nn
 
-    from .arch import blocks, resolve_spec
+    from awqnb.model.arch import blocks, resolve_spec
 
     widths = {m.in_features for b in blocks(model, resolve_spec(model)) for m in b.modules()
               if isinstance(m, nn.Linear)}
@@ -226,9 +229,11 @@ def _calibration_key(args) -> dict:
 
 
 def cmd_eval(args) -> int:
-    from . import checkpoint, export, models
-    from .data import EVAL_TEXT_SETS, EVAL_TOKEN_SETS, TEXT_FILE_SUFFIXES, dataset_info, is_text_file, load_eval_texts, load_eval_tokens
-    from .evaluate import check_positive, sample_perplexity, token_perplexity
+    from awqnb.model import checkpoint, models
+    from awqnb.export import packed as export
+    from awqnb.model.data import (EVAL_TEXT_SETS, EVAL_TOKEN_SETS, TEXT_FILE_SUFFIXES, dataset_info,
+                                  is_text_file, load_eval_texts, load_eval_tokens)
+    from awqnb.analysis.evaluate import check_positive, sample_perplexity, token_perplexity
 
     # settings and data are checked before the model loads
     check_positive(seqlen=(args.seqlen, 2), n_samples=(args.n_samples, 1))
@@ -254,11 +259,11 @@ def cmd_eval(args) -> int:
     local = Path(args.model).expanduser()
     records = checkpoint.read_records(local) if local.is_dir() else None  # malformed files: one line
     if export.is_packed(args.model):
-        export.require_compressed_tensors()  # a clear message instead of transformers' ImportError
+        checkpoint.require_compressed_tensors()  # a clear message instead of transformers' ImportError
     model, tok = models.load_model(args.model, device=device)
     meta = {"model": args.model, "method": "fp"}
     if records is not None and (records[1] or records[2]):
-        from .api import detect_quantization
+        from awqnb.api import detect_quantization
 
         d = detect_quantization(local)  # e.g. written by llm-compressor: no awqnb metadata
         if d["quantized"]:
@@ -291,8 +296,8 @@ def cmd_eval(args) -> int:
 def cmd_compare(args) -> int:
     import pandas as pd
 
-    from .evaluate import PerplexityResult, comparison_table
-    from .stats import SINGLE_RUN_NOTE
+    from awqnb.analysis.evaluate import PerplexityResult, comparison_table
+    from awqnb.analysis.stats import SINGLE_RUN_NOTE
 
     results: dict = {}
     names = []
@@ -315,7 +320,7 @@ def cmd_compare(args) -> int:
         sys.stdout.write(df.drop(columns=["noise"]).to_string(index=False) + "\n")
     sys.stdout.write(f"Note: {SINGLE_RUN_NOTE}\n")
     if args.csv:
-        from .files import atomic_write
+        from awqnb.core.files import atomic_write
 
         try:
             atomic_write(args.csv, df.to_csv(index=False))
@@ -325,7 +330,7 @@ def cmd_compare(args) -> int:
 
 
 def _read_params_file(path: str) -> dict:
-    from .files import read_yaml_mapping
+    from awqnb.core.files import read_yaml_mapping
 
     params = read_yaml_mapping(path, "--params", "of notebook parameter: value")
     for k, flag in (("model", "--models"), ("models", "--models"), ("methods", "--methods")):
@@ -337,7 +342,7 @@ def _read_params_file(path: str) -> dict:
 def cmd_report(args) -> int:
     import yaml
 
-    from .sweep import make_grid, run_sweep
+    from awqnb.workbench.sweep import make_grid, run_sweep
 
     params = _read_params_file(args.params) if args.params else {}
     for kv in args.param:
@@ -402,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs equal groups); fake: dequantized weights in the checkpoint's dtype (research copy)")
     q.add_argument("--list", action="store_true", help="list the available methods and exit")
     q.add_argument("--plan", default=None, metavar="FILE",
-                   help="mixed-precision plan JSON (awqnb.sensitivity.plan_from_sensitivity(...).to_json): "
+                   help="mixed-precision plan JSON (awqnb.analysis.sensitivity.plan_from_sensitivity(...).to_json): "
                         "(layer, family, bits) kept at 8 bits or 16 = floating point (default: none)")
     q.add_argument("--keep", default=None, metavar="L.FAMILY[:BITS],...",
                    help="keep these families at other bits, e.g. 12.down,28.gate_up:16 (bits default 8; "

@@ -1,4 +1,4 @@
-"""Audit the published results against bench/results/ under the calibrated verdict rule (awqnb.stats).
+"""Audit the published results against bench/results/ under the calibrated verdict rule (awqnb.analysis.stats).
 
 Two checks, both from the stored per-window NLLs (the comparison JSON files and results.json):
 
@@ -26,9 +26,9 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from awqnb import stats
-from awqnb.evaluate import PerplexityResult
-from awqnb.runner import Comparison
+from awqnb.analysis import stats
+from awqnb.analysis.evaluate import PerplexityResult
+from awqnb.compare.runner import Comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "bench" / "results"

@@ -76,7 +76,7 @@ def weights_sha256(model) -> str:
 
 def block_hashes(model) -> list[str]:
     """sha256 of each decoder block's state (parameters and buffers), in block order."""
-    from awqnb.arch import blocks, resolve_spec
+    from awqnb.model.arch import blocks, resolve_spec
 
     return [_sha(sorted(b.state_dict().items())) for b in blocks(model, resolve_spec(model))]
 
@@ -104,7 +104,7 @@ def alpha_choices(res) -> dict[str, float]:
 
 def margin_row(alphas: list[float], losses: list[float], how: str) -> dict:
     """Near-tie margin of one group's α choice on the curve `how` selects from."""
-    from awqnb.methods.awq import select_alpha, selection_curve
+    from awqnb.quant.methods.awq import select_alpha, selection_curve
 
     curve = selection_curve(losses, how)
     i = select_alpha(losses, how)
@@ -133,7 +133,7 @@ def margin_row(alphas: list[float], losses: list[float], how: str) -> dict:
 
 def margins(res) -> list[dict]:
     """One row per (layer, group, selection rule): the margins of `margin_row`, and loss/RTN."""
-    from awqnb.config import ALPHA_SELECT
+    from awqnb.core.config import ALPHA_SELECT
 
     rows = []
     for r in res.layers:
@@ -192,7 +192,7 @@ def perturbed_embeddings(model, eps: float, seed: int):
 
 def quantize_once(fp_model, cfg, calib, dev, model_name: str, perturb: tuple[float, int] | None = None):
     """(quantized copy, QuantResult, seconds, deterministic-mode warnings, perturbation stats)."""
-    from awqnb import pipeline
+    from awqnb.quant import pipeline
 
     model = copy.deepcopy(fp_model)  # a fresh exact copy, buffers included
     gc.collect()
@@ -213,8 +213,8 @@ def quantize_once(fp_model, cfg, calib, dev, model_name: str, perturb: tuple[flo
 
 
 def evaluate(model, tokens, args, dev, eval_dtype):
-    from awqnb.evaluate import token_perplexity
-    from awqnb.models import cast_parameters
+    from awqnb.analysis.evaluate import token_perplexity
+    from awqnb.model.models import cast_parameters
 
     m = copy.deepcopy(model)
     cast_parameters(m.to(dev), eval_dtype)
@@ -265,12 +265,13 @@ def main(argv=None) -> int:
         torch.use_deterministic_algorithms(True, warn_only=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-    from awqnb.data import load_calibration, load_eval_tokens
-    from awqnb.errors import AwqnbError
-    from awqnb.evaluate import bootstrap_delta
-    from awqnb.methods import REGISTRY, get_method
-    from awqnb.models import load_model, resolve_device, versions
+    from awqnb.quant.method_config import MethodConfig
+    from awqnb.core.config import QuantConfig, SearchConfig
+    from awqnb.model.data import load_calibration, load_eval_tokens
+    from awqnb.core.errors import AwqnbError
+    from awqnb.analysis.evaluate import bootstrap_delta
+    from awqnb.quant.methods import REGISTRY, get_method
+    from awqnb.model.models import load_model, resolve_device, versions
     from quality import RUN_KEYS, parse_spec
 
     dev = resolve_device(args.device)

@@ -39,9 +39,11 @@ from pathlib import Path
 
 import torch
 
-from awqnb import export, pipeline
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.models import load_model, resolve_device, versions
+from awqnb.export import packed as export
+from awqnb.quant import pipeline
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.model.models import load_model, resolve_device, versions
 
 log = logging.getLogger("bench.export")
 
@@ -150,7 +152,7 @@ def measure_model(spec: str, args, device, work: Path) -> dict:
     rec["bf16"]["generate"] = generation(model, device, vocab, args.batches, args.gen_tokens, args.prompt_len)
     calib = None
     if pipeline.get_method(cfg.method).needs_calibration:
-        from awqnb.data import load_calibration
+        from awqnb.model.data import load_calibration
 
         calib = load_calibration(tok, "wikitext2", n_calib=args.n_calib, seqlen=512, seed=42)
     t0 = time.perf_counter()
@@ -199,8 +201,8 @@ def measure_ppl(name: str, args, device, work: Path) -> dict:
     """Fake-quant vs reloaded-packed perplexity, full WikiText-2 test (GPTQ protocol)."""
     from transformers import AutoModelForCausalLM
 
-    from awqnb.data import load_calibration, load_eval_tokens
-    from awqnb.evaluate import token_perplexity
+    from awqnb.model.data import load_calibration, load_eval_tokens
+    from awqnb.analysis.evaluate import token_perplexity
 
     dtype = getattr(torch, args.dtype)
     model, tok = load_model(name, device=device, dtype=dtype)

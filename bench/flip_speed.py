@@ -26,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from awqnb import pipeline  # noqa: E402
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig  # noqa: E402
-from awqnb.data import load_calibration  # noqa: E402
-from awqnb.models import load_model, resolve_device, versions  # noqa: E402
+from awqnb.quant import pipeline  # noqa: E402
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig  # noqa: E402
+from awqnb.model.data import load_calibration  # noqa: E402
+from awqnb.model.models import load_model, resolve_device, versions  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:

@@ -1,10 +1,10 @@
 """Quality, wall time and peak memory of quantization methods on one model, over calibration seeds.
 
-One call of `awqnb.runner.run_comparison` per group size: for each calibration seed (`--seeds`,
+One call of `awqnb.compare.runner.run_comparison` per group size: for each calibration seed (`--seeds`,
 default five: 42…46; `--seed` for one) and method, a fresh exact copy of the FP model (deep copy, buffers included)
 is quantized (timed; peak GPU memory from torch.cuda.max_memory_allocated, reset per run) and
 evaluated (cast to `--eval-dtype` on a GPU); methods that use no calibration (fp, rtn) run once.
-Every method is compared with `--baseline` by `awqnb.stats` (the one verdict rule): delta % of the
+Every method is compared with `--baseline` by `awqnb.analysis.stats` (the one verdict rule): delta % of the
 mean over seeds of log(ppl / baseline ppl), a 95% interval combining a t interval over the seeds'
 paired differences with the windows' shared sampling noise, and a verdict (better / worse / within
 noise; 'cannot separate seeds' with fewer than 3 seeds). Five seeds by default: with three the
@@ -40,12 +40,13 @@ from pathlib import Path
 
 import torch
 
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.errors import AwqnbError
-from awqnb.models import load_model, resolve_device, versions
-from awqnb.reference import is_reference
-from awqnb.runner import CalibSpec, MethodSpec, check_seeds, eval_sets, run_comparison
-from awqnb.stats import seeds_note
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.model.models import load_model, resolve_device, versions
+from awqnb.compare.reference import is_reference
+from awqnb.compare.runner import CalibSpec, MethodSpec, check_seeds, eval_sets, run_comparison
+from awqnb.analysis.stats import seeds_note
 
 PRESETS = {
     "awq": ("awq", dict(salience="l2", propagate="quantized")),
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
 
 
 def _merge(args) -> int:
-    from awqnb.runner import Comparison
+    from awqnb.compare.runner import Comparison
 
     by_g: dict = {}
     for d in [x for x in args.merge.split(",") if x]:
@@ -264,7 +265,7 @@ def write_outputs(out: Path, args, dev, eval_dtype, labels, baseline, done: dict
           f"(token ppl) / max length {args.seqlen} (sample ppl, {args.n_samples} texts), device {dev}, eval dtype "
           f"{eval_dtype or 'the model’s'}. ppl: mean ± sd over {n} calibration seed{'s' if n > 1 else ''} "
           "(fp and rtn use no calibration: one run); delta % vs "
-          f"{baseline}: 100 (exp(mean over seeds of log ppl ratio) − 1), 95% CI and verdict by awqnb.stats. "
+          f"{baseline}: 100 (exp(mean over seeds of log ppl ratio) − 1), 95% CI and verdict by awqnb.analysis.stats. "
           + seeds_note(n) + ("" if final else " (INCOMPLETE: run cut off)"), ""]
     md += ["| group | method | dataset | ppl mean ± sd | per seed | quantize s | peak GB | "
            f"delta % vs {baseline} [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|---|"]
@@ -290,12 +291,12 @@ def seeds_ran(args, done: dict) -> list[int]:
 
 
 def verdicts_md(args, baseline, done: dict) -> str:
-    """Every method against `baseline` and each --also-vs baseline that ran (`awqnb.stats`)."""
+    """Every method against `baseline` and each --also-vs baseline that ran (`awqnb.analysis.stats`)."""
     bases = list(dict.fromkeys([baseline] + [b for b in args.also_vs.split(",") if b]))
     ran = seeds_ran(args, done)
     n = len(ran)
     md = [f"# {args.model} W{args.bits}, seeds {'/'.join(map(str, ran))}: every method against each baseline",
-          "delta % = 100 (exp(mean over seeds of log(ppl / baseline ppl)) − 1); 95% CI and verdict by awqnb.stats "
+          "delta % = 100 (exp(mean over seeds of log(ppl / baseline ppl)) − 1); 95% CI and verdict by awqnb.analysis.stats "
           "(t interval over the seeds' paired differences combined with the windows' shared sampling noise). "
           + seeds_note(n)]
     for g, comp in done.items():

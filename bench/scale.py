@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from awqnb import pipeline
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.data import Calibration
-from awqnb.models import versions
+from awqnb.quant import pipeline
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.model.data import Calibration
+from awqnb.model.models import versions
 
 log = logging.getLogger("bench.scale")
 

@@ -3,7 +3,7 @@
 Reads `bench/quality.py` output directories named `<setting>_<seed>` (their results.json holds
 each evaluation's per-window NLL) and reports, per method and setting, the perplexity per seed,
 its mean and spread over seeds, and for setting B against setting A the paired difference (delta %)
-with its 95% interval and verdict from `awqnb.stats` (the one verdict rule: a t interval over the
+with its 95% interval and verdict from `awqnb.analysis.stats` (the one verdict rule: a t interval over the
 seeds' paired differences combined with the windows' shared sampling noise; fewer than 3 seeds
 give no verdict).
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from awqnb.evaluate import PerplexityResult
-from awqnb.stats import paired_interval
+from awqnb.analysis.evaluate import PerplexityResult
+from awqnb.analysis.stats import paired_interval
 
 
 def load(root: Path) -> dict:
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     data = load(Path(args.root))
     methods = sorted({m for _, m in data})
-    lines = [f"| method | setting | ppl per seed | mean ± sd over seeds | {args.b} vs {args.a}, delta % (95% CI, awqnb.stats) |",
+    lines = [f"| method | setting | ppl per seed | mean ± sd over seeds | {args.b} vs {args.a}, delta % (95% CI, awqnb.analysis.stats) |",
              "|---|---|---|---|---|"]
     for m in methods:
         for setting in (args.a, args.b):

@@ -40,12 +40,13 @@ from pathlib import Path
 
 import torch
 
-from awqnb import pipeline
-from awqnb import sensitivity as S
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.evaluate import token_perplexity
-from awqnb.importance import spearman
-from awqnb.models import cast_parameters, load_model, resolve_device, versions
+from awqnb.quant import pipeline
+from awqnb.analysis import sensitivity as S
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.analysis.evaluate import token_perplexity
+from awqnb.quant.importance import spearman
+from awqnb.model.models import cast_parameters, load_model, resolve_device, versions
 
 log = logging.getLogger("bench.sensitivity")
 
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-batch-size", type=int, default=None, help="default 64 on GPU, 16 on CPU")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from awqnb.data import load_calibration, load_eval_tokens
+    from awqnb.model.data import load_calibration, load_eval_tokens
 
     dev = resolve_device(args.device)
     eval_dtype = getattr(torch, args.eval_dtype)

@@ -1,7 +1,7 @@
 """Wall time of one sweep under several executors: the Ray overhead on one machine, and fractional GPUs.
 
 Each configuration runs the same grid from scratch (`force`) into its own temporary directory with
-`awqnb.sweep.run_sweep`, timed from the call to its return (a local Ray cluster's start-up
+`awqnb.workbench.sweep.run_sweep`, timed from the call to its return (a local Ray cluster's start-up
 included); the metrics of every run are compared across configurations.
 
 CPU (the overhead target: 8 tiny-model runs, Ray ≤ 10% over in-process):
@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from awqnb import report, sweep  # noqa: E402
+from awqnb.workbench import report, sweep  # noqa: E402
 
 TINY_PARAMS = dict(n_calib=4, calib_seqlen=32, eval_windows=2, eval_seqlen=64, n_grid=4, diag_samples=0,
                    sample_datasets=[])
@@ -39,7 +39,7 @@ TINY_PARAMS = dict(n_calib=4, calib_seqlen=32, eval_windows=2, eval_seqlen=64, n
 def _small_data(root: Path) -> Path:
     import pandas as pd
 
-    from awqnb.data import data_dirs
+    from awqnb.model.data import data_dirs
 
     src = next(d / "wikitext-2-raw-v1" / "test.parquet" for d in data_dirs()
                if (d / "wikitext-2-raw-v1" / "test.parquet").is_file())
@@ -71,7 +71,7 @@ def run_config(config: str, grid: sweep.Grid, out: Path) -> dict:
         ray.shutdown()
     ppl = {r.spec.rel: {f"{m['label']}/{m['dataset']}": m["ppl"] for m in report.read_metrics(r.dir)["results"]}
            for r in res.runs if r.ok}
-    run_s = [report._read_json(r.dir / report.RUN_FILE).get("seconds") for r in res.runs if r.dir]
+    run_s = [report.read_json_file(r.dir / report.RUN_FILE).get("seconds") for r in res.runs if r.dir]
     return {"config": config, "wall_s": round(wall, 2), "runs": len(res.runs), "failed": len(res.failed),
             "sum_run_s": round(sum(s or 0 for s in run_s), 2), "ppl": ppl}
 

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from awqnb.data import load_calibration  # noqa: E402
-from awqnb.models import load_model, resolve_device, versions  # noqa: E402
-from awqnb.widgets import AlphaExplorer  # noqa: E402
+from awqnb.model.data import load_calibration  # noqa: E402
+from awqnb.model.models import load_model, resolve_device, versions  # noqa: E402
+from awqnb.workbench.widgets import AlphaExplorer  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     model, tok = load_model(args.model, device=dev)
     calib = load_calibration(tok, "wikitext2", n_calib=args.n_calib, seqlen=args.calib_seqlen, seed=42)
     with tempfile.TemporaryDirectory() as cache_dir:
-        from awqnb.statcache import DiagnosticsCache
+        from awqnb.analysis.statcache import DiagnosticsCache
 
         t0 = time.perf_counter()
         ex = AlphaExplorer(model, calib, layer=args.layer, group_size=args.group_size, device=dev,

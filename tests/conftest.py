@@ -14,8 +14,8 @@ TINY = ["tiny-random-llama", "tiny-random-gemma3"]
 def tiny():
     """Each tiny random model with its tokenizer and a 4 × 64 WikiText-2 calibration set (seed 0);
     one copy per test module, so in-place quantization in one module cannot leak into another."""
-    from awqnb.data import load_calibration
-    from awqnb.models import load_model
+    from awqnb.model.data import load_calibration
+    from awqnb.model.models import load_model
 
     out = {}
     for name in TINY:
@@ -37,7 +37,8 @@ def report_batch(tmp_path_factory):
     notebooks execute once per session.
 
     Returns out (the output dir), index, runs (model -> `find_runs` record), rc, stdout, stderr."""
-    from awqnb import cli, report
+    from awqnb import cli
+    from awqnb.workbench import report
 
     out = tmp_path_factory.mktemp("reports")
     params = Path(tmp_path_factory.mktemp("params")) / "tiny.yaml"

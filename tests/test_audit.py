@@ -1,5 +1,5 @@
 """bench/audit.py in CI: README.md's method table and the re-judged verdicts table in
-bench/README.md match what bench/results/ gives under awqnb.stats (and a changed figure fails)."""
+bench/README.md match what bench/results/ gives under awqnb.analysis.stats (and a changed figure fails)."""
 import re
 import subprocess
 import sys

@@ -5,13 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from awqnb import pipeline
-from awqnb.arch import ArchSpec, AttnShape, ScaleGroup, attn_shape, blocks, get_module, resolve_spec
-from awqnb.capture import StopForward, capture_inputs
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.errors import AwqnbError
-from awqnb.methods.awq import InspectRunner, fold_scales, search_group
-from awqnb.primitives import fake_quant
+from awqnb.quant import pipeline
+from awqnb.model.arch import ArchSpec, AttnShape, ScaleGroup, attn_shape, blocks, get_module, resolve_spec
+from awqnb.engine.capture import StopForward, capture_inputs
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.quant.methods.awq import InspectRunner, fold_scales, search_group
+from awqnb.core.primitives import fake_quant
 
 from conftest import TINY  # noqa: E402
 
@@ -140,7 +141,7 @@ def test_hooks_removed_when_forward_raises():
 
 
 def test_block_capture_restores_blocks_and_stops_early(tiny):
-    from awqnb.engine import BlockEngine
+    from awqnb.engine.walk import BlockEngine
 
     model, tok, calib = _fresh(tiny, "tiny-random-llama")
     bl = blocks(model, resolve_spec(model))
@@ -262,7 +263,7 @@ def _curve_search(losses, **search):
 
 
 def test_alpha_select_smooth_picks_the_broad_minimum():
-    from awqnb.methods.awq import select_alpha, selection_curve
+    from awqnb.quant.methods.awq import select_alpha, selection_curve
 
     assert select_alpha(JAGGED) == 3 and select_alpha(JAGGED, "smooth") == 12
     gs = _curve_search(JAGGED, alpha_select="smooth")

@@ -166,7 +166,7 @@ def _notebook_for_lab(dest: Path) -> Path:
         from papermill.iorw import load_notebook_node
         from papermill.parameterize import parameterize_notebook
 
-        from awqnb import report
+        from awqnb.workbench import report
 
         nb = load_notebook_node(str(src))  # what papermill's parameterize expects (every cell has tags)
         known = report.notebook_parameters(src)

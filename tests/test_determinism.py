@@ -12,10 +12,11 @@ import hashlib
 import pytest
 import torch
 
-from awqnb import pipeline
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.data import load_calibration
-from awqnb.methods import REGISTRY
+from awqnb.quant import pipeline
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.model.data import load_calibration
+from awqnb.quant.methods import REGISTRY
 
 from conftest import TINY  # noqa: E402
 

@@ -8,16 +8,17 @@ import pandas as pd
 import pytest
 import torch
 
-from awqnb import compare
-from awqnb import diagnostics as D
-from awqnb.arch import attn_shape, blocks, get_module, resolve_spec
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.errors import AwqnbError
-from awqnb.evaluate import PerplexityResult
-from awqnb.importance import correlations, importance_vectors
-from awqnb.models import load_model
-from awqnb.pipeline import QuantResult, quantize
-from awqnb.primitives import fake_quant
+from awqnb.compare import claims as compare
+from awqnb.analysis import diagnostics as D
+from awqnb.model.arch import attn_shape, blocks, get_module, resolve_spec
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.analysis.evaluate import PerplexityResult
+from awqnb.quant.importance import correlations, importance_vectors
+from awqnb.model.models import load_model
+from awqnb.quant.pipeline import QuantResult, quantize
+from awqnb.core.primitives import fake_quant
 
 Q = QuantConfig(bits=4, group_size=32)
 SEARCH = SearchConfig(n_grid=4)
@@ -35,7 +36,7 @@ def tiny():
 def awq(tiny):
     model, calib = tiny
     qm = copy.deepcopy(model)
-    res = quantize(qm, MethodConfig("awq", Q, SEARCH), D._limit(calib, None), progress=False)
+    res = quantize(qm, MethodConfig("awq", Q, SEARCH), D.limit_calibration(calib, None), progress=False)
     return qm, res
 
 
@@ -170,7 +171,7 @@ def test_rounding_error_and_flip_evidence(tiny):
     model, calib = tiny
     cfg = MethodConfig("awq_sh", Q, SEARCH)
     qm = copy.deepcopy(model)
-    res = quantize(qm, cfg, D._limit(calib, None), progress=False)
+    res = quantize(qm, cfg, D.limit_calibration(calib, None), progress=False)
     re = D.rounding_error(model, cfg, result=res, quantized=qm)
     assert set(re["method"]) == {"rtn", "awq_sh"} and len(re) == 2 * 2 * 7
     w = blocks(model, resolve_spec(model))[1].self_attn.o_proj.weight
@@ -262,7 +263,7 @@ def test_seed_claims_pairs_labels_by_config_and_gives_verdicts():
                "praq": {"wikitext2": _ppl([v + 0.05 for v in base])},  # worse on every window
                "awq_l1": {"wikitext2": _ppl([v + (0.01 if i % 2 else -0.01) for i, v in enumerate(base)])}}
     claims = compare.seed_claims(results, qr).set_index("claim")
-    # one run per method: the calibration seed cannot be told from the method (awqnb.stats), however
+    # one run per method: the calibration seed cannot be told from the method (awqnb.analysis.stats), however
     # clear the windows are; the seeds' verdicts (held / did not hold) are tested in test_runner
     assert claims.loc["heuristic rounding beats plain AWQ", "verdict"] == "cannot separate seeds"
     assert claims.loc["heuristic rounding beats plain AWQ", "value"] == pytest.approx((math.exp(-0.05) - 1) * 100)

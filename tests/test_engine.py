@@ -4,14 +4,16 @@ import copy
 import pytest
 import torch
 
-from awqnb import pipeline
-from awqnb.arch import attn_shape, blocks, get_module, resolve_spec
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.diagnostics import salience_table
-from awqnb.engine import BlockEngine, fp32_names, mark_fp32, onloaded
-from awqnb.errors import AwqnbError
-from awqnb.methods.awq import fold_scales
-from awqnb.models import cast_parameters
+from awqnb.quant import pipeline
+from awqnb.model.arch import attn_shape, blocks, get_module, resolve_spec
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.analysis.diagnostics import salience_table
+from awqnb.engine.walk import BlockEngine, onloaded
+from awqnb.core.dtypes import fp32_names, mark_fp32
+from awqnb.core.errors import AwqnbError
+from awqnb.quant.methods.awq import fold_scales
+from awqnb.model.models import cast_parameters
 
 from conftest import TINY  # noqa: E402
 
@@ -157,7 +159,7 @@ def test_gemma_offset_norm_fold_is_exact_in_bf16(tiny):
 
 
 def test_out_of_memory_names_the_block_and_the_option(tiny, monkeypatch):
-    from awqnb import engine as E
+    from awqnb.engine import walk as E
 
     model, _, calib = _fresh(tiny, "tiny-random-llama")
 
@@ -177,7 +179,7 @@ def test_compute_dtype_is_validated():
 
 
 def test_loading_in_bf16_keeps_rope_frequencies_fp32():
-    from awqnb.models import load_model
+    from awqnb.model.models import load_model
 
     model, _ = load_model("tiny-random-llama", dtype="bfloat16")
     assert get_module(blocks(model, resolve_spec(model))[0], "self_attn.q_proj").weight.dtype == torch.bfloat16

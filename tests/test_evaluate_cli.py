@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from awqnb import stats
-from awqnb.evaluate import PerplexityResult, bootstrap_delta, comparison_table, sample_perplexity, token_perplexity
-from awqnb.errors import AwqnbError
-from awqnb.models import load_model
+from awqnb.analysis import stats
+from awqnb.analysis.evaluate import (PerplexityResult, bootstrap_delta, comparison_table, sample_perplexity,
+                                     token_perplexity)
+from awqnb.core.errors import AwqnbError
+from awqnb.model.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_perplexity_past_the_float_range_is_inf(tmp_path, capsys, caplog):
     """A model whose mean NLL exceeds ~709 nats: `awqnb eval` reports ppl inf (math.exp would raise
     OverflowError), and the result file still reads back and compares."""
     from awqnb.cli import main
-    from awqnb.evaluate import exp_nll
+    from awqnb.analysis.evaluate import exp_nll
 
     assert exp_nll(709.0) == pytest.approx(math.exp(709.0)) and exp_nll(710.0) == math.inf
     model, tok = load_model("tiny-random-llama")
@@ -106,7 +107,7 @@ def test_perplexity_past_the_float_range_is_inf(tmp_path, capsys, caplog):
     d = tmp_path / "broken"
     model.save_pretrained(d)
     tok.save_pretrained(d)
-    with caplog.at_level("WARNING", logger="awqnb.evaluate"):
+    with caplog.at_level("WARNING", logger="awqnb.analysis.evaluate"):
         assert main(["eval", "--model", str(d), "--seqlen", "32", "--max-windows", "2", "--json",
                      str(tmp_path / "broken.json")]) == 0
     out = capsys.readouterr().out

@@ -9,11 +9,15 @@ import textwrap
 import pytest
 import torch
 
-from awqnb import export, pipeline, tensorjson
+from awqnb.export import packed as export
+from awqnb.quant import pipeline
+from awqnb.core import tensorjson
 from awqnb.api import detect_quantization, quantize_with_awq, read_prompts
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.errors import AwqnbError
-from awqnb.primitives import compute_qparams, dequantize, fake_quant, quantize
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.core.codes import recover_codes
+from awqnb.core.primitives import compute_qparams, dequantize, fake_quant, quantize
 
 FAST = SearchConfig(n_grid=4)
 
@@ -134,13 +138,13 @@ def test_recover_codes_handles_lost_end_codes_and_refuses_off_grid():
     w_hat = dequantize(q, scale, zero, cfg)
     naive_s, naive_z = compute_qparams(w_hat, cfg)
     assert not torch.allclose(naive_s, scale)  # the fast path alone cannot see the grid
-    c = export.recover_codes(w_hat, cfg)
+    c = recover_codes(w_hat, cfg)
     assert c.lattice_groups >= 3 and c.max_abs_err == 0.0
     assert torch.equal(dequantize(c.q.float(), c.scale, c.zero, cfg), w_hat)
     assert int(c.q.min()) >= 0 and int(c.q.max()) <= 15
     with pytest.raises(AwqnbError, match="not on a 4-bit grid"):
-        export.recover_codes(w, cfg)  # FP weights: not quantized at all
-    assert torch.equal(export.recover_codes(fake_quant(w, cfg), cfg).q.float(), quantize(w, scale, zero, cfg))
+        recover_codes(w, cfg)  # FP weights: not quantized at all
+    assert torch.equal(recover_codes(fake_quant(w, cfg), cfg).q.float(), quantize(w, scale, zero, cfg))
 
 
 # a group of SmolLM2-135M's layers.0.self_attn.q_proj (row 443, group 7) after gptq at g64 (issue 21):
@@ -157,7 +161,7 @@ def test_recover_codes_on_the_bf16_gptq_group_the_export_refused():
     cfg = QuantConfig(4, 64)
     k = torch.tensor([SMOLLM2_GPTQ_CODES], dtype=torch.float32) - 11
     w_hat = (k * torch.tensor(0.05755208432674408)).to(torch.bfloat16)
-    c = export.recover_codes(w_hat, cfg)
+    c = recover_codes(w_hat, cfg)
     assert c.lattice_groups == 1 and c.max_abs_err == 0.0
     assert torch.equal(c.q.float() - c.zero, k) and int(c.zero) == 11
     assert torch.equal(dequantize(c.q.float(), c.scale, c.zero, cfg).to(torch.bfloat16), w_hat)
@@ -175,11 +179,11 @@ def test_recover_codes_on_low_precision_groups_without_an_end_code(dtype, sym):
     scale, zero = compute_qparams(w, cfg)
     q = quantize(w, scale, zero, cfg).clamp(min=-6 if sym else 1)
     w_hat = dequantize(q, scale, zero, cfg).to(dtype)
-    c = export.recover_codes(w_hat, cfg)
+    c = recover_codes(w_hat, cfg)
     assert c.max_abs_err == 0.0 and c.lattice_groups > (6000 if sym else 16000)
     assert torch.equal(dequantize(c.q.float(), c.scale, c.zero, cfg).to(dtype), w_hat)
     with pytest.raises(AwqnbError, match="not on a 4-bit grid"):
-        export.recover_codes((torch.randn(64, 256, generator=g) * 0.05).to(dtype), cfg)
+        recover_codes((torch.randn(64, 256, generator=g) * 0.05).to(dtype), cfg)
 
 
 def test_format_refusals_are_clear(tiny, tmp_path, monkeypatch):
@@ -257,7 +261,7 @@ def test_quantize_with_awq_api(tmp_path):
     d = detect_quantization(fake)
     assert (d["method"], d["format"], d["group_size"], d["quant_method"]) == ("awq_sh", "fake", -1, None)
     assert (fake / "quant_result.json").is_file()
-    from awqnb.models import build_tiny
+    from awqnb.model.models import build_tiny
 
     (tmp_path / "fp").mkdir()
     build_tiny("tiny-random-llama")[0].config.save_pretrained(tmp_path / "fp")
@@ -290,7 +294,7 @@ def test_cli_refuses_unpackable_group_size(tmp_path):
 def test_smollm2_packed_reload_equals_fake(tmp_path):
     """The real model: its 576 columns refuse group 128 with what to do; g64 packs and reloads to
     the same parameters bit for bit."""
-    from awqnb.models import load_model
+    from awqnb.model.models import load_model
 
     m, tok = load_model("smollm2-135m")
     bad = MethodConfig("rtn", QuantConfig(4, 128))

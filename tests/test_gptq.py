@@ -5,14 +5,16 @@ import json
 import pytest
 import torch
 
-from awqnb import cli, pipeline
-from awqnb.arch import blocks, get_module, resolve_spec
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.errors import AwqnbError
-from awqnb.export import recover_codes
-from awqnb.methods import get_method
-from awqnb.methods.gptq import gptq_quantize, hessian, layer_error, pack_codes, unpack_codes
-from awqnb.primitives import compute_qparams, dequantize, fake_quant, qrange, quantize
+from awqnb import cli
+from awqnb.quant import pipeline
+from awqnb.model.arch import blocks, get_module, resolve_spec
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.core.codes import recover_codes
+from awqnb.quant.methods import get_method
+from awqnb.quant.methods.gptq import gptq_quantize, hessian, layer_error, pack_codes, unpack_codes
+from awqnb.core.primitives import compute_qparams, dequantize, fake_quant, qrange, quantize
 
 from conftest import TINY  # noqa: E402
 
@@ -84,7 +86,7 @@ def test_gptq_lowers_layer_error_and_stays_on_the_grid(qcfg, act_order, static):
 @pytest.mark.parametrize("qcfg", CFGS + [QuantConfig(4, 192)])
 @pytest.mark.parametrize("act_order,static", [(False, False), (True, True), (True, False)])
 def test_packed_export_recovers_the_codes(qcfg, act_order, static):
-    """export.recover_codes finds a grid for GPTQ weights from the weights alone (whole groups:
+    """awqnb.core.codes.recover_codes finds a grid for GPTQ weights from the weights alone (whole groups:
     the packed format needs ci % group_size == 0). Many groups need its lattice search, since GPTQ
     codes need not reach both ends of the range."""
     w, x = _layer(co=128, ci=192, seed=7)

@@ -4,11 +4,13 @@ import json
 import pytest
 import torch
 
-from awqnb import data, models, pipeline
-from awqnb.config import MethodConfig, QuantConfig
-from awqnb.data import load_calibration, load_eval_texts, load_eval_tokens
-from awqnb.errors import AwqnbError
-from awqnb.models import load_model, save_quantized
+from awqnb.model import data, models
+from awqnb.quant import pipeline
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig
+from awqnb.model.data import load_calibration, load_eval_texts, load_eval_tokens
+from awqnb.core.errors import AwqnbError
+from awqnb.model.models import load_model, save_quantized
 
 
 @pytest.fixture(scope="module")

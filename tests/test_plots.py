@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from awqnb import plots
-from awqnb.errors import AwqnbError
+from awqnb.workbench import plots
+from awqnb.core.errors import AwqnbError
 
 ALPHAS = [0.0, 0.5, 1.0]
 

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from awqnb import plots
-from awqnb.errors import AwqnbError
+from awqnb.workbench import plots
+from awqnb.core.errors import AwqnbError
 
 MODULES = ["q_proj", "o_proj", "down_proj"]
 

@@ -1,5 +1,5 @@
 """The sensitivity figures draw the columns they are given: traces, axes, values and titles from
-small hand-made frames in the schema of `awqnb.sensitivity` (no model)."""
+small hand-made frames in the schema of `awqnb.analysis.sensitivity` (no model)."""
 import math
 from types import SimpleNamespace
 
@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from awqnb import plots
-from awqnb.errors import AwqnbError
+from awqnb.workbench import plots
+from awqnb.core.errors import AwqnbError
 
 FAMILIES = ["qkv", "vo", "gate_up", "down"]
 PROV = {"model": "tiny", "method": "awq", "bits": 4, "group_size": 64, "dataset": "wikitext2", "seqlen": 64,

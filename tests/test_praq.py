@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from awqnb import cli, pipeline
-from awqnb.arch import blocks, resolve_spec
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.errors import AwqnbError
-from awqnb.importance import importance_vectors, spearman
-from awqnb.methods import get_method
-from awqnb.methods.praq import PraqStats, activation_scale, back_project
-from awqnb.synthetic import error_table, make_loud_silence, rank_table, saliences
+from awqnb import cli
+from awqnb.quant import pipeline
+from awqnb.model.arch import blocks, resolve_spec
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.quant.importance import importance_vectors, spearman
+from awqnb.quant.methods import get_method
+from awqnb.quant.methods.praq import PraqStats, activation_scale, back_project
+from awqnb.analysis.synthetic import error_table, make_loud_silence, rank_table, saliences
 
 from conftest import TINY  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from awqnb.config import QuantConfig
-from awqnb.errors import AwqnbError
-from awqnb.primitives import (compute_qparams, dequantize, fake_quant, group_view, n_groups, quantize,
-                              qrange)
+from awqnb.core.config import QuantConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.core.primitives import (compute_qparams, dequantize, fake_quant, group_view, n_groups, quantize,
+                                   qrange)
 
 
 def test_asymmetric_4bit_hand_values():

@@ -12,8 +12,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from awqnb import report
-from awqnb.errors import AwqnbError
+from awqnb.workbench import report
+from awqnb.core.errors import AwqnbError
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOK = NOTEBOOK_DIR / "model_report.ipynb"

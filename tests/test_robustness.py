@@ -22,8 +22,10 @@ import pandas as pd
 import pytest
 import torch
 
-from awqnb import files, models, report, sweep
-from awqnb.errors import AwqnbError
+from awqnb.core import files
+from awqnb.model import models
+from awqnb.workbench import report, sweep
+from awqnb.core.errors import AwqnbError
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +236,10 @@ def _refused_in_one_line(tmp_path, capsys, argv, pattern):
 def dirs(tiny_dir, tmp_path_factory):
     from types import SimpleNamespace
 
-    from awqnb import export, pipeline
-    from awqnb.config import MethodConfig, QuantConfig
+    from awqnb.export import packed as export
+    from awqnb.quant import pipeline
+    from awqnb.quant.method_config import MethodConfig
+    from awqnb.core.config import QuantConfig
 
     out = {"plain": tiny_dir}
     for name, sym in (("asym", False), ("sym", True)):
@@ -381,8 +385,8 @@ def test_packed_checkpoint_evaluates_like_its_fake_quant_twin(dirs, kind, capsys
 # --- library functions refuse the same things ----------------------------------------------
 
 def test_library_functions_refuse_nonsense_settings(tiny_dir, tmp_path):
-    from awqnb.data import load_eval_texts
-    from awqnb.evaluate import PerplexityResult, sample_perplexity, token_perplexity
+    from awqnb.model.data import load_eval_texts
+    from awqnb.analysis.evaluate import PerplexityResult, sample_perplexity, token_perplexity
 
     model, tok = models.load_model(str(tiny_dir))
     ids = torch.arange(100)
@@ -487,7 +491,7 @@ def test_quantize_twice_is_refused_and_configs_do_not_collide(tmp_path, tiny_dir
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_outputs_get_the_users_umask(tmp_path, mask):
-    from awqnb.files import atomic_write
+    from awqnb.core.files import atomic_write
 
     old = os.umask(mask)
     try:
@@ -522,7 +526,7 @@ class _Planted:
 def test_planted_pickle_in_the_diagnostics_cache_is_never_run(tmp_path):
     import numpy as np
 
-    from awqnb.statcache import DiagnosticsCache
+    from awqnb.analysis.statcache import DiagnosticsCache
 
     marker = tmp_path / "PWNED"
     cache = DiagnosticsCache(root=tmp_path / "diag", memory=False)
@@ -566,8 +570,8 @@ def test_no_code_executing_loader_in_the_library():
 
 def test_eval_on_your_own_text_both_protocols(tmp_path, tiny_dir, capsys):
     from awqnb.cli import main
-    from awqnb.data import load_eval_texts
-    from awqnb.evaluate import sample_perplexity, token_perplexity
+    from awqnb.model.data import load_eval_texts
+    from awqnb.analysis.evaluate import sample_perplexity, token_perplexity
 
     lines = [f"Line {i}: the quick brown fox number {i * 7} jumps over {i} lazy dogs." for i in range(24)]
     txt = tmp_path / "mine.txt"
@@ -809,7 +813,7 @@ def test_sweep_api_disk_full_is_an_awqnb_error(tmp_path, monkeypatch):
 _WRITER = """
 import sys, time
 from pathlib import Path
-from awqnb import models
+from awqnb.model import models
 with models.atomic_dir(Path(sys.argv[1])) as d:
     (d / "model.safetensors").write_bytes(b"x" * 100_000)  # a partial model
     print("writing", flush=True)
@@ -948,7 +952,7 @@ def test_commit_failure_keeps_the_earlier_attempt(tmp_path, monkeypatch):
 def test_record_and_file_writes_name_their_writer_and_fail_as_oserror(tmp_path, monkeypatch):
     import torch
 
-    from awqnb import tensorjson
+    from awqnb.core import tensorjson
 
     tensorjson.save({"w": torch.ones(2)}, tmp_path / "r")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.safetensors"]
@@ -965,7 +969,8 @@ def test_record_and_file_writes_name_their_writer_and_fail_as_oserror(tmp_path, 
 
 def test_packed_and_fake_outputs_of_one_config_have_directories_of_their_own(tmp_path, tiny_dir, capsys):
     from awqnb.cli import main
-    from awqnb.config import MethodConfig, QuantConfig
+    from awqnb.quant.method_config import MethodConfig
+    from awqnb.core.config import QuantConfig
 
     cfg = MethodConfig("rtn", QuantConfig(4, 32))
     packed, fake = (models.model_tag("tiny-random-llama", cfg, fmt=f) for f in ("packed", "fake"))
@@ -986,8 +991,9 @@ def test_packed_and_fake_outputs_of_one_config_have_directories_of_their_own(tmp
 
 def test_damaged_replay_record_is_one_line(tmp_path):
     """QuantResult.load on a truncated or incomplete record: AwqnbError, not SafetensorError/KeyError."""
-    from awqnb import pipeline
-    from awqnb.config import MethodConfig, QuantConfig
+    from awqnb.quant import pipeline
+    from awqnb.quant.method_config import MethodConfig
+    from awqnb.core.config import QuantConfig
 
     model, _ = models.load_model("tiny-random-llama")
     res = pipeline.quantize(model, MethodConfig("rtn", QuantConfig(4, 32)), None, device="cpu", progress=False)

@@ -6,16 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from awqnb import cli, pipeline
-from awqnb.arch import AttnShape, blocks, get_module, resolve_spec
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.errors import AwqnbError
-from awqnb.kneedle import knee_index, knee_outliers
-from awqnb.methods import get_method
-from awqnb.methods.gqa import gram, reflip, score_error
-from awqnb.methods.rounding import (apply_code_delta, code_delta, greedy_flip, input_moments, james_stein,
-                                    row_error, top_percent)
-from awqnb.primitives import compute_qparams, dequantize, expand_groups, quantize, qrange
+from awqnb import cli
+from awqnb.quant import pipeline
+from awqnb.model.arch import AttnShape, blocks, get_module, resolve_spec
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.core.kneedle import knee_index, knee_outliers
+from awqnb.quant.methods import get_method
+from awqnb.quant.methods.gqa import gram, reflip, score_error
+from awqnb.quant.methods.rounding import (apply_code_delta, code_delta, greedy_flip, input_moments,
+                                          james_stein, row_error, top_percent)
+from awqnb.core.primitives import compute_qparams, dequantize, expand_groups, quantize, qrange
 
 from conftest import TINY  # noqa: E402
 FLIP_METHODS = ["awq_sh", "awq_dh", "awq_js", "awq_gqa"]
@@ -376,8 +378,8 @@ def test_params_validated_and_subsampled_mean(tiny):
 
 
 def test_input_moments_all_tokens_and_subsample():
-    from awqnb.capture import ChannelStats
-    from awqnb.methods.base import BlockContext
+    from awqnb.engine.capture import ChannelStats
+    from awqnb.quant.methods.base import BlockContext
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 20, 8, generator=g) + 2
@@ -420,7 +422,7 @@ def test_cli_seed_flag_no_heuristic_turns_flips_off():
 # --- ReFlip on the scores the model computes (after RoPE) -------------------------------------
 
 def _hf_cos_sin(name, T):
-    from awqnb.models import load_model
+    from awqnb.model.models import load_model
 
     model, _ = load_model(name)
     pos = torch.arange(T)[None]
@@ -435,7 +437,7 @@ def _hf_cos_sin(name, T):
 def test_rope_rotations_reproduce_hf_rotary_scores():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from awqnb.methods.gqa import rope_offsets, rope_rotations
+    from awqnb.quant.methods.gqa import rope_offsets, rope_rotations
 
     T = 40
     cos, sin = _hf_cos_sin("tiny-random-llama", T)
@@ -454,7 +456,7 @@ def test_rope_rotations_reproduce_hf_rotary_scores():
 
 
 def test_post_rope_score_error_formula_matches_tokens():
-    from awqnb.methods.gqa import rope_offsets, rope_rotations
+    from awqnb.quant.methods.gqa import rope_offsets, rope_rotations
 
     attn, x, wq, wk = _toy_attention(n_heads=4, n_kv=2, hd=8, H=20, seed=5)
     T = 16

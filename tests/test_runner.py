@@ -1,5 +1,5 @@
-"""The comparison runner (awqnb.runner) on tiny random models: tidy shape over methods × seeds,
-fresh exact copies per method, the verdicts of awqnb.stats over seeds, seeds < 1, the reference methods
+"""The comparison runner (awqnb.compare.runner) on tiny random models: tidy shape over methods × seeds,
+fresh exact copies per method, the verdicts of awqnb.analysis.stats over seeds, seeds < 1, the reference methods
 refused without llm-compressor, JSON round trip; bench/quality.py on the runner."""
 import copy
 import importlib.util
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from awqnb import runner
-from awqnb.config import QuantConfig, SearchConfig
-from awqnb.data import Calibration
-from awqnb.errors import AwqnbError
-from awqnb import stats
-from awqnb.evaluate import PerplexityResult
+from awqnb.compare import runner
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.model.data import Calibration
+from awqnb.core.errors import AwqnbError
+from awqnb.analysis import stats
+from awqnb.analysis.evaluate import PerplexityResult
 
 ROOT = Path(__file__).resolve().parents[1]
 Q = QuantConfig(bits=4, group_size=32)
@@ -108,7 +108,7 @@ def test_json_round_trip_keeps_provenance_and_units(comp, tmp_path):
 def test_each_method_quantizes_an_exact_fresh_copy(setup, monkeypatch):
     """Every quantization starts from parameters and buffers equal (values and dtypes) to the FP
     model's, although each evaluation casts its copy to bf16 and a method scribbles on a buffer."""
-    from awqnb import pipeline
+    from awqnb.quant import pipeline
 
     model, tok, data = setup
     snap = _snapshot(model)
@@ -122,7 +122,7 @@ def test_each_method_quantizes_an_exact_fresh_copy(setup, monkeypatch):
             b.add_(1.0)
         return out
 
-    monkeypatch.setattr(pipeline, "quantize", checked)
+    monkeypatch.setattr(runner, "quantize", checked)  # what the runner calls
     comp = runner.run_comparison(model, ["rtn", "awq", "awq_sh"], tokenizer=tok, seeds=(1, 2),
                                  calibration=_calib(1000), datasets={"toks": data["toks"]}, quant=Q, search=S,
                                  eval_seqlen=48, device="cpu", eval_dtype="bfloat16", progress=False)
@@ -176,7 +176,7 @@ def test_verdicts_over_seeds_follow_the_rule():
 def test_seed_claims_over_three_seeds_say_held_or_did_not_hold():
     """compare.seed_claims on a Comparison: 'held' where the rule says better, 'did not hold' where
     it says worse, 'within noise' where a seed spread hides the difference."""
-    from awqnb.compare import method_configs
+    from awqnb.compare.claims import method_configs
 
     cfgs = method_configs(["awq", "awq_sh", "praq", "awq_dh"], {"awq_l1": {"method": "awq", "salience": "l1"}}, Q,
                           SearchConfig(salience="l2"))
@@ -210,10 +210,8 @@ def test_one_seed_says_calibration_noise_is_not_measured(setup):
 
 @pytest.mark.parametrize("seeds", [0, -1, (), []])
 def test_fewer_than_one_seed_fails_before_any_work(setup, seeds, monkeypatch):
-    from awqnb import pipeline
-
     model, tok, data = setup
-    monkeypatch.setattr(pipeline, "quantize", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(runner, "quantize", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(AwqnbError, match="at least one|no calibration seeds"):
         runner.run_comparison(model, ["awq"], tokenizer=tok, seeds=seeds, calibration=_calib(1000),
                               datasets={"toks": data["toks"]}, device="cpu", progress=False)
@@ -250,14 +248,14 @@ def _hide_llmcompressor(monkeypatch):
 
 
 def test_reference_methods_refused_without_llmcompressor_others_run(setup, monkeypatch, caplog):
-    from awqnb import reference
+    from awqnb.compare import reference
 
     _hide_llmcompressor(monkeypatch)
     assert "not importable" in reference.refusal("llmc_gptq") and "awqnb[reference]" in reference.refusal("llmc_awq")
     with pytest.raises(AwqnbError, match="llmc_gptq needs llm-compressor"):
         reference.quantize_reference(torch.nn.Linear(2, 2), "llmc_gptq", [torch.zeros(4, dtype=torch.long)])
     model, tok, data = setup
-    with caplog.at_level("WARNING", logger="awqnb.runner"):
+    with caplog.at_level("WARNING", logger="awqnb.compare.runner"):
         c = runner.run_comparison(model, ["rtn", "llmc_awq", "llmc_gptq"], tokenizer=tok, seeds=(1, 2),
                                   calibration=_calib(1000), datasets={"toks": data["toks"]}, quant=Q,
                                   eval_seqlen=48, device="cpu", progress=False)
@@ -274,7 +272,7 @@ def test_reference_methods_refused_without_llmcompressor_others_run(setup, monke
 
 
 def test_reference_version_outside_the_tested_range(monkeypatch):
-    from awqnb import reference
+    from awqnb.compare import reference
 
     if importlib.util.find_spec("llmcompressor") is None:
         monkeypatch.setitem(sys.modules, "llmcompressor", type(sys)("llmcompressor"))
@@ -306,7 +304,7 @@ def test_llmc_methods_run_in_the_comparison(setup):
         assert math.isfinite(run.results["toks"].ppl)
         assert run.results["toks"].ppl != c.per_seed("rtn", "toks")[1].ppl
     assert next(r for r in c.runs if r.label == "llmc_gptq").info["weight_was_quantized"] == 14
-    from awqnb.reference import quantize_reference
+    from awqnb.compare.reference import quantize_reference
 
     m = copy.deepcopy(model)
     quantize_reference(m, "llmc_awq", _calib(1000)(3), tok, 4, 32)

@@ -7,11 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from awqnb import export, pipeline, sensitivity as S
-from awqnb.config import MethodConfig, QuantConfig, SearchConfig
-from awqnb.errors import AwqnbError
-from awqnb.plan import Plan
-from awqnb.statcache import DiagnosticsCache
+from awqnb.export import packed as export
+from awqnb.quant import pipeline
+from awqnb.analysis import sensitivity as S
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.quant.plan import Plan
+from awqnb.analysis.statcache import DiagnosticsCache
 
 FAST = SearchConfig(n_grid=4)
 SEQ, NWIN = 40, 2  # > the tiny Gemma's sliding window of 32

@@ -8,11 +8,12 @@ import copy
 
 import pytest
 
-from awqnb import pipeline
-from awqnb.config import MethodConfig, QuantConfig
-from awqnb.data import load_calibration, load_eval_tokens
-from awqnb.evaluate import token_perplexity
-from awqnb.models import load_model
+from awqnb.quant import pipeline
+from awqnb.quant.method_config import MethodConfig
+from awqnb.core.config import QuantConfig
+from awqnb.model.data import load_calibration, load_eval_tokens
+from awqnb.analysis.evaluate import token_perplexity
+from awqnb.model.models import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Sweeps (`awqnb report` over a grid, awqnb.sweep) on the tiny models: a local Ray cluster
+"""Sweeps (`awqnb report` over a grid, awqnb.workbench.sweep) on the tiny models: a local Ray cluster
 (`ray.init(num_cpus=2)`) gives the same metrics as the in-process executor; a sweep interrupted by
 SIGINT to its driver, then rerun, finishes without redoing complete runs; two sweeps into one
 output directory at once lose nothing; bad input is one line and exit status 2 before any run.
@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from awqnb import cli, report, sweep
-from awqnb.errors import AwqnbError
+from awqnb import cli
+from awqnb.workbench import report, sweep
+from awqnb.core.errors import AwqnbError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "wikitext-2-raw-v1" / "test.parquet"
@@ -91,7 +92,7 @@ def _complete(out: Path) -> dict:
     """run dir → run.json of every complete run under `out`."""
     found = {}
     for d in sorted(out.glob("*/*")):
-        rec = report._read_json(d / report.RUN_FILE)
+        rec = report.read_json_file(d / report.RUN_FILE)
         if rec.get("complete") and not d.name.startswith("."):
             found[d.relative_to(out).as_posix()] = rec
     return found
@@ -271,7 +272,7 @@ def test_incomplete_run_is_not_shown_as_done(tmp_path):
 
 
 def test_every_alpha_explorer_trace_is_named():
-    from awqnb import plots
+    from awqnb.workbench import plots
 
     names = [t.name for t in plots.alpha_explorer_figure().data]
     assert all(names) and len(set(names)) == len(names)

@@ -1,4 +1,4 @@
-"""The verdict rule's error rates, measured by simulation (awqnb.stats).
+"""The verdict rule's error rates, measured by simulation (awqnb.analysis.stats).
 
 Per-window NLLs of a method A and a baseline B are simulated the way a comparison produces them:
 a window difficulty both share (it cancels in the pairing), a method × window effect (the same
@@ -12,7 +12,7 @@ the test prints the power (`pytest -s tests/test_verdict_calibration.py`).
 import numpy as np
 import pytest
 
-from awqnb import stats
+from awqnb.analysis import stats
 
 N_SIM = 2000
 N_WIN = 148  # SmolLM2's WikiText-2 windows at seqlen 2048

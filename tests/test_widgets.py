@@ -5,14 +5,14 @@ import copy
 import pytest
 import torch
 
-from awqnb import diagnostics as D
-from awqnb.arch import blocks, resolve_spec
-from awqnb.errors import AwqnbError
-from awqnb.config import QuantConfig
-from awqnb.importance import importance_vectors
-from awqnb.models import load_model
-from awqnb.primitives import fake_quant
-from awqnb.widgets import AlphaExplorer
+from awqnb.analysis import diagnostics as D
+from awqnb.model.arch import blocks, resolve_spec
+from awqnb.core.errors import AwqnbError
+from awqnb.core.config import QuantConfig
+from awqnb.quant.importance import importance_vectors
+from awqnb.model.models import load_model
+from awqnb.core.primitives import fake_quant
+from awqnb.workbench.widgets import AlphaExplorer
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,13 @@ import sys
 import torch
 from torch.func import functional_call
 
-from awqnb.arch import blocks, get_module, resolve_spec
-from awqnb.config import QuantConfig
-from awqnb.data import load_calibration
-from awqnb.diagnostics import capture_layer_inputs
-from awqnb.methods.awq import scaled_fake_quant, scales_for
-from awqnb.methods.praq import block_activation
-from awqnb.models import load_model
+from awqnb.model.arch import blocks, get_module, resolve_spec
+from awqnb.core.config import QuantConfig
+from awqnb.model.data import load_calibration
+from awqnb.analysis.diagnostics import capture_layer_inputs
+from awqnb.quant.methods.awq import scaled_fake_quant, scales_for
+from awqnb.quant.methods.praq import block_activation
+from awqnb.model.models import load_model
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@ search each of them drives. Deterministic (seed 0); a few seconds on a CPU.
 
     python bench/probes/loud_silence.py [--seed 0] [--p-burst 0.02]
 
-Groups (awqnb/synthetic.py): A steady moderate, B dead just below τ with rare large bursts,
+Groups (awqnb/analysis/synthetic.py): A steady moderate, B dead just below τ with rare large bursts,
 C quiet. Errors are mean squared errors of the layer output on held-out tokens: all of them, the
 burst tokens (where some B channels fire) and the quiet rest.
 """
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import pandas as pd  # noqa: E402
 
-from awqnb.synthetic import error_table, make_loud_silence, rank_table, saliences  # noqa: E402
+from awqnb.analysis.synthetic import error_table, make_loud_silence, rank_table, saliences  # noqa: E402
 
 
 def main(argv=None) -> int:

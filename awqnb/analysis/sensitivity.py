@@ -1,0 +1,775 @@
+"""End-to-end layer sensitivity: what quantizing one part of one layer does to the predictions.
+
+For every decoder layer i and linear family f (the scale groups of `awqnb.model.arch`: qkv, vo = o_proj,
+gate_up, down), with W_eff the quantized weights mapped back to the FP model's basis
+(`diagnostics.effective_weights`: folds undone, so any subset can be swapped into the FP model):
+
+    only    the FP model with just (i, f) at W_eff              → how much (i, f) alone hurts
+    except  the fully quantized model with just (i, f) back at FP → how much keeping it FP recovers
+
+each measured on a fixed evaluation slice (the first `n_windows` windows of `seqlen` tokens of
+`eval_tokens`, GPTQ windows) by the mean next-token KL divergence from the FP model,
+
+    KL = 1/N Σ_t Σ_v p_FP(v | t) · (log p_FP(v | t) − log p_variant(v | t))   [nats / token]
+
+over the N = n_windows · (seqlen − 1) positions that have a next token, and by the slice's
+perplexity exp(1/N Σ_t −log p_variant(x_{t+1} | t)).
+
+How it is computed (one pass each, the model stays where it is, blocks onloaded to `device`):
+    h_FP[j], h_Q[j]  `[n_win, T, H]`  the slice's hidden states entering block j in the FP and in
+                                      the fully quantized model (j = 0 … L), cached
+    p_FP             `[n_win, T-1, V]` the FP next-token distribution, computed once
+    variant (i, f, m) starts from h_FP[i] (only) or h_Q[i] (except) and recomputes blocks i … L−1
+    only: L − i blocks per variant instead of L. The variants are walked block-major: block j is
+    onloaded once per group of start layers (groups sized to `max_states` live hidden states), and
+    its FP / quantized / hybrid weights are swapped in by pointer.
+
+Mixed-precision plans (`awqnb.quant.plan.Plan`) are chosen from the frame by `plan_from_sensitivity`;
+`pareto` measures plans of several sizes on the same slice.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from awqnb.analysis.diagnostics import (check_layers, effective_weights, model_device, model_label,
+                                        scale_maps, scales_fingerprint)
+from awqnb.analysis.evaluate import base_and_head, check_positive
+from awqnb.analysis.statcache import cached_or_compute, calibration_key, model_fingerprint, resolve_cache
+from awqnb.core.dtypes import dtype_name, parse_dtype
+from awqnb.core.errors import AwqnbError
+from awqnb.core.primitives import fake_quant
+from awqnb.core.progress import tqdm
+from awqnb.engine.capture import block_output
+from awqnb.engine.walk import BlockEngine
+from awqnb.model.arch import ArchSpec, attn_shape, blocks, get_module, resolve_spec
+from awqnb.model.models import versions
+from awqnb.quant.method_config import MethodConfig
+from awqnb.quant.methods import get_method
+from awqnb.quant.pipeline import QuantResult, apply, quantize
+from awqnb.quant.plan import FAMILY_ALIASES, FP_BITS, Plan, check_model, plan_bits
+
+log = logging.getLogger(__name__)
+
+MODES = ("only", "except")
+COLUMNS = ["layer", "family", "mode", "kl", "ppl", "dppl", "n_params", "mse", "mse_kind"]
+PARETO_COLUMNS = ["strategy", "k", "avg_bits", "ppl", "kl", "n_linears", "plan"]
+MSE_KIND = "relative"  # Σ‖(W − W_eff) x‖² / Σ‖W x‖² over the family's linears (FP inputs, the slice)
+# strategy name → the order `_order` builds: 'only' KL; the 'except' rows' recovery; 'only' KL per
+# parameter (the cost of a family in bits); relative output MSE; a seeded permutation
+STRATEGIES = {"sensitivity": "kl", "kl": "kl", "recovery": "recovery", "density": "density", "mse": "mse",
+              "random": "random"}
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+def eval_windows(eval_tokens: torch.Tensor, seqlen: int, n_windows: int) -> torch.Tensor:
+    """The evaluation slice `[n_windows, seqlen]` (the first windows of the stream, GPTQ layout), or
+    AwqnbError for an empty or too long slice."""
+    check_positive(seqlen=(seqlen, 2), n_windows=(n_windows, 1))
+    if not isinstance(eval_tokens, torch.Tensor) or eval_tokens.is_floating_point():
+        raise AwqnbError("eval_tokens must be a tensor of token ids (awqnb.model.data.load_eval_tokens).")
+    flat = eval_tokens.reshape(-1)
+    if flat.numel() < n_windows * seqlen:
+        raise AwqnbError(f"the evaluation slice needs n_windows × seqlen = {n_windows} × {seqlen} = "
+                         f"{n_windows * seqlen} tokens but eval_tokens has {flat.numel()}; lower n_windows or seqlen.")
+    return flat[: n_windows * seqlen].reshape(n_windows, seqlen).to(torch.long).cpu()
+
+
+def family_linears(spec: ArchSpec) -> dict[str, tuple[str, ...]]:
+    """family (scale-group name) → its block-relative linear names."""
+    return {g.name: tuple(g.layers) for g in spec.groups}
+
+
+def _check_families(spec: ArchSpec, families) -> list[str]:
+    fams = family_linears(spec)
+    if families is None:
+        return list(fams)
+    if isinstance(families, str):
+        families = [families]
+    out = []
+    for f in families:
+        f = FAMILY_ALIASES.get(str(f), str(f))
+        if f not in fams:
+            raise AwqnbError(f"family {f!r} does not exist; families are {', '.join(fams)}.")
+        if f not in out:
+            out.append(f)
+    if not out:
+        raise AwqnbError(f"no families given; pass families=None for all ({', '.join(fams)}).")
+    return out
+
+
+def _check_modes(modes) -> list[str]:
+    if isinstance(modes, str):
+        modes = [modes]
+    modes = list(dict.fromkeys(modes))
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise AwqnbError(f"modes {bad or modes!r} unknown; use 'only', 'except' or both.")
+    return modes
+
+
+# --- the quantized model in the FP basis ----------------------------------------------------
+
+@dataclass
+class Reference:
+    """A quantization of the model, in the FP model's basis.
+
+    weff[layer][linear]: `[co, ci]` W_eff on the CPU in `dtype` (every block linear); head: the
+    quantized lm_head weight `[V, H]` when the run quantized it, else None; result: the QuantResult.
+    """
+
+    result: Any
+    weff: dict[int, dict[str, torch.Tensor]]
+    head: torch.Tensor | None = None
+
+
+def reference(model: nn.Module, cfg: MethodConfig | None, calibration=None, *, device=None, result=None,
+              dtype=torch.float32, model_name: str | None = None, progress: bool = False) -> Reference:
+    """Quantize a copy of `model` with `cfg` (or take `result`: a QuantResult, replayed on a copy with
+    `pipeline.apply`, or a `(quantized model, QuantResult)` pair) and return every linear's W_eff."""
+    dev = model_device(model, device)
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        qmodel, res = result
+    elif isinstance(result, QuantResult):
+        res = result
+        qmodel = apply(copy.deepcopy(model), res, device=dev)
+    elif result is None:
+        if cfg is None:
+            raise AwqnbError("pass a MethodConfig or a result to compare against.")
+        qmodel = copy.deepcopy(model)
+        res = quantize(qmodel, cfg, calibration, device=dev, model_name=model_label(model, model_name),
+                       progress=progress)
+    else:
+        raise AwqnbError("result must be a QuantResult or a (quantized model, QuantResult) pair.")
+    n = len(blocks(model, resolve_spec(model)))
+    weff = {j: {k: v.to("cpu", dtype) for k, v in effective_weights(qmodel, res, j, device="cpu").items()}
+            for j in range(n)}
+    head = None
+    if res.config.lm_head == "quantize":
+        head = qmodel.get_output_embeddings().weight.data.detach().to("cpu", dtype).clone()
+    return Reference(res, weff, head)
+
+
+@torch.no_grad()
+def keep_weights(model: nn.Module, result, bits: int, layers: Iterable[int] | None = None,
+                 dtype=torch.float32) -> dict[int, dict[str, torch.Tensor]]:
+    """W_eff `[co, ci]` of every block linear kept at `bits` by a plan in the run `result`: the run's
+    scales stay folded, the scaled weight is rounded to nearest at `bits` on the run's grid (what
+    `pipeline.quantize` does to a planned family), mapped back to the FP basis:
+    `diag(s_row) · Q_bits(diag(s_row)^-1 · W · diag(s_col)) · diag(s_col)^-1`; bits 16 → W itself."""
+    spec = resolve_spec(model)
+    attn = attn_shape(model.config)
+    bl = blocks(model, spec)
+    q = dataclasses.replace(result.config.quant, bits=bits) if bits != FP_BITS else None
+    out = {}
+    for j in (range(len(bl)) if layers is None else layers):
+        cols, rows = scale_maps(result, j, spec, attn)
+        out[j] = {}
+        for name in spec.linears:
+            w = get_module(bl[j], name).weight.data.detach().to("cpu", torch.float32)
+            if q is not None:
+                c = cols.get(name)
+                r = rows.get(name)
+                ws = w * (c.cpu()[None, :] if c is not None else 1.0) / (r.cpu()[:, None] if r is not None else 1.0)
+                wq = fake_quant(ws, q)
+                w = wq * (r.cpu()[:, None] if r is not None else 1.0) / (c.cpu()[None, :] if c is not None else 1.0)
+            out[j][name] = w.to(dtype)
+    return out
+
+
+@torch.no_grad()
+def swap_effective(model: nn.Module, weights: Mapping[int, Mapping[str, torch.Tensor]],
+                   which: Iterable[tuple[int, str]] | None = None) -> nn.Module:
+    """Write W_eff into `model`'s linears in place (a deep copy of the FP model, typically): for the
+    (layer, family) pairs in `which` (all of `weights` when None). Returns `model`."""
+    spec = resolve_spec(model)
+    fams = family_linears(spec)
+    bl = blocks(model, spec)
+    pairs = [(j, f) for j in weights for f in fams] if which is None else list(which)
+    for j, f in pairs:
+        for name in fams[f]:
+            lin = get_module(bl[j], name)
+            lin.weight.data.copy_(weights[j][name].to(lin.weight.device, lin.weight.dtype))
+    return model
+
+
+# --- the walker -----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _swapped(block: nn.Module, tensors: Mapping[str, torch.Tensor]):
+    """Point the block's linears at `tensors` (already on the device, compute dtype) for the duration;
+    the originals are restored before the block is offloaded (which would copy whatever is there)."""
+    lins = {n: get_module(block, n) for n in tensors}
+    old = {n: lin.weight.data for n, lin in lins.items()}
+    try:
+        for n, lin in lins.items():
+            lin.weight.data = tensors[n]
+        yield block
+    finally:
+        for n, lin in lins.items():
+            lin.weight.data = old[n]
+
+
+class _Slice:
+    """The evaluation slice on the block engine: cached FP / quantized hidden states, the FP
+    distribution, and block-by-block recomputation of hybrid models from them."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, ref: Reference, device, dtype, batch_size: int,
+                 offload: bool, logit_rows: int, progress: bool):
+        self.model = model
+        self.ref = ref
+        self.engine = BlockEngine(model, windows, device, dtype, batch_size, offload_activations=offload)
+        self.dev, self.dtype = self.engine.device, self.engine.dtype
+        self.spec = self.engine.spec
+        self.bl = self.engine.blocks
+        self.L = len(self.bl)
+        self.fams = family_linears(self.spec)
+        self.logit_rows = logit_rows
+        self.progress = progress
+        base, self.head, self.softcap = base_and_head(model)
+        self.norm = getattr(base, "norm", None)
+        if self.norm is None:
+            raise AwqnbError(f"{type(base).__name__} has no final norm `norm`; sensitivity needs it.")
+        h0, kwargs = self.engine.capture()
+        self.kw = [[kw[j] for kw in kwargs] for j in range(self.L)]
+        self.labels = [c[:, 1:].to(self.dev) for c in self.engine.chunks]
+        self.n_pos = sum(l.numel() for l in self.labels)
+        self.h_fp = [h0]
+        self.h_q = [h0]
+        self.times: dict[str, float] = {}
+
+    def _sync(self) -> float:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        return time.perf_counter()
+
+    def qweights(self, j: int) -> dict[str, torch.Tensor]:
+        return {n: w.to(self.dev, self.dtype, non_blocking=True) for n, w in self.ref.weff[j].items()}
+
+    def run(self, j: int, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Block j (on the device, whatever weights it points at now) on every chunk."""
+        block = self.bl[j]
+        return [self.engine.stash(block_output(block(h.to(self.dev, non_blocking=True), **kw)))
+                for h, kw in zip(hs, self.kw[j])]
+
+    @torch.no_grad()
+    def prefixes(self, mse_layers: Iterable[int]) -> dict[tuple[int, str], tuple[float, float]]:
+        """Fill h_fp and h_q (one walk each); return (Σ‖(W − W_eff) x‖², Σ‖W x‖²) per (layer, linear)
+        of `mse_layers`, x the linear's input in the FP model."""
+        want = set(mse_layers)
+        acc: dict[tuple[int, str], list[torch.Tensor]] = {}
+        t = self._sync()
+        for j in range(self.L):
+            block = self.bl[j]
+            with self.engine.onload(block):
+                hooks = []
+                if j in want:
+                    dws = {n: get_module(block, n).weight.data.float() - w.to(self.dev, torch.float32)
+                           for n, w in self.ref.weff[j].items()}
+
+                    def make(name, dw=None):
+                        key = (j, name)
+                        acc[key] = [torch.zeros((), dtype=torch.float64, device=self.dev) for _ in range(2)]
+
+                        def hook(_m, args, out):
+                            x = args[0].reshape(-1, args[0].shape[-1]).float()
+                            acc[key][0] += (x @ dws[name].T).double().pow(2).sum()
+                            acc[key][1] += out.reshape(-1, out.shape[-1]).double().pow(2).sum()
+
+                        return hook
+
+                    hooks = [get_module(block, n).register_forward_hook(make(n)) for n in self.spec.linears]
+                try:
+                    self.h_fp.append(self.run(j, self.h_fp[j]))
+                finally:
+                    for h in hooks:
+                        h.remove()
+                with _swapped(block, self.qweights(j)):
+                    self.h_q.append(self.run(j, self.h_q[j]))
+        self.times["prefixes_s"] = self._sync() - t
+        return {k: (float(v[0]), float(v[1])) for k, v in acc.items()}
+
+    # -- the output head ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def head_on(self):
+        with self.engine.onload(self.norm), self.engine.onload(self.head):
+            yield
+
+    def _logits(self, h: torch.Tensor, quant_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits z `[rows, V]` float32, log-sum-exp `[rows]` float64) of final hidden states
+        `h: [rows, H]` (soft-capped when the model's config says so)."""
+        x = self.norm(h)
+        if quant_head and self.ref.head is not None:
+            z = F.linear(x, self._qhead)
+        else:
+            z = self.head(x)
+        z = z.float()
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        m = z.amax(-1, keepdim=True)
+        lse = m.squeeze(-1).double() + torch.exp(z - m).sum(-1, dtype=torch.float64).log()
+        return z, lse
+
+    def _rows(self, hs: list[torch.Tensor]):
+        """(chunk c, row slice, hidden `[r, H]`, labels `[r]`) over the predicted positions."""
+        for c, (h, lab) in enumerate(zip(hs, self.labels)):
+            hh = h[:, :-1].reshape(-1, h.shape[-1])
+            ll = lab.reshape(-1)
+            for s in range(0, hh.shape[0], self.logit_rows):
+                e = min(s + self.logit_rows, hh.shape[0])
+                yield c, slice(s, e), hh[s:e].to(self.dev, non_blocking=True), ll[s:e]
+
+    @torch.no_grad()
+    def fp_distribution(self) -> None:
+        """The FP logits z_FP and log-sum-exp per predicted position (kept on the activation device).
+
+        KL is then Σ_v p_FP (z_FP − z) − (lse_FP − lse): differences of close logits and one
+        float64 sum, not a difference of two ~log V entropies, which in float32 would bury a
+        single family's 1e-4 nats."""
+        self._qhead = self.ref.head.to(self.dev, self.dtype) if self.ref.head is not None else None
+        self.z_fp, self.lse_fp = [], []
+        nll = torch.zeros((), dtype=torch.float64, device=self.dev)
+        with self.head_on():
+            for c, sl, h, lab in self._rows(self.h_fp[self.L]):
+                z, lse = self._logits(h, quant_head=False)
+                self.z_fp.append(self.engine.stash(z))
+                self.lse_fp.append(lse)
+                nll += (lse - z.gather(1, lab[:, None]).squeeze(1).double()).sum()
+        self.fp_nll = float(nll) / self.n_pos
+
+    @torch.no_grad()
+    def score(self, hs: list[torch.Tensor], quant_head: bool) -> tuple[float, float]:
+        """(mean KL(FP ‖ this) per position [nats], perplexity) of final hidden states `hs`
+        (the caller holds `head_on()`)."""
+        kl = torch.zeros((), dtype=torch.float64, device=self.dev)
+        nll = torch.zeros((), dtype=torch.float64, device=self.dev)
+        for i, (c, sl, h, lab) in enumerate(self._rows(hs)):
+            z, lse = self._logits(h, quant_head)
+            zf = self.z_fp[i].to(self.dev, non_blocking=True)
+            lf = self.lse_fp[i]
+            p = torch.exp(zf - lf.float()[:, None])
+            kl += ((p * (zf - z)).sum(-1, dtype=torch.float64) - (lf - lse)).sum()
+            nll += (lse - z.gather(1, lab[:, None]).squeeze(1).double()).sum()
+        return float(kl) / self.n_pos, math.exp(float(nll) / self.n_pos)
+
+    # -- hybrids --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def walk_variants(self, starts: list[int], families: list[str], modes: list[str], max_states: int,
+                      bar=None) -> dict[tuple[int, str, str], tuple[float, float]]:
+        """(layer, family, mode) → (KL, ppl) for every start layer in `starts`."""
+        out = {}
+        per_layer = len(families) * len(modes)
+        size = max(1, max_states // max(per_layer, 1))
+        for g0 in range(0, len(starts), size):
+            group = starts[g0:g0 + size]
+            gset = set(group)
+            states: dict[tuple[int, str, str], list[torch.Tensor]] = {}
+            for j in range(group[0], self.L):
+                block = self.bl[j]
+                with self.engine.onload(block):
+                    fpw = {n: get_module(block, n).weight.data for n in self.spec.linears}
+                    qw = self.qweights(j)
+                    go = [k for k in states if k[2] == "only"]
+                    ex = [k for k in states if k[2] == "except"]
+                    for k in go:  # FP weights: the block as it is
+                        states[k] = self.run(j, states[k])
+                    if ex:
+                        with _swapped(block, qw):
+                            for k in ex:
+                                states[k] = self.run(j, states[k])
+                    if j in gset:
+                        for f in families:
+                            lins = self.fams[f]
+                            if "only" in modes:
+                                with _swapped(block, {n: qw[n] for n in lins}):
+                                    states[(j, f, "only")] = self.run(j, self.h_fp[j])
+                            if "except" in modes:
+                                with _swapped(block, {**qw, **{n: fpw[n] for n in lins}}):
+                                    states[(j, f, "except")] = self.run(j, self.h_q[j])
+                    del qw, fpw
+                if bar is not None:
+                    bar.update(len(states))
+            with self.head_on():
+                for k in list(states):
+                    out[k] = self.score(states.pop(k), quant_head=k[2] == "except")
+        return out
+
+    @torch.no_grad()
+    def run_hybrid(self, weights: Mapping[int, Mapping[str, torch.Tensor]]) -> tuple[float, float]:
+        """(KL, ppl) of the fully quantized model with the linears in `weights` (layer → linear →
+        `[co, ci]` W in the FP basis) replaced, recomputed from the first replaced layer on."""
+        if not weights:
+            with self.head_on():
+                return self.score(self.h_q[self.L], quant_head=True)
+        start = min(weights)
+        hs = self.h_q[start]
+        for j in range(start, self.L):
+            block = self.bl[j]
+            with self.engine.onload(block):
+                w = self.qweights(j)
+                w.update({n: t.to(self.dev, self.dtype) for n, t in weights.get(j, {}).items()})
+                with _swapped(block, w):
+                    hs = self.run(j, hs)
+        with self.head_on():
+            return self.score(hs, quant_head=True)
+
+
+def _max_states(sl: _Slice, max_states: int | None) -> int:
+    """Hidden states `[n_tok, H]` held at once by the variant walk: given, or ~40% of the free GPU
+    memory (4 GiB elsewhere) divided by one state's bytes."""
+    if max_states is not None:
+        if max_states < 1:
+            raise AwqnbError(f"max_states={max_states} must be at least 1.")
+        return int(max_states)
+    one = sum(h.numel() * h.element_size() for h in sl.h_fp[0])
+    if sl.dev.type == "cuda" and not sl.engine.offload:
+        free, _ = torch.cuda.mem_get_info(sl.dev)
+        budget = 0.4 * free
+    else:
+        budget = 4 * 2**30
+    return max(1, int(budget // max(one, 1)))
+
+
+# --- the frame ------------------------------------------------------------------------------
+
+def _provenance(model, cfg, calibration, windows, device, dtype, model_name, res) -> dict:
+    q = cfg.quant if cfg is not None else res.config.quant
+    c = cfg if cfg is not None else res.config
+    calib = res.calibration if res is not None and res.calibration else (
+        calibration.to_dict() if hasattr(calibration, "to_dict") else None)
+    h = hashlib.sha1(windows.numpy().tobytes()).hexdigest()[:16]
+    return {"model": model_label(model, model_name), "method": c.method, "bits": q.bits, "group_size": q.group_size,
+            "symmetric": q.symmetric, "lm_head": c.lm_head, "search_dtype": c.dtype,
+            "plan": c.plan.to_list() if c.plan else None, "calibration": calib,
+            "eval": {"seqlen": int(windows.shape[1]), "n_windows": int(windows.shape[0]),
+                     "n_positions": int(windows.shape[0] * (windows.shape[1] - 1)), "tokens_sha1": h,
+                     "slice": "first n_windows windows of eval_tokens"},
+            "device": str(device), "dtype": dtype_name(dtype), "versions": versions()}
+
+
+def _frame(rows: list[dict], attrs: dict):
+    import pandas as pd
+
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df = df.astype({"layer": int, "family": str, "mode": str, "kl": float, "ppl": float, "dppl": float,
+                    "n_params": "int64", "mse": float, "mse_kind": str})
+    df.attrs.update(attrs)
+    return df
+
+
+def _key_parts(model, cfg, res, result, calibration, windows, seqlen, n_windows, layers, fams, modes,
+               cdtype) -> dict:
+    """What decides a sensitivity frame: the FP model, the run (config, or the given result and
+    quantized weights), calibration, the slice's token ids and the settings."""
+    return {"model": model_fingerprint(model), "config": (cfg or res.config).to_dict(),
+            "calibration": calibration_key(calibration) if calibration is not None else None,
+            "result": scales_fingerprint(res) if res is not None else None,
+            "quantized": model_fingerprint(result[0]) if isinstance(result, (tuple, list)) else None,
+            "slice": hashlib.sha1(windows.numpy().tobytes()).hexdigest()[:16], "seqlen": seqlen,
+            "n_windows": n_windows, "layers": layers, "families": fams, "modes": modes, "dtype": str(cdtype)}
+
+
+def sensitivity(model: nn.Module, cfg: MethodConfig | None, calibration, eval_tokens: torch.Tensor, *, layers=None,
+                families=None, modes=("only", "except"), device=None, seqlen: int = 512, n_windows: int = 8,
+                progress: bool = True, cache=True, model_name: str | None = None, result=None,
+                dtype="float32", batch_size: int = 8, max_states: int | None = None, logit_rows: int = 2048,
+                offload_activations: bool = False):
+    """End-to-end sensitivity of each (layer, family) (module docstring) → DataFrame, one row per
+    (layer, family, mode), columns:
+
+        layer int, family str (qkv | vo | gate_up | down), mode str ('only' | 'except'),
+        kl float      mean KL(FP ‖ variant), nats per predicted position of the slice
+        ppl float     the variant's perplexity on the slice
+        dppl float    'only': ppl − FP ppl; 'except': fully-quantized ppl − ppl (> 0: keeping the
+                      family FP recovers that much)
+        n_params int  weights in the family's linears in that layer
+        mse float     relative output MSE of the family, Σ‖(W − W_eff) x‖² / Σ‖W x‖² over its
+                      linears, x their inputs in the FP model on the slice (layer-local, as
+                      `diagnostics.layer_mse`); mse_kind str = 'relative'
+
+    attrs: provenance (model, method, bits, group size, calibration, eval slice, device, dtype,
+    versions), fp_ppl, quant_ppl, quant_kl (the fully quantized model), mse_kind, family_linears
+    (family → number of linears), timings.
+
+    cfg: the run to measure (quantized here, on a copy) — or result: a QuantResult or a
+    (quantized model, QuantResult) pair. eval_tokens `[n_tok]`: the slice is its first
+    `n_windows` windows of `seqlen`. dtype: compute dtype of the forwards (float32 default: a
+    single family's KL can be 1e-4 nats, below bf16 noise). batch_size: windows per chunk.
+    max_states: hidden states `[n_tok, H]` the walk may hold (default from free memory).
+    Cached (statcache, no pickle) by model, config (or result), calibration, slice and settings.
+    """
+    spec = resolve_spec(model)
+    layers = check_layers(model, layers, model_name)
+    fams = _check_families(spec, families)
+    modes = _check_modes(modes)
+    windows = eval_windows(eval_tokens, seqlen, n_windows)
+    check_positive(batch_size=(batch_size, 1), logit_rows=(logit_rows, 1))
+    cdtype = parse_dtype(dtype) or torch.float32
+    dev = model_device(model, device)
+    res = result[1] if isinstance(result, (tuple, list)) and len(result) == 2 else result
+    if res is not None and not isinstance(res, QuantResult):
+        raise AwqnbError("result must be a QuantResult or a (quantized model, QuantResult) pair.")
+    if cfg is None and res is None:
+        raise AwqnbError("pass cfg (a MethodConfig) or result.")
+    if cfg is not None and res is not None and cfg.to_dict() != res.config.to_dict():
+        raise AwqnbError("cfg and result disagree; pass one of them (cfg=None with a result).")
+    if res is None:
+        get_method(cfg.method)(cfg)  # method parameters, before any work
+        if get_method(cfg.method).needs_calibration and calibration is None:
+            raise AwqnbError(f"method {cfg.method!r} needs calibration data; pass calibration.")
+    if (cfg or res.config).plan:
+        check_model((cfg or res.config).plan, model)
+    if resolve_cache(cache) is None:  # no key to build (fingerprints read every weight)
+        parts = {}
+    else:
+        parts = _key_parts(model, cfg, res, result, calibration, windows, seqlen, n_windows, layers, fams, modes, cdtype)
+
+    def compute():
+        t0 = time.perf_counter()
+        ref = reference(model, cfg, calibration, device=dev, result=result, dtype=cdtype, model_name=model_name)
+        t_quant = time.perf_counter() - t0
+        model.eval()
+        sl = _Slice(model, windows, ref, dev, cdtype, batch_size, offload_activations, logit_rows, progress)
+        sums = sl.prefixes(layers)
+        t = sl._sync()
+        sl.fp_distribution()
+        fp_ppl = math.exp(sl.fp_nll)
+        with sl.head_on():
+            quant_kl, quant_ppl = sl.score(sl.h_q[sl.L], quant_head=True)
+        total = sum(len(fams) * len(modes) * (sl.L - i) for i in layers)
+        bar = tqdm(total=total, desc="sensitivity", unit="block", disable=not progress)
+        ms = _max_states(sl, max_states)
+        var = sl.walk_variants(layers, fams, modes, ms, bar)
+        bar.close()
+        times = {"quantize_s": t_quant, **sl.times, "variants_s": sl._sync() - t, "max_states": ms}
+        bl = blocks(model, spec)
+        rows = []
+        for i in layers:
+            for f in fams:
+                lins = sl.fams[f]
+                n_params = sum(get_module(bl[i], n).weight.numel() for n in lins)
+                err = sum(sums[(i, n)][0] for n in lins)
+                pw = sum(sums[(i, n)][1] for n in lins)
+                mse = err / pw if pw > 0 else float("nan")
+                for m in modes:
+                    kl, ppl = var[(i, f, m)]
+                    dppl = ppl - fp_ppl if m == "only" else quant_ppl - ppl
+                    rows.append({"layer": i, "family": f, "mode": m, "kl": kl, "ppl": ppl, "dppl": dppl,
+                                 "n_params": n_params, "mse": mse, "mse_kind": MSE_KIND})
+        times["total_s"] = time.perf_counter() - t0
+        attrs = {"provenance": _provenance(model, cfg, calibration, windows, dev, cdtype, model_name, ref.result),
+                 "fp_ppl": fp_ppl, "quant_ppl": quant_ppl, "quant_kl": quant_kl, "mse_kind": MSE_KIND,
+                 "family_linears": {f: len(v) for f, v in sl.fams.items()}, "timings": times}
+        return {"frame": _frame(rows, {}), "attrs": attrs}
+
+    out = cached_or_compute(cache, "sensitivity", parts, compute)
+    df = out["frame"]
+    df.attrs.clear()
+    df.attrs.update(out["attrs"])
+    return df
+
+
+# --- reading the frame ----------------------------------------------------------------------
+
+def _check_frame(frame) -> None:
+    missing = [c for c in ("layer", "family", "mode", "kl") if c not in getattr(frame, "columns", [])]
+    if missing:
+        raise AwqnbError(f"not a sensitivity frame (missing {', '.join(missing)}); pass awqnb.analysis.sensitivity.sensitivity(...).")
+
+
+def rank(frame, by: str = "kl", mode: str = "only"):
+    """The rows of one mode, most sensitive first, with a `rank` column (1 = most). 'only': larger
+    kl / ppl / dppl / mse = more sensitive; 'except': lower kl / ppl (keeping the family FP
+    recovers more), larger dppl."""
+    _check_frame(frame)
+    if by not in frame.columns:
+        raise AwqnbError(f"cannot rank by {by!r}; use one of kl, ppl, dppl, mse.")
+    sub = frame[frame["mode"] == mode]
+    if sub.empty:
+        raise AwqnbError(f"the frame has no {mode!r} rows (modes: {sorted(set(frame['mode']))}).")
+    asc = mode == "except" and by in ("kl", "ppl")
+    out = sub.sort_values([by, "layer"], ascending=[asc, True], kind="stable").reset_index(drop=True)
+    out["rank"] = range(1, len(out) + 1)
+    out.attrs.update(frame.attrs)
+    return out
+
+
+def most_sensitive_layer(frame) -> int:
+    """The layer with the largest 'only' KL summed over its families."""
+    _check_frame(frame)
+    sub = frame[frame["mode"] == "only"]
+    if sub.empty:
+        raise AwqnbError("the frame has no 'only' rows; compute it with modes including 'only'.")
+    s = sub.groupby("layer")["kl"].sum()
+    return int(s.idxmax())
+
+
+def _order(frame, by: str, seed: int) -> list[tuple[int, str]]:
+    """Candidate (layer, family) pairs, most deserving of more bits first."""
+    import numpy as np
+
+    pairs = frame[["layer", "family"]].drop_duplicates()
+    keys = [(int(l), str(f)) for l, f in zip(pairs["layer"], pairs["family"])]
+    if by == "random":
+        perm = np.random.default_rng(seed).permutation(len(keys))
+        return [keys[i] for i in perm]
+    if by == "mse":
+        m = frame.drop_duplicates(["layer", "family"]).set_index(["layer", "family"])["mse"]
+        if m.isna().any():
+            raise AwqnbError("the frame has no MSE for some families; choose by='kl' or 'random'.")
+        return [k for k, _ in sorted(((k, float(m[k])) for k in keys), key=lambda t: (-t[1], t[0]))]
+    if by in ("kl", "recovery", "density"):
+        # rank() says which mode a frame lacks; 'kl' falls back to the 'except' rows
+        mode = "except" if by == "recovery" or (by == "kl" and not (frame["mode"] == "only").any()) else "only"
+        r = rank(frame, "kl", mode)
+        if by == "density":  # KL per parameter kept: the greedy order for a bits budget (stable: KL breaks ties)
+            r = r.assign(d=r["kl"] / r["n_params"].clip(lower=1)).sort_values("d", ascending=False, kind="stable")
+        return [(int(l), str(f)) for l, f in zip(r["layer"], r["family"])]
+    raise AwqnbError(f"by={by!r} is unknown; use 'kl', 'recovery', 'density', 'mse' or 'random'.")
+
+
+def plan_from_sensitivity(frame, *, k: int | None = None, avg_bits: float | None = None,
+                          max_linears: int | None = None, keep_bits: int = 8, by: str = "kl", seed: int = 0,
+                          base_bits: int = 4) -> Plan:
+    """A mixed-precision plan keeping the most deserving families at `keep_bits` (8, or 16 = FP).
+
+    by: 'kl' (end-to-end sensitivity: 'only' KL, or the 'except' rows' recovery when the frame has
+    no 'only' rows), 'recovery' (the 'except' rows: how much keeping the family FP recovers in the
+    quantized model), 'density' ('only' KL per parameter: the most KL for the bits spent), 'mse' (the
+    family's relative output MSE) or 'random' (a permutation drawn with `seed`). The strategy names
+    of `STRATEGIES` are accepted too. Budget, exactly one of:
+      k            the top k (layer, family) pairs;
+      avg_bits     the longest prefix of the order whose average bits stay ≤ avg_bits, where average
+                   bits = Σ n_params · bits / Σ n_params over every (layer, family) of the frame (the
+                   quantization candidates; lm_head and embeddings not counted), families outside
+                   the plan at `base_bits`;
+      max_linears  families taken in order, skipping one that would take the number of kept
+                   linears above max_linears (a family has 1–3 linears: frame.attrs['family_linears']).
+    """
+    _check_frame(frame)
+    if sum(x is not None for x in (k, avg_bits, max_linears)) != 1:
+        raise AwqnbError("give exactly one budget: k, avg_bits or max_linears.")
+    if keep_bits not in plan_bits():
+        raise AwqnbError(f"keep_bits={keep_bits} cannot be done by the quantizer; use one of {plan_bits()}.")
+    by = STRATEGIES.get(by, by)
+    order = _order(frame, by, seed)
+    chosen: list[tuple[int, str]] = []
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise AwqnbError(f"k={k!r} must be a whole number ≥ 0.")
+        if k > len(order):
+            raise AwqnbError(f"k={k} is more than the frame's {len(order)} (layer, family) pairs.")
+        chosen = order[:k]
+    elif avg_bits is not None:
+        n = frame.drop_duplicates(["layer", "family"]).set_index(["layer", "family"])["n_params"]
+        tot = float(n.sum())
+        if not avg_bits >= base_bits:
+            raise AwqnbError(f"avg_bits={avg_bits} is below base_bits={base_bits}.")
+        cur = base_bits * tot
+        for key in order:
+            nxt = cur + (keep_bits - base_bits) * float(n[key])
+            if nxt / tot > avg_bits + 1e-12:
+                break
+            chosen.append(key)
+            cur = nxt
+    else:
+        per = frame.attrs.get("family_linears") or {}
+        if isinstance(max_linears, bool) or not isinstance(max_linears, int) or max_linears < 0:
+            raise AwqnbError(f"max_linears={max_linears!r} must be a whole number ≥ 0.")
+        used = 0
+        for key in order:
+            c = int(per.get(key[1], 1))
+            if used + c <= max_linears:
+                chosen.append(key)
+                used += c
+    note = f"top {len(chosen)} by {by}" + (f" (seed {seed})" if by == "random" else "") + f", kept at {keep_bits} bits"
+    return Plan(tuple((l, f, keep_bits) for l, f in chosen), note)
+
+
+def plan_avg_bits(frame, plan: Plan, base_bits: int = 4) -> float:
+    """Average bits of `plan` over the frame's (layer, family) candidates, weighted by n_params."""
+    n = frame.drop_duplicates(["layer", "family"])
+    return plan.avg_bits({(int(l), str(f)): int(c) for l, f, c in zip(n["layer"], n["family"], n["n_params"])},
+                         base_bits)
+
+
+def plan_linears(frame, plan: Plan) -> int:
+    """How many linears `plan` keeps (frame.attrs['family_linears'] per family; 1 when unknown)."""
+    per = frame.attrs.get("family_linears") or {}
+    return sum(int(per.get(f, 1)) for _, f, _ in plan.entries)
+
+
+# --- Pareto ---------------------------------------------------------------------------------
+
+def pareto(model: nn.Module, cfg: MethodConfig | None, calibration, eval_tokens: torch.Tensor, frame, *,
+           ks=(0, 1, 2, 4, 8), keep_bits: int = 8, strategies=("sensitivity", "recovery", "mse", "random"),
+           seed: int = 0,
+           device=None, seqlen: int | None = None, n_windows: int | None = None, result=None, dtype="float32",
+           batch_size: int = 8, max_linears: Iterable[int] = (), progress: bool = True, model_name: str | None = None,
+           logit_rows: int = 2048, offload_activations: bool = False):
+    """Perplexity and KL on the slice against average bits, for plans of k families (and, with
+    `max_linears`, of at most that many linears) chosen by each strategy from `frame` → DataFrame
+    with columns strategy, k, avg_bits, ppl, kl, n_linears, plan (k = families kept; avg_bits as in
+    `plan_from_sensitivity`; k = 0 is the quantized run itself).
+
+    Fast approximation (attrs['approximation']): one quantization of the model with `cfg` (or
+    `result`); a planned family gets `keep_weights` — the run's folded scales, rounded at
+    `keep_bits` — swapped into the fully quantized model and only layers from the first planned
+    one on are recomputed. A real `pipeline.quantize` with the plan differs in that later blocks
+    are calibrated on the planned model's outputs (propagate='quantized'), so their AWQ scales may
+    differ; bench/sensitivity.py measures real runs.
+    """
+    import pandas as pd
+
+    _check_frame(frame)
+    prov = frame.attrs.get("provenance", {}).get("eval", {})
+    seqlen = seqlen or prov.get("seqlen") or 512
+    n_windows = n_windows or prov.get("n_windows") or 8
+    windows = eval_windows(eval_tokens, seqlen, n_windows)
+    if keep_bits not in plan_bits():
+        raise AwqnbError(f"keep_bits={keep_bits} cannot be done by the quantizer; use one of {plan_bits()}.")
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad:
+        raise AwqnbError(f"strategies {bad} unknown; use {', '.join(STRATEGIES)}.")
+    cdtype = parse_dtype(dtype) or torch.float32
+    dev = model_device(model, device)
+    ref = reference(model, cfg, calibration, device=dev, result=result, dtype=cdtype, model_name=model_name)
+    base_bits = ref.result.config.quant.bits
+    sl = _Slice(model, windows, ref, dev, cdtype, batch_size, offload_activations, logit_rows, progress)
+    sl.prefixes(())
+    sl.fp_distribution()
+    layers = sorted({int(l) for l in frame["layer"]})
+    kw = keep_weights(model, ref.result, keep_bits, layers, cdtype)
+    budgets = [("k", int(k)) for k in ks] + [("max_linears", int(m)) for m in max_linears]
+    jobs = [(s, b) for s in strategies for b in budgets]
+    rows = []
+    for s, (kind, v) in tqdm(jobs, desc="pareto", disable=not progress):
+        if kind == "k" and v > frame[["layer", "family"]].drop_duplicates().shape[0]:
+            continue
+        plan = plan_from_sensitivity(frame, **{kind: v}, keep_bits=keep_bits, by=s, seed=seed, base_bits=base_bits)
+        w: dict[int, dict[str, torch.Tensor]] = {}
+        for l, f, _ in plan.entries:
+            for n in sl.fams[f]:
+                w.setdefault(l, {})[n] = kw[l][n]
+        kl, ppl = sl.run_hybrid(w)
+        rows.append({"strategy": s, "k": len(plan), "avg_bits": plan_avg_bits(frame, plan, base_bits), "ppl": ppl,
+                     "kl": kl, "n_linears": plan_linears(frame, plan), "plan": plan.describe(),
+                     "budget": f"{kind}={v}"})
+    df = pd.DataFrame(rows, columns=PARETO_COLUMNS + ["budget"])
+    df.attrs.update({"fp_ppl": math.exp(sl.fp_nll), "keep_bits": keep_bits, "base_bits": base_bits, "seed": seed,
+                     "approximation": "planned families swapped into one quantization (its scales, rounded at "
+                                      "keep_bits); later blocks not re-calibrated",
+                     "provenance": _provenance(model, cfg, calibration, windows, dev, cdtype, model_name, ref.result)})
+    return df

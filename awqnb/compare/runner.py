@@ -1,0 +1,699 @@
+"""One comparison runner: quantize → evaluate → (layer MSE) for every method and calibration seed.
+
+`run_comparison(model, methods, seeds=..., calibration=..., datasets=...)` draws one calibration
+set per seed and, for each method, quantizes a fresh exact copy of the FP model (a deep copy,
+buffers included: no method sees another's quantization, evaluation or dtype cast), evaluates it
+by each dataset's protocol (`awqnb.analysis.evaluate`), optionally measures the output MSE of every
+linear, and frees it before the next. Methods that use no calibration data (`fp`, `rtn`) run once
+and stand for every seed. The reference tools (`llmc_awq`, `llmc_gptq`, `awqnb.compare.reference`) run on
+the same calibration token ids; where llm-compressor is absent or of an untested version they are
+skipped with the reason, and the others still run.
+
+The `Comparison` it returns is tidy: `frame()` has one row per (label, seed, dataset) with the
+per-unit NLLs; `summary()` the mean and spread over seeds; `verdicts(baseline)` each method's paired
+difference against a baseline with its 95% interval and verdict from `awqnb.analysis.stats` (a t interval
+over the seeds' paired differences combined with the windows' shared sampling noise; 'cannot
+separate seeds' with fewer than 3 seeds); `to_json`/`read` round-trip it (no pickle) with its
+provenance.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from awqnb.analysis import diagnostics as D, stats
+from awqnb.analysis.evaluate import PerplexityResult, sample_perplexity, token_perplexity
+from awqnb.compare.claims import method_configs, seed_claims
+from awqnb.compare.reference import (REFERENCE_METHODS, is_reference, llmc_version, quantize_reference,
+                                     refusal)
+from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.dtypes import parse_dtype
+from awqnb.core.errors import AwqnbError
+from awqnb.core.files import atomic_write, read_json
+from awqnb.core.progress import tqdm
+from awqnb.model.data import dataset_info, load_calibration, load_eval_texts, load_eval_tokens
+from awqnb.model.models import cast_parameters, resolve_device, versions
+from awqnb.quant.method_config import MethodConfig
+from awqnb.quant.methods import get_method
+from awqnb.quant.pipeline import quantize
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEEDS = (42, 43, 44)
+FORMAT = "awqnb-comparison/1"
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+@dataclass
+class EvalSet:
+    """One evaluation set and its protocol: 'gptq-token' (`data` a 1-D token tensor, windows of
+    `seqlen`, at most `max_windows`) or 'sample' (`data` a list of texts, each truncated to
+    `seqlen` tokens)."""
+
+    name: str
+    protocol: str
+    data: Any = field(repr=False)
+    seqlen: int = 2048
+    max_windows: int | None = None
+    batch_size: int | None = None  # None: 8 (token) / 32 (sample) on a GPU, 1 / 8 on the CPU
+    source: dict | None = None  # a user's own file: its name and sha256 (data.dataset_info)
+
+    def __post_init__(self):
+        if self.protocol not in ("gptq-token", "sample"):
+            raise AwqnbError(f"eval set {self.name!r}: protocol {self.protocol!r} is unknown; use 'gptq-token' or 'sample'.")
+
+    def describe(self) -> dict:
+        n = int(self.data.numel()) if isinstance(self.data, torch.Tensor) else len(self.data)
+        return {"name": self.name, "protocol": self.protocol, "seqlen": self.seqlen, "max_windows": self.max_windows,
+                ("n_tokens" if self.protocol == "gptq-token" else "n_texts"): n}
+
+
+def eval_sets(tokenizer, token: Sequence[str] = ("wikitext2",), sample: Sequence[str] = (), *, seqlen: int = 2048,
+              max_windows: int | None | Mapping[str, int | None] = None, n_samples: int = 2000,
+              sample_max_length: int = 512, seed: int = 42, data_dir=None) -> list[EvalSet]:
+    """Load evaluation sets by name: `token` sets (GPTQ protocol: wikitext2, c4, a file) and
+    `sample` sets (each text on its own: ag_news, c4-sample, ...; `n_samples` drawn with `seed`).
+    max_windows: one limit for every token set, or name → limit."""
+    out = []
+    for name in token:
+        mw = max_windows.get(name) if isinstance(max_windows, Mapping) else max_windows
+        out.append(EvalSet(name, "gptq-token", load_eval_tokens(tokenizer, name, data_dir=data_dir), seqlen, mw,
+                           source=dataset_info(name) or None))
+    for name in sample:
+        out.append(EvalSet(name, "sample", load_eval_texts(name, n_samples=n_samples, seed=seed, data_dir=data_dir),
+                           sample_max_length, source=dataset_info(name) or None))
+    return out
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """How a calibration set is drawn: `awqnb.model.data.load_calibration(tokenizer, dataset, n_calib,
+    seqlen, seed)`, once per seed."""
+
+    dataset: str = "wikitext2"
+    n_calib: int = 128
+    seqlen: int = 512
+    data_dir: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class MethodSpec:
+    """One label of a comparison: `method` is 'fp' (no quantization), a registered awqnb method
+    (with its `config`), or a reference method (`llmc_awq`, `llmc_gptq`; the run's bits and group
+    size). `calibration`: overrides of the run's CalibSpec fields for this label."""
+
+    label: str
+    method: str
+    config: MethodConfig | None = None
+    calibration: Mapping[str, Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        return "fp" if self.method == "fp" else ("reference" if is_reference(self.method) else "awqnb")
+
+    @property
+    def needs_calibration(self) -> bool:
+        if self.kind == "fp":
+            return False
+        if self.kind == "reference":
+            return True
+        return bool(get_method(self.config.method).needs_calibration)
+
+    def describe(self, quant: QuantConfig) -> dict:
+        d = {"label": self.label, "method": self.method, "kind": self.kind}
+        if self.config is not None:
+            d["config"] = self.config.to_dict()
+        elif self.kind == "reference":
+            d["config"] = {"tool": "llm-compressor", "what": REFERENCE_METHODS[self.method], "quant": quant.to_dict()}
+        if self.calibration:
+            d["calibration"] = dict(self.calibration)
+        return d
+
+
+def check_seeds(seeds) -> tuple[int, ...]:
+    """Calibration seeds → a tuple of distinct whole numbers ≥ 0; an int n means n seeds from 42.
+    AwqnbError for fewer than one seed."""
+    if isinstance(seeds, bool):
+        raise AwqnbError(f"seeds={seeds!r}: give a list of calibration seeds such as (42, 43, 44) or a count ≥ 1.")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise AwqnbError(f"seeds={seeds}: at least one calibration seed is needed (a count ≥ 1, or a list such as 42,43,44).")
+        seeds = tuple(range(42, 42 + seeds))
+    seeds = tuple(seeds) if seeds is not None else ()
+    if len(seeds) < 1:
+        raise AwqnbError("no calibration seeds: at least one is needed (e.g. seeds=(42, 43, 44)).")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise AwqnbError(f"calibration seeds must be whole numbers ≥ 0; got {bad}.")
+    if len(set(seeds)) != len(seeds):
+        raise AwqnbError(f"calibration seeds {list(seeds)} repeat a seed; give distinct seeds.")
+    return seeds
+
+
+def method_specs(methods, variants: Mapping[str, Mapping] | None = None, quant: QuantConfig | None = None,
+                 search: SearchConfig | None = None, method_params: Mapping[str, Mapping] | None = None,
+                 seed: int = 42, **config_fields) -> list[MethodSpec]:
+    """Labels → MethodSpecs. `methods`: names (registered awqnb methods, 'fp', 'llmc_awq',
+    'llmc_gptq'; awqnb names and `variants` go through `compare.method_configs`), or a mapping
+    label → MethodConfig / MethodSpec / one of those names. `config_fields` (e.g. dtype,
+    calib_batch_size) are set on every awqnb config built here. Unknown names fail here."""
+    quant = quant or QuantConfig()
+    search = search or SearchConfig()
+    if isinstance(methods, str):
+        methods = [m for m in methods.split(",") if m]
+    if isinstance(methods, Mapping):
+        items = list(methods.items())
+    else:
+        items = [(m.label if isinstance(m, MethodSpec) else m, m) for m in methods]
+    specs: list[MethodSpec] = []
+    names = [v for _, v in items if isinstance(v, str) and v != "fp" and not is_reference(v)]
+    cfgs = method_configs(names, variants, quant, search, method_params, seed)
+    if config_fields:
+        cfgs = {k: dataclasses.replace(c, **config_fields) for k, c in cfgs.items()}
+    for label, v in items:
+        if isinstance(v, MethodSpec):
+            specs.append(dataclasses.replace(v, label=label))
+        elif isinstance(v, MethodConfig):
+            specs.append(MethodSpec(label, v.method, v))
+        elif v == "fp" or is_reference(v):
+            specs.append(MethodSpec(label, v))
+        elif isinstance(v, str):
+            specs.append(MethodSpec(label, cfgs[v].method, cfgs[v]))
+        else:
+            raise AwqnbError(f"method {label!r}: give a name, a MethodConfig or a MethodSpec (got {type(v).__name__}).")
+    for label in (variants or {}):
+        specs.append(MethodSpec(label, cfgs[label].method, cfgs[label]))
+    seen = set()
+    for s in specs:
+        if s.label in seen:
+            raise AwqnbError(f"label {s.label!r} appears twice in the methods; give each a distinct label.")
+        seen.add(s.label)
+    if not specs:
+        raise AwqnbError("no methods to compare; pass at least one (e.g. ['rtn', 'awq']).")
+    return specs
+
+
+# --- results ----------------------------------------------------------------------------------
+
+@dataclass
+class RunRecord:
+    """One label on one calibration seed. status: 'ok', or 'skipped' (with `reason`).
+    shared: the method uses no calibration data, so this one run stands for every seed."""
+
+    label: str
+    method: str
+    seed: int
+    status: str = "ok"
+    reason: str | None = None
+    shared: bool = False
+    config: dict | None = None
+    calibration: dict | None = None
+    quantize_s: float | None = None
+    peak_mem_gb: float | None = None
+    results: dict[str, PerplexityResult] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # timings (awqnb) or what the reference tool reported
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in vars(self).items() if k != "results"}
+        d["results"] = {ds: r.to_dict() for ds, r in self.results.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunRecord":
+        d = dict(d)
+        d["results"] = {ds: PerplexityResult.from_dict(r) for ds, r in d.get("results", {}).items()}
+        return cls(**d)
+
+
+def _jsonable(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (torch.dtype, torch.device, Path)):
+        return str(o)
+    return str(o)
+
+
+@dataclass
+class Comparison:
+    """What `run_comparison` measured (see the module docstring). quant_results: (label, seed) →
+    QuantResult of the awqnb methods, in memory only (write them with `QuantResult.save`)."""
+
+    runs: list[RunRecord]
+    provenance: dict
+    mse: Any = None  # DataFrame of diagnostics.layer_mse rows (+ seed), first seed only, or None
+    quant_results: dict = field(default_factory=dict, repr=False)
+
+    # -- access --
+    @property
+    def labels(self) -> list[str]:
+        return list(dict.fromkeys(r.label for r in self.runs))
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.provenance.get("seeds", sorted({r.seed for r in self.runs})))
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(dict.fromkeys(ds for r in self.runs for ds in r.results))
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """label → why it did not run."""
+        return {r.label: r.reason for r in self.runs if r.status != "ok"}
+
+    def per_seed(self, label: str, dataset: str) -> dict[int, PerplexityResult]:
+        """seed → PerplexityResult of `label` on `dataset` (a shared run stands for every seed)."""
+        out = {}
+        for r in self.runs:
+            if r.label == label and r.status == "ok" and dataset in r.results:
+                for s in (self.seeds if r.shared else [r.seed]):
+                    out[s] = r.results[dataset]
+        return out
+
+    def results(self, seed: int | None = None) -> dict[str, dict[str, PerplexityResult]]:
+        """label → dataset → PerplexityResult on one seed (default the first): the shape
+        `evaluate.comparison_table` takes."""
+        seed = self.seeds[0] if seed is None else seed
+        out: dict = {}
+        for label in self.labels:
+            for ds in self.datasets:
+                r = self.per_seed(label, ds).get(seed)
+                if r is not None:
+                    out.setdefault(label, {})[ds] = r
+        return out
+
+    # -- tables --
+    def frame(self, nll: bool = True):
+        """One row per (label, seed, dataset): method, status, protocol, seqlen, ppl, n_units,
+        quantize_s, peak_mem_gb, eval_s, shared, reason (and the per-unit `nll`, `n_tokens` lists)."""
+        import pandas as pd
+
+        rows = []
+        for r in self.runs:
+            base = {"label": r.label, "method": r.method, "status": r.status, "shared": r.shared,
+                    "quantize_s": r.quantize_s, "peak_mem_gb": r.peak_mem_gb, "reason": r.reason}
+            seeds = self.seeds if r.shared else [r.seed]
+            if r.status != "ok":
+                rows += [{**base, "seed": s, "dataset": None} for s in seeds]
+                continue
+            for s in seeds:
+                for ds, res in r.results.items():
+                    row = {**base, "seed": s, "dataset": ds, "protocol": res.protocol, "seqlen": res.seqlen,
+                           "ppl": res.ppl, "n_units": res.n_units, "eval_s": res.seconds}
+                    if nll:
+                        row.update(nll=list(res.nll), n_tokens=list(res.n_tokens))
+                    rows.append(row)
+        cols = ["label", "method", "seed", "dataset", "status", "protocol", "seqlen", "ppl", "n_units", "quantize_s",
+                "peak_mem_gb", "eval_s", "shared", "reason"] + (["nll", "n_tokens"] if nll else [])
+        return pd.DataFrame(rows).reindex(columns=cols)
+
+    def summary(self):
+        """One row per (label, dataset) that ran: n_seeds, mean and sd (over seeds; NaN with one)
+        of the perplexity, min, max, the per-seed values ('seed: ppl' joined), mean quantize_s and
+        the largest peak_mem_gb. A shared method (no calibration) has sd 0 by construction."""
+        import numpy as np
+        import pandas as pd
+
+        f = self.frame(nll=False)
+        f = f[f["status"] == "ok"]
+        rows = []
+        for (label, ds), d in f.groupby(["label", "dataset"], sort=False):
+            v = d["ppl"].to_numpy(dtype=float)
+            rows.append({"label": label, "method": d["method"].iloc[0], "dataset": ds,
+                         "protocol": d["protocol"].iloc[0], "seqlen": int(d["seqlen"].iloc[0]),
+                         "n_seeds": len(v), "ppl_mean": float(v.mean()),
+                         "ppl_sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+                         "ppl_min": float(v.min()), "ppl_max": float(v.max()),
+                         "per_seed": " / ".join(f"{s}: {p:.3f}" for s, p in zip(d["seed"], v)),
+                         "quantize_s": float(np.nanmean(d["quantize_s"].astype(float))) if d["quantize_s"].notna().any() else None,
+                         "peak_mem_gb": float(d["peak_mem_gb"].max()) if d["peak_mem_gb"].notna().any() else None,
+                         "shared": bool(d["shared"].iloc[0])})
+        return pd.DataFrame(rows)
+
+    def verdicts(self, baseline: str, labels: Iterable[str] | None = None):
+        """Each label (but the baseline) against `baseline`, per dataset (`awqnb.analysis.stats`): delta_pct
+        (100 (exp(mean over seeds of log(ppl / ppl_baseline)) − 1); negative: better than the
+        baseline), ci_low, ci_high (95%: the seeds' t interval combined with the windows' shared
+        sampling noise), n_seeds, verdict ('better' / 'worse' / 'within noise', or 'cannot separate
+        seeds' with fewer than 3 seeds where a side uses calibration) and noise (what the interval
+        carries)."""
+        import pandas as pd
+
+        if baseline not in self.labels:
+            raise AwqnbError(f"baseline {baseline!r} is not among the labels ({', '.join(self.labels)}).")
+        if baseline in self.skipped:
+            raise AwqnbError(f"baseline {baseline!r} did not run ({self.skipped[baseline]}); choose another.")
+        shared = {r.label for r in self.runs if r.shared}
+        rows = []
+        for label in (labels or self.labels):
+            if label == baseline or label in self.skipped:
+                continue
+            for ds in self.datasets:
+                a, b = self.per_seed(label, ds), self.per_seed(baseline, ds)
+                if not a or not b:
+                    continue
+                iv = stats.paired_interval(a, b, calibrated=not {label, baseline} <= shared)
+                rows.append({"label": label, "baseline": baseline, "dataset": ds, "delta_pct": iv.delta_pct,
+                             "ci_low": iv.ci_low, "ci_high": iv.ci_high, "n_seeds": iv.n_seeds,
+                             "verdict": iv.verdict, "noise": iv.noise})
+        return pd.DataFrame(rows, columns=["label", "baseline", "dataset", "delta_pct", "ci_low", "ci_high", "n_seeds",
+                                           "verdict", "noise"])
+
+    def seeds_note(self) -> str:
+        """What this comparison's number of seeds can and cannot show (`stats.seeds_note`)."""
+        calibrated = [r.seed for r in self.runs if not r.shared and r.status == "ok"]
+        return stats.seeds_note(len(set(calibrated)) or len(self.seeds))
+
+    def claims(self):
+        """`compare.seed_claims` on this comparison (every seed)."""
+        return seed_claims(self, None)
+
+    def configs(self) -> dict[str, MethodConfig]:
+        """label → MethodConfig of the awqnb methods (first seed's)."""
+        out = {}
+        for m in self.provenance.get("methods", []):
+            if m.get("kind") == "awqnb" and m.get("config"):
+                out[m["label"]] = MethodConfig.from_dict(m["config"])
+        return out
+
+    @classmethod
+    def merge(cls, *comps: "Comparison") -> "Comparison":
+        """One comparison from several runs of the same setting (e.g. methods or seeds split over
+        calls): the runs of all, a label/seed pair once (the first), a shared run (fp, rtn) once.
+        AwqnbError unless model, bits, group size, symmetry, calibration and datasets agree."""
+        if not comps:
+            raise AwqnbError("nothing to merge.")
+        keys = ("model", "bits", "group_size", "symmetric", "calibration", "datasets")
+        first = comps[0].provenance
+        for c in comps[1:]:
+            bad = [k for k in keys if c.provenance.get(k) != first.get(k)]
+            if bad:
+                raise AwqnbError(f"cannot merge comparisons that differ in {', '.join(bad)}.")
+        runs, seen, methods, quant_results = [], set(), [], {}
+        for c in comps:
+            for r in c.runs:
+                key = (r.label,) if r.shared else (r.label, r.seed)
+                if key not in seen:
+                    seen.add(key)
+                    runs.append(r)
+            for m in c.provenance.get("methods", []):
+                if m["label"] not in {x["label"] for x in methods}:
+                    methods.append(m)
+            quant_results.update(c.quant_results)
+        seeds = sorted({s for c in comps for s in c.seeds})
+        # complete when every method has its run for every seed, whichever piece holds it
+        grid = all((m["label"],) in seen or (m["label"], s) in seen for m in methods for s in seeds)
+        prov = {**first, "methods": methods, "seeds": seeds,
+                "complete": grid,
+                "merged_from": [{k: c.provenance.get(k) for k in ("seeds", "device", "versions", "argv")} for c in comps]}
+        frames = [c.mse for c in comps if c.mse is not None]
+        mse = None
+        if frames:
+            import pandas as pd
+
+            mse = pd.concat(frames, ignore_index=True)
+            mse = mse.drop_duplicates(subset=[x for x in ("method", "seed", "layer", "module") if x in mse.columns])
+        return cls(runs, prov, mse, quant_results)
+
+    # -- serialisation --
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "provenance": self.provenance, "runs": [r.to_dict() for r in self.runs],
+                "mse": None if self.mse is None else self.mse.to_dict("records")}
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        try:
+            return atomic_write(path, json.dumps(self.to_dict(), indent=1, default=_jsonable))
+        except OSError as e:
+            raise AwqnbError(f"cannot write {path} ({e.strerror or e}); choose a writable path.") from e
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Comparison":
+        import pandas as pd
+
+        if not isinstance(d, Mapping) or d.get("format") != FORMAT:
+            raise AwqnbError(f"not an awqnb comparison (format {d.get('format') if isinstance(d, Mapping) else None!r}, "
+                             f"expected {FORMAT!r}); pass a file written by Comparison.to_json.")
+        mse = pd.DataFrame(d["mse"]) if d.get("mse") else None
+        return cls([RunRecord.from_dict(r) for r in d["runs"]], dict(d["provenance"]), mse)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Comparison":
+        return cls.from_dict(read_json(path, "comparison file", "", "; pass a file written by Comparison.to_json"))
+
+
+# --- the runner -------------------------------------------------------------------------------
+
+def _free(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _evaluate(model: nn.Module, sets: Sequence[EvalSet], tokenizer, dev: torch.device, eval_dtype, meta: dict,
+              progress: bool) -> dict[str, PerplexityResult]:
+    model.to(dev)
+    if eval_dtype is not None:
+        cast_parameters(model, eval_dtype)
+    out = {}
+    for es in sets:
+        gpu = dev.type == "cuda"
+        if es.protocol == "gptq-token":
+            r = token_perplexity(model, es.data, seqlen=es.seqlen, max_windows=es.max_windows, device=dev,
+                                 dataset=es.name, batch_size=es.batch_size or (8 if gpu else 1), progress=progress)
+        else:
+            if tokenizer is None:
+                raise AwqnbError(f"sample perplexity on {es.name} needs the tokenizer; pass tokenizer=.")
+            r = sample_perplexity(model, tokenizer, es.data, max_length=es.seqlen, device=dev, dataset=es.name,
+                                  batch_size=es.batch_size or (32 if gpu else 8), progress=progress)
+        r.meta.update(meta)
+        if es.source:
+            r.meta["data_file"] = es.source
+        out[es.name] = r
+    return out
+
+
+def _as_sets(datasets, tokenizer, seqlen, max_windows, sample_max_length) -> list[EvalSet]:
+    if isinstance(datasets, EvalSet):
+        datasets = [datasets]
+    if isinstance(datasets, Mapping):
+        sets = []
+        for name, data in datasets.items():
+            if isinstance(data, EvalSet):
+                sets.append(data)
+            elif isinstance(data, torch.Tensor):
+                mw = max_windows.get(name) if isinstance(max_windows, Mapping) else max_windows
+                sets.append(EvalSet(name, "gptq-token", data, seqlen, mw))
+            elif isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
+                sets.append(EvalSet(name, "sample", list(data), sample_max_length))
+            else:
+                raise AwqnbError(f"dataset {name!r}: give a token tensor (token perplexity), a list of texts "
+                                 "(sample perplexity) or an EvalSet.")
+        datasets = sets
+    datasets = list(datasets or [])
+    if not datasets:
+        raise AwqnbError("no evaluation datasets; pass e.g. eval_sets(tokenizer, ['wikitext2']).")
+    for es in datasets:
+        if not isinstance(es, EvalSet):
+            raise AwqnbError(f"datasets: expected EvalSet entries (got {type(es).__name__}); see awqnb.compare.runner.eval_sets.")
+    names = [es.name for es in datasets]
+    if len(set(names)) != len(names):
+        raise AwqnbError(f"datasets {names} repeat a name; give each evaluation set a distinct name.")
+    return datasets
+
+
+def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_SEEDS,
+                   calibration: CalibSpec | Mapping | Callable[[int], Any] | None = None,
+                   datasets=None, quant: QuantConfig | None = None, search: SearchConfig | None = None,
+                   variants: Mapping[str, Mapping] | None = None, method_params: Mapping[str, Mapping] | None = None,
+                   eval_seqlen: int = 2048, eval_windows: int | None | Mapping = None, sample_max_length: int = 512,
+                   device=None, dtype: str = "auto", eval_dtype: torch.dtype | str | None = None,
+                   calib_batch_size: int | None = None, layer_mse: bool = False, mse_samples: int = 16,
+                   model_name: str | None = None, progress: bool = True,
+                   on_run: Callable[[Comparison, RunRecord], None] | None = None) -> Comparison:
+    """Quantize a fresh copy of `model` with every method on every calibration seed, evaluate each,
+    and return a `Comparison`.
+
+    methods: names ('fp', registered awqnb methods, 'llmc_awq', 'llmc_gptq'), a mapping label →
+      name / MethodConfig / MethodSpec, or MethodSpecs (see `method_specs`); `variants` add labels
+      (`compare.method_configs`). `quant`, `search`, `method_params`: the shared settings of the
+      awqnb methods; `dtype`: their compute dtype ('auto' = the model's); the reference methods
+      take the run's bits, group size and symmetry.
+    seeds: calibration seeds (each draws its own calibration set; torch is seeded with it before
+      each quantization), or a count n (seeds 42, 43, …). Fewer than one: AwqnbError.
+    calibration: a CalibSpec (or a mapping of its fields; default wikitext2 128 × 512), drawn with
+      `tokenizer` per seed; or a callable seed → Calibration.
+    datasets: EvalSets (`eval_sets`), or a mapping name → token tensor (token perplexity, windows of
+      `eval_seqlen`, at most `eval_windows`) / list of texts (sample perplexity, `sample_max_length`).
+    device: where quantization and evaluation run (default: the model's); the FP `model` is never
+      modified (each label gets `copy.deepcopy(model)`). eval_dtype: the dtype each evaluated copy's
+      parameters are cast to (buffers such as RoPE's inv_freq stay as they are; None: no cast).
+    layer_mse: the output MSE of every linear of the awqnb methods (`diagnostics.layer_mse`, FP
+      inputs, `mse_samples` calibration samples), on the first seed only.
+    on_run: called after each (label, seed) with the comparison so far (e.g. to write partial
+      results).
+    Unknown methods, bad seeds or settings fail before any work; a reference method that cannot
+    run here is skipped with its reason (logged as a warning), the others still run.
+    """
+    seeds = check_seeds(seeds)
+    quant = quant or QuantConfig()
+    search = search or SearchConfig()
+    extra = {"dtype": dtype}
+    if calib_batch_size is not None:
+        extra["calib_batch_size"] = calib_batch_size
+    specs = method_specs(methods, variants, quant, search, method_params, seeds[0], **extra)
+    if calibration is None:
+        calibration = CalibSpec()
+    if isinstance(calibration, Mapping):
+        calibration = CalibSpec(**calibration)
+    if isinstance(calibration, CalibSpec):
+        if tokenizer is None and any(s.needs_calibration for s in specs):
+            raise AwqnbError("drawing calibration sets needs the tokenizer; pass tokenizer= (or a callable "
+                             "seed → Calibration as calibration=).")
+    elif not callable(calibration):
+        raise AwqnbError("calibration: give a CalibSpec, a mapping of its fields, or a callable seed → Calibration.")
+    sets = _as_sets(datasets, tokenizer, eval_seqlen, eval_windows, sample_max_length)
+    if isinstance(eval_dtype, str):
+        eval_dtype = parse_dtype(eval_dtype) if eval_dtype != "auto" else None
+    dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    model_name = model_name or getattr(model.config, "name_or_path", None) or type(model).__name__
+
+    refused = {s.label: refusal(s.method) for s in specs if s.kind == "reference"}
+    for label, why in refused.items():
+        if why:
+            log.warning("%s skipped: %s", label, why)
+
+    prov = {
+        "model": model_name, "model_type": getattr(model.config, "model_type", None),
+        "methods": [s.describe(quant) for s in specs], "bits": quant.bits, "group_size": quant.group_size,
+        "symmetric": quant.symmetric, "search": search.to_dict(), "seeds": list(seeds),
+        "calibration": calibration.to_dict() if isinstance(calibration, CalibSpec) else {"callable": repr(calibration)},
+        "datasets": [es.describe() for es in sets], "device": str(dev), "dtype": dtype,
+        "eval_dtype": None if eval_dtype is None else str(eval_dtype).replace("torch.", ""),
+        "versions": {**versions(), "llmcompressor": llmc_version()},
+        "layer_mse": bool(layer_mse), "complete": False,
+    }
+    comp = Comparison([], prov)
+    mse_frames = []
+    calibs: dict = {}
+
+    def calib_for(spec: MethodSpec, seed: int):
+        if not isinstance(calibration, CalibSpec):
+            key = (seed,)
+            if key not in calibs:
+                calibs[key] = calibration(seed)
+            return calibs[key]
+        cs = dataclasses.replace(calibration, **dict(spec.calibration or {}))
+        key = (cs, seed)
+        if key not in calibs:
+            calibs[key] = load_calibration(tokenizer, cs.dataset, n_calib=cs.n_calib, seqlen=cs.seqlen, seed=seed,
+                                           data_dir=cs.data_dir)
+        return calibs[key]
+
+    todo = []
+    for si, seed in enumerate(seeds):
+        for spec in specs:
+            if spec.needs_calibration or si == 0:
+                todo.append((spec, seed, si))
+    for spec, seed, si in tqdm(todo, desc="compare", disable=not progress):
+        shared = not spec.needs_calibration
+        rec = RunRecord(spec.label, spec.method, seed, shared=shared)
+        why = refused.get(spec.label)
+        if why:
+            rec.status, rec.reason = "skipped", why
+            comp.runs.append(rec)
+            if on_run:
+                on_run(comp, rec)
+            continue
+        meta = {"model": model_name, "method": spec.config.method if spec.config is not None else spec.method,
+                "seed": None if shared else seed,
+                "bits": None if spec.kind == "fp" else quant.bits,
+                "group_size": None if spec.kind == "fp" else quant.group_size}
+        qmodel = copy.deepcopy(model)  # a fresh exact copy, buffers included
+        try:
+            calib = None
+            if spec.kind == "awqnb":
+                cfg = dataclasses.replace(spec.config, seed=seed)
+                rec.config = cfg.to_dict()
+                calib = calib_for(spec, seed) if spec.needs_calibration else None
+                _free(dev)
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                torch.manual_seed(seed)
+                _sync(dev)
+                t0 = time.perf_counter()
+                qres = quantize(qmodel, cfg, calib, device=dev, model_name=model_name, progress=False)
+                _sync(dev)
+                rec.quantize_s = time.perf_counter() - t0
+                rec.calibration = qres.calibration
+                rec.info = {"timings": qres.timings}
+                comp.quant_results[(spec.label, seed)] = qres
+                if layer_mse and si == 0:
+                    mcal = calib if calib is not None else calib_for(spec, seed)  # rtn: the run's set
+                    f = D.layer_mse(model, mcal, {spec.label: (qmodel, qres)}, device=dev, max_samples=mse_samples,
+                                    model_name=model_name)
+                    f["seed"] = seed
+                    mse_frames.append(f)
+            elif spec.kind == "reference":
+                calib = calib_for(spec, seed)
+                rec.config = spec.describe(quant)["config"]
+                rec.calibration = calib.to_dict() if hasattr(calib, "to_dict") else None
+                _free(dev)
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                torch.manual_seed(seed)
+                t0 = time.perf_counter()
+                try:
+                    info = quantize_reference(qmodel, spec.method, calib, tokenizer, quant.bits, quant.group_size,
+                                              quant.symmetric, device=dev)
+                except Exception as e:  # the reference tool refusing this model or setting: skip it, go on
+                    why = f"{spec.method} failed in llm-compressor: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    log.warning("%s skipped: %s", spec.label, why)
+                    rec.status, rec.reason = "skipped", why
+                    comp.runs.append(rec)
+                    if on_run:
+                        on_run(comp, rec)
+                    continue
+                _sync(dev)
+                rec.quantize_s = time.perf_counter() - t0
+                rec.info = info
+            if dev.type == "cuda" and spec.kind != "fp":
+                rec.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 2**30
+            meta.update(calibration=rec.calibration, config=rec.config, quant_seconds=rec.quantize_s)
+            rec.results = _evaluate(qmodel, sets, tokenizer, dev, eval_dtype, meta, progress=False)
+        finally:
+            del qmodel
+            _free(dev)
+        log.info("%s seed %s: %s%s", spec.label, seed,
+                 "; ".join(f"{ds} {r.ppl:.4f}" for ds, r in rec.results.items()),
+                 "" if rec.quantize_s is None else f" (quantized in {rec.quantize_s:.1f} s)")
+        comp.runs.append(rec)
+        if on_run:
+            on_run(comp, rec)
+    if mse_frames:
+        import pandas as pd
+
+        comp.mse = pd.concat(mse_frames, ignore_index=True)
+    comp.provenance["complete"] = True
+    return comp

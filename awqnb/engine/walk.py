@@ -1,0 +1,321 @@
+"""The block engine: the one walk of a decoder model, block by block, over calibration data.
+
+    token ids [b, T] per chunk
+        │  embedding + rotary (only the modules outside the blocks are onloaded); every block's
+        │  forward is swapped for a catcher that records its keyword arguments and passes the
+        ▼  hidden states through, so no block's weights are touched
+    h₀ per chunk, kwargs[chunk][block]
+        │
+        ▼  for j in 0 … last:
+    ┌─ onload block j → compute device (and compute dtype)
+    │     yield BlockStep(j, block, hidden, kwargs)   ← the quantizer / diagnostics work here:
+    │         step.forward(sink, points)  runs the block on every chunk, hooks on its linears
+    │         step.next_hidden = …        what block j+1 sees (FP outputs, or None → rerun the
+    │                                      block as it is now, i.e. quantized propagation)
+    └─ offload block j → its home device (original dtypes, except parameters marked fp32)
+
+The model itself may live anywhere (typically the CPU): peak accelerator memory is one block plus
+the activations of the calibration set at one point, independent of the number of blocks.
+`offload_activations` keeps those activations in pinned CPU memory, each chunk moved to the
+device only while it is computed.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from awqnb.core.dtypes import fp32_names, parse_dtype
+from awqnb.core.errors import AwqnbError
+from awqnb.engine.capture import StopForward, block_output, hooks
+from awqnb.model.arch import ArchSpec, blocks, get_module, resolve_spec
+from awqnb.model.data import calibration_samples
+
+log = logging.getLogger(__name__)
+
+DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions",
+               "hidden_states")
+
+
+def check_compute_dtype(device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a compute dtype the device cannot run, with what to use instead."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise AwqnbError(f"{device} cannot compute in bfloat16 (pre-Ampere GPU); use --dtype float16 or float32.")
+    if device.type == "mps" and dtype == torch.float64:
+        raise AwqnbError("the MPS device has no float64; use --dtype float32.")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's block weights (its storage dtype)."""
+    spec = resolve_spec(model)
+    for p in blocks(model, spec).parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def stack_chunks(samples: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
+    """Consecutive equal-length 1-D samples stacked into `[b, T]` chunks of at most `batch` (CPU)."""
+    out, cur = [], []
+    for s in samples:
+        s = s.reshape(-1)
+        if cur and (len(cur) == batch or cur[0].numel() != s.numel()):
+            out.append(torch.stack(cur))
+            cur = []
+        cur.append(s)
+    if cur:
+        out.append(torch.stack(cur))
+    return out
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def oom_message(what: str, module: nn.Module, device) -> str:
+    """One line for a CUDA out-of-memory error: what was running, the block's size, the ways out."""
+    return (f"out of memory on {device} while {what} ({_nbytes(module) / 2**30:.2f} GiB of weights); "
+            "pass offload_activations=True (CLI --offload-activations), a smaller --calib-batch-size "
+            "or fewer calibration samples, or free the device.")
+
+
+def _move(module: nn.Module, device, dtype, home: dict | None = None) -> None:
+    keep = fp32_names(module)
+    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+        if home is not None:
+            dev, dt = home[name]
+            if name in keep:
+                dt = torch.float32
+        else:
+            dev = device
+            dt = dtype if (dtype is not None and p.is_floating_point() and name not in keep
+                           and not name.endswith("inv_freq")) else p.dtype  # RoPE frequencies stay fp32
+        if p.device != dev or p.dtype != dt:
+            p.data = p.data.to(dev, dt)
+
+
+@contextlib.contextmanager
+def onloaded(module: nn.Module, device, dtype: torch.dtype | None = None):
+    """Move `module` to `device` (floating tensors to `dtype` when given) for the duration; then
+    move every parameter and buffer back where it was, in its original dtype (float32 for
+    parameters marked with `mark_fp32`)."""
+    device = torch.device(device)
+    home = {name: (t.device, t.dtype) for name, t in list(module.named_parameters()) + list(module.named_buffers())}
+    try:
+        try:
+            _move(module, device, dtype)
+        except torch.OutOfMemoryError as e:
+            _move(module, None, None, home)
+            raise AwqnbError(oom_message("loading a block", module, device)) from e
+        yield module
+    finally:
+        _move(module, None, None, home)
+
+
+@dataclass
+class BlockStep:
+    """One decoder block on the compute device, with the calibration activations that enter it.
+
+    hidden: `[b, T, H]` per chunk (on `engine.act_device`); kwargs: per chunk, what the model
+    passes to this block (position embeddings, masks). Set `next_hidden` to decide what the next
+    block sees; left None, the engine runs the block as it is after the consumer is done.
+    """
+
+    engine: "BlockEngine"
+    index: int
+    block: nn.Module
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+    next_hidden: list[torch.Tensor] | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.engine.device, non_blocking=True)
+
+    @torch.no_grad()
+    def forward(self, sink: Callable | None = None, points: Iterable[str] = (), with_output: bool = False,
+                chunks: Iterable[int] | None = None, keep_outputs: bool = True) -> list[torch.Tensor]:
+        """Run the block on each chunk; return its outputs (on the activation device).
+
+        sink(name, x) — or sink(name, x, y) with `with_output` — is called with the input (and
+        output) of every linear/module named in `points` (paths relative to the block)."""
+        mods = {p: get_module(self.block, p) for p in points}
+
+        def make(name):
+            if with_output:
+                return lambda _m, args, kw, out: sink(name, args[0] if args else kw.get("input"), out)
+
+            def pre(_m, args, kw):
+                sink(name, args[0] if args else kw.get("hidden_states", kw.get("input")))
+
+            return pre
+
+        def register():
+            if with_output:
+                return [m.register_forward_hook(make(n), with_kwargs=True) for n, m in mods.items()]
+            return [m.register_forward_pre_hook(make(n), with_kwargs=True) for n, m in mods.items()]
+
+        outs = []
+        idx = range(len(self.hidden)) if chunks is None else chunks
+        with hooks(register if mods else list):
+            for i in idx:
+                y = block_output(self.block(self.to_device(self.hidden[i]), **self.kwargs[i]))
+                if keep_outputs:
+                    outs.append(self.engine.stash(y))
+        return outs
+
+
+class BlockEngine:
+    """Walks `model`'s decoder blocks over calibration chunks (see the module docstring).
+
+    device: where blocks are computed (default: the model's device). dtype: compute dtype
+    (None: the model's own). batch_size: calibration samples per chunk. offload_activations:
+    keep activations in pinned CPU memory between uses.
+    """
+
+    def __init__(self, model: nn.Module, calibration, device=None, dtype=None, batch_size: int = 16,
+                 offload_activations: bool = False, max_samples: int | None = None):
+        self.model = model
+        self.spec: ArchSpec = resolve_spec(model)
+        self.blocks = blocks(model, self.spec)
+        if device is None:
+            device = next(model.parameters()).device
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = parse_dtype(dtype) or model_dtype(model)
+        check_compute_dtype(self.device, self.dtype)
+        self.offload = bool(offload_activations) and self.device.type != "cpu"
+        self.act_device = torch.device("cpu") if self.offload else self.device
+        samples = calibration_samples(calibration, "the block engine")
+        if max_samples is not None:
+            samples = samples[:max_samples]
+        if batch_size < 1:
+            raise AwqnbError(f"batch_size={batch_size} must be at least 1.")
+        self.chunks = stack_chunks(samples, batch_size)
+        self.n_tokens = sum(c.numel() for c in self.chunks)
+        self.times = {"onload_s": 0.0, "propagate_s": 0.0}  # seconds moving blocks / running them on
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    # -- where tensors and weights live ------------------------------------------------------
+    def stash(self, x: torch.Tensor) -> torch.Tensor:
+        """An activation kept between uses: on the device, or pinned on the CPU when offloading."""
+        x = x.detach()
+        if not self.offload:
+            return x
+        out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        out.copy_(x, non_blocking=True)
+        return out
+
+    def onload(self, module: nn.Module, cast: bool = True):
+        """`onloaded(module, self.device, self.dtype if cast else None)`."""
+        return onloaded(module, self.device, self.dtype if cast else None)
+
+    def _outer_modules(self) -> list[nn.Module]:
+        """The modules of the blocks' parent other than the blocks (embedding, rotary, final norm)."""
+        parent_path, _, attr = self.spec.blocks_path.rpartition(".")
+        parent = get_module(self.model, parent_path) if parent_path else self.model
+        return [m for n, m in parent.named_children() if n != attr]
+
+    # -- the walk -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def capture(self) -> tuple[list[torch.Tensor], list[list[dict]]]:
+        """Block 0's input per chunk and every block's kwargs per chunk, without running a block."""
+        n = len(self.blocks)
+        hidden: list[torch.Tensor] = []
+        kwargs: list[list[dict]] = []
+        state: dict = {}
+
+        def catcher(j):
+            def fwd(*args, **kw):
+                h = args[0] if args else kw["hidden_states"]
+                if j == 0:
+                    state["h"] = h
+                state["kw"][j] = {k: v for k, v in kw.items() if k not in DROP_KWARGS}
+                if j == n - 1:
+                    raise StopForward
+                return h
+
+            return fwd
+
+        with contextlib.ExitStack() as stack:
+            for m in self._outer_modules():
+                stack.enter_context(self.onload(m, cast=False))
+            for j, b in enumerate(self.blocks):
+                b.forward = catcher(j)  # instance attribute: shadows the class method
+            try:
+                for ids in self.chunks:
+                    state["kw"] = [None] * n
+                    try:
+                        self.model(input_ids=ids.to(self.device), use_cache=False)
+                    except StopForward:
+                        pass
+                    hidden.append(self.stash(state.pop("h").to(self.dtype)))
+                    kwargs.append([self._kw_dtype(k) for k in state["kw"]])
+            finally:
+                for b in self.blocks:
+                    b.__dict__.pop("forward", None)
+        return hidden, kwargs
+
+    def _kw_dtype(self, kw: dict) -> dict:
+        """Floating kwargs (rotary cos/sin, additive masks) in the compute dtype."""
+        def cast(v):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return v.to(self.dtype)
+            if isinstance(v, tuple):
+                return tuple(cast(x) for x in v)
+            return v
+
+        return {k: cast(v) for k, v in kw.items()}
+
+    def walk(self, layers: Iterable[int] | None = None) -> Iterator[BlockStep]:
+        """Yield a `BlockStep` for each block in `layers` (all when None), in order; blocks in
+        between are run by the engine; the walk ends after the last requested block."""
+        n = len(self.blocks)
+        want = set(range(n)) if layers is None else {int(l) % n for l in layers}
+        if not want:
+            return
+        last = max(want)
+        hidden, kwargs = self.capture()
+        per_block = [[kw[j] for kw in kwargs] for j in range(n)]
+        for j in range(last + 1):
+            block = self.blocks[j]
+            t = self._sync()
+            with self.onload(block):
+                self.times["onload_s"] += self._sync() - t
+                step = BlockStep(self, j, block, hidden, per_block[j])
+                try:
+                    if j in want:
+                        yield step
+                    if j == last:
+                        return
+                    t = self._sync()
+                    hidden = step.next_hidden if step.next_hidden is not None else step.forward()
+                    self.times["propagate_s"] += self._sync() - t
+                except torch.OutOfMemoryError as e:
+                    raise AwqnbError(oom_message(f"computing block {j}", block, self.device)) from e
+                t = self._sync()
+            self.times["onload_s"] += self._sync() - t  # the move back
+            per_block[j] = None
+
+    def run_blocks(self, indices: Iterable[int], hidden: list[torch.Tensor],
+                   kwargs: list[list[dict]]) -> list[torch.Tensor]:
+        """Run blocks `indices` in turn on `hidden` (each onloaded while it runs); kwargs[k] are
+        the per-chunk kwargs of the k-th block run."""
+        for j, kw in zip(indices, kwargs):
+            with self.onload(self.blocks[j]):
+                hidden = BlockStep(self, j, self.blocks[j], hidden, kw).forward()
+        return hidden

@@ -1,0 +1,1 @@
+"""Export: deployable checkpoints (compressed-tensors pack-quantized). Imports core, model, engine, quant."""

@@ -1,9 +1,0 @@
-"""Quantization methods, by name. Importing this package registers every method."""
-from .base import REGISTRY, BlockContext, Method, get_method, register
-from . import standard as _standard  # noqa: F401  (registers)
-from . import rounding as _rounding  # noqa: F401  (registers awq_sh, awq_dh, awq_js)
-from . import gqa as _gqa  # noqa: F401  (registers awq_gqa)
-from . import praq as _praq  # noqa: F401  (registers praq, robust_praq)
-from . import gptq as _gptq  # noqa: F401  (registers gptq, awq_gptq)
-
-__all__ = ["REGISTRY", "BlockContext", "Method", "get_method", "register"]

@@ -1,0 +1,348 @@
+"""GPTQ (Frantar et al. 2022) on awqnb's own grid: `gptq`, and `awq_gptq` (AWQ scales, then GPTQ).
+
+For one linear `W: [co, ci]` with calibration inputs `X: [n, ci]` at its input point (the current,
+already scaled space for awq_gptq):
+
+    H = 2·XᵀX / n                       (fp32, summed chunk by chunk on the weight's device)
+    dead columns (H_jj = 0): H_jj := 1  (their weights are rounded to nearest and, unlike the
+                                         reference tools, NOT zeroed: calibration never saw them,
+                                         evaluation may)
+    act_order: columns processed by decreasing H_jj (stable), else in their own order
+    H += λ·I,  λ = damp_percent · mean(diag H)   (×10 and retried while Cholesky fails; after 4
+                                         failures H⁻¹ := I, i.e. round to nearest, recorded)
+    U = chol(H⁻¹) upper                  (of the permuted, dampened H)
+    for each column j in processing order (blocks of `block_size`, lazy batch updates):
+        q_j   = clamp(round(w_j / scale_g) + zero_g, q_min, q_max)       g = j's group
+        ŵ_j   = (q_j − zero_g) · scale_g
+        e_j   = (w_j − ŵ_j) / U_jj
+        w_k  -= e_j · U_jk   for every later column k        (error compensation)
+        loss += (w_j − ŵ_j)² / U_jj² / 2
+
+The grid is primitives.compute_qparams' (min-max, asymmetric or symmetric, per (row, group) of
+contiguous input columns, `group_size -1` per row, partial last group on its own columns):
+  static_groups: every group's scale/zero from the original W before any update (what the
+      reference tools do; it keeps act_order on awqnb's contiguous groups).
+  otherwise: a group's scale/zero from its current (already compensated) weights when its first
+      column is processed (in act order: the group's first column in that order), as GPTQ does.
+The result lies exactly on that grid: Ŵ = dequantize(q, scale, zero). The replay record stores
+the codes (uint8, two per byte at ≤ 4 bits) and the qparams, so `pipeline.apply` rewrites Ŵ bit
+for bit without calibration.
+
+Linears that share an input point (q/k/v, gate/up) share H and are rounded together as one matrix
+with their rows stacked: rows are independent in GPTQ, so this is exact and saves the column loop.
+
+Evidence (ctx.evidence['gptq'][linear]): the GPTQ loss Σ(w − ŵ)²/U_jj²/2, the layer output error
+proxy tr(ΔW H ΔWᵀ) of round-to-nearest (on compute_qparams(W)) and of GPTQ (H undampened), their
+ratio, the dead columns, the damping used and whether Cholesky fell back to round-to-nearest.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from awqnb.core.config import QuantConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.core.primitives import compute_qparams, dequantize, effective_group_size, fake_quant, qrange
+from awqnb.model.arch import get_module
+from awqnb.quant.methods.base import BlockContext, Method, register
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP_RETRIES = 4
+
+
+@dataclass
+class GPTQResult:
+    """One matrix rounded by GPTQ: codes q `[co, ci]` (float holding integers, awqnb's range),
+    scale and zero `[co, n_group]` (float32), per-row GPTQ loss `[co]`, damping λ used, whether
+    the inverse fell back to the identity, and the number of dead columns."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    loss: torch.Tensor
+    damp: float
+    fallback: bool
+    n_dead: int
+
+    def weight(self, cfg: QuantConfig) -> torch.Tensor:
+        """Ŵ = (q − zero) · scale, float32 `[co, ci]`."""
+        return dequantize(self.q, self.scale, self.zero, cfg)
+
+
+def hessian(xs: list[torch.Tensor], device, dtype=torch.float32) -> tuple[torch.Tensor, int]:
+    """H = 2·XᵀX/n `[c, c]` from chunks `[..., c]` (each moved to `device` while it is used), and n."""
+    c = xs[0].shape[-1]
+    h = torch.zeros(c, c, device=device, dtype=dtype)
+    n = 0
+    for x in xs:
+        f = x.to(device, non_blocking=True).reshape(-1, c).to(dtype)
+        h.addmm_(f.T, f)
+        n += f.shape[0]
+    if n == 0:
+        raise AwqnbError("GPTQ needs calibration tokens at every input point; the calibration set is empty.")
+    return h.mul_(2.0 / n), n
+
+
+def layer_error(dw: torch.Tensor, h: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) = Σ_t 2/n ‖ΔW x_t‖²: the layer's output error on the calibration tokens."""
+    return float(((dw.float() @ h) * dw.float()).sum(dtype=torch.float64))
+
+
+def _upper_inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, bool]:
+    """U with UᵀU = (H + λI)⁻¹, λ raised ×10 while the factorisation fails; identity at the end."""
+    eye = torch.arange(h.shape[0], device=h.device)
+    for _ in range(MAX_DAMP_RETRIES):
+        hd = h.clone()
+        hd[eye, eye] += damp
+        low, info = torch.linalg.cholesky_ex(hd)
+        del hd  # H is ci² floats: keep at most two such matrices alive besides the caller's
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(low)
+            del low
+            up, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
+            if int(info) == 0 and bool(torch.isfinite(up.diagonal()).all()):
+                return up, damp, False
+        damp *= 10.0
+    log.warning("GPTQ: H is not positive definite even with damping %.3g; rounding to nearest", damp)
+    return torch.eye(h.shape[0], device=h.device, dtype=h.dtype), damp, True
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig, damp_percent: float = 0.01,
+                  block_size: int = 128, act_order: bool = True, static_groups: bool = True) -> GPTQResult:
+    """GPTQ-round `w: [co, ci]` against the Hessian `h: [ci, ci]` (2·XᵀX/n) on awqnb's grid.
+
+    Everything runs on w's device in float32; see the module docstring for the algorithm."""
+    co, ci = w.shape
+    if h.shape != (ci, ci):
+        raise AwqnbError(f"GPTQ: Hessian of shape {tuple(h.shape)} does not match a weight with {ci} columns.")
+    if block_size < 1:
+        raise AwqnbError(f"block_size={block_size} must be >= 1.")
+    dev = w.device
+    g = effective_group_size(ci, cfg.group_size)
+    ng = math.ceil(ci / g)
+    lo, hi = qrange(cfg)
+    one_group = replace(cfg, group_size=-1)
+    W = w.float().clone()
+    H = h.to(device=dev, dtype=torch.float32).clone()
+    diag = H.diagonal()
+    dead = diag == 0
+    n_dead = int(dead.sum())
+    if n_dead:
+        diag[dead] = 1.0  # isolated column: H⁻¹ has no coupling to it, so it is rounded to nearest
+    if static_groups:
+        scale, zero = compute_qparams(W, cfg)
+    else:
+        scale = torch.zeros(co, ng, device=dev)
+        zero = torch.zeros(co, ng, device=dev)
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(ci, device=dev)
+    # columns as rows (`[ci, co]`, processing order): each column and each trailing block is
+    # contiguous, so the per-column updates stream through memory
+    Wt = W.T[perm].contiguous() if act_order else W.T.contiguous()
+    del W
+    st, zt = scale.T.contiguous(), zero.T.contiguous()  # `[n_group, co]`
+    damp = float(damp_percent) * float(H.diagonal().mean())
+    U, damp, fallback = _upper_inverse_cholesky(H, damp)
+    del H
+    perm_cpu = perm.cpu()
+    pos_of = torch.argsort(perm_cpu)  # original column → processing position
+    group_at = (perm_cpu // g).tolist()  # processing position → group
+    starts = set()
+    if not static_groups:
+        # a group's qparams are taken when its first column (in processing order) comes up
+        first = {}
+        for p, gi in enumerate(group_at):
+            first.setdefault(gi, p)
+        starts = set(first.values())
+    Qt = torch.empty_like(Wt)
+    losses = torch.zeros(min(ci, block_size), co, device=dev)
+    loss_rows = torch.zeros(co, device=dev)
+    for i1 in range(0, ci, block_size):
+        i2 = min(i1 + block_size, ci)
+        cnt = i2 - i1
+        W1 = Wt[i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        Err1 = torch.zeros(cnt, co, device=dev)
+        L1 = losses[:cnt].zero_()
+        for i in range(cnt):
+            p = i1 + i
+            gi = group_at[p]
+            if p in starts:
+                cur = _group_now(Wt, W1, Err1, U, pos_of, gi, g, ci, i1, i2, i)
+                s_g, z_g = compute_qparams(cur.T, one_group)
+                st[gi] = s_g[:, 0]
+                zt[gi] = z_g[:, 0]
+            s = st[gi]
+            z = zt[gi]
+            col = W1[i]
+            q = torch.clamp(torch.round(col / s) + z, lo, hi)
+            Qt[p] = q
+            e = (col - (q - z) * s) / U1[i, i]
+            L1[i] = e * e  # (w − ŵ)²/U_jj², halved at the end
+            if i + 1 < cnt:
+                W1[i + 1:].addr_(U1[i, i + 1:], e, alpha=-1.0)
+            Err1[i] = e
+        loss_rows += L1.sum(0)
+        if i2 < ci:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)  # the lazy batch update of later columns
+    if act_order:
+        Qt = Qt[pos_of.to(dev)]
+    return GPTQResult(Qt.T.contiguous(), st.T.contiguous(), zt.T.contiguous(), loss_rows / 2, damp, fallback,
+                      n_dead)
+
+
+def _group_now(Wt, W1, Err1, U, pos_of, gi, g, ci, i1, i2, i) -> torch.Tensor:
+    """Current weights `[len, co]` of group gi's columns, at processing position i1 + i (its first
+    column): block columns are up to date in W1; later ones still lack this block's updates."""
+    pos = pos_of[gi * g:min((gi + 1) * g, ci)]
+    inb = pos[pos < i2]
+    out = pos[pos >= i2]
+    parts = []
+    if inb.numel():
+        parts.append(W1[(inb - i1).to(W1.device)])
+    if out.numel():
+        o = out.to(Wt.device)
+        later = Wt[o]
+        if i > 0:
+            later = later - U[i1:i1 + i][:, o].T @ Err1[:i]
+        parts.append(later)
+    return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+
+
+# -- replay record --------------------------------------------------------------------------
+
+def pack_codes(q: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """Codes `[co, ci]` → uint8 `q − q_min`, two per byte (low nibble first) when bits ≤ 4."""
+    lo, _ = qrange(cfg)
+    u = (q - lo).to(torch.uint8)
+    if cfg.bits > 4:
+        return u.cpu()
+    if u.shape[1] % 2:
+        u = torch.cat([u, torch.zeros_like(u[:, :1])], 1)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).cpu()
+
+
+def unpack_codes(packed: torch.Tensor, ci: int, cfg: QuantConfig, device=None) -> torch.Tensor:
+    """Inverse of `pack_codes`: float32 codes `[co, ci]` in awqnb's range."""
+    lo, _ = qrange(cfg)
+    p = packed.to(device) if device is not None else packed
+    if cfg.bits <= 4:
+        p = torch.stack([p & 15, p >> 4], -1).reshape(p.shape[0], -1)
+    return p[:, :ci].float() + lo
+
+
+@register
+class GPTQ(Method):
+    """gptq: Hessian-based error-compensating rounding (module docstring), no scale search.
+
+    Params: damp_percent (0.01 of mean diag H), block_size (128 columns per lazy batch update),
+    act_order (True: columns by decreasing H_jj), static_groups (True: qparams from the original
+    W, as llm-compressor's default actorder 'weight'; False: when each group starts).
+    Replay: {'codes': uint8 (packed at ≤ 4 bits), 'scale': float32, 'zero': uint8} per linear.
+    """
+
+    name = "gptq"
+    searches_scales = False
+    needs_calibration = True
+    PARAMS = {"damp_percent": 0.01, "block_size": 128, "act_order": True, "static_groups": True}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        p = self.params
+        if not float(p["damp_percent"]) > 0:
+            raise AwqnbError(f"damp_percent={p['damp_percent']} must be > 0 (0.01 = 1% of the mean of diag H).")
+        if int(p["block_size"]) < 1:
+            raise AwqnbError(f"block_size={p['block_size']} must be >= 1 (128 is usual).")
+        self._done: dict = {}  # (block, linear) → (Ŵ in the weight's dtype, replay) of a joint run
+
+    @torch.no_grad()
+    def round_linear(self, ctx: BlockContext | None, name: str, lin: nn.Linear) -> dict | None:
+        """GPTQ-round `lin` with every not yet rounded linear at the same input point (rows stacked);
+        returns the replay record of `lin`."""
+        if ctx is None:  # no calibration: round to nearest
+            return super().round_linear(ctx, name, lin)
+        if (ctx.index, name) not in self._done:
+            self._round_joint(ctx, name)
+        wq, rep = self._done.pop((ctx.index, name))
+        lin.weight.data.copy_(wq)
+        return rep
+
+    def _round_joint(self, ctx: BlockContext, name: str) -> None:
+        t0 = time.perf_counter()
+        key = ctx.input_key[name]
+        names = [n for n in ctx.spec.linears if ctx.input_key.get(n) == key and (ctx.index, n) not in self._done]
+        if name not in names:
+            names = [name]
+        lins = [get_module(ctx.block, n) for n in names]
+        w0 = lins[0].weight
+        h, _ = hessian(ctx.inputs[key], w0.device)  # used once: every linear at `key` is rounded now
+        w = torch.cat([m.weight.data.float() for m in lins], 0)
+        p = self.params
+        qcfg = self.cfg.quant
+        res = gptq_quantize(w, h, qcfg, damp_percent=float(p["damp_percent"]), block_size=int(p["block_size"]),
+                            act_order=bool(p["act_order"]), static_groups=bool(p["static_groups"]))
+        wq = res.weight(qcfg)
+        seconds = time.perf_counter() - t0
+        row = 0
+        for n, m in zip(names, lins):
+            co = m.weight.shape[0]
+            sl = slice(row, row + co)
+            row += co
+            wf = w[sl]
+            err_rtn = layer_error(wf - fake_quant(wf, qcfg), h)
+            err_gptq = layer_error(wf - wq[sl], h)
+            ev = {
+                "gptq_loss": float(res.loss[sl].sum(dtype=torch.float64)),
+                "layer_err_rtn": err_rtn,
+                "layer_err_gptq": err_gptq,
+                "rel_err": err_gptq / err_rtn if err_rtn > 0 else float("nan"),
+                "dead_columns": res.n_dead,
+                "damp": res.damp,
+                "fallback_rtn": res.fallback,
+                "joint_with": [x for x in names if x != n],
+                "seconds": seconds,
+            }
+            ctx.evidence.setdefault("gptq", {})[n] = ev
+            log.debug("block %d %s: layer error %.4g (rtn %.4g)", ctx.index, n, err_gptq, err_rtn)
+            rep = {"codes": pack_codes(res.q[sl], qcfg), "scale": res.scale[sl].cpu(),
+                   "zero": res.zero[sl].to(torch.uint8).cpu()}
+            self._done[(ctx.index, n)] = (wq[sl].to(m.weight.dtype), rep)
+
+    @torch.no_grad()
+    def replay_linear(self, name: str, lin: nn.Linear, replay: dict | None) -> None:
+        """Write Ŵ = (q − zero) · scale from the recorded codes and qparams (no calibration)."""
+        if replay is None:
+            return super().replay_linear(name, lin, replay)
+        w = lin.weight.data
+        qcfg = self.cfg.quant
+        q = unpack_codes(replay["codes"], w.shape[1], qcfg, w.device)
+        scale = replay["scale"].to(device=w.device, dtype=torch.float32)
+        zero = replay["zero"].to(device=w.device, dtype=torch.float32)
+        if q.shape != w.shape or scale.shape[0] != w.shape[0]:
+            raise AwqnbError(f"GPTQ replay of {name}: codes {tuple(q.shape)} do not fit the weight {tuple(w.shape)}.")
+        w.copy_(dequantize(q, scale, zero, qcfg).to(w.dtype))
+
+    def finish_block(self, ctx: BlockContext) -> None:
+        self._done = {k: v for k, v in self._done.items() if k[0] != ctx.index}
+        super().finish_block(ctx)
+
+
+@register
+class AWQGPTQ(GPTQ):
+    """awq_gptq: AWQ's α search and exact fold (as `awq`), then GPTQ rounding of the scaled weights
+    W·diag(s) against H of the scaled inputs x/s (ctx.inputs are in that space after the fold).
+    Same params, replay and evidence as gptq."""
+
+    name = "awq_gptq"
+    searches_scales = True

@@ -1,0 +1,1 @@
+"""Workbench: report notebooks, sweeps, plots and widgets. Imports the layers below (core … compare)."""
