@@ -128,7 +128,7 @@ def quantize_with_awq(src, dst, calib_path, bits: int = 4, group_size: int = 128
                            "n_prompts": len(prompts), **(getattr(calib, "extra", None) or {})}
     meta["api"] = {"function": "quantize_with_awq", "backend": backend, "skip_lm_head": skip_lm_head,
                    "seed": seed, "format": format}
-    meta["versions"] = dict(meta.get("versions") or {}, **export.versions())
+    meta["versions"] = dict(meta.get("versions") or {}, **models.versions())
     dtype = export.source_dtype(str(src))
     if packed:
         path = export.save_packed(model, tok, dest, cfg, meta, overwrite=overwrite, result=result, dtype=dtype)

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from awqnb.core.config import DTYPE_NAMES
 from awqnb.core.errors import AwqnbError
 
 log = logging.getLogger("awqnb")
@@ -96,7 +97,7 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42, help="seed of the calibration draw and of random choices")
     p.add_argument("--device", default="auto", help="where blocks are computed: auto (cuda:0 if present, else cpu), "
                                                    "cpu, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_NAMES),
                    help="compute dtype of the block forwards (auto: the model's own; quantization math is fp32)")
     p.add_argument("--offload-activations", action="store_true",
                    help="keep calibration activations in pinned CPU memory (when they do not fit the GPU)")

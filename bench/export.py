@@ -327,7 +327,7 @@ def main(argv=None) -> int:
                                                    device), device)
     work = Path(args.work) if args.work else out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
-    vers = dict(versions(), **export.versions())
+    vers = versions()
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
            "args": vars(args), "versions": vers, "models": [], "ppl": []}
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from awqnb.core.config import DTYPE_NAMES
 from awqnb.core.errors import AwqnbError
 
 # On a module: the names of its parameters that stay float32 (cast, offload). Kept on the module, not
 # the Parameter, because `copy.deepcopy` of a Parameter drops its attributes.
 KEEP_FP32 = "_awqnb_keep_fp32"
 
+# The one dtype vocabulary: config.DTYPE_NAMES ('auto' = the model's own dtype, then these names) and
+# the short aliases the CLI and configs accept. A checkpoint's config.json names its dtype the same way.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+assert set(DTYPE_NAMES) - {"auto"} <= set(DTYPES)
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
@@ -21,7 +25,7 @@ def parse_dtype(dtype) -> torch.dtype | None:
     if dtype == "auto":
         return None
     if dtype not in DTYPES:
-        raise AwqnbError(f"dtype {dtype!r} is unknown; use auto, bfloat16, float16 or float32.")
+        raise AwqnbError(f"dtype {dtype!r} is unknown; use one of {', '.join(DTYPE_NAMES)}.")
     return DTYPES[dtype]
 
 

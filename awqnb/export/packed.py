@@ -30,8 +30,6 @@ projections never mix precisions.
 """
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -41,6 +39,7 @@ from torch import nn
 
 from awqnb.core.codes import Codes, recover_codes
 from awqnb.core.config import QuantConfig
+from awqnb.core.dtypes import DTYPES
 from awqnb.core.errors import AwqnbError
 from awqnb.core.primitives import dequantize, effective_group_size, expand_groups, quantize
 from awqnb.model.arch import blocks, get_module, resolve_spec
@@ -53,7 +52,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("packed", "fake")
 CT_FORMAT = "pack-quantized"
-FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --- which linears are quantized ------------------------------------------------------------
@@ -206,8 +204,8 @@ def native_dtype(config) -> torch.dtype | None:
         d = getattr(config, key, None)
         if isinstance(d, torch.dtype) and d.is_floating_point:
             return d
-        if isinstance(d, str) and d in FLOAT_DTYPES:
-            return FLOAT_DTYPES[d]
+        if isinstance(d, str) and d in DTYPES:
+            return DTYPES[d]
     return None
 
 
@@ -220,7 +218,7 @@ def source_dtype(name: str | Path) -> torch.dtype | None:
     except (OSError, ValueError):
         return None
     d = c.get("dtype") or c.get("torch_dtype") or (c.get("text_config") or {}).get("dtype")
-    return FLOAT_DTYPES.get(d) if isinstance(d, str) else None
+    return DTYPES.get(d) if isinstance(d, str) else None
 
 
 def _state_dict_without_ties(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -387,11 +385,3 @@ def decompress(model: nn.Module) -> nn.Module:
     if comp is not None and any(hasattr(m, "weight_packed") for m in model.modules()):
         comp.decompress_model(model)
     return model
-
-
-def versions() -> dict:
-    """compressed-tensors' version (None when absent), for metadata."""
-    try:
-        return {"compressed-tensors": importlib.metadata.version("compressed-tensors")}
-    except importlib.metadata.PackageNotFoundError:
-        return {"compressed-tensors": None}

@@ -77,9 +77,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def versions() -> dict:
-    """Versions of everything a result depends on (goes into every report and metadata file)."""
+    """Versions of everything a result depends on (goes into every report and metadata file): the one
+    versions() of awqnb; a package that is not installed is None (read from metadata, never imported)."""
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("awqnb", "torch", "transformers", "datasets", "numpy", "pandas", "gguf", "papermill", "plotly"):
+    for pkg in ("awqnb", "torch", "transformers", "datasets", "numpy", "pandas", "gguf", "papermill", "plotly",
+                "compressed-tensors", "llmcompressor"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
