@@ -194,13 +194,31 @@ def test_result_save_load_roundtrip(tiny, tmp_path):
         torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("propagate,lbs", [("fp", 1), ("quantized", 2)])
-def test_propagation_modes_run(tiny, propagate, lbs):
+def test_propagation_modes_decide_what_the_next_block_sees(tiny):
+    """propagate='fp': every block is searched on FP inputs, so batching blocks changes nothing;
+    'quantized': block 1 is searched on block 0's quantized output (layer_batch_size 1), or on its
+    FP output when both blocks are in one batch (layer_batch_size 2: the batch starts from FP)."""
     fp, tok, calib = _fresh(tiny, "tiny-random-gemma3")
-    cfg = MethodConfig("awq", QuantConfig(4, 64), SearchConfig(n_grid=2, propagate=propagate, salience="l1",
-                                                               duo_scaling=True), layer_batch_size=lbs)
-    res = pipeline.quantize(fp, cfg, calib, progress=False)
-    assert all(0 <= a <= 1 for r in res.alphas().values() for a in r.values())
+    spec = resolve_spec(fp)
+    assert len(blocks(fp, spec)) == 2
+
+    def run(propagate, lbs):
+        q = copy.deepcopy(fp)
+        cfg = MethodConfig("awq", QuantConfig(4, 64), SearchConfig(n_grid=2, propagate=propagate, salience="l1",
+                                                                   duo_scaling=True), layer_batch_size=lbs)
+        pipeline.quantize(q, cfg, calib, progress=False)
+        return [dict(b.named_parameters()) for b in blocks(q, spec)]
+
+    def same(a, b):
+        return all(torch.equal(a[n], b[n]) for n in a)
+
+    ref = run("fp", 1)
+    assert not same(ref[0], dict(blocks(fp, spec)[0].named_parameters()))  # it did quantize
+    for other in (run("fp", 2), run("quantized", 2)):
+        assert same(ref[0], other[0]) and same(ref[1], other[1])
+    chained = run("quantized", 1)
+    assert same(ref[0], chained[0])  # block 0: the same FP inputs in every mode
+    assert not same(ref[1], chained[1])  # block 1: searched on block 0's quantized output
 
 
 def test_lm_head_quantized_in_chunks_leaves_tied_embeddings(tiny):

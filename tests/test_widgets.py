@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from awqnb.analysis import diagnostics as D
+from awqnb.analysis.statcache import DiagnosticsCache
 from awqnb.model.arch import blocks, resolve_spec
 from awqnb.core.errors import AwqnbError
 from awqnb.core.config import QuantConfig
@@ -40,14 +40,14 @@ def test_slider_updates_the_figure_with_the_direct_loss(tiny, tmp_path, widget):
         pytest.importorskip("anywidget")  # plotly's FigureWidget needs it
     model, calib = tiny
     ex = AlphaExplorer(model, calib, layer=1, group="gate_up", metric="l2", bits=4, group_size=32, alpha=0.25,
-                       n_grid=4, max_tokens=64, cache=D.DiagnosticsCache(root=tmp_path), widget=widget)
+                       n_grid=4, max_tokens=64, cache=DiagnosticsCache(root=tmp_path), widget=widget)
     assert set(ex.widgets) == {"layer", "group", "metric", "group_size", "bits", "alpha"}
     fig = ex.figure
     before = (list(fig.data[1].x), list(fig.data[1].y), list(fig.data[4].y))
     ex.widgets["alpha"].value = 0.5
     after = (list(fig.data[1].x), list(fig.data[1].y), list(fig.data[4].y))
     assert after != before and after[0] == [0.5]
-    assert 0 < ex.last_update_s < 1.0
+    assert ex.last_update_s > 0  # an update was timed (its latency: bench/widgets_latency.py)
 
     q = QuantConfig(4, 32)
     x = ex.layer_sample(1).xs["gate_up"][0]  # [1, n_tok, H]: the sample the explorer uses
@@ -70,7 +70,8 @@ def test_slider_updates_the_figure_with_the_direct_loss(tiny, tmp_path, widget):
     ex.widgets["group_size"].value = -1
     assert len(ex._samples) == n_sampled  # same layer: no new capture
     assert ex.setting["group"] == "qkv" and "qkv" in fig.layout.title.text and "per-channel" in fig.layout.title.text
-    assert ex.timings((0.0, 1.0))["max_s"] < 1.0
+    t = ex.timings((0.0, 1.0))  # the slider still drives the figure after the switches
+    assert len(t["per_alpha_s"]) == 2 and all(s > 0 for s in t["per_alpha_s"]) and fig.data[1].x[0] == 1.0
 
 
 def test_explorer_rejects_bad_settings(tiny, tmp_path):
