@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from awqnb.compare import claims as compare
-from awqnb.analysis import diagnostics as D
+from awqnb.analysis import diagnostics as D, layer_error, layer_local, preactivation, salience, scales, statcache
 from awqnb.model.arch import attn_shape, blocks, get_module, resolve_spec
 from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig, SearchConfig
 from awqnb.core.errors import AwqnbError
 from awqnb.analysis.evaluate import PerplexityResult
 from awqnb.quant.importance import correlations, importance_vectors
-from awqnb.model.models import load_model
+from awqnb.model.loading import load_model
 from awqnb.quant.pipeline import QuantResult, quantize
 from awqnb.core.primitives import fake_quant
 
@@ -42,7 +42,7 @@ def awq(tiny):
 
 @pytest.fixture
 def cache(tmp_path):
-    return D.DiagnosticsCache(root=tmp_path / "diag")
+    return statcache.DiagnosticsCache(root=tmp_path / "diag")
 
 
 def _linear_inputs(model, calib, layer):
@@ -63,7 +63,7 @@ def _linear_inputs(model, calib, layer):
 
 def test_salience_table_matches_importance_vectors_and_direct_moments(tiny, cache):
     model, calib = tiny
-    sal = D.salience_table(model, calib, cache=cache)
+    sal = salience.salience_table(model, calib, cache=cache)
     assert sorted(sal["layer"].unique()) == [0, 1]
     for layer in (0, 1):
         ref = importance_vectors(model, calib, layer)
@@ -74,11 +74,11 @@ def test_salience_table_matches_importance_vectors_and_direct_moments(tiny, cach
     torch.testing.assert_close(torch.tensor(d["l1"].to_numpy()), x.abs().mean(0), rtol=1e-5, atol=1e-7, check_dtype=False)
     torch.testing.assert_close(torch.tensor(d["l2"].to_numpy()), x.pow(2).mean(0).sqrt(), rtol=1e-5, atol=1e-7,
                                check_dtype=False)
-    summ = D.salience_summary(sal, top_k=3)
+    summ = salience.salience_summary(sal, top_k=3)
     row = summ[(summ["layer"] == 1) & (summ["group"] == "gate_up") & (summ["metric"] == "l2")].iloc[0]
     assert row["top_channels"] == d.nlargest(3, "l2")["channel"].tolist()
     assert row["max_over_median"] == pytest.approx(d["l2"].max() / d["l2"].median())
-    agree = D.importance_agreement(sal)
+    agree = salience.importance_agreement(sal)
     corr = correlations(sal)
     for _, r in corr.iterrows():
         got = agree[(agree["layer"] == r["layer"]) & (agree["group"] == r["group"]) & (agree["pair"] == "l1~praq")]
@@ -87,30 +87,30 @@ def test_salience_table_matches_importance_vectors_and_direct_moments(tiny, cach
 
 def test_cache_hit_returns_identical_frames_without_recomputing(tiny, cache, monkeypatch):
     model, calib = tiny
-    first = D.salience_table(model, calib, layers=[1], cache=cache)
+    first = salience.salience_table(model, calib, layers=[1], cache=cache)
     assert (cache.misses, cache.computed) == (1, 1)
 
     def boom(*a, **k):
         raise AssertionError("recomputed despite a cache entry")
 
-    monkeypatch.setattr(D, "_salience_compute", boom)
-    again = D.salience_table(model, calib, layers=[1], cache=cache)  # memory
+    monkeypatch.setattr(salience, "_salience_compute", boom)
+    again = salience.salience_table(model, calib, layers=[1], cache=cache)  # memory
     pd.testing.assert_frame_equal(first, again)
     again.loc[0, "l1"] = -1.0  # the caller's copy: the cache keeps its own
-    fresh = D.DiagnosticsCache(root=cache.root)  # a new session: from disk
-    pd.testing.assert_frame_equal(first, D.salience_table(model, calib, layers=[1], cache=fresh))
+    fresh = statcache.DiagnosticsCache(root=cache.root)  # a new session: from disk
+    pd.testing.assert_frame_equal(first, salience.salience_table(model, calib, layers=[1], cache=fresh))
     assert (cache.hits, fresh.hits, cache.computed, fresh.computed) == (1, 1, 1, 0)
     assert len(list((cache.root / "salience").glob("*.json"))) == 1  # + parquet: data only, no pickle
     assert not list(cache.root.rglob("*.pkl"))
     assert not [p for p in (cache.root / "salience").iterdir() if p.name.startswith(".")]  # no temp files left
     monkeypatch.undo()
     # any change of calibration, parameters or weights is a miss
-    D.salience_table(model, calib[:2], layers=[1], cache=cache)
-    D.salience_table(model, calib, layers=[1], params={"tau": -2.0}, cache=cache)
+    salience.salience_table(model, calib[:2], layers=[1], cache=cache)
+    salience.salience_table(model, calib, layers=[1], params={"tau": -2.0}, cache=cache)
     other = copy.deepcopy(model)
     with torch.no_grad():
         blocks(other, resolve_spec(other))[1].mlp.up_proj.weight[0, 0] += 1e-3
-    D.salience_table(other, calib, layers=[1], cache=cache)
+    salience.salience_table(other, calib, layers=[1], cache=cache)
     assert cache.computed == 4
 
 
@@ -119,7 +119,7 @@ def test_layer_out_of_range_names_the_valid_range(tiny):
     with pytest.raises(AwqnbError, match=r"^layer 28 is out of range: tiny-random-llama has 2 decoder layers \(0–1\)\.$"):
         D.check_layer(model, 28, "tiny-random-llama")
     with pytest.raises(AwqnbError, match="layer 2 is out of range: .* has 2 decoder layers"):
-        D.salience_table(model, calib, layers=[0, 2], cache=False)
+        salience.salience_table(model, calib, layers=[0, 2], cache=False)
     assert D.check_layer(model, -1) == 1
     with pytest.raises(AwqnbError, match="not an integer"):
         D.check_layer(model, "1")
@@ -130,7 +130,7 @@ def test_layer_mse_equals_a_direct_computation(tiny, awq):
     input divided by the folded column scale, its output multiplied back by the row scale."""
     model, calib = tiny
     qm, res = awq
-    mse = D.layer_mse(model, calib, {"awq": (qm, res)}, layers=[1], cache=False)
+    mse = layer_error.layer_mse(model, calib, {"awq": (qm, res)}, layers=[1], cache=False)
     spec, attn = resolve_spec(model), attn_shape(model.config)
     xs = _linear_inputs(model, calib, 1)
     gs = {g.name: res.layers[1].groups[g.name].scales for g in spec.groups}
@@ -153,11 +153,11 @@ def test_layer_mse_from_a_config_and_cached_per_label(tiny, cache):
     model, calib = tiny
     rtn_q = copy.deepcopy(model)
     rtn_res = quantize(rtn_q, MethodConfig("rtn", Q), None, progress=False)
-    a = D.layer_mse(model, calib, {"rtn": (rtn_q, rtn_res)}, cache=cache)
-    b = D.layer_mse(model, calib, {"rtn": MethodConfig("rtn", Q)}, cache=cache)
+    a = layer_error.layer_mse(model, calib, {"rtn": (rtn_q, rtn_res)}, cache=cache)
+    b = layer_error.layer_mse(model, calib, {"rtn": MethodConfig("rtn", Q)}, cache=cache)
     pd.testing.assert_frame_equal(a, b)
     n = cache.computed
-    c = D.layer_mse(model, calib, {"rtn": (rtn_q, rtn_res)}, cache=cache)
+    c = layer_error.layer_mse(model, calib, {"rtn": (rtn_q, rtn_res)}, cache=cache)
     pd.testing.assert_frame_equal(a, c)
     assert cache.computed == n
     # RTN: mse = mean over tokens and rows of ((W − Q(W)) x)²
@@ -172,7 +172,7 @@ def test_rounding_error_and_flip_evidence(tiny):
     cfg = MethodConfig("awq_sh", Q, SEARCH)
     qm = copy.deepcopy(model)
     res = quantize(qm, cfg, D.limit_calibration(calib, None), progress=False)
-    re = D.rounding_error(model, cfg, result=res, quantized=qm)
+    re = layer_error.rounding_error(model, cfg, result=res, quantized=qm)
     assert set(re["method"]) == {"rtn", "awq_sh"} and len(re) == 2 * 2 * 7
     w = blocks(model, resolve_spec(model))[1].self_attn.o_proj.weight
     rtn = re[(re["method"] == "rtn") & (re["layer"] == 1) & (re["module"] == "o_proj")].iloc[0]
@@ -185,16 +185,16 @@ def test_rounding_error_and_flip_evidence(tiny):
     row = sh[(sh["layer"] == 1) & (sh["module"] == "down_proj")].iloc[0]
     assert row["flips"] == ev["flips"] and row["e_after_mean"] == pytest.approx(ev["e_after"]["mean"])
     assert (sh["e_after_mean"] <= sh["e_before_mean"] + 1e-12).all()
-    ch = D.rounding_error(model, cfg, layers=[1], level="channel")
+    ch = layer_error.rounding_error(model, cfg, layers=[1], level="channel")
     d = ch[ch["linear"] == "self_attn.o_proj"]
     torch.testing.assert_close(torch.tensor(d["sq_sum"].to_numpy()), r.double().pow(2).sum(0), rtol=1e-5, atol=1e-12)
-    err = D.channel_error(ch, D.salience_table(model, calib, layers=[1], cache=False), model)
+    err = layer_error.channel_error(ch, salience.salience_table(model, calib, layers=[1], cache=False), model)
     assert err.groupby(["module"])["err_share"].sum().round(6).eq(1.0).all()
 
 
 def test_preactivation_risk_against_direct_counts(tiny, cache):
     model, calib = tiny
-    risk = D.preactivation_risk(model, calib, layers=[1], cache=cache)
+    risk = preactivation.preactivation_risk(model, calib, layers=[1], cache=cache)
     mlp = blocks(model, resolve_spec(model))[1].mlp
     x = _linear_inputs(model, calib, 1)["mlp.gate_proj"]
     z = (x @ mlp.gate_proj.weight.T).double()  # SiLU: c = 1
@@ -205,21 +205,21 @@ def test_preactivation_risk_against_direct_counts(tiny, cache):
                                rtol=1e-6, atol=0, check_dtype=False)
     assert (risk["critical"] == (risk["dead"] & risk["risky"] & risk["high_weight"])).all()
     # everything called dead: critical = risky & high-weight, and the summary counts it
-    all_dead = D.preactivation_risk(model, calib, layers=[1], dead_frac=1.0, cache=cache)
-    s = D.risk_summary(all_dead).iloc[0]
+    all_dead = preactivation.preactivation_risk(model, calib, layers=[1], dead_frac=1.0, cache=cache)
+    s = preactivation.risk_summary(all_dead).iloc[0]
     assert s["n_dead"] == len(all_dead) and s["n_critical"] == int((all_dead["risky"] & all_dead["high_weight"]).sum())
     assert s["n_critical"] > 0 and len(s["critical_channels"]) == min(5, s["n_critical"])
-    h = D.preactivation_hist(model, calib, 1, cache=cache)
+    h = preactivation.preactivation_hist(model, calib, 1, cache=cache)
     assert h["count"].sum() == z.numel()
     with pytest.raises(AwqnbError, match="unknown risk parameter"):
-        D.preactivation_risk(model, calib, layers=[1], dead=0.1, cache=False)
+        preactivation.preactivation_risk(model, calib, layers=[1], dead=0.1, cache=False)
 
 
 def test_quantize_layer_is_the_pipeline_on_fp_inputs(tiny, awq):
     """Block 0 sees FP inputs in the pipeline too, so quantizing it alone gives the same weights."""
     model, calib = tiny
     qm_full, res_full = awq
-    qm, res = D.quantize_layer(model, calib, MethodConfig("awq", Q, SEARCH), 0)
+    qm, res = layer_local.quantize_layer(model, calib, MethodConfig("awq", Q, SEARCH), 0)
     assert [r.index for r in res.layers] == [0]
     assert res.layers[0].groups["gate_up"].best_alpha == res_full.layers[0].groups["gate_up"].best_alpha
     spec = resolve_spec(model)
@@ -229,24 +229,24 @@ def test_quantize_layer_is_the_pipeline_on_fp_inputs(tiny, awq):
         torch.testing.assert_close(get_module(blocks(qm, spec)[1], name).weight,
                                    get_module(blocks(model, spec)[1], name).weight)  # untouched
     # the FP block 1 has no record: no method rows for it
-    assert set(D.layer_mse(model, calib, {"awq": (qm, res)}, cache=False)["layer"]) == {0}
-    re = D.rounding_error(model, MethodConfig("awq", Q), result=res, quantized=qm)
+    assert set(layer_error.layer_mse(model, calib, {"awq": (qm, res)}, cache=False)["layer"]) == {0}
+    re = layer_error.rounding_error(model, MethodConfig("awq", Q), result=res, quantized=qm)
     assert set(re[re["method"] == "awq"]["layer"]) == {0} and set(re[re["method"] == "rtn"]["layer"]) == {0, 1}
 
 
 def test_scaling_tables(awq):
     _, res = awq
-    t = D.scaling_table(res)
+    t = scales.scaling_table(res)
     assert len(t) == 2 * 4
     for r in t.itertuples():
         gs = res.layers[r.layer].groups[r.group]
         assert r.best_alpha == res.alphas()[r.layer][r.group]
         assert r.s_ratio == pytest.approx(float(gs.scales.max() / gs.scales.min()), rel=1e-6)
         assert r.loss_gain == pytest.approx(1 - gs.best_loss / gs.losses[0])
-    v = D.scale_values(res, layers=[1])
+    v = scales.scale_values(res, layers=[1])
     assert set(v["layer"]) == {1} and len(v) == sum(g.scales.numel() for g in res.layers[1].groups.values())
-    assert set(D.alpha_curves(res)["method"]) == {"awq"}
-    assert D.scaling_table(QuantResult(MethodConfig("rtn"), "m", "llama", None, [], {})).empty
+    assert set(scales.alpha_curves(res)["method"]) == {"awq"}
+    assert scales.scaling_table(QuantResult(MethodConfig("rtn"), "m", "llama", None, [], {})).empty
 
 
 def _ppl(nll, ds="wikitext2"):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from awqnb.export import packed as export
 from awqnb.quant import pipeline
-from awqnb.analysis import sensitivity as S
+from awqnb.analysis import plans, sensitivity as S
 from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig, SearchConfig
 from awqnb.core.errors import AwqnbError
@@ -127,45 +127,45 @@ def test_frame_schema_and_reading(frames):
 def test_plans_from_the_frame(frames):
     df = frames["tiny-random-llama"]
     top = S.rank(df, "kl", "only")
-    p = S.plan_from_sensitivity(df, k=2)
+    p = plans.plan_from_sensitivity(df, k=2)
     assert [(l, f) for l, f, _ in p.entries] == sorted(zip(top.layer[:2], top.family[:2]),
                                                        key=lambda t: (t[0], ["qkv", "vo", "gate_up", "down"].index(t[1])))
     assert {b for *_, b in p.entries} == {8}
-    pm = S.plan_from_sensitivity(df, k=1, by="mse")
+    pm = plans.plan_from_sensitivity(df, k=1, by="mse")
     m = df.drop_duplicates(["layer", "family"]).sort_values("mse", ascending=False).iloc[0]
     assert pm.entries == ((int(m.layer), m.family, 8),)
-    assert S.plan_from_sensitivity(df, k=3, by="random", seed=5) == S.plan_from_sensitivity(df, k=3, by="random", seed=5)
+    assert plans.plan_from_sensitivity(df, k=3, by="random", seed=5) == plans.plan_from_sensitivity(df, k=3, by="random", seed=5)
     # recovery: the family whose FP copy lowers the fully quantized model's KL most
     ex = df[df["mode"] == "except"].sort_values("kl").iloc[0]
-    assert S.plan_from_sensitivity(df, k=1, by="recovery").entries == ((int(ex.layer), ex.family, 8),)
+    assert plans.plan_from_sensitivity(df, k=1, by="recovery").entries == ((int(ex.layer), ex.family, 8),)
     # density: 'only' KL per parameter, so a small family can come before a larger, more sensitive one
     only = df[df["mode"] == "only"]
     dens = (only.kl / only.n_params).to_numpy()
     best = only.iloc[int(dens.argmax())]
-    assert S.plan_from_sensitivity(df, k=1, by="density").entries == ((int(best.layer), best.family, 8),)
+    assert plans.plan_from_sensitivity(df, k=1, by="density").entries == ((int(best.layer), best.family, 8),)
     two = df.copy()
     two.loc[(two["mode"] == "only") & (two.family == "qkv"), "kl"] = 1.0  # 2 qkv families, both very sensitive
     two.loc[(two["mode"] == "only") & (two.family == "down"), "kl"] = 0.9
     two.loc[(two["mode"] == "only") & (two.family == "down"), "n_params"] = 1  # …but a down costs almost nothing
-    assert {f for _, f, _ in S.plan_from_sensitivity(two, k=2, by="density").entries} == {"down"}
-    assert {f for _, f, _ in S.plan_from_sensitivity(two, k=2, by="kl").entries} == {"qkv"}
+    assert {f for _, f, _ in plans.plan_from_sensitivity(two, k=2, by="density").entries} == {"down"}
+    assert {f for _, f, _ in plans.plan_from_sensitivity(two, k=2, by="kl").entries} == {"qkv"}
     with pytest.raises(AwqnbError, match="'except' rows"):
-        S.plan_from_sensitivity(df[df["mode"] == "only"], k=1, by="recovery")
+        plans.plan_from_sensitivity(df[df["mode"] == "only"], k=1, by="recovery")
     with pytest.raises(AwqnbError, match="'only' rows"):
-        S.plan_from_sensitivity(df[df["mode"] == "except"], k=1, by="density")
+        plans.plan_from_sensitivity(df[df["mode"] == "except"], k=1, by="density")
     with pytest.raises(AwqnbError, match="unknown"):
-        S.plan_from_sensitivity(df, k=1, by="magic")
+        plans.plan_from_sensitivity(df, k=1, by="magic")
     # average bits: weighted by n_params over all 8 candidates, never above the budget
     for budget in (4.0, 4.5, 5.5, 8.0):
-        pb = S.plan_from_sensitivity(df, avg_bits=budget)
-        assert S.plan_avg_bits(df, pb) <= budget + 1e-12
-    assert len(S.plan_from_sensitivity(df, avg_bits=8.0)) == 8 and len(S.plan_from_sensitivity(df, avg_bits=4.0)) == 0
-    pl = S.plan_from_sensitivity(df, max_linears=2)
-    assert 0 < S.plan_linears(df, pl) <= 2
+        pb = plans.plan_from_sensitivity(df, avg_bits=budget)
+        assert plans.plan_avg_bits(df, pb) <= budget + 1e-12
+    assert len(plans.plan_from_sensitivity(df, avg_bits=8.0)) == 8 and len(plans.plan_from_sensitivity(df, avg_bits=4.0)) == 0
+    pl = plans.plan_from_sensitivity(df, max_linears=2)
+    assert 0 < plans.plan_linears(df, pl) <= 2
     with pytest.raises(AwqnbError, match="exactly one budget"):
-        S.plan_from_sensitivity(df, k=1, avg_bits=5)
+        plans.plan_from_sensitivity(df, k=1, avg_bits=5)
     with pytest.raises(AwqnbError, match="keep_bits=5"):
-        S.plan_from_sensitivity(df, k=1, keep_bits=5)
+        plans.plan_from_sensitivity(df, k=1, keep_bits=5)
 
 
 def test_plan_json_round_trip_and_validation(tmp_path):
@@ -237,7 +237,7 @@ def test_planned_8bit_family_matches_keep_weights(tiny, quantized, method):
     res0 = pipeline.quantize(base, _cfg(method), c, progress=False)
     q = copy.deepcopy(fp)
     res = pipeline.quantize(q, _cfg(method, plan=Plan.parse_keep("0.down,0.qkv")), c, progress=False)
-    kw = S.keep_weights(fp, res0, 8, [0])
+    kw = plans.keep_weights(fp, res0, 8, [0])
     eff = S.reference(fp, None, result=(q, res)).weff[0]
     eff0 = S.reference(fp, None, result=(base, res0)).weff[0]
     for n in ("mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj"):
@@ -254,7 +254,7 @@ def test_planned_8bit_family_matches_keep_weights(tiny, quantized, method):
 def test_pareto_and_cache(quantized, frames, tmp_path):
     fp, calib, q, res = quantized["tiny-random-llama"]
     df = frames["tiny-random-llama"]
-    p = S.pareto(fp, None, calib, _tokens(), df, ks=(0, 1, 8), keep_bits=16, strategies=("sensitivity", "recovery", "random"),
+    p = plans.pareto(fp, None, calib, _tokens(), df, ks=(0, 1, 8), keep_bits=16, strategies=("sensitivity", "recovery", "random"),
                  result=(q, res), progress=False)
     assert list(p.columns[:5]) == ["strategy", "k", "avg_bits", "ppl", "kl"]
     k0 = p[p.k == 0].iloc[0]
@@ -262,7 +262,7 @@ def test_pareto_and_cache(quantized, frames, tmp_path):
     k8 = p[p.k == 8].iloc[0]  # everything kept FP: the FP model
     assert k8.ppl == pytest.approx(df.attrs["fp_ppl"], rel=1e-6) and abs(k8.kl) < 1e-7 and k8.avg_bits == 16
     k1 = p[(p.k == 1) & (p.strategy == "sensitivity")].iloc[0]  # one family FP = that family's 'except' row
-    top = S.plan_from_sensitivity(df, k=1).entries[0]
+    top = plans.plan_from_sensitivity(df, k=1).entries[0]
     row = df[(df.layer == top[0]) & (df.family == top[1]) & (df["mode"] == "except")].iloc[0]
     assert k1.kl == pytest.approx(row.kl, rel=1e-6) and k1.ppl == pytest.approx(row.ppl, rel=1e-9)
     # 'recovery' keeps the family whose FP copy the 'except' rows say recovers most: at k = 1 (kept FP),

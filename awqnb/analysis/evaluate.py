@@ -31,7 +31,7 @@ from awqnb.analysis import stats
 from awqnb.core.errors import AwqnbError
 from awqnb.core.files import atomic_write, read_json
 from awqnb.core.progress import tqdm  # tqdm.auto, or events a report runner draws (progress.py)
-from awqnb.model.models import resolve_device
+from awqnb.model.devices import resolve_device
 
 log = logging.getLogger(__name__)
 

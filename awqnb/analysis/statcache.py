@@ -1,10 +1,10 @@
-"""The diagnostics cache: results keyed by (kind, model fingerprint, calibration, parameters),
-kept in memory and on disk (`awqnb.model.models.cache_dir()/diagnostics/<kind>/<key>.*`, written
+"""The diagnostics cache: results keyed by (kind, weights fingerprint, calibration, parameters),
+kept in memory and on disk (`awqnb.model.provenance.cache_dir()/diagnostics/<kind>/<key>.*`, written
 atomically, never pickled: a cache directory can be shared, and reading it must not run code), so a notebook re-run or a second notebook on the same model and calibration set
 reads its statistics instead of recomputing them.
 
 The disk location is `$AWQNB_DIAG_CACHE` when set (tests point it at a temporary directory).
-The key never trusts names alone: `model_fingerprint` hashes the config and every parameter's
+The key never trusts names alone: `weights_fingerprint` hashes the config and every parameter's
 Σw and Σw² (a model quantized in place, or re-initialised, gets a new key), `calibration_key`
 hashes the token ids next to `Calibration.to_dict()`.
 """
@@ -25,14 +25,14 @@ from torch import nn
 
 from awqnb.core.errors import AwqnbError
 from awqnb.core.files import atomic_write
-from awqnb.model.models import cache_dir
+from awqnb.model.provenance import cache_dir
 
 log = logging.getLogger(__name__)
 
 DIAG_VERSION = 1  # bump when a frame's definition changes: old cache entries are then ignored
 
 
-def model_fingerprint(model: nn.Module) -> str:
+def weights_fingerprint(model: nn.Module) -> str:
     """sha1 of the config and, per parameter, its name, shape, dtype, Σw and Σw² (float64, in
     chunks of 2^20 elements: no full-size copy). Changes when any weight changes (a model
     quantized in place gets a new fingerprint)."""
@@ -94,7 +94,7 @@ class DiagnosticsCache:
 
     @property
     def root(self) -> Path:
-        """`root` if given, else `$AWQNB_DIAG_CACHE`, else `awqnb.model.models.cache_dir()/diagnostics`."""
+        """`root` if given, else `$AWQNB_DIAG_CACHE`, else `awqnb.model.provenance.cache_dir()/diagnostics`."""
         if self._root is None:
             env = os.environ.get("AWQNB_DIAG_CACHE")
             if env:
