@@ -17,9 +17,9 @@ import torch
 from awqnb.core.config import QuantConfig
 from awqnb.core.errors import AwqnbError
 from awqnb.export import packed as export
-from awqnb.model import checkpoint, models
+from awqnb.model import checkpoint, devices, loading, provenance, saving, sources
 from awqnb.model.data import Calibration
-from awqnb.model.models import short_name
+from awqnb.model.sources import short_name
 from awqnb.quant import pipeline
 from awqnb.quant.method_config import MethodConfig
 from awqnb.quant.methods import get_method
@@ -110,11 +110,11 @@ def quantize_with_awq(src, dst, calib_path, bits: int = 4, group_size: int = 128
     if dest.exists() and not overwrite and (not dest.is_dir() or any(dest.iterdir())):
         raise AwqnbError(f"{dest} already exists; pass overwrite=True or choose another dst.")
     prompts = read_prompts(calib_path)  # a bad file fails before the model is loaded
-    models.check_writable(dest.parent)  # a read-only or full destination: refused before quantizing
-    models.check_source(str(src))  # an unsupported architecture: refused before the weights load
-    dev = models.resolve_device(device)
-    model, tok = models.load_model(str(src), device=dev)
-    models.check_supported(model)
+    saving.check_writable(dest.parent)  # a read-only or full destination: refused before quantizing
+    sources.check_source(str(src))  # an unsupported architecture: refused before the weights load
+    dev = devices.resolve_device(device)
+    model, tok = loading.load_model(str(src), device=dev)
+    sources.check_supported(model)
     if packed:
         export.check_packable(model, cfg)
     calib = None
@@ -128,12 +128,12 @@ def quantize_with_awq(src, dst, calib_path, bits: int = 4, group_size: int = 128
                            "n_prompts": len(prompts), **(getattr(calib, "extra", None) or {})}
     meta["api"] = {"function": "quantize_with_awq", "backend": backend, "skip_lm_head": skip_lm_head,
                    "seed": seed, "format": format}
-    meta["versions"] = dict(meta.get("versions") or {}, **models.versions())
+    meta["versions"] = dict(meta.get("versions") or {}, **provenance.versions())
     dtype = export.source_dtype(str(src))
     if packed:
         path = export.save_packed(model, tok, dest, cfg, meta, overwrite=overwrite, result=result, dtype=dtype)
     else:
-        path = models.save_quantized(model, tok, dest, meta, overwrite=overwrite, result=result, dtype=dtype)
+        path = saving.save_quantized(model, tok, dest, meta, overwrite=overwrite, result=result, dtype=dtype)
     info = {"path": str(path), "method": cfg.method, "backend": backend, "bits": str(bits),
             "group_size": str(cfg.quant.group_size), "lm_head": cfg.lm_head, "format": format,
             "calibration": str(calib_path), "n_prompts": str(len(prompts)), "seed": str(seed),

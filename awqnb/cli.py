@@ -144,7 +144,7 @@ def cmd_quantize(args) -> int:
     import torch
 
     from awqnb.export import packed as export
-    from awqnb.model import models
+    from awqnb.model import devices, loading, saving, sources
     from awqnb.quant import pipeline
     from awqnb.model.data import load_calibration
     from awqnb.quant.methods import get_method
@@ -166,21 +166,21 @@ def cmd_quantize(args) -> int:
 
         check_positive(n_calib=(args.n_calib, 1), calib_seqlen=(args.calib_seqlen, 2))
     out_root = Path(args.output_dir)
-    models.check_writable(out_root)  # a read-only or full disk is refused now, not after an hour of quantizing
-    models.check_source(args.model)  # an unsupported architecture is refused before the weights load
-    device = models.resolve_device(args.device)
+    saving.check_writable(out_root)  # a read-only or full disk is refused now, not after an hour of quantizing
+    sources.check_source(args.model)  # an unsupported architecture is refused before the weights load
+    device = devices.resolve_device(args.device)
     # the model stays on the CPU: the block engine moves one block at a time to `device`
-    model, tok = models.load_model(args.model)
-    models.check_supported(model)
+    model, tok = loading.load_model(args.model)
+    sources.check_supported(model)
     if args.group_size is None:
         args.group_size = _default_group_size(model)
         cfg = method_config(args)
     from awqnb.quant.plan import check_model
 
-    check_model(cfg.plan, model, models.short_name(args.model))  # a layer or family it lacks: before calibration
+    check_model(cfg.plan, model, sources.short_name(args.model))  # a layer or family it lacks: before calibration
     if args.format == "packed":
         export.check_packable(model, cfg)  # before minutes of quantizing
-    tag = models.model_tag(args.model, cfg, _calibration_key(args) if method_cls.needs_calibration else None,
+    tag = saving.model_tag(args.model, cfg, _calibration_settings(args) if method_cls.needs_calibration else None,
                            fmt=args.format)
     dest = out_root / tag
     if dest.exists() and any(dest.iterdir()) and not args.overwrite:
@@ -197,7 +197,7 @@ def cmd_quantize(args) -> int:
     if args.format == "packed":
         path = export.save_packed(model, tok, dest, cfg, meta, overwrite=args.overwrite, result=result, dtype=dtype)
     else:
-        path = models.save_quantized(model, tok, dest, meta, overwrite=args.overwrite, result=result, dtype=dtype)
+        path = saving.save_quantized(model, tok, dest, meta, overwrite=args.overwrite, result=result, dtype=dtype)
     log.info("saved %s (%.1f s)", path, result.timings["total_s"])
     sys.stdout.write(f"{path}\n")
     return 0
@@ -218,8 +218,9 @@ def _default_group_size(model) -> int:
     return gs
 
 
-def _calibration_key(args) -> dict:
-    """What of the calibration decides the result (a file by its content), for the directory name."""
+def _calibration_settings(args) -> dict:
+    """What of the calibration settings decides the result (a file by its content), for the directory
+    name; not `statcache.calibration_key`, which hashes loaded token ids."""
     import hashlib
 
     key = {"dataset": args.calib_dataset, "n_calib": args.n_calib, "seqlen": args.calib_seqlen}
@@ -230,7 +231,7 @@ def _calibration_key(args) -> dict:
 
 
 def cmd_eval(args) -> int:
-    from awqnb.model import checkpoint, models
+    from awqnb.model import checkpoint, devices, loading, saving
     from awqnb.export import packed as export
     from awqnb.model.data import (EVAL_TEXT_SETS, EVAL_TOKEN_SETS, TEXT_FILE_SUFFIXES, dataset_info,
                                   is_text_file, load_eval_texts, load_eval_tokens)
@@ -255,13 +256,13 @@ def cmd_eval(args) -> int:
     args.text_column = args.text_column or "text"
     info = dataset_info(args.dataset, args.text_column)  # name + sha256 of the user's file, read now
     if args.json:
-        models.check_writable(Path(args.json).parent)  # a file in the way: now, not after the evaluation
-    device = models.resolve_device(args.device)
+        saving.check_writable(Path(args.json).parent)  # a file in the way: now, not after the evaluation
+    device = devices.resolve_device(args.device)
     local = Path(args.model).expanduser()
     records = checkpoint.read_records(local) if local.is_dir() else None  # malformed files: one line
     if export.is_packed(args.model):
         checkpoint.require_compressed_tensors()  # a clear message instead of transformers' ImportError
-    model, tok = models.load_model(args.model, device=device)
+    model, tok = loading.load_model(args.model, device=device)
     meta = {"model": args.model, "method": "fp"}
     if records is not None and (records[1] or records[2]):
         from awqnb.api import detect_quantization
@@ -343,7 +344,8 @@ def _read_params_file(path: str) -> dict:
 def cmd_report(args) -> int:
     import yaml
 
-    from awqnb.workbench.sweep import make_grid, run_sweep
+    from awqnb.workbench.grid import make_grid
+    from awqnb.workbench.sweep import run_sweep
 
     params = _read_params_file(args.params) if args.params else {}
     for kv in args.param:
@@ -408,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs equal groups); fake: dequantized weights in the checkpoint's dtype (research copy)")
     q.add_argument("--list", action="store_true", help="list the available methods and exit")
     q.add_argument("--plan", default=None, metavar="FILE",
-                   help="mixed-precision plan JSON (awqnb.analysis.sensitivity.plan_from_sensitivity(...).to_json): "
+                   help="mixed-precision plan JSON (awqnb.analysis.plans.plan_from_sensitivity(...).to_json): "
                         "(layer, family, bits) kept at 8 bits or 16 = floating point (default: none)")
     q.add_argument("--keep", default=None, metavar="L.FAMILY[:BITS],...",
                    help="keep these families at other bits, e.g. 12.down,28.gate_up:16 (bits default 8; "

@@ -43,7 +43,7 @@ def run_dir(topic: str, model: str, device=None, what: str | None = None) -> Pat
 def environment(device=None) -> dict:
     """Python, platform and package versions (awqnb's versions()) and the GPU (if any)."""
     try:
-        from awqnb.model.models import versions
+        from awqnb.model.provenance import versions
     except ImportError:  # older layout
         from awqnb.models import versions
     env = {"versions": versions()}

@@ -214,7 +214,7 @@ def quantize_once(fp_model, cfg, calib, dev, model_name: str, perturb: tuple[flo
 
 def evaluate(model, tokens, args, dev, eval_dtype):
     from awqnb.analysis.evaluate import token_perplexity
-    from awqnb.model.models import cast_parameters
+    from awqnb.model.devices import cast_parameters
 
     m = copy.deepcopy(model)
     cast_parameters(m.to(dev), eval_dtype)
@@ -271,7 +271,9 @@ def main(argv=None) -> int:
     from awqnb.core.errors import AwqnbError
     from awqnb.analysis.evaluate import bootstrap_delta
     from awqnb.quant.methods import REGISTRY, get_method
-    from awqnb.model.models import load_model, resolve_device, versions
+    from awqnb.model.devices import resolve_device
+    from awqnb.model.loading import load_model
+    from awqnb.model.provenance import versions
     from quality import RUN_KEYS, parse_spec
 
     dev = resolve_device(args.device)

@@ -43,8 +43,10 @@ from awqnb.export import packed as export
 from awqnb.quant import pipeline
 from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig, SearchConfig
-from awqnb.model.models import load_model, resolve_device, versions
+from awqnb.model.devices import resolve_device
 
+from awqnb.model.loading import load_model
+from awqnb.model.provenance import versions
 log = logging.getLogger("bench.export")
 
 RANDOM_SHAPES = {

@@ -30,7 +30,9 @@ from awqnb.quant import pipeline  # noqa: E402
 from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig, SearchConfig  # noqa: E402
 from awqnb.model.data import load_calibration  # noqa: E402
-from awqnb.model.models import load_model, resolve_device, versions  # noqa: E402
+from awqnb.model.devices import resolve_device  # noqa: E402
+from awqnb.model.loading import load_model
+from awqnb.model.provenance import versions
 
 
 def _sync(device: torch.device) -> None:

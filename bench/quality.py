@@ -43,7 +43,9 @@ import torch
 from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig, SearchConfig
 from awqnb.core.errors import AwqnbError
-from awqnb.model.models import load_model, resolve_device, versions
+from awqnb.model.devices import resolve_device
+from awqnb.model.loading import load_model
+from awqnb.model.provenance import versions
 from awqnb.compare.reference import is_reference
 from awqnb.compare.runner import CalibSpec, MethodSpec, check_seeds, eval_sets, run_comparison
 from awqnb.analysis.stats import seeds_note

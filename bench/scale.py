@@ -31,7 +31,7 @@ from awqnb.quant import pipeline
 from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig, SearchConfig
 from awqnb.model.data import Calibration
-from awqnb.model.models import versions
+from awqnb.model.provenance import versions
 
 log = logging.getLogger("bench.scale")
 

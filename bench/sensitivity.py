@@ -46,8 +46,10 @@ from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig, SearchConfig
 from awqnb.analysis.evaluate import token_perplexity
 from awqnb.quant.importance import spearman
-from awqnb.model.models import cast_parameters, load_model, resolve_device, versions
+from awqnb.model.devices import cast_parameters, resolve_device
 
+from awqnb.model.loading import load_model
+from awqnb.model.provenance import versions
 log = logging.getLogger("bench.sensitivity")
 
 

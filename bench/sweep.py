@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from awqnb.workbench import report, sweep  # noqa: E402
+from awqnb.workbench.grid import Grid, make_grid  # noqa: E402
 
 TINY_PARAMS = dict(n_calib=4, calib_seqlen=32, eval_windows=2, eval_seqlen=64, n_grid=4, diag_samples=0,
                    sample_datasets=[])
@@ -51,7 +52,7 @@ def _small_data(root: Path) -> Path:
     return calib
 
 
-def run_config(config: str, grid: sweep.Grid, out: Path) -> dict:
+def run_config(config: str, grid: Grid, out: Path) -> dict:
     import ray
 
     kw: dict = {"bars": "none", "force": True}
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         if args.small_data:
             params["calib_dataset"] = str(_small_data(tmp))
             os.environ["AWQNB_DATA_DIR"] = str(tmp / "data")  # before any Ray cluster starts: workers inherit it
-        grid = sweep.make_grid(args.models, args.methods, args.seeds, args.group_sizes, params)
+        grid = make_grid(args.models, args.methods, args.seeds, args.group_sizes, params)
         results = []
         for config in args.configs.split(","):
             r = run_config(config, grid, tmp / config.replace(":", "_").replace("=", ""))

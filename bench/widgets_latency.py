@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from awqnb.model.data import load_calibration  # noqa: E402
-from awqnb.model.models import load_model, resolve_device, versions  # noqa: E402
+from awqnb.model.devices import resolve_device  # noqa: E402
+from awqnb.model.loading import load_model
+from awqnb.model.provenance import versions
 from awqnb.workbench.widgets import AlphaExplorer  # noqa: E402
 
 

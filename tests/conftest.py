@@ -15,7 +15,7 @@ def tiny():
     """Each tiny random model with its tokenizer and a 4 × 64 WikiText-2 calibration set (seed 0);
     one copy per test module, so in-place quantization in one module cannot leak into another."""
     from awqnb.model.data import load_calibration
-    from awqnb.model.models import load_model
+    from awqnb.model.loading import load_model
 
     out = {}
     for name in TINY:
@@ -38,7 +38,7 @@ def report_batch(tmp_path_factory):
 
     Returns out (the output dir), index, runs (model -> `find_runs` record), rc, stdout, stderr."""
     from awqnb import cli
-    from awqnb.workbench import report
+    from awqnb.workbench import report_index
 
     out = tmp_path_factory.mktemp("reports")
     params = Path(tmp_path_factory.mktemp("params")) / "tiny.yaml"
@@ -54,6 +54,6 @@ def report_batch(tmp_path_factory):
         mp.setenv("AWQNB_DIAG_CACHE", str(out / ".diag-cache"))  # diagnostics cache: not the user's
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             rc = args.fn(args)
-    runs = {Path(r["model"]).name: r for r in report.find_runs(out)}
+    runs = {Path(r["model"]).name: r for r in report_index.find_runs(out)}
     return SimpleNamespace(out=out, index=out / "index.html", runs=runs, rc=rc, stdout=stdout.getvalue(),
                            stderr=stderr.getvalue())

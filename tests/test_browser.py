@@ -166,10 +166,10 @@ def _notebook_for_lab(dest: Path) -> Path:
         from papermill.iorw import load_notebook_node
         from papermill.parameterize import parameterize_notebook
 
-        from awqnb.workbench import report
+        from awqnb.workbench import notebook_run
 
         nb = load_notebook_node(str(src))  # what papermill's parameterize expects (every cell has tags)
-        known = report.notebook_parameters(src)
+        known = notebook_run.notebook_parameters(src)
         nb = parameterize_notebook(nb, {k: v for k, v in ALPHA_EXPLORER_PARAMS.items() if k in known})
         path = dest / "alpha_explorer.ipynb"
     else:
@@ -177,7 +177,7 @@ def _notebook_for_lab(dest: Path) -> Path:
         path = dest / "widget_demo.ipynb"
     from jupyter_client.kernelspec import KernelSpecManager
 
-    spec = KernelSpecManager().get_kernel_spec("python3")  # this environment's (report.kernel_name checks it)
+    spec = KernelSpecManager().get_kernel_spec("python3")  # this environment's (notebook_run.kernel_name checks it)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": spec.display_name, "language": "python"}
     nbformat.write(nb, path)
     return path

@@ -39,7 +39,7 @@ def test_quantize_list_describes_every_method(capsys):
 
 
 def test_default_group_size_fits_the_model():
-    from awqnb.model.models import load_model
+    from awqnb.model.loading import load_model
 
     model, _ = load_model("tiny-random-llama")  # 160-wide layers: 128 and 64 do not divide them
     assert cli._default_group_size(model) == 32

@@ -8,12 +8,12 @@ from awqnb.quant import pipeline
 from awqnb.model.arch import attn_shape, blocks, get_module, resolve_spec
 from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig, SearchConfig
-from awqnb.analysis.diagnostics import salience_table
+from awqnb.analysis.salience import salience_table
 from awqnb.engine.walk import BlockEngine, onloaded
 from awqnb.core.dtypes import fp32_names, mark_fp32
 from awqnb.core.errors import AwqnbError
 from awqnb.quant.methods.awq import fold_scales
-from awqnb.model.models import cast_parameters
+from awqnb.model.devices import cast_parameters
 
 from conftest import TINY  # noqa: E402
 
@@ -179,7 +179,7 @@ def test_compute_dtype_is_validated():
 
 
 def test_loading_in_bf16_keeps_rope_frequencies_fp32():
-    from awqnb.model.models import load_model
+    from awqnb.model.loading import load_model
 
     model, _ = load_model("tiny-random-llama", dtype="bfloat16")
     assert get_module(blocks(model, resolve_spec(model))[0], "self_attn.q_proj").weight.dtype == torch.bfloat16

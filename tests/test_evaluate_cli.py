@@ -13,7 +13,7 @@ from awqnb.analysis import stats
 from awqnb.analysis.evaluate import (PerplexityResult, bootstrap_delta, comparison_table, sample_perplexity,
                                      token_perplexity)
 from awqnb.core.errors import AwqnbError
-from awqnb.model.models import load_model
+from awqnb.model.loading import load_model
 
 
 @pytest.fixture(scope="module")

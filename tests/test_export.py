@@ -261,7 +261,7 @@ def test_quantize_with_awq_api(tmp_path):
     d = detect_quantization(fake)
     assert (d["method"], d["format"], d["group_size"], d["quant_method"]) == ("awq_sh", "fake", -1, None)
     assert (fake / "quant_result.json").is_file()
-    from awqnb.model.models import build_tiny
+    from awqnb.model.tiny import build_tiny
 
     (tmp_path / "fp").mkdir()
     build_tiny("tiny-random-llama")[0].config.save_pretrained(tmp_path / "fp")
@@ -294,7 +294,7 @@ def test_cli_refuses_unpackable_group_size(tmp_path):
 def test_smollm2_packed_reload_equals_fake(tmp_path):
     """The real model: its 576 columns refuse group 128 with what to do; g64 packs and reloads to
     the same parameters bit for bit."""
-    from awqnb.model.models import load_model
+    from awqnb.model.loading import load_model
 
     m, tok = load_model("smollm2-135m")
     bad = MethodConfig("rtn", QuantConfig(4, 128))

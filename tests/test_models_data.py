@@ -4,15 +4,16 @@ import json
 import pytest
 import torch
 
-from awqnb.model import data, models
+from awqnb.model import data, saving, sources
 from awqnb.quant import pipeline
 from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig
 from awqnb.model.data import load_calibration, load_eval_texts, load_eval_tokens
 from awqnb.core.errors import AwqnbError
-from awqnb.model.models import load_model, save_quantized
+from awqnb.model.loading import load_model
 
 
+from awqnb.model.saving import save_quantized
 @pytest.fixture(scope="module")
 def tiny_llama():
     return load_model("tiny-random-llama")
@@ -48,7 +49,7 @@ def test_unsupported_architecture_is_refused():
 
     m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(AwqnbError, match="architecture 'gpt2' is not supported"):
-        models.check_supported(m)
+        sources.check_supported(m)
     with pytest.raises(AwqnbError, match="not supported"):
         pipeline.quantize(m, MethodConfig("rtn"), None, progress=False)
 
@@ -71,11 +72,11 @@ def test_save_is_atomic_and_round_trips(tiny_llama, tmp_path):
     m = copy.deepcopy(model)
     cfg = MethodConfig("rtn", QuantConfig(4, 32))
     res = pipeline.quantize(m, cfg, None, model_name="tiny-random-llama", progress=False)
-    dest = tmp_path / models.model_tag("tiny-random-llama", cfg)
+    dest = tmp_path / saving.model_tag("tiny-random-llama", cfg)
     assert dest.name.startswith("tiny-random-llama_rtn_w4_g32_headfp16_")  # + a hash of the whole config
     other = MethodConfig("rtn", QuantConfig(4, 32), seed=7)
-    assert models.model_tag("tiny-random-llama", other) != dest.name  # a seed of its own, a directory of its own
-    assert models.model_tag("tiny-random-llama", cfg, {"n_calib": 4}) != models.model_tag(
+    assert saving.model_tag("tiny-random-llama", other) != dest.name  # a seed of its own, a directory of its own
+    assert saving.model_tag("tiny-random-llama", cfg, {"n_calib": 4}) != saving.model_tag(
         "tiny-random-llama", cfg, {"n_calib": 8})
     save_quantized(m, tok, dest, res.metadata())
     meta = json.loads((dest / "quantization_metadata.json").read_text())

@@ -1,5 +1,5 @@
 """layer_deep_dive, alpha_explorer and compare_methods executed with papermill (through
-`report.run_report`) on the tiny random models with tiny parameters; assertions on the metrics they
+`notebook_run.run_report`) on the tiny random models with tiny parameters; assertions on the metrics they
 record. The runs share one module fixture and execute two at a time (two worker processes)."""
 import json
 import math
@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from awqnb.workbench import report
+from awqnb.workbench import notebook_run, report
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ("layer_deep_dive", "alpha_explorer", "compare_methods")
@@ -47,7 +47,7 @@ def runs(tmp_path_factory):
         mp.setenv("AWQNB_DIAG_CACHE", str(out / "diag-cache"))  # not the user's cache
         # processes, not threads: papermill changes the working directory of its process
         with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as ex:
-            futures = {name: ex.submit(report.run_report, jobs[name][0], jobs[name][1], jobs[name][2],
+            futures = {name: ex.submit(notebook_run.run_report, jobs[name][0], jobs[name][1], jobs[name][2],
                                        output_dir=out / name, notebook=jobs[name][3]) for name in order}
             dirs = {name: f.result() for name, f in futures.items()}
     result = {}
@@ -71,7 +71,7 @@ def test_committed_notebook_is_clean(name):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code)
     assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
-    assert "output_dir" in report.notebook_parameters(NOTEBOOK_DIR / f"{name}.ipynb")
+    assert "output_dir" in notebook_run.notebook_parameters(NOTEBOOK_DIR / f"{name}.ipynb")
 
 
 def test_layer_deep_dive_records_one_layer(runs):
@@ -132,7 +132,7 @@ def test_layer_deep_dive_rejects_an_unknown_layer_word(runs):
     nb = nbformat.read(d / "layer_deep_dive.ipynb", as_version=4)
     err = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert len(err) == 1 and err[0].ename == "AwqnbError"
-    assert not [c for c in nb.cells if "fp_model, tokenizer = models.load_model" in c.source and c.outputs]
+    assert not [c for c in nb.cells if "fp_model, tokenizer = loading.load_model" in c.source and c.outputs]
 
 
 def test_alpha_explorer_records_latency_and_alphas(runs):
@@ -205,8 +205,8 @@ def test_a_notebook_opened_by_hand_writes_under_reports_not_notebooks(name):
     gitignored reports/ (papermill runs get their run directory injected)."""
     import ast
 
-    from awqnb.workbench import report
+    from awqnb.workbench import notebook_run
 
-    default = ast.literal_eval(report.notebook_parameters(NOTEBOOK_DIR / f"{name}.ipynb")["output_dir"])
+    default = ast.literal_eval(notebook_run.notebook_parameters(NOTEBOOK_DIR / f"{name}.ipynb")["output_dir"])
     where = (NOTEBOOK_DIR / default).resolve()
     assert where.is_relative_to(NOTEBOOK_DIR.parent.resolve() / "reports"), where

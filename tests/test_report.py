@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from awqnb.workbench import report
+from awqnb.workbench import notebook_run, report, report_index
 from awqnb.core.errors import AwqnbError
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -31,7 +31,7 @@ def test_committed_notebook_has_no_outputs_and_a_parameters_cell():
     assert all(not c.outputs and c.execution_count is None for c in code)
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1
-    names = set(report.notebook_parameters(NOTEBOOK))
+    names = set(notebook_run.notebook_parameters(NOTEBOOK))
     assert {"model", "methods", "bits", "group_size", "n_calib", "calib_seqlen", "calib_dataset", "eval_dataset",
             "eval_seqlen", "eval_windows", "device", "seed", "SEEDS", "output_dir", "SENSITIVITY", "SENS_METHOD",
             "SENS_WINDOWS", "SENS_SEQLEN"} <= names
@@ -94,8 +94,9 @@ def test_html_embeds_plotly_offline(batch):
 
 
 def test_sensitivity_section_is_recorded_and_rendered(batch):
-    """The Sensitivity section on tiny-random-llama (SENS_WINDOWS=2, SENS_SEQLEN=64: the same slice as
-    the evaluation above, so its FP and fully quantized perplexities must match the report's)."""
+    """The Sensitivity section on tiny-random-llama (SENS_WINDOWS=2, SENS_SEQLEN=64): ranked on WikiText-2
+    validation, the plans scored on the same slice as the evaluation above, so the scoring slice's FP and
+    fully quantized perplexities must match the report's."""
     _, _, runs = batch
     run = runs["tiny-random-llama"]
     assert run["state"] == "ok", run["error"]
@@ -106,8 +107,10 @@ def test_sensitivity_section_is_recorded_and_rendered(batch):
     assert s["method"] == "awq" and (s["windows"], s["seqlen"]) == (2, 64)
     assert s["provenance"]["eval"]["n_windows"] == 2 and s["provenance"]["group_size"] == 128
     ppl = {r["label"]: r["ppl"] for r in doc["results"] if r["dataset"] == "wikitext2"}
-    assert s["fp_ppl"] == pytest.approx(ppl["fp"], rel=1e-4)
-    assert s["quant_ppl"] == pytest.approx(ppl["awq"], rel=1e-4)  # awq's own QuantResult, replayed
+    assert s["rank_slice"].startswith("WikiText-2 validation, first 2 × 64 tokens; evaluation: WikiText-2 test")
+    assert s["score_slice"] == "WikiText-2 test, first 2 × 64 tokens" and s["same_slice"] is False
+    assert s["score_fp_ppl"] == pytest.approx(ppl["fp"], rel=1e-4)
+    assert s["score_quant_ppl"] == pytest.approx(ppl["awq"], rel=1e-4)  # awq's own QuantResult, replayed
     frame = s["frame"]
     families = ("qkv", "vo", "gate_up", "down")
     assert sorted((r["layer"], r["family"], r["mode"]) for r in frame) == sorted(
@@ -126,7 +129,7 @@ def test_sensitivity_section_is_recorded_and_rendered(batch):
     for strat in ("sensitivity", "recovery", "mse", "random"):
         rows = sorted((r for r in front if r["strategy"] == strat), key=lambda r: r["k"])
         assert [r["k"] for r in rows] == [0, 1, 2, 4, 8]
-        assert rows[0]["avg_bits"] == pytest.approx(4.0) and rows[0]["ppl"] == pytest.approx(s["quant_ppl"], rel=1e-6)
+        assert rows[0]["avg_bits"] == pytest.approx(4.0) and rows[0]["ppl"] == pytest.approx(s["score_quant_ppl"], rel=1e-6)
         assert rows[-1]["avg_bits"] == pytest.approx(8.0)  # every family kept at 8 bit
         assert all(a["avg_bits"] < b["avg_bits"] for a, b in zip(rows, rows[1:]))
     best = next(r for r in front if r["strategy"] == "sensitivity" and r["k"] == 1)
@@ -171,20 +174,20 @@ def test_index_links_every_run(batch):
 
 def test_user_errors_before_any_work(tmp_path):
     with pytest.raises(AwqnbError, match="unknown notebook"):
-        report.run_report("tiny-random-llama", ["rtn"], output_dir=tmp_path, notebook="no_such_notebook")
+        notebook_run.run_report("tiny-random-llama", ["rtn"], output_dir=tmp_path, notebook="no_such_notebook")
     with pytest.raises(AwqnbError, match="unknown notebook parameter"):
-        report.run_report("tiny-random-llama", ["rtn"], params={"n_calibb": 4}, output_dir=tmp_path)
+        notebook_run.run_report("tiny-random-llama", ["rtn"], params={"n_calibb": 4}, output_dir=tmp_path)
     with pytest.raises(AwqnbError, match="no methods"):
-        report.run_report("tiny-random-llama", "", output_dir=tmp_path)
+        notebook_run.run_report("tiny-random-llama", "", output_dir=tmp_path)
     assert not list(tmp_path.iterdir())
 
 
 def test_kernel_is_this_environment():
-    assert report.kernel_name() == "python3"
+    assert notebook_run.kernel_name() == "python3"
 
 
 def test_index_of_an_empty_dir(tmp_path):
-    index = report.write_index(tmp_path / "reports")
+    index = report_index.write_index(tmp_path / "reports")
     assert "no runs yet" in index.read_text()
 
 
@@ -199,10 +202,10 @@ def _kernel_dir(root: Path, exe: str) -> Path:
 def test_kernel_of_another_python_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(_kernel_dir(tmp_path / "other", "/opt/elsewhere/bin/python3")))
     with pytest.raises(AwqnbError, match="ipykernel install --sys-prefix"):
-        report.kernel_name()
+        notebook_run.kernel_name()
     # a bare 'python' is run by jupyter_client with this interpreter: fine
     monkeypatch.setenv("JUPYTER_PATH", str(_kernel_dir(tmp_path / "bare", "python")))
-    assert report.kernel_name() == "python3"
+    assert notebook_run.kernel_name() == "python3"
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOK_DIR.glob("*.ipynb")), ids=lambda p: p.stem)
@@ -244,32 +247,6 @@ def test_cli_exits_nonzero_and_names_the_failed_model(report_batch):
     assert f"ok       tiny-random-llama: {ok}" in report_batch.stdout
 
 
-def test_batch_result_and_errors_before_any_work(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_run(model, methods, params, output_dir, notebook, **kw):
-        calls.append(model)
-        if model == "boom":
-            raise RuntimeError("disk full")
-        d = Path(output_dir) / model / "r1"
-        d.mkdir(parents=True)
-        (d / report.RUN_FILE).write_text(json.dumps({"state": "ok", "model": model, "notebook": "model_report"}))
-        return d
-
-    monkeypatch.setattr(report, "run_report", fake_run)
-    res = report.run_models("boom,tiny-random-llama", "rtn", output_dir=tmp_path)
-    assert calls == ["boom", "tiny-random-llama"]  # an error outside the notebook does not stop the batch
-    assert [(r.model, r.state) for r in res.runs] == [("boom", "failed"), ("tiny-random-llama", "ok")]
-    assert [r.model for r in res.failed] == ["boom"] and "disk full" in res.failed[0].error
-    assert res.index == tmp_path / "index.html" and "tiny-random-llama" in res.index.read_text()
-    calls.clear()
-    with pytest.raises(AwqnbError, match="unknown notebook parameter"):
-        report.run_models(["a", "b"], "rtn", params={"n_calibb": 1}, output_dir=tmp_path)
-    with pytest.raises(AwqnbError, match="no models"):
-        report.run_models([" "], "rtn", output_dir=tmp_path)
-    assert not calls
-
-
 def test_cli_rejects_a_bad_params_file_before_running(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("methods: rtn\n")
@@ -300,8 +277,8 @@ def test_a_cell_timeout_says_what_timed_out_in_which_cell():
     for args, pattern in cases:
         e = _timeout_error(*args)
         assert str(e).strip().splitlines()[-1].startswith("-----")  # what the message used to be
-        assert re.search(pattern, report._short_error(e)), report._short_error(e)
-    assert report._short_error(RuntimeError("kernel died\n------")) == "kernel died"
+        assert re.search(pattern, notebook_run._short_error(e)), notebook_run._short_error(e)
+    assert notebook_run._short_error(RuntimeError("kernel died\n------")) == "kernel died"
 
 
 def test_slow_output_on_a_loaded_machine_does_not_fail_the_run(tmp_path, monkeypatch):
@@ -329,13 +306,13 @@ def test_slow_output_on_a_loaded_machine_does_not_fail_the_run(tmp_path, monkeyp
 
     monkeypatch.setattr(ncc.NotebookClient, "_async_poll_output_msg", late)
     (tmp_path / "ok").mkdir()
-    rec = report.execute_into(src, tmp_path / "ok", {"x": 2}, model="m", methods=[])
+    rec = notebook_run.execute_into(src, tmp_path / "ok", {"x": 2}, model="m", methods=[])
     assert rec["state"] == "ok", rec["error"]
     out = nbformat.read(str(tmp_path / "ok" / "slow.ipynb"), as_version=4)
     assert [o.get("text") for c in out.cells for o in c.get("outputs", [])] == ["late output 2\n"]  # none dropped
-    monkeypatch.setattr(report, "IOPUB_TIMEOUT_S", 2)
+    monkeypatch.setattr(notebook_run, "IOPUB_TIMEOUT_S", 2)
     (tmp_path / "short").mkdir()
-    rec = report.execute_into(src, tmp_path / "short", {"x": 2}, model="m", methods=[])
+    rec = notebook_run.execute_into(src, tmp_path / "short", {"x": 2}, model="m", methods=[])
     assert rec["state"] == "failed"
     assert re.fullmatch(r"CellTimeoutError: the cell starting `print\('late output', x\)  # SLOW` finished, but its "
                         r"output did not arrive within 2 s \(the kernel's IOPub messages: .*", rec["error"]), rec["error"]

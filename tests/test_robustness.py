@@ -23,15 +23,16 @@ import pytest
 import torch
 
 from awqnb.core import files
-from awqnb.model import models
-from awqnb.workbench import report, sweep
+from awqnb.model import loading, saving
+from awqnb.workbench import notebook_run, sweep
+from awqnb.workbench.grid import make_grid
 from awqnb.core.errors import AwqnbError
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """tiny-random-llama saved as a plain HF directory (config, safetensors, tokenizer)."""
-    model, tok = models.load_model("tiny-random-llama")
+    model, tok = loading.load_model("tiny-random-llama")
     d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
     model.save_pretrained(d)
     tok.save_pretrained(d)
@@ -243,12 +244,12 @@ def dirs(tiny_dir, tmp_path_factory):
 
     out = {"plain": tiny_dir}
     for name, sym in (("asym", False), ("sym", True)):
-        model, tok = models.load_model("tiny-random-llama")
+        model, tok = loading.load_model("tiny-random-llama")
         cfg = MethodConfig("rtn", QuantConfig(4, 32, sym))
         res = pipeline.quantize(model, cfg, None, device="cpu", progress=False)
         out[name] = export.save_packed(model, tok, tmp_path_factory.mktemp(name) / "p", cfg, res.metadata(),
                                        result=res)
-        out[name + "_fake"] = models.save_quantized(model, tok, tmp_path_factory.mktemp(name) / "f", res.metadata())
+        out[name + "_fake"] = saving.save_quantized(model, tok, tmp_path_factory.mktemp(name) / "f", res.metadata())
     return SimpleNamespace(**out)
 
 
@@ -388,7 +389,7 @@ def test_library_functions_refuse_nonsense_settings(tiny_dir, tmp_path):
     from awqnb.model.data import load_eval_texts
     from awqnb.analysis.evaluate import PerplexityResult, sample_perplexity, token_perplexity
 
-    model, tok = models.load_model(str(tiny_dir))
+    model, tok = loading.load_model(str(tiny_dir))
     ids = torch.arange(100)
     for kw, msg in (({"seqlen": 0}, "seqlen=0"), ({"seqlen": 16, "max_windows": 0}, "max_windows=0"),
                     ({"seqlen": 16, "batch_size": 0}, "batch_size=0"), ({"seqlen": 2.5}, "seqlen=2.5")):
@@ -413,13 +414,13 @@ def test_library_functions_refuse_nonsense_settings(tiny_dir, tmp_path):
     with pytest.raises(AwqnbError, match="not a JSON object"):
         (tmp_path / "c").mkdir()
         (tmp_path / "c" / "config.json").write_text('"x"')
-        models.load_model(str(tmp_path / "c"))
+        loading.load_model(str(tmp_path / "c"))
 
 
 def test_disk_full_while_writing_leaves_nothing_and_says_so(tmp_path, monkeypatch):
     real_write = os.write
 
-    with models.atomic_dir(tmp_path / "ok") as d:  # the probe and writes work normally
+    with saving.atomic_dir(tmp_path / "ok") as d:  # the probe and writes work normally
         (d / "a").write_text("x")
     assert (tmp_path / "ok" / "a").read_text() == "x"
 
@@ -428,10 +429,10 @@ def test_disk_full_while_writing_leaves_nothing_and_says_so(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "write", full)  # the write probe now meets a full disk
     with pytest.raises(AwqnbError, match="No space left on device"):
-        models.check_writable(tmp_path / "new")
+        saving.check_writable(tmp_path / "new")
     monkeypatch.setattr(os, "write", real_write)
     with pytest.raises(AwqnbError, match=r"could not write .*No space left.*nothing was written"):
-        with models.atomic_dir(tmp_path / "dest") as d:
+        with saving.atomic_dir(tmp_path / "dest") as d:
             (d / "part").write_text("half")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
@@ -446,7 +447,7 @@ def test_two_writers_at_once_exactly_one_wins(tmp_path):
 
     def writer(name):
         try:
-            with models.atomic_dir(dest) as d:
+            with saving.atomic_dir(dest) as d:
                 both_inside.wait(timeout=30)  # both have passed the "already exists" check
                 for i in range(5):
                     (d / f"part{i}").write_text(name)
@@ -466,9 +467,9 @@ def test_two_writers_at_once_exactly_one_wins(tmp_path):
     assert {p.read_text() for p in dest.iterdir()} == set(winners)  # the winner's files, whole
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the loser's temporary directory is gone
     with pytest.raises(AwqnbError, match="already exists"):
-        with models.atomic_dir(dest):
+        with saving.atomic_dir(dest):
             pass
-    with models.atomic_dir(dest, overwrite=True) as d:  # --overwrite replaces it, whole
+    with saving.atomic_dir(dest, overwrite=True) as d:  # --overwrite replaces it, whole
         (d / "new").write_text("c")
     assert [p.name for p in dest.iterdir()] == ["new"]
 
@@ -495,7 +496,7 @@ def test_outputs_get_the_users_umask(tmp_path, mask):
 
     old = os.umask(mask)
     try:
-        with models.atomic_dir(tmp_path / "m") as d:
+        with saving.atomic_dir(tmp_path / "m") as d:
             (d / "sub").mkdir()
             (d / "sub" / "f.json").write_text("{}")
             (d / "w.bin").write_bytes(b"x")
@@ -588,7 +589,7 @@ def test_eval_on_your_own_text_both_protocols(tmp_path, tiny_dir, capsys):
     assert "gptq-token" in out and sha[:12] in out
     tok_res = json.loads((tmp_path / "tok.json").read_text())
     assert tok_res["meta"]["data_file"]["file"] == "mine.txt" and tok_res["meta"]["data_file"]["sha256"] == sha
-    model, tok = models.load_model(str(tiny_dir))
+    model, tok = loading.load_model(str(tiny_dir))
     ids = tok(txt.read_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
     direct = token_perplexity(model, ids, seqlen=32, progress=False)
     assert tok_res["protocol"] == "gptq-token" and math.isclose(tok_res["ppl"], direct.ppl, rel_tol=1e-9)
@@ -802,7 +803,7 @@ def test_sweep_api_disk_full_is_an_awqnb_error(tmp_path, monkeypatch):
     full = []
     _fake_run(monkeypatch, on_call=lambda: full.append(True))
     fill_disk(monkeypatch, tmp_path / "rep", when=lambda: bool(full))
-    grid = sweep.make_grid("tiny-random-llama", "rtn")
+    grid = make_grid("tiny-random-llama", "rtn")
     with pytest.raises(AwqnbError, match="nothing of it was kept"):
         sweep.run_sweep(grid, tmp_path / "rep", bars="none")
     assert not (tmp_path / "rep").exists()
@@ -813,8 +814,8 @@ def test_sweep_api_disk_full_is_an_awqnb_error(tmp_path, monkeypatch):
 _WRITER = """
 import sys, time
 from pathlib import Path
-from awqnb.model import models
-with models.atomic_dir(Path(sys.argv[1])) as d:
+from awqnb.model import loading, saving
+with saving.atomic_dir(Path(sys.argv[1])) as d:
     (d / "model.safetensors").write_bytes(b"x" * 100_000)  # a partial model
     print("writing", flush=True)
     time.sleep(120)
@@ -838,18 +839,18 @@ def test_killed_writers_temporary_is_removed_by_the_next_run_a_live_ones_kept(tm
         killed.kill()
         killed.wait()
         assert (out / mine).is_dir()  # SIGKILL: nothing cleans up
-        models.check_writable(out)  # what `awqnb quantize` does first
+        saving.check_writable(out)  # what `awqnb quantize` does first
         left = [p.name for p in out.iterdir()]
         assert left == [n for n in temps if n.startswith(".b.tmp-")]  # the live writer's stays
         assert (out / left[0] / "model.safetensors").stat().st_size == 100_000
-        with models.atomic_dir(out / "c") as d:  # and any writer into the folder does the same
+        with saving.atomic_dir(out / "c") as d:  # and any writer into the folder does the same
             (d / "f").write_text("x")
         assert sorted(p.name for p in out.iterdir()) == sorted(left + ["c"])
     finally:
         for p in (killed, live):
             p.kill()
             p.wait()
-    models.check_writable(out)
+    saving.check_writable(out)
     assert sorted(p.name for p in out.iterdir()) == ["c"]  # once it is gone, so is its temporary
 
 
@@ -926,8 +927,8 @@ def test_killed_sweeps_leftovers_are_removed_by_the_next_sweep(tmp_path, monkeyp
         (Path(run_dir) / "metrics.json").write_text(json.dumps({"results": []}))
         return {"state": "ok", "model": kw["model"], "notebook": nb_in.stem, "parameters": dict(params), "error": None}
 
-    monkeypatch.setattr(report, "execute_into", fake_execute_into)
-    res = sweep.run_sweep(sweep.make_grid("tiny-random-llama", "rtn"), out, bars="none")
+    monkeypatch.setattr(notebook_run, "execute_into", fake_execute_into)
+    res = sweep.run_sweep(make_grid("tiny-random-llama", "rtn"), out, bars="none")
     assert [r.state for r in res.runs] == ["ok"]
     assert not stale.exists() and live.exists() and not half.exists()
     assert len(seen) == 1 and seen[0].name.startswith(files.run_prefix()) and not seen[0].exists()
@@ -937,7 +938,7 @@ def test_killed_sweeps_leftovers_are_removed_by_the_next_sweep(tmp_path, monkeyp
 def test_commit_failure_keeps_the_earlier_attempt(tmp_path, monkeypatch):
     """A redo (--force) that cannot be written keeps the run it was to replace, whole."""
     _fake_run(monkeypatch)
-    grid = sweep.make_grid("tiny-random-llama", "rtn")
+    grid = make_grid("tiny-random-llama", "rtn")
     first = sweep.run_sweep(grid, tmp_path, bars="none").runs[0].dir
     before = _snapshot(first)
     full = []
@@ -973,11 +974,11 @@ def test_packed_and_fake_outputs_of_one_config_have_directories_of_their_own(tmp
     from awqnb.core.config import QuantConfig
 
     cfg = MethodConfig("rtn", QuantConfig(4, 32))
-    packed, fake = (models.model_tag("tiny-random-llama", cfg, fmt=f) for f in ("packed", "fake"))
+    packed, fake = (saving.model_tag("tiny-random-llama", cfg, fmt=f) for f in ("packed", "fake"))
     assert packed.replace("_packed_", "_fake_") == fake and packed.startswith("tiny-random-llama_rtn_w4_g32_headfp16_")
-    assert models.model_tag("tiny-random-llama", cfg) == fake  # what save_quantized writes, by default
+    assert saving.model_tag("tiny-random-llama", cfg) == fake  # what save_quantized writes, by default
     with pytest.raises(AwqnbError, match="format 'gguf' is unknown"):
-        models.model_tag("tiny-random-llama", cfg, fmt="gguf")
+        saving.model_tag("tiny-random-llama", cfg, fmt="gguf")
     out = {}
     for fmt in ("packed", "fake", "fake"):
         assert main(_quantize(tmp_path, tiny_dir, "--format", fmt, "--overwrite")) == 0
@@ -995,7 +996,7 @@ def test_damaged_replay_record_is_one_line(tmp_path):
     from awqnb.quant.method_config import MethodConfig
     from awqnb.core.config import QuantConfig
 
-    model, _ = models.load_model("tiny-random-llama")
+    model, _ = loading.load_model("tiny-random-llama")
     res = pipeline.quantize(model, MethodConfig("rtn", QuantConfig(4, 32)), None, device="cpu", progress=False)
     res.save(tmp_path / "r")
     assert pipeline.QuantResult.load(tmp_path / "r").config.method == "rtn"

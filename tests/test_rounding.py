@@ -422,7 +422,7 @@ def test_cli_seed_flag_no_heuristic_turns_flips_off():
 # --- ReFlip on the scores the model computes (after RoPE) -------------------------------------
 
 def _hf_cos_sin(name, T):
-    from awqnb.model.models import load_model
+    from awqnb.model.loading import load_model
 
     model, _ = load_model(name)
     pos = torch.arange(T)[None]

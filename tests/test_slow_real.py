@@ -13,7 +13,7 @@ from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig
 from awqnb.model.data import load_calibration, load_eval_tokens
 from awqnb.analysis.evaluate import token_perplexity
-from awqnb.model.models import load_model
+from awqnb.model.loading import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from awqnb import cli
-from awqnb.workbench import report, sweep
+from awqnb.workbench import report, report_index, sweep
+from awqnb.workbench.grid import expand, make_grid
 from awqnb.core.errors import AwqnbError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,10 +118,10 @@ def interrupted(env, cluster):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     first = _complete(out)
-    runs = {r["rel"]: r for r in report.find_runs(out)}
+    runs = {r["rel"]: r for r in report_index.find_runs(out)}
     index = (out / "index.html").read_text()
     mtimes = {k: (out / k / report.RUN_FILE).stat().st_mtime_ns for k in first}
-    res = sweep.run_sweep(sweep.make_grid(grid_file=root / "grid.yaml"), out, "ray", bars="none")
+    res = sweep.run_sweep(make_grid(grid_file=root / "grid.yaml"), out, "ray", bars="none")
     return dict(out=out, rc=p.returncode, stderr=err, first=first, runs=runs, index=index, mtimes=mtimes, res=res)
 
 
@@ -138,10 +139,10 @@ def test_interrupted_sweep_resumes_without_redoing_complete_runs(interrupted):
     assert {r.spec.rel for r in res.runs if r.skipped} == set(first)
     assert {k: (out / k / report.RUN_FILE).stat().st_mtime_ns for k in first} == it["mtimes"]
     assert len(_complete(out)) == 4
-    assert {r["state"] for r in report.find_runs(out)} == {"ok"}  # no claims left behind
+    assert {r["state"] for r in report_index.find_runs(out)} == {"ok"}  # no claims left behind
     html = (out / "index.html").read_text()
     assert html.count('<tr class="ok">') == 4 * 3  # fp, rtn, awq per run
-    again = sweep.run_sweep(sweep.make_grid(grid_file=out.parent / "grid.yaml"), out, "ray", bars="none")
+    again = sweep.run_sweep(make_grid(grid_file=out.parent / "grid.yaml"), out, "ray", bars="none")
     assert all(r.skipped for r in again.runs) and not again.executed
 
 
@@ -179,7 +180,7 @@ def test_two_sweeps_into_one_directory_lose_nothing(env, cluster):
     # computed once: one sweep ran it, the other waited for it (or found it complete)
     said = [ln for ln in (oa + ob).splitlines() if overlap[0].split("/")[1] in ln]
     assert len(said) == 2 and sum(("run by another sweep" in ln or "already complete" in ln) for ln in said) == 1
-    runs = report.find_runs(out)
+    runs = report_index.find_runs(out)
     assert sorted(r["rel"] for r in runs) == sorted(done) and {r["state"] for r in runs} == {"ok"}
     html = (out / "index.html").read_text()
     assert all(k.split("/")[1] in html for k in done)
@@ -234,30 +235,30 @@ def test_gpu_request_no_node_can_satisfy(env, cluster, tmp_path, capsys):
 
 def test_grid_expansion_and_identity(env):
     root, _ = env
-    g = sweep.make_grid(grid_file=root / "grid.yaml")
-    specs = sweep.expand(g)
+    g = make_grid(grid_file=root / "grid.yaml")
+    specs = expand(g)
     assert [(s.model, s.params["group_size"]) for s in specs] == [(m, gs) for m in MODELS for gs in (32, 64)]
     assert len({s.run_id for s in specs}) == 4 and all(s.name.endswith(s.run_id) for s in specs)
     # the identity is stable and covers what decides a result
-    assert [s.run_id for s in sweep.expand(g)] == [s.run_id for s in specs]
-    seeds = sweep.expand(sweep.make_grid(grid_file=root / "grid.yaml", seeds="1,2"))
+    assert [s.run_id for s in expand(g)] == [s.run_id for s in specs]
+    seeds = expand(make_grid(grid_file=root / "grid.yaml", seeds="1,2"))
     assert len(seeds) == 8 and not {s.run_id for s in seeds} & {s.run_id for s in specs}
     other_calib = root / "calib2.txt"
     other_calib.write_text(TEXT + " more")
-    g2 = sweep.make_grid(grid_file=root / "grid.yaml", params={**g.params, "calib_dataset": str(other_calib)})
-    assert not {s.run_id for s in sweep.expand(g2)} & {s.run_id for s in specs}
+    g2 = make_grid(grid_file=root / "grid.yaml", params={**g.params, "calib_dataset": str(other_calib)})
+    assert not {s.run_id for s in expand(g2)} & {s.run_id for s in specs}
     # a default written out explicitly is the same run
-    g3 = sweep.make_grid(grid_file=root / "grid.yaml", params={**g.params, "bits": 4})
-    assert [s.run_id for s in sweep.expand(g3)] == [s.run_id for s in specs]
+    g3 = make_grid(grid_file=root / "grid.yaml", params={**g.params, "bits": 4})
+    assert [s.run_id for s in expand(g3)] == [s.run_id for s in specs]
     ident = specs[0].identity
     assert set(ident) == {"notebook", "notebook_code", "parameters", "model", "data", "versions", "data_files"}
     calib_file = ident["parameters"]["calib_dataset"]  # the user's own text file, by content
     assert ident["data_files"] == {calib_file: hashlib.sha256(Path(calib_file).read_bytes()).hexdigest()}
     assert ident["data"]["wikitext2-test"]["sha256"] and ident["versions"]["awqnb"]
     assert ident["parameters"]["seed"] == 42 and ident["parameters"]["methods"] == ["rtn", "awq"]
-    assert set(sweep.make_grid("a,b", "rtn,awq;rtn,awq_sh").methods) == {("rtn", "awq"), ("rtn", "awq_sh")}
+    assert set(make_grid("a,b", "rtn,awq;rtn,awq_sh").methods) == {("rtn", "awq"), ("rtn", "awq_sh")}
     with pytest.raises(AwqnbError, match="grid axis"):
-        sweep.make_grid("a", "rtn", params={"methods": ["rtn"]})
+        make_grid("a", "rtn", params={"methods": ["rtn"]})
 
 
 def test_incomplete_run_is_not_shown_as_done(tmp_path):
@@ -268,7 +269,7 @@ def test_incomplete_run_is_not_shown_as_done(tmp_path):
     (d / report.RUN_FILE).write_text(json.dumps({"state": "ok", "complete": True, "notebook": "a",
                                                  "files": {"a.html": 10, "metrics.json": 999}}))
     assert sweep.run_state(d) is None
-    assert report.find_runs(tmp_path)[0]["state"] == "incomplete"
+    assert report_index.find_runs(tmp_path)[0]["state"] == "incomplete"
 
 
 def test_every_alpha_explorer_trace_is_named():

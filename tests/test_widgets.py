@@ -10,7 +10,7 @@ from awqnb.model.arch import blocks, resolve_spec
 from awqnb.core.errors import AwqnbError
 from awqnb.core.config import QuantConfig
 from awqnb.quant.importance import importance_vectors
-from awqnb.model.models import load_model
+from awqnb.model.loading import load_model
 from awqnb.core.primitives import fake_quant
 from awqnb.workbench.widgets import AlphaExplorer
 

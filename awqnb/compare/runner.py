@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from awqnb.analysis import diagnostics as D, stats
+from awqnb.analysis import layer_error, stats
 from awqnb.analysis.evaluate import PerplexityResult, sample_perplexity, token_perplexity
 from awqnb.compare.claims import method_configs, seed_claims
 from awqnb.compare.reference import (REFERENCE_METHODS, is_reference, llmc_version, quantize_reference,
@@ -42,7 +42,8 @@ from awqnb.core.errors import AwqnbError
 from awqnb.core.files import atomic_write, read_json
 from awqnb.core.progress import tqdm
 from awqnb.model.data import dataset_info, load_calibration, load_eval_texts, load_eval_tokens
-from awqnb.model.models import cast_parameters, resolve_device, versions
+from awqnb.model.devices import cast_parameters, resolve_device
+from awqnb.model.provenance import versions
 from awqnb.quant.method_config import MethodConfig
 from awqnb.quant.methods import get_method
 from awqnb.quant.pipeline import quantize
@@ -651,7 +652,7 @@ def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_S
                 comp.quant_results[(spec.label, seed)] = qres
                 if layer_mse and si == 0:
                     mcal = calib if calib is not None else calib_for(spec, seed)  # rtn: the run's set
-                    f = D.layer_mse(model, mcal, {spec.label: (qmodel, qres)}, device=dev, max_samples=mse_samples,
+                    f = layer_error.layer_mse(model, mcal, {spec.label: (qmodel, qres)}, device=dev, max_samples=mse_samples,
                                     model_name=model_name)
                     f["seed"] = seed
                     mse_frames.append(f)

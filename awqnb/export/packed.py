@@ -44,7 +44,8 @@ from awqnb.core.errors import AwqnbError
 from awqnb.core.primitives import dequantize, effective_group_size, expand_groups, quantize
 from awqnb.model.arch import blocks, get_module, resolve_spec
 from awqnb.model.checkpoint import CT_VERSION, require_compressed_tensors
-from awqnb.model.models import atomic_dir, jsonable, load_model
+from awqnb.model.loading import load_model
+from awqnb.model.saving import atomic_dir, jsonable
 from awqnb.quant.method_config import MethodConfig
 from awqnb.quant.plan import FP_BITS, linear_bits
 
@@ -373,7 +374,7 @@ def is_packed(path: str | Path) -> bool:
 
 def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = torch.float32):
     """(model, tokenizer) of a compressed-tensors directory with dense (dequantized) weights:
-    `models.load_model`, which checks the tensors and records first (dtype None: the config's)."""
+    `loading.load_model`, which checks the tensors and records first (dtype None: the config's)."""
     return load_model(str(path), device=device, dtype=dtype if dtype is not None else "auto")
 
 

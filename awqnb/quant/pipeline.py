@@ -25,7 +25,7 @@ from awqnb.core.progress import tqdm  # tqdm.auto, or events a report runner dra
 from awqnb.engine.capture import ChannelStats
 from awqnb.engine.walk import BlockEngine, BlockStep, model_dtype, onloaded, oom_message
 from awqnb.model.arch import ArchSpec, attn_shape, blocks, get_module, resolve_spec
-from awqnb.model.models import versions
+from awqnb.model.provenance import versions
 from awqnb.quant import methods as _methods  # noqa: F401  (registers methods)
 from awqnb.quant.method_config import MethodConfig
 from awqnb.quant.methods.awq import (GroupSearch, InspectRunner, apply_clip, fold_scales, search_clip,

@@ -20,10 +20,10 @@ from torch.func import functional_call
 from awqnb.model.arch import blocks, get_module, resolve_spec
 from awqnb.core.config import QuantConfig
 from awqnb.model.data import load_calibration
-from awqnb.analysis.diagnostics import capture_layer_inputs
+from awqnb.analysis.layer_local import capture_layer_inputs
 from awqnb.quant.methods.awq import scaled_fake_quant, scales_for
 from awqnb.quant.methods.praq import block_activation
-from awqnb.model.models import load_model
+from awqnb.model.loading import load_model
 
 
 def main(argv=None) -> int:
