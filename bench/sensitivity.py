@@ -3,10 +3,11 @@ to FP keeping the most sensitive families at 8 bits closes — measured with rea
 
 For one model and group size, per method (rtn, awq):
   1. quantize (timed), perplexity on the full WikiText-2 test (GPTQ token protocol, `--eval-seqlen`);
-  2. a full sensitivity pass (every layer × family × {only, except}) on the evaluation slice
-     (`--n-windows` windows of `--seqlen` from the start of WikiText-2 test), timed with
-     torch.cuda.synchronize before and after (a small warm-up pass first), plus its fast
-     `pareto` approximation on the slice;
+  2. a full sensitivity pass (every layer × family × {only, except}) on the ranking slice
+     (`--n-windows` windows of `--seqlen` from the start of `--rank-dataset`; auto: WikiText-2
+     validation, disjoint from the test set), timed with torch.cuda.synchronize before and after
+     (a small warm-up pass first), plus its fast `pareto` approximation scored on the first
+     windows of WikiText-2 test (tokens the plans were not chosen on);
   3. real `pipeline.quantize` runs with plans keeping k ∈ `--ks` families at 8 bits, and the
      ≤ `--linear-frac` of linears budget, chosen by `--strategies`: sensitivity ('only' KL), recovery
      ('except' KL), density ('only' KL per parameter), MSE (relative output MSE of the family) and at
@@ -19,8 +20,9 @@ after every run, so a cut-off run keeps what it measured). Needs torch, transfor
 safetensors (gguf for the alias models); without `datasets` the local parquet files are read with
 pandas (pyarrow).
 
-Note: the slice (first 8 × 512 tokens) is part of the WikiText-2 test text the full perplexity is
-measured on (~1.3% of its tokens), for every strategy alike.
+Note: the plans are chosen on WikiText-2 validation (by default), so the full WikiText-2 test
+perplexity of a plan is measured on text it was not chosen on; the ranking slice may share tokens
+with the calibration set (also drawn from WikiText-2 validation), not with the evaluation.
 
 Example (H200):
   python bench/sensitivity.py --model smollm2-135m --group-size 64 --methods rtn,awq --device cuda \
@@ -41,7 +43,7 @@ from pathlib import Path
 import torch
 
 from awqnb.quant import pipeline
-from awqnb.analysis import sensitivity as S
+from awqnb.analysis import plans, sensitivity as S
 from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig, SearchConfig
 from awqnb.analysis.evaluate import token_perplexity
@@ -92,6 +94,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="default: bench/results/sensitivity/<date>_<device>_<model>/")
     p.add_argument("--n-windows", type=int, default=8, help="sensitivity slice: windows")
     p.add_argument("--seqlen", type=int, default=512, help="sensitivity slice: window length")
+    p.add_argument("--rank-dataset", default="auto",
+                   help="token set the sensitivity pass ranks on (auto: WikiText-2 validation, disjoint from the "
+                        "WikiText-2 test tokens the plans are scored on; wikitext2 ranks on the test set itself)")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="full WikiText-2 perplexity window (GPTQ protocol)")
     p.add_argument("--max-windows", type=int, default=None, help="cap the full evaluation (smoke runs)")
     p.add_argument("--n-calib", type=int, default=128)
@@ -107,13 +112,17 @@ def main(argv=None) -> int:
     p.add_argument("--calib-batch-size", type=int, default=None, help="default 64 on GPU, 16 on CPU")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from awqnb.model.data import load_calibration, load_eval_tokens
+    from awqnb.model.data import load_calibration, load_eval_tokens, ranking_tokens, slice_description
 
     dev = resolve_device(args.device)
     eval_dtype = getattr(torch, args.eval_dtype)
     out = write_run_info(args.out or run_dir("sensitivity", args.model, dev), dev)
     fp_model, tok = load_model(args.model, tokenizer=args.tokenizer, dtype=args.load_dtype)
     tokens = load_eval_tokens(tok, "wikitext2")
+    rank_tokens, rank_slice = ranking_tokens(tok, "wikitext2", rank_dataset=args.rank_dataset,
+                                             allow_eval=args.rank_dataset == "wikitext2", n_windows=args.n_windows,
+                                             seqlen=args.seqlen, calib_dataset=args.calib_dataset)
+    score_slice = slice_description("wikitext2", args.n_windows, args.seqlen)
     calib = load_calibration(tok, args.calib_dataset, n_calib=args.n_calib, seqlen=args.calib_seqlen, seed=args.seed)
     methods = [m for m in args.methods.split(",") if m]
     ks = [int(k) for k in args.ks.split(",") if k]
@@ -129,7 +138,7 @@ def main(argv=None) -> int:
             "eval_dtype": args.eval_dtype, "load_dtype": str(next(fp_model.parameters()).dtype),
             "full_eval": {"dataset": "wikitext2 test", "protocol": "gptq-token", "seqlen": args.eval_seqlen,
                           "max_windows": args.max_windows, "n_tokens": int(tokens.numel())},
-            "slice": {"dataset": "wikitext2 test, first windows", "seqlen": args.seqlen, "n_windows": args.n_windows},
+            "slice": {"rank": rank_slice, "score": score_slice, "seqlen": args.seqlen, "n_windows": args.n_windows},
             "keep_bits": args.keep_bits, "linears": n_lin, "max_linears_budget": max_lin,
             "versions": versions()}
     state = {"provenance": prov, "fp": None, "methods": {}}
@@ -166,14 +175,15 @@ def main(argv=None) -> int:
         state["methods"][method] = mrec
         write(out, state)
         # warm-up (kernels, allocator), then the timed full pass on the given quantization
-        S.sensitivity(fp_model, None, calib, tokens, result=(qm, res), device=dev, seqlen=args.seqlen,
+        S.sensitivity(fp_model, None, calib, rank_tokens, result=(qm, res), device=dev, seqlen=args.seqlen,
                       n_windows=args.n_windows, layers=[n_layers - 1], families=["down"], modes="only",
                       dtype=args.dtype, progress=False, cache=False)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         t = _sync(dev)
-        frame = S.sensitivity(fp_model, None, calib, tokens, result=(qm, res), device=dev, seqlen=args.seqlen,
-                              n_windows=args.n_windows, dtype=args.dtype, cache=False, model_name=args.model)
+        frame = S.sensitivity(fp_model, None, calib, rank_tokens, result=(qm, res), device=dev, seqlen=args.seqlen,
+                              n_windows=args.n_windows, dtype=args.dtype, cache=False, model_name=args.model,
+                              slice_name=rank_slice)
         mrec["sensitivity_s"] = _sync(dev) - t
         if dev.type == "cuda":
             mrec["sensitivity_peak_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -194,14 +204,15 @@ def main(argv=None) -> int:
         write(out, state)
         strat = [(s, sd) for s in strategies for sd in (rseeds if s == "random" else [0])]
         t = _sync(dev)
-        par = S.pareto(fp_model, None, calib, tokens, frame, ks=[0] + ks, keep_bits=args.keep_bits,
+        par = plans.pareto(fp_model, None, calib, tokens, frame, ks=[0] + ks, keep_bits=args.keep_bits,
                        strategies=[s for s in strategies if s != "random"], result=(qm, res), device=dev,
-                       dtype=args.dtype, max_linears=[max_lin] if max_lin else (), progress=False)
+                       dtype=args.dtype, max_linears=[max_lin] if max_lin else (), progress=False,
+                       slice_name=score_slice)
         frames = [par]
         for sd in (rseeds if "random" in strategies else []):
-            pr = S.pareto(fp_model, None, calib, tokens, frame, ks=ks, keep_bits=args.keep_bits, strategies=["random"],
+            pr = plans.pareto(fp_model, None, calib, tokens, frame, ks=ks, keep_bits=args.keep_bits, strategies=["random"],
                           seed=sd, result=(qm, res), device=dev, dtype=args.dtype,
-                          max_linears=[max_lin] if max_lin else (), progress=False)
+                          max_linears=[max_lin] if max_lin else (), progress=False, slice_name=score_slice)
             pr["seed"] = sd
             frames.append(pr)
         mrec["pareto_s"] = _sync(dev) - t
@@ -216,7 +227,7 @@ def main(argv=None) -> int:
         budgets = [("k", k) for k in ks] + ([("max_linears", max_lin)] if max_lin else [])
         for s, sd in strat:
             for kind, v in budgets:
-                plan = S.plan_from_sensitivity(frame, **{kind: v}, keep_bits=args.keep_bits, by=s, seed=sd,
+                plan = plans.plan_from_sensitivity(frame, **{kind: v}, keep_bits=args.keep_bits, by=s, seed=sd,
                                                base_bits=args.bits)
                 key = plan.entries
                 if key in done:  # same plan as another strategy / budget: same run
@@ -230,7 +241,7 @@ def main(argv=None) -> int:
                 gap = mrec["ppl"] - state["fp"]["ppl"]
                 mrec["real"].append({
                     "strategy": s, "seed": sd if s == "random" else None, "budget": f"{kind}={v}", "k": len(plan),
-                    "n_linears": S.plan_linears(frame, plan), "avg_bits": S.plan_avg_bits(frame, plan, args.bits),
+                    "n_linears": plans.plan_linears(frame, plan), "avg_bits": plans.plan_avg_bits(frame, plan, args.bits),
                     "plan": plan.describe(), **row,
                     "gap_closed": (mrec["ppl"] - row["ppl"]) / gap if gap > 0 else float("nan")})
                 write(out, state)
@@ -250,8 +261,8 @@ def write(out: Path, state: dict, final: bool = False) -> str:
             f"{pv['calibration']['n_calib']}x{pv['calibration']['seqlen']} seed {pv['calib_seed']}; full perplexity: "
             f"WikiText-2 test, GPTQ token protocol, seqlen {pv['full_eval']['seqlen']}"
             + (f" (first {pv['full_eval']['max_windows']} windows)" if pv['full_eval']['max_windows'] else " (all windows)")
-            + f", eval dtype {pv['eval_dtype']}; sensitivity slice: first {pv['slice']['n_windows']} x "
-              f"{pv['slice']['seqlen']} tokens of WikiText-2 test, KL in nats/token; compute dtype {pv['dtype']} "
+            + f", eval dtype {pv['eval_dtype']}; sensitivity ranked on {pv['slice'].get('rank')}; plans scored on "
+              f"{pv['slice'].get('score')}; KL in nats/token; compute dtype {pv['dtype']} "
               f"(model stored {pv['load_dtype']}); device {pv['device']}; plans keep families at {pv['keep_bits']} bits; "
               f"{pv['linears']} linears, 10% budget = {pv['max_linears_budget']}"
             + ("" if final else "  (INCOMPLETE: run in progress or cut off)"))

@@ -343,3 +343,72 @@ def test_cli_keep_writes_the_plan(tmp_path, capsys):
     rc = cli.main(["quantize", "--model", "tiny-random-llama", "--method", "rtn", "--keep", "0.down:5",
                    "--output-dir", str(tmp_path / "o3")])
     assert rc == 2 and "bits 5" in capsys.readouterr().err
+
+
+# --- the ranking slice is not the scoring slice (issue 25 item 4) -----------------------------
+
+def _occurs(window, stream) -> bool:
+    """Whether `window` appears as a contiguous run anywhere in `stream` (both 1-D)."""
+    import numpy as np
+
+    w, s = window.numpy(), stream.numpy()
+    n = len(w)
+    for i in np.flatnonzero(s[: len(s) - n + 1] == w[0]):
+        if np.array_equal(s[i:i + n], w):
+            return True
+    return False
+
+
+def test_wikitext2_ranking_slice_is_disjoint_from_the_evaluation(tiny):
+    from awqnb.model.data import load_eval_tokens, ranking_tokens
+
+    _, tok, _ = tiny["tiny-random-llama"]
+    seqlen, n = 64, 8
+    rank_toks, desc = ranking_tokens(tok, "wikitext2", n_windows=n, seqlen=seqlen, calib_dataset="wikitext2")
+    eval_toks = load_eval_tokens(tok, "wikitext2")
+    assert desc.startswith("WikiText-2 validation, first 8 × 64 tokens; evaluation: WikiText-2 test (disjoint)")
+    assert "calibration is also drawn from WikiText-2 validation" in desc
+    ranked = S.eval_windows(rank_toks, seqlen, n)
+    scored = S.eval_windows(eval_toks, seqlen, n)
+    assert not any(_occurs(w, eval_toks) for w in ranked)  # no ranking window anywhere in the test set
+    assert not any(_occurs(w, rank_toks) for w in scored)  # nor a scoring window in the validation set
+
+
+def test_ranking_on_the_evaluation_set_is_refused_unless_asked(tiny):
+    from awqnb.model.data import ranking_dataset, ranking_tokens
+
+    assert ranking_dataset("wikitext2") == "wikitext2-validation"
+    assert ranking_dataset("c4") == "c4-heldout"
+    assert ranking_dataset("notes.txt") == "wikitext2-validation"
+    with pytest.raises(AwqnbError, match="is the evaluation set"):
+        ranking_dataset("wikitext2", "wikitext2")
+    _, tok, _ = tiny["tiny-random-llama"]
+    _, desc = ranking_tokens(tok, "wikitext2", rank_dataset="wikitext2", allow_eval=True, n_windows=2, seqlen=64)
+    assert desc == ("WikiText-2 test, first 2 × 64 tokens; evaluation: the same set — the plans are scored on the "
+                    "data they were chosen on")
+
+
+def test_plans_ranked_on_one_slice_are_scored_on_another_and_the_record_names_both(quantized):
+    import json
+    from pathlib import Path
+
+    fp, calib, q, res = quantized["tiny-random-llama"]
+    rank_toks = _tokens()
+    score_toks = torch.randint(0, 2000, (SEQ * NWIN,), generator=torch.Generator().manual_seed(7))
+    sens = S.sensitivity(fp, None, calib, rank_toks, seqlen=SEQ, n_windows=NWIN, result=(q, res), progress=False,
+                         cache=False, slice_name="ranking tokens")
+    front = plans.pareto(fp, None, calib, score_toks, sens, ks=(0, 1), strategies=("sensitivity",), result=(q, res),
+                         progress=False, slice_name="scoring tokens")
+    assert front.attrs["rank_slice"]["slice"] == "ranking tokens"
+    assert front.attrs["score_slice"]["slice"] == "scoring tokens" and front.attrs["same_slice"] is False
+    assert front.attrs["rank_slice"]["tokens_sha1"] != front.attrs["score_slice"]["tokens_sha1"]
+    rec = plans.sensitivity_record(sens, front, method="awq")
+    assert (rec["rank_slice"], rec["score_slice"], rec["same_slice"]) == ("ranking tokens", "scoring tokens", False)
+    assert rec["score_fp_ppl"] == pytest.approx(front.attrs["fp_ppl"])
+    assert rec["score_quant_ppl"] == pytest.approx(front[front.k == 0].ppl.iloc[0])
+    assert rec["fp_ppl"] == sens.attrs["fp_ppl"] != rec["score_fp_ppl"]
+    # the report's metrics.json 'sensitivity' is this record, ranked on ranking_tokens and scored on the evaluation
+    nb = json.loads((Path(__file__).parents[1] / "notebooks" / "model_report.ipynb").read_text(encoding="utf-8"))
+    src = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert "sensitivity_record(" in src and "ranking_tokens(" in src and "slice_name=rank_slice" in src
+    assert "slice_name=score_slice" in src and "sensitivity=sens_metrics" in src

@@ -6,7 +6,8 @@ cost–quality front:
   plan_avg_bits, plan_linears   what a plan costs
   pareto                 perplexity and KL on an evaluation slice against average bits, for plans
                          of several sizes by each strategy (one quantization, planned families
-                         swapped in)
+                         swapped in); the slice should be disjoint from the one the frame was ranked on
+  sensitivity_record     what a report records of the frame and the front (both slices named)
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from torch import nn
 
 from awqnb.analysis.diagnostics import model_device
 from awqnb.analysis.scales import scale_maps
-from awqnb.analysis.sensitivity import EvalSlice, check_frame, eval_windows, provenance, rank, reference
+from awqnb.analysis.sensitivity import (EvalSlice, check_frame, eval_windows, most_sensitive_layer, named_slice,
+                                        provenance, rank, reference)
 from awqnb.core.dtypes import parse_dtype
 from awqnb.core.errors import AwqnbError
 from awqnb.core.primitives import fake_quant
@@ -168,7 +170,7 @@ def pareto(model: nn.Module, cfg: MethodConfig | None, calibration, eval_tokens:
            seed: int = 0,
            device=None, seqlen: int | None = None, n_windows: int | None = None, result=None, dtype="float32",
            batch_size: int = 8, max_linears: Iterable[int] = (), progress: bool = True, model_name: str | None = None,
-           logit_rows: int = 2048, offload_activations: bool = False):
+           logit_rows: int = 2048, offload_activations: bool = False, slice_name: str | None = None):
     """Perplexity and KL on the slice against average bits, for plans of k families (and, with
     `max_linears`, of at most that many linears) chosen by each strategy from `frame` → DataFrame
     with columns strategy, k, avg_bits, ppl, kl, n_linears, plan (k = families kept; avg_bits as in
@@ -180,6 +182,11 @@ def pareto(model: nn.Module, cfg: MethodConfig | None, calibration, eval_tokens:
     one on are recomputed. A real `pipeline.quantize` with the plan differs in that later blocks
     are calibrated on the planned model's outputs (propagate='quantized'), so their AWQ scales may
     differ; bench/sensitivity.py measures real runs.
+
+    The frame may have been ranked on other tokens than `eval_tokens` (it should: a slice disjoint
+    from the one scored here, `awqnb.model.data.ranking_tokens`): attrs['rank_slice'] is the frame's
+    provenance['eval'], attrs['score_slice'] this slice's (slice_name: it in words), and
+    attrs['same_slice'] whether their token ids agree.
     """
     import pandas as pd
 
@@ -218,8 +225,41 @@ def pareto(model: nn.Module, cfg: MethodConfig | None, calibration, eval_tokens:
                      "kl": kl, "n_linears": plan_linears(frame, plan), "plan": plan.describe(),
                      "budget": f"{kind}={v}"})
     df = pd.DataFrame(rows, columns=PARETO_COLUMNS + ["budget"])
+    prov = provenance(model, cfg, calibration, windows, dev, cdtype, model_name, ref.result)
+    if slice_name is not None:
+        prov = named_slice(prov, slice_name)
+    ranked = dict(frame.attrs.get("provenance", {}).get("eval", {}))
+    df.attrs.update({"rank_slice": ranked, "score_slice": prov["eval"],
+                     "same_slice": ranked.get("tokens_sha1") == prov["eval"]["tokens_sha1"]})
     df.attrs.update({"fp_ppl": math.exp(sl.fp_nll), "keep_bits": keep_bits, "base_bits": base_bits, "seed": seed,
                      "approximation": "planned families swapped into one quantization (its scales, rounded at "
                                       "keep_bits); later blocks not re-calibrated",
-                     "provenance": provenance(model, cfg, calibration, windows, dev, cdtype, model_name, ref.result)})
+                     "provenance": prov})
     return df
+
+
+def sensitivity_record(frame, front, **extra) -> dict:
+    """What a report records of a sensitivity frame and its Pareto front (metrics.json
+    'sensitivity'): rank_slice (the slice the frame was ranked on, in words), score_slice (the one
+    the plans were scored on), same_slice; fp_ppl / quant_ppl / quant_kl on the ranking slice (the
+    frame's), score_fp_ppl / score_quant_ppl on the scoring slice (the front's FP and k = 0 rows);
+    provenance of both, timings, and both frames as records; `extra` (method, config, windows,
+    seqlen, seconds, ...) added as given."""
+    def words(ev):
+        return (ev or {}).get("slice")
+
+    out = {**extra,
+           "rank_slice": words(frame.attrs.get("provenance", {}).get("eval")),
+           "score_slice": None if front is None else words(front.attrs.get("score_slice")),
+           "same_slice": None if front is None else bool(front.attrs.get("same_slice")),
+           "fp_ppl": frame.attrs.get("fp_ppl"), "quant_ppl": frame.attrs.get("quant_ppl"),
+           "quant_kl": frame.attrs.get("quant_kl"), "most_sensitive_layer": most_sensitive_layer(frame),
+           "provenance": frame.attrs.get("provenance"), "timings": frame.attrs.get("timings"),
+           "frame": frame.to_dict("records")}
+    if front is not None:
+        k0 = front[front["k"] == 0]
+        out.update(score_fp_ppl=front.attrs.get("fp_ppl"),
+                   score_quant_ppl=float(k0["ppl"].iloc[0]) if len(k0) else None,
+                   score_provenance=front.attrs.get("provenance"),
+                   pareto_approximation=front.attrs.get("approximation"), pareto=front.to_dict("records"))
+    return out

@@ -421,6 +421,11 @@ def provenance(model, cfg, calibration, windows, device, dtype, model_name, res)
             "device": str(device), "dtype": dtype_name(dtype), "versions": versions()}
 
 
+def named_slice(prov: dict, slice_name: str) -> dict:
+    """A copy of `provenance(...)`'s dict with eval['slice'] = slice_name (what the tokens are)."""
+    return {**prov, "eval": {**prov.get("eval", {}), "slice": slice_name}}
+
+
 def _frame(rows: list[dict], attrs: dict):
     import pandas as pd
 
@@ -447,7 +452,7 @@ def sensitivity(model: nn.Module, cfg: MethodConfig | None, calibration, eval_to
                 families=None, modes=("only", "except"), device=None, seqlen: int = 512, n_windows: int = 8,
                 progress: bool = True, cache=True, model_name: str | None = None, result=None,
                 dtype="float32", batch_size: int = 8, max_states: int | None = None, logit_rows: int = 2048,
-                offload_activations: bool = False):
+                offload_activations: bool = False, slice_name: str | None = None):
     """End-to-end sensitivity of each (layer, family) (module docstring) → DataFrame, one row per
     (layer, family, mode), columns:
 
@@ -470,6 +475,8 @@ def sensitivity(model: nn.Module, cfg: MethodConfig | None, calibration, eval_to
     `n_windows` windows of `seqlen`. dtype: compute dtype of the forwards (float32 default: a
     single family's KL can be 1e-4 nats, below bf16 noise). batch_size: windows per chunk.
     max_states: hidden states `[n_tok, H]` the walk may hold (default from free memory).
+    slice_name: the slice in words (`awqnb.model.data.ranking_tokens`' description), recorded as
+    attrs['provenance']['eval']['slice'].
     Cached (statcache, no pickle) by model, config (or result), calibration, slice and settings.
     """
     spec = resolve_spec(model)
@@ -540,6 +547,8 @@ def sensitivity(model: nn.Module, cfg: MethodConfig | None, calibration, eval_to
     df = out["frame"]
     df.attrs.clear()
     df.attrs.update(out["attrs"])
+    if slice_name is not None:
+        df.attrs["provenance"] = named_slice(df.attrs["provenance"], slice_name)
     return df
 
 

@@ -297,8 +297,106 @@ def load_eval_tokens(tokenizer, dataset: str = "wikitext2", data_dir=None, text_
     if dataset == "c4":
         _, rows = _texts("c4-validation", data_dir)
         return _encode(tokenizer, " ".join(rows))
-    raise AwqnbError(f"token-perplexity set {dataset!r} is unknown; use one of {', '.join(EVAL_TOKEN_SETS)} "
+    if dataset == "wikitext2-validation":
+        _, rows = _texts("wikitext2-validation", data_dir)
+        return _encode(tokenizer, "\n\n".join(rows))
+    if dataset == "c4-heldout":
+        return _encode(tokenizer, " ".join(c4_heldout_rows(data_dir)))
+    raise AwqnbError(f"token-perplexity set {dataset!r} is unknown; use one of "
+                     f"{', '.join(EVAL_TOKEN_SETS + RANKING_TOKEN_SETS)} "
                      f"or a path to your own {'/'.join(TEXT_FILE_SUFFIXES)} file.")
+
+
+# --- a slice to rank on, disjoint from the evaluation ---------------------------------------
+
+# token sets for ranking (sensitivity), beside EVAL_TOKEN_SETS; `load_eval_tokens` loads them too
+RANKING_TOKEN_SETS = ("wikitext2-validation", "c4-heldout")
+# what each token set is, in words (the report's descriptions)
+TOKEN_SET_LABELS = {
+    "wikitext2": "WikiText-2 test",
+    "wikitext2-validation": "WikiText-2 validation",
+    "c4": "C4 validation, the first 1,025 documents of shard 00000",
+    "c4-heldout": "C4 validation sample less the documents of the c4 evaluation",
+}
+# calibration set → the token set its text comes from
+CALIB_SOURCES = {"wikitext2": "wikitext2-validation", "wikitext2-simple": "wikitext2-validation", "c4": "c4"}
+
+
+def c4_heldout_rows(data_dir=None) -> list[str]:
+    """The documents of the 2,000-document C4 validation sample (`c4-sample`) that are not among the
+    1,025 of the c4 evaluation (`c4-validation`), compared by exact text (the sample holds 57 of
+    them); in the sample's order."""
+    _, evaluation = _texts("c4-validation", data_dir)
+    _, sample = _texts("c4-sample", data_dir)
+    seen = set(evaluation)
+    return [t for t in sample if t not in seen]
+
+
+def _same_set(a, b) -> bool:
+    if is_text_file(a) and is_text_file(b):
+        return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
+    return str(a) == str(b)
+
+
+def token_set_label(dataset, data_dir=None) -> str:
+    """A token set in words: 'WikiText-2 test', 'C4 validation sample less … (1,943 of its 2,000
+    documents)', 'your file notes.txt'."""
+    if is_text_file(dataset):
+        return f"your file {Path(str(dataset)).name}"
+    if dataset == "c4-heldout":
+        n = len(c4_heldout_rows(data_dir))
+        _, sample = _texts("c4-sample", data_dir)
+        return f"{TOKEN_SET_LABELS[dataset]} ({n:,} of its {len(sample):,} documents, exact text)"
+    return TOKEN_SET_LABELS.get(str(dataset), str(dataset))
+
+
+def slice_description(dataset, n_windows: int | None = None, seqlen: int | None = None, data_dir=None) -> str:
+    """'WikiText-2 test, first 8 × 512 tokens' (the windows part left out when not given)."""
+    out = token_set_label(dataset, data_dir)
+    return out + (f", first {n_windows} × {seqlen} tokens" if n_windows and seqlen else "")
+
+
+def ranking_dataset(eval_dataset, rank_dataset="auto", allow_eval: bool = False) -> str:
+    """The token set to rank on (sensitivity) when `eval_dataset` scores: with rank_dataset 'auto',
+    wikitext2 → wikitext2-validation, c4 → c4-heldout, the user's own file → wikitext2-validation
+    (each disjoint from the evaluation by construction); otherwise `rank_dataset` itself, refused
+    when it is the evaluation set unless `allow_eval`."""
+    if rank_dataset in (None, "", "auto"):
+        return "c4-heldout" if eval_dataset == "c4" else "wikitext2-validation"
+    if _same_set(rank_dataset, eval_dataset) and not allow_eval:
+        raise AwqnbError(f"the ranking set {rank_dataset!r} is the evaluation set: plans would be scored on the "
+                         "data they were chosen on; use 'auto' (a disjoint slice) or allow it explicitly.")
+    if not is_text_file(rank_dataset) and rank_dataset not in EVAL_TOKEN_SETS + RANKING_TOKEN_SETS:
+        raise AwqnbError(f"ranking set {rank_dataset!r} is unknown; use 'auto', one of "
+                         f"{', '.join(EVAL_TOKEN_SETS + RANKING_TOKEN_SETS)} or a path to a "
+                         f"{'/'.join(TEXT_FILE_SUFFIXES)} file.")
+    return str(rank_dataset)
+
+
+def ranking_tokens(tokenizer, eval_dataset, data_dir=None, *, rank_dataset="auto", allow_eval: bool = False,
+                   n_windows: int | None = None, seqlen: int | None = None, calib_dataset=None,
+                   text_column: str = "text") -> tuple[torch.Tensor, str]:
+    """(tokens `[n_tok]`, description) of the slice to rank on: `ranking_dataset`'s choice, loaded
+    with `load_eval_tokens`. The description says which slice ranks, which scores, whether they are
+    disjoint, and, with `calib_dataset`, whether calibration is drawn from the ranking set, e.g.
+    'WikiText-2 validation, first 8 × 512 tokens; evaluation: WikiText-2 test (disjoint); calibration
+    is also drawn from WikiText-2 validation (the ranking slice may share tokens with calibration,
+    not with the evaluation)'."""
+    name = ranking_dataset(eval_dataset, rank_dataset, allow_eval)
+    tokens = load_eval_tokens(tokenizer, name, data_dir, text_column)
+    desc = slice_description(name, n_windows, seqlen, data_dir)
+    if _same_set(name, eval_dataset):
+        desc += "; evaluation: the same set — the plans are scored on the data they were chosen on"
+    else:
+        own = " (another source: disjoint unless the file holds that text)" if is_text_file(eval_dataset) else \
+            " (disjoint)"
+        desc += f"; evaluation: {token_set_label(eval_dataset, data_dir)}{own}"
+    calib_src = CALIB_SOURCES.get(str(calib_dataset)) if calib_dataset is not None and not is_text_file(
+        calib_dataset) else None
+    if calib_dataset is not None and (calib_src == name or _same_set(calib_dataset, name)):
+        desc += (f"; calibration is also drawn from {token_set_label(name, data_dir)} (the ranking slice may "
+                 "share tokens with calibration, not with the evaluation)")
+    return tokens, desc
 
 
 def load_eval_texts(dataset: str = "ag_news", n_samples: int = 2000, seed: int = 42, data_dir=None,
