@@ -215,7 +215,9 @@ def test_out_of_memory_in_the_search_is_one_clear_error(tiny, monkeypatch):
     def oom(*_a, **_k):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(pipeline, "search_group", oom)
+    from awqnb.quant.methods import awq
+
+    monkeypatch.setattr(awq, "search_group", oom)  # the AWQ scaler's search
     with pytest.raises(AwqnbError, match=r"quantizing block 0 .*offload-activations"):
         pipeline.quantize(fp, MethodConfig("awq", QuantConfig(4, 32)), calib, progress=False)
     assert all("forward" not in b.__dict__ for b in blocks(fp, resolve_spec(fp)))

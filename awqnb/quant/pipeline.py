@@ -28,8 +28,7 @@ from awqnb.model.arch import ArchSpec, attn_shape, blocks, get_module, resolve_s
 from awqnb.model.provenance import versions
 from awqnb.quant import methods as _methods  # noqa: F401  (registers methods)
 from awqnb.quant.method_config import MethodConfig
-from awqnb.quant.methods.awq import (GroupSearch, InspectRunner, apply_clip, fold_scales, search_clip,
-                                     search_group)
+from awqnb.quant.methods.awq import GroupSearch, replay_scales
 from awqnb.quant.methods.base import BlockContext, Method, get_method
 from awqnb.quant.plan import FP_BITS, linear_bits
 
@@ -227,32 +226,18 @@ def _sync(block: nn.Module) -> float:
 
 
 def quantize_block(method: Method, ctx: BlockContext, rec: LayerRecord) -> None:
-    """Quantize one block in place with `method`: scale search and fold, clip, rounding; evidence into `rec`."""
+    """Quantize one block in place with `method`, step by step: the scaler (scale search and fold
+    on the salience, clip), the rounder per linear (a plan's linears: `round_planned`), the
+    refiners; each step's evidence into `rec`."""
     cfg = method.cfg
-    block, spec, attn = ctx.block, ctx.spec, ctx.attn
+    block, spec = ctx.block, ctx.spec
     t = _sync(block)
     if method.searches_scales:
-        for group in spec.groups:
-            key = group.layers[0]
-            a = method.salience(ctx, group)
-            runner = InspectRunner(block, group, ctx.inputs[key], [kw for kw in ctx.kwargs])
-            gs = search_group(block, group, a, runner, cfg.quant, cfg.search, attn)
-            s_full = fold_scales(block, group, gs.scales, spec, attn)
-            ctx.inputs[key] = [x / s_full.to(x.device, x.dtype) for x in ctx.inputs[key]]
-            ctx.scale_of[key] = s_full
-            rec.groups[group.name] = gs
+        method.scaler.scale(ctx, rec, method.salience)
     rec.phases["search_s"], t = _sync(block) - t, _sync(block)
     planned = linear_bits(cfg.plan, spec, ctx.index, cfg.quant.bits)
-    if cfg.search.clip and method.needs_calibration:
-        skip = {n for g in spec.groups for n in g.clip_skip} | set(planned)  # clip ranges are for the base grid
-        for name in spec.linears:
-            if name in skip:
-                continue
-            lin = get_module(block, name)
-            x = ctx.sample_inputs(ctx.input_key[name], cfg.search.clip_max_tokens, lin.weight.device)
-            mv = search_clip(lin.weight.data, x, cfg.quant, cfg.search)
-            apply_clip(lin, mv, cfg.quant)
-            rec.clip[name] = mv.cpu()
+    if method.scaler is not None:
+        method.scaler.clip(ctx, rec, planned)
     rec.phases["clip_s"], t = _sync(block) - t, _sync(block)
     for name in spec.linears:
         if name in planned:  # whole scale groups: methods that round a group jointly never see it
@@ -416,11 +401,7 @@ def apply(model: nn.Module, result: QuantResult, device=None) -> nn.Module:
     for rec in result.layers:
         block = bl[rec.index]
         with onloaded(block, device if device is not None else next(block.parameters()).device):
-            for group in spec.groups:
-                if group.name in rec.groups:
-                    fold_scales(block, group, rec.groups[group.name].scales, spec, attn)
-            for name, mv in rec.clip.items():
-                apply_clip(get_module(block, name), mv, cfg.quant)
+            replay_scales(block, rec, spec, attn, cfg.quant)
             planned = linear_bits(cfg.plan, spec, rec.index, cfg.quant.bits)
             for name in spec.linears:
                 if name in planned:

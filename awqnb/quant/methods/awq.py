@@ -1,4 +1,5 @@
-"""AWQ: activation-aware per-input-channel scaling, searched on a grid of α, folded exactly.
+"""AWQ: activation-aware per-input-channel scaling, searched on a grid of α, folded exactly;
+and the scaler steps `Clip` (the clip search alone) and `AWQGrid` (α search, fold, then clip).
 
 For a scale group with salience `a: [ci]` (L1 `E|x|` or L2 `sqrt(E[x²])`):
   s(α) = a**α                      (duo_scaling: a**α / (w_mean**(1-α) + 1e-4))
@@ -25,6 +26,7 @@ from awqnb.core.dtypes import mark_fp32
 from awqnb.core.errors import AwqnbError
 from awqnb.core.primitives import effective_group_size, expand_groups, fake_quant, group_view
 from awqnb.model.arch import ArchSpec, AttnShape, ScaleGroup, get_module
+from awqnb.quant.methods.base import BlockContext, Step
 
 
 @dataclass
@@ -48,11 +50,6 @@ class GroupSearch:
     def rtn_loss(self) -> float:
         """Loss at α=0: s ≡ 1, i.e. plain round-to-nearest."""
         return self.losses[0]
-
-
-def salience(x_abs_mean: torch.Tensor, x_sq_mean: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-channel salience `[ci]`: 'l1' → E|x|, 'l2' → sqrt(E[x²])."""
-    return x_abs_mean if kind == "l1" else x_sq_mean.clamp(min=0).sqrt()
 
 
 def kv_space(a: torch.Tensor, attn: AttnShape) -> torch.Tensor:
@@ -315,3 +312,66 @@ def apply_clip(lin: nn.Linear, max_val: torch.Tensor, qcfg: QuantConfig) -> None
     ci = w.shape[1]
     mv = expand_groups(max_val.to(w.device).float(), ci, qcfg.group_size)
     lin.weight.data.copy_(torch.clamp(w.float(), -mv, mv).to(w.dtype))
+
+
+class Clip(Step):
+    """The scaler of methods without a scale search (gptq): AutoAWQ's clip search alone (when
+    `SearchConfig.clip`), on every linear outside clip_skip and the plan. Record: LayerRecord.clip
+    (linear → max_val `[co, n_group]`); replay: `replay_scales`."""
+
+    searches_scales = False
+    needs_calibration = True
+
+    def scale(self, ctx: BlockContext, rec, salience) -> None:
+        """Search and fold this block's scales (none here)."""
+
+    @torch.no_grad()
+    def clip(self, ctx: BlockContext, rec, planned: dict) -> None:
+        """Search and apply the clip ranges of the block's linears (not the `planned` ones: clip
+        ranges are for the base grid)."""
+        cfg = self.cfg
+        if not cfg.search.clip:
+            return
+        spec, block = ctx.spec, ctx.block
+        skip = {n for g in spec.groups for n in g.clip_skip} | set(planned)
+        for name in spec.linears:
+            if name in skip:
+                continue
+            lin = get_module(block, name)
+            x = ctx.sample_inputs(ctx.input_key[name], cfg.search.clip_max_tokens, lin.weight.device)
+            mv = search_clip(lin.weight.data, x, cfg.quant, cfg.search)
+            apply_clip(lin, mv, cfg.quant)
+            rec.clip[name] = mv.cpu()
+
+
+class AWQGrid(Clip):
+    """The scaler of awq: per scale group, the α grid search on the method's salience
+    (`search_group`), the exact fold (`fold_scales`; the group's inputs move to the scaled space,
+    `ctx.scale_of` keeps s), then `Clip`. Record: LayerRecord.groups (group → GroupSearch) and
+    .clip; evidence: the α→loss curves."""
+
+    searches_scales = True
+
+    @torch.no_grad()
+    def scale(self, ctx: BlockContext, rec, salience) -> None:
+        cfg = self.cfg
+        block, spec, attn = ctx.block, ctx.spec, ctx.attn
+        for group in spec.groups:
+            key = group.layers[0]
+            a = salience(ctx, group)
+            runner = InspectRunner(block, group, ctx.inputs[key], [kw for kw in ctx.kwargs])
+            gs = search_group(block, group, a, runner, cfg.quant, cfg.search, attn)
+            s_full = fold_scales(block, group, gs.scales, spec, attn)
+            ctx.inputs[key] = [x / s_full.to(x.device, x.dtype) for x in ctx.inputs[key]]
+            ctx.scale_of[key] = s_full
+            rec.groups[group.name] = gs
+
+
+@torch.no_grad()
+def replay_scales(block: nn.Module, rec, spec: ArchSpec, attn: AttnShape, qcfg: QuantConfig) -> None:
+    """Redo a scaler's record on a fresh block: fold the recorded scales, clamp the recorded clip ranges."""
+    for group in spec.groups:
+        if group.name in rec.groups:
+            fold_scales(block, group, rec.groups[group.name].scales, spec, attn)
+    for name, mv in rec.clip.items():
+        apply_clip(get_module(block, name), mv, qcfg)

@@ -1,6 +1,22 @@
-"""The method interface the pipeline calls, and the registry of method names."""
+"""A method as data: the block context, the step interface, the composite `Method` and the registry.
+
+A method is a composition of steps, each owning its part of the block algorithm, its parameters
+(`PARAMS`), its evidence (`ctx.evidence[...]`) and its replay record:
+
+    salience   importance `[ci]` of a scale group's input channels (`Activation`: L1/L2; praq.py)
+    scaler     what happens to the weights before rounding (awq.py: `Clip`, `AWQGrid` = α search,
+               fold, clip); None: nothing (the weights are rounded as they are)
+    rounder    the final rounding of each linear (`Nearest`; rounding.py: the flip heuristics;
+               gptq.py: GPTQ)
+    refiners   changes to the rounded block (gqa.py: `ReFlip` of q_proj)
+
+`register(name, doc, salience=..., scaler=..., rounder=..., refiners=(...))` makes one method; the
+registry in `awqnb.quant.methods` is one such line per method. The pipeline walks the blocks and
+calls the method's steps in that order (`pipeline.quantize_block`).
+"""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -8,7 +24,7 @@ import torch
 from torch import nn
 
 from awqnb.core.errors import AwqnbError
-from awqnb.core.primitives import fake_quant
+from awqnb.core.primitives import compute_qparams, dequantize, fake_quant, quantize
 from awqnb.engine.capture import ChannelStats
 from awqnb.model.arch import ArchSpec, AttnShape, ScaleGroup
 from awqnb.quant.method_config import MethodConfig
@@ -54,15 +70,113 @@ class BlockContext:
         return torch.cat(out, 0)[:max_tokens]
 
 
-class Method:
-    """Base quantization method: round-to-nearest of every block linear, no scale search.
+def channel_salience(st: ChannelStats, kind: str) -> torch.Tensor:
+    """The one L1/L2 salience `[c]` of an input point's channels, before scaling (from its
+    streaming stats): 'l1' E|x|, 'l2' sqrt(E[x²])."""
+    return st.mean_abs if kind == "l1" else st.mean_sq.clamp(min=0).sqrt()
 
-    Subclasses override: `salience` (importance driving the α search), `round_linear` (the final
-    rounding of one linear) and `finish_block` (refinement after the block is rounded).
-    PARAMS: method-specific parameters and their defaults (validated against MethodConfig.params).
+
+class Step:
+    """One part of a method. The registry holds a prototype; each `Method(cfg)` binds its own copy
+    (`bind`: the run's config and merged parameters, then `setup` validates them and starts state).
+
+    PARAMS: the step's parameters and defaults (a method's PARAMS are the union of its steps').
+    needs_calibration: the step reads calibration inputs (a method needs calibration if any does).
+    """
+
+    PARAMS: dict[str, Any] = {}
+    needs_calibration = False
+
+    def bind(self, method: "Method") -> "Step":
+        s = copy.copy(self)
+        s.cfg = method.cfg
+        s.params = method.params
+        s.setup()
+        return s
+
+    def setup(self) -> None:
+        """Validate `self.params` (raise AwqnbError) and start per-run state."""
+
+    def finish_block(self, ctx: BlockContext) -> None:
+        """The block is rounded and refined: drop this block's state."""
+
+
+class Activation(Step):
+    """Salience from the input activations: L1 `E|x|` or L2 `sqrt(E[x²])` per `SearchConfig.salience`."""
+
+    needs_calibration = True
+
+    def salience(self, ctx: BlockContext, group: ScaleGroup) -> torch.Tensor:
+        """Salience `[ci]` of the group's input channels (drives the α search)."""
+        return channel_salience(ctx.stats[group.layers[0]], self.cfg.search.salience)
+
+
+class Nearest(Step):
+    """Round-to-nearest `Q(W)` of each linear; no replay data (apply rounds again)."""
+
+    @torch.no_grad()
+    def round_linear(self, ctx: BlockContext | None, name: str, lin: nn.Linear) -> dict | None:
+        """Replace the weight by its rounded version; return replay data for `apply` (or None)."""
+        lin.weight.data.copy_(fake_quant(lin.weight.data, self.cfg.quant))
+        return None
+
+    @torch.no_grad()
+    def round_codes(self, ctx: BlockContext, name: str, lin: nn.Linear):
+        """Round `lin` and return (replay, (q0, q, scale, zero)): its integer codes before and after
+        this rounder's own changes and the grid, for a refiner that changes codes (`recode`)."""
+        fp = lin.weight.data.float().clone()
+        scale, zero = compute_qparams(fp, self.cfg.quant)
+        q0 = quantize(fp, scale, zero, self.cfg.quant)
+        lin.weight.data.copy_(dequantize(q0, scale, zero, self.cfg.quant).to(lin.weight.dtype))
+        return code_delta(q0, q0), (q0, q0, scale, zero)
+
+    def recode(self, replay: dict, q0: torch.Tensor, q: torch.Tensor) -> None:
+        """Rewrite a `round_codes` replay record (in place) for the codes `q`."""
+        replay.update(code_delta(q0, q))
+
+    @torch.no_grad()
+    def replay_linear(self, name: str, lin: nn.Linear, replay: dict | None) -> None:
+        """Redo `round_linear` without calibration: round to nearest, then add the recorded code
+        changes (`code_delta`), if any."""
+        if replay is None:
+            lin.weight.data.copy_(fake_quant(lin.weight.data, self.cfg.quant))
+            return
+        w = lin.weight.data
+        scale, zero = compute_qparams(w, self.cfg.quant)
+        q = apply_code_delta(quantize(w.float(), scale, zero, self.cfg.quant), replay)
+        w.copy_(dequantize(q, scale, zero, self.cfg.quant).to(w.dtype))
+
+
+def code_delta(q0: torch.Tensor, q: torch.Tensor) -> dict:
+    """Replay data: flattened indices `[n]` (int32, int64 past 2**31) and int8 code changes
+    `q − q0` of the changed weights, on the CPU."""
+    diff = (q - q0).flatten()
+    idx = torch.nonzero(diff, as_tuple=False).flatten()
+    itype = torch.int32 if q.numel() < 2**31 else torch.int64
+    return {"idx": idx.to(itype).cpu(), "delta": diff[idx].to(torch.int8).cpu()}
+
+
+def apply_code_delta(q0: torch.Tensor, replay: dict) -> torch.Tensor:
+    """`q0` with the recorded code changes added."""
+    q = q0.clone()
+    if replay is not None and replay["idx"].numel():
+        q.view(-1)[replay["idx"].to(q.device).long()] += replay["delta"].to(device=q.device, dtype=q.dtype)
+    return q
+
+
+class Method:
+    """A composition of steps bound to one run's config (`register` makes the subclasses).
+
+    The pipeline calls, per block: `salience` + `scaler.scale` per scale group (when the scaler
+    searches scales), `scaler.clip`, `round_linear` per linear, `finish_block`; `replay_linear`
+    redoes the rounding from the records.
     """
 
     name = "base"
+    salience_step: Step | None = None
+    scaler_step: Step | None = None
+    rounder_step: Step = Nearest()
+    refiner_steps: tuple[Step, ...] = ()
     searches_scales = False
     needs_calibration = False
     PARAMS: dict[str, Any] = {}
@@ -76,34 +190,63 @@ class Method:
             )
         self.cfg = cfg
         self.params = {**self.PARAMS, **cfg.params}
+        bind = lambda s: s.bind(self) if s is not None else None  # noqa: E731
+        self.rounder = bind(self.rounder_step)
+        self.refiners = tuple(bind(s) for s in self.refiner_steps)
+        self.scaler = bind(self.scaler_step)
+        self.salience_of = bind(self.salience_step)
+
+    def steps(self) -> list[Step]:
+        return [s for s in (self.salience_of, self.scaler, self.rounder, *self.refiners) if s is not None]
 
     def salience(self, ctx: BlockContext, group: ScaleGroup) -> torch.Tensor:
         """Salience `[ci]` of the group's input channels (used by scale-searching methods)."""
-        st = ctx.stats[group.layers[0]]
-        if self.cfg.search.salience == "l1":
-            return st.mean_abs
-        return st.mean_sq.sqrt()
+        return self.salience_of.salience(ctx, group)
 
     @torch.no_grad()
     def round_linear(self, ctx: BlockContext | None, name: str, lin: nn.Linear) -> dict | None:
-        """Replace the weight by its rounded version; return replay data for `apply` (or None)."""
-        lin.weight.data.copy_(fake_quant(lin.weight.data, self.cfg.quant))
-        return None
+        """Round one linear (a refiner that wants it rounds it through the rounder); return its
+        replay data for `apply` (or None)."""
+        if ctx is not None:
+            for r in self.refiners:
+                if r.wants(ctx, name):
+                    return r.round_linear(ctx, name, lin, self.rounder)
+        return self.rounder.round_linear(ctx, name, lin)
 
     @torch.no_grad()
     def replay_linear(self, name: str, lin: nn.Linear, replay: dict | None) -> None:
         """Redo `round_linear` from its replay data, without calibration."""
-        lin.weight.data.copy_(fake_quant(lin.weight.data, self.cfg.quant))
+        self.rounder.replay_linear(name, lin, replay)
 
     def finish_block(self, ctx: BlockContext) -> None:
-        """Refine a block after all its linears were rounded (records go in ctx.evidence)."""
+        """Refine the block after all its linears were rounded (records go in ctx.evidence)."""
+        for r in self.refiners:
+            r.refine(ctx, self.rounder)
+        for s in self.steps():
+            s.finish_block(ctx)
 
 
 REGISTRY: dict[str, type[Method]] = {}
 
 
-def register(cls: type[Method]) -> type[Method]:
-    REGISTRY[cls.name] = cls
+def register(name: str, doc: str, salience: Step | None = None, scaler: Step | None = None,
+             rounder: Step | None = None, refiners: tuple[Step, ...] = ()) -> type[Method]:
+    """Register the method `name` as a composition of steps; `doc`'s first line is what
+    `awqnb quantize --list` prints. PARAMS: the union of the steps' (salience, scaler, rounder,
+    refiners order); needs_calibration: any step's; searches_scales: the scaler's."""
+    rounder = rounder if rounder is not None else Nearest()
+    steps = [s for s in (salience, scaler, rounder, *refiners) if s is not None]
+    params: dict[str, Any] = {}
+    for s in steps:
+        params.update(s.PARAMS)
+    searches = bool(getattr(scaler, "searches_scales", False))
+    if searches and salience is None:
+        raise AwqnbError(f"method {name!r}: a scaler that searches scales needs a salience step.")
+    cls = type(f"Method_{name}", (Method,), {
+        "__doc__": doc, "name": name, "salience_step": salience, "scaler_step": scaler, "rounder_step": rounder,
+        "refiner_steps": tuple(refiners), "searches_scales": searches, "PARAMS": params,
+        "needs_calibration": any(s.needs_calibration for s in steps), "__module__": __name__})
+    REGISTRY[name] = cls
     return cls
 
 

@@ -49,7 +49,7 @@ from awqnb.core.config import QuantConfig
 from awqnb.core.errors import AwqnbError
 from awqnb.core.primitives import compute_qparams, dequantize, effective_group_size, fake_quant, qrange
 from awqnb.model.arch import get_module
-from awqnb.quant.methods.base import BlockContext, Method, register
+from awqnb.quant.methods.base import BlockContext, Nearest
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +242,8 @@ def unpack_codes(packed: torch.Tensor, ci: int, cfg: QuantConfig, device=None) -
     return p[:, :ci].float() + lo
 
 
-@register
-class GPTQ(Method):
-    """gptq: Hessian-based error-compensating rounding (module docstring), no scale search.
+class GPTQ(Nearest):
+    """The GPTQ rounder: Hessian-based error-compensating rounding (module docstring).
 
     Params: damp_percent (0.01 of mean diag H), block_size (128 columns per lazy batch update),
     act_order (True: columns by decreasing H_jj), static_groups (True: qparams from the original
@@ -252,19 +251,16 @@ class GPTQ(Method):
     Replay: {'codes': uint8 (packed at ≤ 4 bits), 'scale': float32, 'zero': uint8} per linear.
     """
 
-    name = "gptq"
-    searches_scales = False
     needs_calibration = True
     PARAMS = {"damp_percent": 0.01, "block_size": 128, "act_order": True, "static_groups": True}
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def setup(self):
         p = self.params
         if not float(p["damp_percent"]) > 0:
             raise AwqnbError(f"damp_percent={p['damp_percent']} must be > 0 (0.01 = 1% of the mean of diag H).")
         if int(p["block_size"]) < 1:
             raise AwqnbError(f"block_size={p['block_size']} must be >= 1 (128 is usual).")
-        self._done: dict = {}  # (block, linear) → (Ŵ in the weight's dtype, replay) of a joint run
+        self._done: dict = {}  # (block, linear) → (Ŵ in the weight's dtype, replay, codes) of a joint run
 
     @torch.no_grad()
     def round_linear(self, ctx: BlockContext | None, name: str, lin: nn.Linear) -> dict | None:
@@ -274,9 +270,22 @@ class GPTQ(Method):
             return super().round_linear(ctx, name, lin)
         if (ctx.index, name) not in self._done:
             self._round_joint(ctx, name)
-        wq, rep = self._done.pop((ctx.index, name))
+        wq, rep, _codes = self._done.pop((ctx.index, name))
         lin.weight.data.copy_(wq)
         return rep
+
+    @torch.no_grad()
+    def round_codes(self, ctx: BlockContext, name: str, lin: nn.Linear):
+        """`round_linear`, returning (replay, (q, q, scale, zero)): GPTQ's codes are the base a
+        refiner changes (`recode` repacks them)."""
+        if (ctx.index, name) not in self._done:
+            self._round_joint(ctx, name)
+        wq, rep, codes = self._done.pop((ctx.index, name))
+        lin.weight.data.copy_(wq)
+        return rep, codes
+
+    def recode(self, replay: dict, q0: torch.Tensor, q: torch.Tensor) -> None:
+        replay["codes"] = pack_codes(q, self.cfg.quant)
 
     def _round_joint(self, ctx: BlockContext, name: str) -> None:
         t0 = time.perf_counter()
@@ -317,7 +326,8 @@ class GPTQ(Method):
             log.debug("block %d %s: layer error %.4g (rtn %.4g)", ctx.index, n, err_gptq, err_rtn)
             rep = {"codes": pack_codes(res.q[sl], qcfg), "scale": res.scale[sl].cpu(),
                    "zero": res.zero[sl].to(torch.uint8).cpu()}
-            self._done[(ctx.index, n)] = (wq[sl].to(m.weight.dtype), rep)
+            self._done[(ctx.index, n)] = (wq[sl].to(m.weight.dtype), rep, (res.q[sl], res.q[sl], res.scale[sl],
+                                                                           res.zero[sl]))
 
     @torch.no_grad()
     def replay_linear(self, name: str, lin: nn.Linear, replay: dict | None) -> None:
@@ -335,14 +345,3 @@ class GPTQ(Method):
 
     def finish_block(self, ctx: BlockContext) -> None:
         self._done = {k: v for k, v in self._done.items() if k[0] != ctx.index}
-        super().finish_block(ctx)
-
-
-@register
-class AWQGPTQ(GPTQ):
-    """awq_gptq: AWQ's α search and exact fold (as `awq`), then GPTQ rounding of the scaled weights
-    W·diag(s) against H of the scaled inputs x/s (ctx.inputs are in that space after the fold).
-    Same params, replay and evidence as gptq."""
-
-    name = "awq_gptq"
-    searches_scales = True

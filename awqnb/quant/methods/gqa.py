@@ -51,10 +51,10 @@ from torch import nn
 
 from awqnb.core.config import QuantConfig
 from awqnb.core.errors import AwqnbError
-from awqnb.core.primitives import compute_qparams, dequantize, expand_groups, qrange, quantize
+from awqnb.core.primitives import dequantize, expand_groups, qrange
 from awqnb.model.arch import AttnShape, get_module
-from awqnb.quant.methods.base import BlockContext, register
-from awqnb.quant.methods.rounding import AWQJamesStein, acc_dtype, code_delta, even_positions
+from awqnb.quant.methods.base import BlockContext, Step
+from awqnb.quant.methods.rounding import acc_dtype, even_positions
 
 log = logging.getLogger(__name__)
 
@@ -289,62 +289,55 @@ def _block_rotations(ctx: BlockContext, device) -> torch.Tensor | None:
     return rope_rotations(cos.to(device), sin.to(device), rope_offsets(cos.shape[-2])).to(acc_dtype(device))
 
 
-@register
-class AWQGQA(AWQJamesStein):
-    """awq_gqa: awq_js, then ReFlip of q_proj per query head against the attention-score error
+class ReFlip(Step):
+    """The refiner of awq_gqa: ReFlip of q_proj per query head against the attention-score error
     with keys from the rounded k_proj of its kv head h // n_rep (`reflip`, module docstring).
 
-    Params: awq_js's, plus apply_gqa_reflip (True), gqa_critical_dim_pct (0.15, fraction of
-    head dims), gqa_max_flip_pct (0.05, fraction of a dim's H weights), gqa_rope (True: minimise
-    the post-RoPE score error over `rope_offsets`; False: the pre-RoPE proxy). Runs in `finish_block`,
-    when q_proj and k_proj are rounded; the q_proj replay record returned by `round_linear` is
-    updated in place (the pipeline keeps that dict object in `LayerRecord.replay`), so
-    `pipeline.apply` reproduces the ReFlip weights. Evidence ctx.evidence['gqa']: per head
+    Params: apply_gqa_reflip (True), gqa_critical_dim_pct (0.15, fraction of head dims),
+    gqa_max_flip_pct (0.05, fraction of a dim's H weights), gqa_rope (True: minimise the post-RoPE
+    score error over `rope_offsets`; False: the pre-RoPE proxy); the Gram pass subsamples like μ
+    when the method has max_tokens_per_sample > 0. It keeps the FP weights of q_proj and k_proj
+    before the rounder rounds them, has the rounder round q_proj to codes (`round_codes`), and runs
+    in `finish_block`, when q_proj and k_proj are rounded: the q_proj replay record is rewritten in
+    place by the rounder's `recode` (the pipeline keeps that dict object in `LayerRecord.replay`),
+    so `pipeline.apply` reproduces the ReFlip weights. Evidence ctx.evidence['gqa']: per head
     score_err_before/after (J_h), score_ref (E[(q·k)²]), flips; rel_improvement
     1 − ΣJ_after/ΣJ_before; critical_dims, cap_per_dim, iterations; objective ('rope' / 'pre-rope');
     rope_err_before/after and rope_rel_improvement (the post-RoPE error, whichever objective ran,
     when the block has rotary position embeddings), pre_rope_err_before/after likewise.
     """
 
-    name = "awq_gqa"
-    PARAMS = {**AWQJamesStein.PARAMS, "apply_gqa_reflip": True, "gqa_critical_dim_pct": 0.15,
-              "gqa_max_flip_pct": 0.05, "gqa_rope": True}
+    PARAMS = {"apply_gqa_reflip": True, "gqa_critical_dim_pct": 0.15, "gqa_max_flip_pct": 0.05, "gqa_rope": True}
+    needs_calibration = True
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def setup(self):
         for k in ("gqa_critical_dim_pct", "gqa_max_flip_pct"):
             if not 0.0 <= float(self.params[k]) <= 1.0:
                 raise AwqnbError(f"{k}={self.params[k]} must be a fraction in [0, 1] (0.15 = 15%).")
         self._stash: dict = {}
 
+    def wants(self, ctx: BlockContext, name: str) -> bool:
+        """q_proj and k_proj are rounded through `round_linear` below."""
+        return bool(self.params["apply_gqa_reflip"]) and name in (ctx.spec.q_proj, ctx.spec.k_proj)
+
     @torch.no_grad()
-    def round_linear(self, ctx: BlockContext | None, name: str, lin: nn.Linear) -> dict | None:
-        if ctx is None or not self.params["apply_gqa_reflip"] or name not in (ctx.spec.q_proj, ctx.spec.k_proj):
-            return super().round_linear(ctx, name, lin)
+    def round_linear(self, ctx: BlockContext, name: str, lin: nn.Linear, rounder: Step) -> dict | None:
         fp = lin.weight.data.float().clone()
         if name == ctx.spec.k_proj:
             self._stash[(ctx.index, name)] = {"fp": fp}
-            return super().round_linear(ctx, name, lin)
-        if self.params["use_heuristic"]:
-            res = self._round(ctx, name, lin)
-            q0, q, scale, zero = res.q0, res.q, res.scale, res.zero
-        else:
-            scale, zero = compute_qparams(fp, self.cfg.quant)
-            q0 = quantize(fp, scale, zero, self.cfg.quant)
-            q = q0
-        lin.weight.data.copy_(dequantize(q, scale, zero, self.cfg.quant).to(lin.weight.dtype))
-        replay = code_delta(q0, q)
+            return rounder.round_linear(ctx, name, lin)
+        replay, (q0, q, scale, zero) = rounder.round_codes(ctx, name, lin)
         self._stash[(ctx.index, name)] = {"fp": fp, "q0": q0, "q": q, "scale": scale, "zero": zero,
                                           "replay": replay}
         return replay
 
     @torch.no_grad()
-    def finish_block(self, ctx: BlockContext) -> None:
+    def refine(self, ctx: BlockContext, rounder: Step) -> None:
         qn, kn = ctx.spec.q_proj, ctx.spec.k_proj
         qs, ks = self._stash.pop((ctx.index, qn), None), self._stash.pop((ctx.index, kn), None)
         if qs is not None and ks is not None:
             q_lin, k_lin = get_module(ctx.block, qn), get_module(ctx.block, kn)
-            gx, n_tok = gram(ctx.inputs[ctx.input_key[qn]], int(self.params["max_tokens_per_sample"]),
+            gx, n_tok = gram(ctx.inputs[ctx.input_key[qn]], int(self.params.get("max_tokens_per_sample", 0)),
                              q_lin.weight.device)
             gx = gx.to(q_lin.weight.device)
             rot = _block_rotations(ctx, gx.device)
@@ -366,7 +359,7 @@ class AWQGQA(AWQJamesStein):
                     other[label] = tuple(score_error(gx, w, qs["fp"], wk_hat, ks["fp"], ctx.attn, r)[0].double().cpu()
                                          for w in (q_before, q_after))
             q_lin.weight.data.copy_(q_after.to(q_lin.weight.dtype))
-            qs["replay"].update(code_delta(qs["q0"], rr.codes))  # same dict object as LayerRecord.replay[qn]
+            rounder.recode(qs["replay"], qs["q0"], rr.codes)  # same dict object as LayerRecord.replay[qn]
             jb, ja = rr.j_before.double().cpu(), rr.j_after.double().cpu()
             ctx.evidence["gqa"] = {
                 "score_err_before": jb.tolist(),
@@ -386,4 +379,3 @@ class AWQGQA(AWQJamesStein):
                 ctx.evidence["gqa"][f"{label}_err_after"] = a.tolist()
                 ctx.evidence["gqa"][f"{label}_rel_improvement"] = float(1 - a.sum() / b.sum()) if float(b.sum()) > 0 else 0.0
             log.debug("block %d ReFlip: score error %.4g -> %.4g", ctx.index, float(jb.sum()), float(ja.sum()))
-        super().finish_block(ctx)

@@ -75,8 +75,7 @@ import torch
 
 from awqnb.core.errors import AwqnbError
 from awqnb.model.arch import ArchSpec, ScaleGroup, get_module
-from awqnb.quant.methods.base import BlockContext, register
-from awqnb.quant.methods.standard import AWQ
+from awqnb.quant.methods.base import BlockContext, Step
 
 log = logging.getLogger(__name__)
 
@@ -239,20 +238,18 @@ def noise_seed(seed: int, block_index: int, key: str) -> int:
     return (seed * 1_000_003 + block_index * 7_919 + zlib.crc32(key.encode())) % (2**63 - 1)
 
 
-@register
-class PRAQ(AWQ):
-    """Post-activation risk-aware importance drives AWQ's α search (module docstring: formulas).
+class PRAQ(Step):
+    """The salience of praq: post-activation risk-aware importance (module docstring: formulas).
 
     down: a_i = U_i + P_i·S_i; gate_up: a_j = E|x_j|·r_j (back-projection); attention: E|x|.
     Params: beta (sigmoid temperature, SiLU units), tau (knee threshold, SiLU units),
     noise_factor (noise band as a fraction of σ(ẑ)).
     """
 
-    name = "praq"
     PARAMS = {"beta": 3.0, "tau": -3.0, "noise_factor": 0.2}
+    needs_calibration = True
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def setup(self):
         p = self.params
         if not float(p["beta"]) > 0:
             raise AwqnbError(f"beta={p['beta']} must be > 0 (it is the sigmoid's temperature; default 3.0).")
@@ -345,18 +342,16 @@ def _spearman_t(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra @ rb).item() / d) if d > 0 else float("nan")
 
 
-@register
 class RobustPRAQ(PRAQ):
-    """praq averaged over `n_noise_samples` noisy copies x̃ = x + noise_std·sd_j·ε of the inputs
+    """The salience of robust_praq: praq averaged over `n_noise_samples` noisy copies x̃ = x + noise_std·sd_j·ε of the inputs
     (module docstring). noise_std is relative to each channel's standard deviation; the noise comes
     from a torch.Generator seeded by `noise_seed(cfg.seed, block, input point)`. noise_std = 0 is
     praq exactly (the noisy path is skipped)."""
 
-    name = "robust_praq"
     PARAMS = {**PRAQ.PARAMS, "noise_std": 0.01, "n_noise_samples": 3}
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def setup(self):
+        super().setup()
         p = self.params
         if not float(p["noise_std"]) >= 0:
             raise AwqnbError(f"noise_std={p['noise_std']} must be >= 0 (default 0.01).")

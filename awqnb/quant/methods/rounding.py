@@ -53,8 +53,10 @@ from awqnb.core.config import QuantConfig
 from awqnb.core.errors import AwqnbError
 from awqnb.core.kneedle import knee_outliers
 from awqnb.core.primitives import compute_qparams, dequantize, expand_groups, fake_quant, qrange, quantize
-from awqnb.quant.methods.base import BlockContext, register
-from awqnb.quant.methods.standard import AWQ
+from awqnb.quant.methods.base import BlockContext, Nearest, apply_code_delta, channel_salience, code_delta
+
+__all__ = ["HeuristicFlip", "DynamicFlip", "JamesSteinFlip", "greedy_flip", "code_delta", "apply_code_delta",
+           "james_stein", "input_moments", "top_percent", "row_error", "FlipResult"]
 
 log = logging.getLogger(__name__)
 
@@ -240,23 +242,6 @@ def greedy_flip(w: torch.Tensor, mu: torch.Tensor, cfg: QuantConfig, frozen: tor
     return FlipResult(q0, q, scale, zero, e0, e_after, used, max(passes, 0))
 
 
-def code_delta(q0: torch.Tensor, q: torch.Tensor) -> dict:
-    """Replay data: flattened indices `[n]` (int32, int64 past 2**31) and int8 code changes
-    `q − q0` of the changed weights, on the CPU."""
-    diff = (q - q0).flatten()
-    idx = torch.nonzero(diff, as_tuple=False).flatten()
-    itype = torch.int32 if q.numel() < 2**31 else torch.int64
-    return {"idx": idx.to(itype).cpu(), "delta": diff[idx].to(torch.int8).cpu()}
-
-
-def apply_code_delta(q0: torch.Tensor, replay: dict) -> torch.Tensor:
-    """`q0` with the recorded code changes added."""
-    q = q0.clone()
-    if replay is not None and replay["idx"].numel():
-        q.view(-1)[replay["idx"].to(q.device).long()] += replay["delta"].to(device=q.device, dtype=q.dtype)
-    return q
-
-
 def james_stein(mu: torch.Tensor, var: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
     """James-Stein shrinkage of channel means towards their grand mean.
 
@@ -321,12 +306,6 @@ def input_moments(ctx: BlockContext, key: str, max_tokens_per_sample: int = 0):
     return m, (sq / n - m * m).clamp(min=0), n
 
 
-def raw_salience(ctx: BlockContext, key: str, kind: str) -> torch.Tensor:
-    """Salience `[c]` of the inputs at `key`, before scaling: 'l1' E|x|, 'l2' sqrt(E[x²])."""
-    st = ctx.stats[key]
-    return st.mean_abs if kind == "l1" else st.mean_sq.clamp(min=0).sqrt()
-
-
 def top_percent(salience: torch.Tensor, percent: float) -> torch.Tensor:
     """Mask `[c]` of the `floor(c · percent / 100)` channels of largest salience."""
     c = salience.numel()
@@ -342,9 +321,8 @@ def _summary(v: torch.Tensor) -> dict:
     return {"mean": float(a.mean()), "max": float(a.max())} if a.numel() else {"mean": 0.0, "max": 0.0}
 
 
-@register
-class AWQHeuristic(AWQ):
-    """awq_sh: AWQ scaling, then heuristic-guided global greedy rounding (module docstring).
+class HeuristicFlip(Nearest):
+    """The rounder of awq_sh: heuristic-guided global greedy rounding (module docstring).
 
     μ_j = E[x_j / s_j]; outliers: the top `outlier_percent` % of input channels by salience
     (`SearchConfig.salience`, raw inputs before scaling), never flipped; no cap on flips per row.
@@ -356,11 +334,10 @@ class AWQHeuristic(AWQ):
     (mean, max), outlier_frac.
     """
 
-    name = "awq_sh"
     PARAMS = {"use_heuristic": True, "outlier_percent": 5.0, "max_tokens_per_sample": 0, "flip_order": "gain"}
+    needs_calibration = True
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def setup(self):
         p = self.params
         if "outlier_percent" in p and not 0.0 <= float(p["outlier_percent"]) < 100.0:
             raise AwqnbError(f"outlier_percent={p['outlier_percent']} must lie in [0, 100) (it is in %: 5 = 5%).")
@@ -378,7 +355,7 @@ class AWQHeuristic(AWQ):
 
     def outliers(self, ctx: BlockContext, key: str) -> torch.Tensor:
         """`[ci]` bool mask of channels never flipped."""
-        sal = raw_salience(ctx, key, self.cfg.search.salience)
+        sal = channel_salience(ctx.stats[key], self.cfg.search.salience)
         return top_percent(sal, float(self.params["outlier_percent"]))
 
     def max_flips(self, ci: int) -> int | None:
@@ -425,41 +402,38 @@ class AWQHeuristic(AWQ):
         return code_delta(res.q0, res.q)
 
     @torch.no_grad()
-    def replay_linear(self, name: str, lin: nn.Linear, replay: dict | None) -> None:
-        """Round to nearest, then add the recorded code changes: the exact weights of the run."""
-        if replay is None:
-            lin.weight.data.copy_(fake_quant(lin.weight.data, self.cfg.quant))
-            return
-        w = lin.weight.data
-        scale, zero = compute_qparams(w, self.cfg.quant)
-        q = apply_code_delta(quantize(w.float(), scale, zero, self.cfg.quant), replay)
-        w.copy_(dequantize(q, scale, zero, self.cfg.quant).to(w.dtype))
+    def round_codes(self, ctx: BlockContext, name: str, lin: nn.Linear):
+        """Greedy-flip rounding of one linear, returning (replay, (q0, q, scale, zero)) (`Nearest.round_codes`)."""
+        if not self.params["use_heuristic"]:
+            return super().round_codes(ctx, name, lin)
+        res = self._round(ctx, name, lin)
+        lin.weight.data.copy_(dequantize(res.q, res.scale, res.zero, self.cfg.quant).to(lin.weight.dtype))
+        return code_delta(res.q0, res.q), (res.q0, res.q, res.scale, res.zero)
+
+    # replay_linear: Nearest's (round to nearest, then add the recorded code changes)
 
     def finish_block(self, ctx: BlockContext) -> None:
         self._cache = {k: v for k, v in self._cache.items() if k[0] != ctx.index}
-        super().finish_block(ctx)
 
 
-@register
-class AWQDynamicHeuristic(AWQHeuristic):
-    """awq_dh: awq_sh with per-layer outliers from the knee of the sorted salience curve
+class DynamicFlip(HeuristicFlip):
+    """The rounder of awq_dh: HeuristicFlip with per-layer outliers from the knee of the sorted salience curve
     (kneedle.knee_outliers, `knee_tolerance`) and at most
     `cap = max(1, floor(max_flip_percent / 100 · ci))` flips per output row (0 → no flips).
     Params: use_heuristic, knee_tolerance (0.0), max_flip_percent (1.0, in % of ci),
     max_tokens_per_sample, flip_order. Evidence adds ctx.evidence['outlier_frac'][linear].
     """
 
-    name = "awq_dh"
     PARAMS = {"use_heuristic": True, "knee_tolerance": 0.0, "max_flip_percent": 1.0, "max_tokens_per_sample": 0,
               "flip_order": "gain"}
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def setup(self):
+        super().setup()
         if not 0.0 <= float(self.params["max_flip_percent"]) <= 100.0:
             raise AwqnbError("max_flip_percent must lie in [0, 100] (% of a row's input channels).")
 
     def outliers(self, ctx: BlockContext, key: str) -> torch.Tensor:
-        sal = raw_salience(ctx, key, self.cfg.search.salience)
+        sal = channel_salience(ctx.stats[key], self.cfg.search.salience)
         return knee_outliers(sal, float(self.params["knee_tolerance"]))
 
     def max_flips(self, ci: int) -> int | None:
@@ -472,16 +446,13 @@ class AWQDynamicHeuristic(AWQHeuristic):
         return res
 
 
-@register
-class AWQJamesStein(AWQHeuristic):
-    """awq_js: awq_sh with μ replaced by its James-Stein shrinkage (`james_stein`):
+class JamesSteinFlip(HeuristicFlip):
+    """The rounder of awq_js: HeuristicFlip with μ replaced by its James-Stein shrinkage (`james_stein`):
     `μ_JS = μ̄ + (1 − (p − 2)·σ²/(n·‖μ − μ̄‖²))₊ (μ − μ̄)`, p = ci, σ² the pooled (mean over
     channels) variance of x/s, n the token count (all tokens, or the subsample of
     max_tokens_per_sample). Same params as awq_sh. Evidence adds ctx.evidence['js_factor'][input
     point] = the shrinkage factor c (1: no shrinkage, 0: all channels set to the grand mean).
     """
-
-    name = "awq_js"
 
     def mean_input(self, ctx: BlockContext, key: str) -> tuple[torch.Tensor, dict]:
         m, var, n = input_moments(ctx, key, int(self.params["max_tokens_per_sample"]))
