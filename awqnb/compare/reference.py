@@ -245,6 +245,6 @@ def quantize_reference(model: nn.Module, name: str, calibration, tokenizer=None,
     _undispatch(model, dev)
     found = finalize(model)
     return {"tool": "llm-compressor", "version": llmc_version(), "method": name, "seconds": seconds,
-            "peak_gpu_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
+            "peak_gpu_gb": torch.cuda.max_memory_allocated(dev) / 1e9 if cuda else None,  # GB = 10⁹ bytes
             "recipe": [f"{type(m).__name__}" for m in rec], "bits": bits, "group_size": group_size,
             "symmetric": symmetric, "n_calib": int(ids.shape[0]), "calib_seqlen": int(ids.shape[1]), **found}

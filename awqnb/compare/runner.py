@@ -37,6 +37,7 @@ from awqnb.compare.claims import method_configs, seed_claims
 from awqnb.compare.reference import (REFERENCE_METHODS, is_reference, llmc_version, quantize_reference,
                                      refusal)
 from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.devices import sync
 from awqnb.core.dtypes import parse_dtype
 from awqnb.core.errors import AwqnbError
 from awqnb.core.files import atomic_write, read_json
@@ -467,11 +468,6 @@ def _free(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _evaluate(model: nn.Module, sets: Sequence[EvalSet], tokenizer, dev: torch.device, eval_dtype, meta: dict,
               progress: bool) -> dict[str, PerplexityResult]:
     model.to(dev)
@@ -642,10 +638,10 @@ def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_S
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
                 torch.manual_seed(seed)
-                _sync(dev)
+                sync(dev)
                 t0 = time.perf_counter()
                 qres = quantize(qmodel, cfg, calib, device=dev, model_name=model_name, progress=False)
-                _sync(dev)
+                sync(dev)
                 rec.quantize_s = time.perf_counter() - t0
                 rec.calibration = qres.calibration
                 rec.info = {"timings": qres.timings}
@@ -676,11 +672,11 @@ def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_S
                     if on_run:
                         on_run(comp, rec)
                     continue
-                _sync(dev)
+                sync(dev)
                 rec.quantize_s = time.perf_counter() - t0
                 rec.info = info
             if dev.type == "cuda" and spec.kind != "fp":
-                rec.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 2**30
+                rec.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 1e9  # GB = 10⁹ bytes (as the pipeline, bench/scale.py)
             meta.update(calibration=rec.calibration, config=rec.config, quant_seconds=rec.quantize_s)
             rec.results = _evaluate(qmodel, sets, tokenizer, dev, eval_dtype, meta, progress=False)
         finally:
