@@ -7,7 +7,7 @@ function selects, reshapes and draws columns that are already there.
   loss, best_alpha, loss_rel_rtn), one method at a time; optional constant columns model, method,
   bits, group_size name the run in the title.
 - `sensitivity_heatmap`, `sensitivity_bars` (`awqnb.analysis.sensitivity.sensitivity` frames: layer, family,
-  mode, kl, ppl, dppl, n_params, mse), `pareto_plot` (`awqnb.analysis.sensitivity.pareto`: strategy, k,
+  mode, kl, ppl, dppl, n_params, mse), `pareto_plot` (`awqnb.analysis.plans.pareto`: strategy, k,
   avg_bits, ppl, kl) and `block_error_profile` (`QuantResult.block_errors()`: where the error
   enters); their titles read the frame's `attrs['provenance']`.
 
@@ -730,7 +730,7 @@ def sensitivity_bars(frame, top: int = 15, by: str = "kl", meta: Mapping | None 
 
 def pareto_plot(pareto_frame, fp_ppl: float | None = None, quant_ppl: float | None = None,
                 meta: Mapping | None = None, title: str | None = None) -> go.Figure:
-    """Mixed precision (`awqnb.analysis.sensitivity.pareto`): perplexity against average weight bits, one
+    """Mixed precision (`awqnb.analysis.plans.pareto`): perplexity against average weight bits, one
     line per strategy choosing which linears to keep at higher precision (each point labelled with
     k, the number kept); the FP and fully quantized perplexities (arguments, else the frame's
     attrs `fp_ppl` / `quant_ppl`) as dashed reference lines."""

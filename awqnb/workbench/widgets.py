@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from awqnb.analysis import diagnostics as D
+from awqnb.analysis.salience import METRICS as SALIENCE_METRICS, salience_table
 from awqnb.core.config import QuantConfig, SearchConfig
 from awqnb.core.errors import AwqnbError
 from awqnb.engine.walk import BlockEngine
@@ -128,8 +129,8 @@ class AlphaExplorer:
         group = group or groups[0]
         if group not in groups:
             raise AwqnbError(f"group {group!r} is unknown; this architecture's scale groups are {groups}.")
-        if metric not in D.METRICS:
-            raise AwqnbError(f"metric {metric!r} is unknown; use one of {D.METRICS}.")
+        if metric not in SALIENCE_METRICS:
+            raise AwqnbError(f"metric {metric!r} is unknown; use one of {SALIENCE_METRICS}.")
         if bits not in BITS:
             raise AwqnbError(f"bits={bits} is not supported; use one of {BITS}.")
         n = len(self.blocks)
@@ -137,7 +138,7 @@ class AlphaExplorer:
         self.widgets = {
             "layer": W.IntSlider(value=layer, min=0, max=n - 1, step=1, description="layer", continuous_update=False),
             "group": W.Dropdown(options=groups, value=group, description="group"),
-            "metric": W.Dropdown(options=list(D.METRICS), value=metric, description="salience"),
+            "metric": W.Dropdown(options=list(SALIENCE_METRICS), value=metric, description="salience"),
             "group_size": W.Dropdown(options=self._group_sizes(layer, group), description="group size"),
             "bits": W.Dropdown(options=list(BITS), value=bits, description="bits"),
             "alpha": W.FloatSlider(value=round(round(alpha / step) * step, 10), min=0.0, max=1.0, step=step,
@@ -189,7 +190,7 @@ class AlphaExplorer:
             return self._samples[layer]
         t0 = time.perf_counter()
         spec = self.spec
-        sal = D.salience_table(self.model, self.calib, layers=[layer], device=self.device, params=self.params,
+        sal = salience_table(self.model, self.calib, layers=[layer], device=self.device, params=self.params,
                                cache=self.cache, model_name=self.model_name)
         # the token sample comes from the first samples only: enough for 4·max_tokens tokens
         # (and the n_seq attention sequences), taken evenly with a stride
