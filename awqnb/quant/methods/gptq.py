@@ -1,4 +1,5 @@
-"""GPTQ (Frantar et al. 2022) on awqnb's own grid: `gptq`, and `awq_gptq` (AWQ scales, then GPTQ).
+"""GPTQ (Frantar et al. 2022) on awqnb's own grid: the `GPTQ` rounder of `gptq`, `awq_gptq` (AWQ scales,
+then GPTQ), `praq_gptq` and `awq_gptq_reflip`.
 
 For one linear `W: [co, ci]` with calibration inputs `X: [n, ci]` at its input point (the current,
 already scaled space for awq_gptq):

@@ -1,4 +1,5 @@
-"""Heuristic-guided rounding on top of AWQ scaling: awq_sh, awq_dh, awq_js (METHODS.md).
+"""Heuristic-guided rounding on top of AWQ scaling: the rounders `HeuristicFlip` (awq_sh), `DynamicFlip`
+(awq_dh) and `JamesSteinFlip` (awq_js, awq_gqa) (METHODS.md).
 
 All three search and fold AWQ scales exactly like `awq`, then replace round-to-nearest of each
 block linear by a greedy flip of rounding decisions that drives each output row's *expected*
@@ -52,7 +53,7 @@ from torch import nn
 from awqnb.core.config import QuantConfig
 from awqnb.core.errors import AwqnbError
 from awqnb.core.kneedle import knee_outliers
-from awqnb.core.primitives import compute_qparams, dequantize, expand_groups, fake_quant, qrange, quantize
+from awqnb.core.primitives import compute_qparams, dequantize, expand_groups, qrange
 from awqnb.quant.methods.base import BlockContext, Nearest, apply_code_delta, channel_salience, code_delta
 
 __all__ = ["HeuristicFlip", "DynamicFlip", "JamesSteinFlip", "greedy_flip", "code_delta", "apply_code_delta",
