@@ -14,24 +14,13 @@ from awqnb.core.errors import AwqnbError
 log = logging.getLogger("awqnb")
 
 
-def _parse_value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    return v
-
-
 def _method_params(args) -> dict:
+    from awqnb.compare.specs import parse_assignment
+
     params = {k[3:]: v for k, v in vars(args).items() if k.startswith("mp_") and v is not None}
     for kv in args.param or []:
-        if "=" not in kv:
-            raise AwqnbError(f"--param {kv!r} must look like key=value, e.g. --param outlier_percent=5")
-        k, v = kv.split("=", 1)
-        params[k.replace("-", "_")] = _parse_value(v)
+        k, v = parse_assignment(kv, "--param", "--param outlier_percent=5")
+        params[k] = v
     return params
 
 
@@ -66,7 +55,9 @@ def _method_param_flags(p: argparse.ArgumentParser) -> None:
 
 def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="alias, HF directory, GGUF file or Hub id")
-    p.add_argument("--method", default="awq", help="quantization method (see `awqnb quantize --list`)")
+    p.add_argument("--method", default="awq",
+                   help="quantization method (see `awqnb quantize --list`), full_<method>, the preset awq_ref, "
+                        "or a spec with overrides such as awq_sh@outlier_percent=1")
     p.add_argument("--bits", type=int, default=4, help="bits per weight")
     p.add_argument("--group-size", type=int, default=None,
                    help="weights per scale, -1 = per channel (default: 128, or the largest of 64/32/16 that "
@@ -104,20 +95,25 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def method_config(args):
-    from awqnb.quant.method_config import MethodConfig
+    """The MethodConfig of the flags; --method is a method spec (`awqnb.compare.specs`: 'awq',
+    'awq_ref', 'full_praq', 'awq_sh@outlier_percent=1', ...) whose overrides win over the flags
+    (its n_calib, calib_seqlen, calib_dataset set those flags)."""
+    from awqnb.compare.specs import parse_spec
     from awqnb.core.config import QuantConfig, SearchConfig
 
-    return MethodConfig(
-        method=args.method,
-        quant=QuantConfig(args.bits, 128 if args.group_size is None else args.group_size, args.sym),
-        search=SearchConfig(n_grid=args.n_grid, salience=args.salience, duo_scaling=args.duo_scaling,
-                            clip=args.clip, propagate=args.propagate, alpha_select=args.alpha_select),
-        params=_method_params(args),
+    spec = parse_spec(args.method)
+    for k, v in spec.run.items():
+        setattr(args, k, v)
+    return spec.method_config(
+        QuantConfig(args.bits, 128 if args.group_size is None else args.group_size, args.sym),
+        SearchConfig(n_grid=args.n_grid, salience=args.salience, duo_scaling=args.duo_scaling,
+                     clip=args.clip, propagate=args.propagate, alpha_select=args.alpha_select),
+        _method_params(args),
+        args.seed,
         lm_head=args.lm_head,
         lmhead_chunks=args.lmhead_chunks,
         layer_batch_size=args.layer_batch_size,
         calib_batch_size=args.calib_batch_size,
-        seed=args.seed,
         dtype=args.dtype,
         plan=_plan(args),
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from awqnb.analysis import stats
 from awqnb.analysis.evaluate import PerplexityResult
-from awqnb.compare.runner import Comparison
+from awqnb.compare.comparison import Comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "bench" / "results"

@@ -13,12 +13,13 @@ per-unit NLL), `results.json` (every evaluation, the format bench/seed_noise.py 
 `metadata.json` (each awqnb quantization's α per layer, evidence, timings), `summary.csv` and
 `summary.md` (mean ± sd over seeds per method and dataset, verdicts); rewritten after every run.
 
-Method specs: a registered method name with its defaults and the seeds' search (L2 salience,
-quantized propagation), `fp` (no quantization), `llmc_awq` / `llmc_gptq` (llm-compressor's AWQ and
+Method specs (`awqnb.compare.specs`, the one parser): a registered method name with its defaults and
+the seeds' search (L2 salience, quantized propagation), `full_<method>`, `fp` (no quantization), `llmc_awq` / `llmc_gptq` (llm-compressor's AWQ and
 GPTQ on the same calibration token ids: `pip install 'awqnb[reference]'`; absent or of another
 version than 0.14.x they are skipped with the reason, the other methods still run), or a preset:
   awq_ref   awq as the reference tools run it: L1 salience, duo_scaling, clip, FP propagation.
-A spec may carry overrides after '@': `robust_praq@n_calib=16`, `awq_sh@outlier_percent=1`.
+A spec may carry overrides after '@': `robust_praq@n_calib=16`, `awq_sh@outlier_percent=1`,
+`awq@salience=l1,n_grid=10` (calibration keys, SearchConfig and config fields, method parameters).
 
 A run that does not fit one call can be split (by methods or by seeds, same other settings) and
 the pieces merged: `--merge dirA,dirB --out dirAB [--baseline X]` reads their comparison JSON files
@@ -40,59 +41,32 @@ from pathlib import Path
 
 import torch
 
-from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig, SearchConfig
 from awqnb.core.errors import AwqnbError
 from awqnb.model.devices import resolve_device
 from awqnb.model.loading import load_model
 from awqnb.model.provenance import versions
-from awqnb.compare.reference import is_reference
-from awqnb.compare.runner import CalibSpec, MethodSpec, check_seeds, eval_sets, run_comparison
+from awqnb.compare import specs
+from awqnb.compare.comparison import Comparison
+from awqnb.compare.runner import CalibSpec, check_seeds, eval_sets, run_comparison
+from awqnb.compare.specs import RUN_KEYS, MethodSpec  # noqa: F401 — RUN_KEYS: bench/determinism.py
 from awqnb.analysis.stats import seeds_note
 
-PRESETS = {
-    "awq": ("awq", dict(salience="l2", propagate="quantized")),
-    "awq_ref": ("awq", dict(salience="l1", duo_scaling=True, clip=True, propagate="fp")),
-}
-RUN_KEYS = ("n_calib", "calib_seqlen", "calib_dataset")
 DEFAULT_SEEDS = "42,43,44,45,46"  # five: where the bench makes claims
 
 
 def parse_spec(spec: str) -> tuple[str, str, dict, dict, dict]:
-    """spec → (label, method, search overrides, method params, run overrides)."""
-    name, _, over = spec.partition("@")
-    method, search = PRESETS.get(name, (name, {}))
-    search = dict(search)
-    params, run = {}, {}
-    for kv in filter(None, over.split(",")):
-        k, v = kv.split("=")
-        v = int(v) if v.lstrip("-").isdigit() else (float(v) if v.replace(".", "", 1).lstrip("-").isdigit() else
-                                                     {"true": True, "false": False}.get(v.lower(), v))
-        if k in RUN_KEYS:
-            run[k] = v
-        elif k in SearchConfig.__dataclass_fields__:
-            search[k] = v
-        else:
-            params[k] = v
-    return spec, method, search, params, run
+    """spec → (label, method, search overrides, method params, run overrides): the tuple
+    bench/determinism.py reads, from the one parser `awqnb.compare.specs.parse_spec`."""
+    p = specs.parse_spec(spec)
+    return p.label, p.method, dict(p.search), dict(p.params), p.run
 
 
-CALIB_FIELDS = {"n_calib": "n_calib", "calib_seqlen": "seqlen", "calib_dataset": "dataset"}
-
-
-def build_specs(specs, bits: int, g: int, args, dev) -> list[MethodSpec]:
-    out = []
-    for label, method, search, params, run in specs:
-        if method == "fp" or is_reference(method):
-            if search or params:
-                raise AwqnbError(f"{label}: {method} takes no search or method parameters (only {', '.join(RUN_KEYS)}).")
-            out.append(MethodSpec(label, method, None, {CALIB_FIELDS[k]: v for k, v in run.items()} or None))
-            continue
-        cfg = MethodConfig(method=method, quant=QuantConfig(bits, g), search=SearchConfig(**search), params=params,
-                           seed=args.seeds[0], dtype=args.dtype,
-                           calib_batch_size=args.calib_batch_size or (64 if dev.type == "cuda" else 16))
-        out.append(MethodSpec(label, method, cfg, {CALIB_FIELDS[k]: v for k, v in run.items()} or None))
-    return out
+def build_specs(parsed, bits: int, g: int, args, dev) -> list[MethodSpec]:
+    """ParsedSpecs → the runner's MethodSpecs at `bits`/`g`: the seeds' search (SearchConfig's
+    defaults) and the spec's overrides; unknown parameters or bad values fail here."""
+    return [p.build(QuantConfig(bits, g), SearchConfig(), None, args.seeds[0], dtype=args.dtype,
+                    calib_batch_size=args.calib_batch_size or (64 if dev.type == "cuda" else 16)) for p in parsed]
 
 
 from _common import run_dir, write_run_info  # noqa: E402 — bench/ is on sys.path when run as a script
@@ -138,8 +112,6 @@ def main(argv=None) -> int:
 
 
 def _merge(args) -> int:
-    from awqnb.compare.runner import Comparison
-
     by_g: dict = {}
     for d in [x for x in args.merge.split(",") if x]:
         files = sorted(Path(d).glob("comparison_g*.json"))
@@ -183,14 +155,14 @@ def _run(args) -> int:
     dev = resolve_device(args.device)
     eval_dtype = getattr(torch, args.eval_dtype) if dev.type == "cuda" else None
     out = write_run_info(args.out or run_dir("quality", args.model, dev), dev)
-    specs = [parse_spec(s) for s in args.methods.split(",") if s]
-    labels = [s[0] for s in specs]
+    parsed = specs.parse_specs(args.methods)
+    labels = [p.label for p in parsed]
     baseline = args.baseline or ("rtn" if "rtn" in labels else labels[0])
     if baseline not in labels:
         raise AwqnbError(f"--baseline {baseline!r} is not among --methods ({', '.join(labels)}).")
     groups = [int(x) for x in args.group_sizes.split(",")]
     for g in groups:
-        build_specs(specs, args.bits, g, args, dev)  # unknown methods / parameters fail before loading anything
+        build_specs(parsed, args.bits, g, args, dev)  # unknown methods / parameters fail before loading anything
     fp_model, tok = load_model(args.model, tokenizer=args.tokenizer, dtype=args.load_dtype)
     datasets = [d for d in args.datasets.split(",") if d]
     token = [d for d in datasets if d in ("wikitext2", "c4")]
@@ -207,7 +179,7 @@ def _run(args) -> int:
         write_outputs(out, args, dev, eval_dtype, labels, baseline, done, final=final)
 
     for g in groups:
-        comp = run_comparison(fp_model, build_specs(specs, args.bits, g, args, dev), tokenizer=tok, seeds=args.seeds,
+        comp = run_comparison(fp_model, build_specs(parsed, args.bits, g, args, dev), tokenizer=tok, seeds=args.seeds,
                               calibration=CalibSpec(args.calib_dataset, args.n_calib, args.calib_seqlen),
                               datasets=sets, quant=QuantConfig(args.bits, g), device=dev, dtype=args.dtype,
                               eval_dtype=eval_dtype, model_name=args.model, progress=False, on_run=save)

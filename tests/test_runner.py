@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from awqnb.compare import runner
+from awqnb.compare import comparison, runner
 from awqnb.core.config import QuantConfig, SearchConfig
 from awqnb.model.data import Calibration
 from awqnb.core.errors import AwqnbError
@@ -97,12 +97,12 @@ def test_json_round_trip_keeps_provenance_and_units(comp, tmp_path):
     assert prov["methods"][1]["config"]["search"]["n_grid"] == 4
     assert {x["name"]: x["protocol"] for x in prov["datasets"]} == {"toks": "gptq-token", "texts": "sample"}
     assert prov["versions"]["torch"] and prov["device"] == "cpu" and "llmcompressor" in prov["versions"]
-    back = runner.Comparison.read(p)
+    back = comparison.Comparison.read(p)
     assert back.frame().drop(columns=["nll", "n_tokens"]).equals(comp.frame().drop(columns=["nll", "n_tokens"]))
     assert back.per_seed("awq", "toks")[2].nll == comp.per_seed("awq", "toks")[2].nll
     assert back.verdicts("rtn").equals(comp.verdicts("rtn"))
     with pytest.raises(AwqnbError, match="not an awqnb comparison"):
-        runner.Comparison.from_dict({"format": "x"})
+        comparison.Comparison.from_dict({"format": "x"})
 
 
 def test_each_method_quantizes_an_exact_fresh_copy(setup, monkeypatch):
@@ -184,11 +184,11 @@ def test_seed_claims_over_three_seeds_say_held_or_did_not_hold():
     base = (3 + 0.1 * torch.randn(40, generator=g)).tolist()
     shift = {"awq": (0, 0, 0), "awq_sh": (-0.05, -0.04, -0.06), "praq": (0.05, 0.04, 0.06),
              "awq_dh": (-0.1, 0.0, 0.08), "awq_l1": (0.01, -0.01, 0.0)}
-    runs = [runner.RunRecord(lb, cfgs[lb].method, s, results={"w": _res([v + off for v in base])})
+    runs = [comparison.RunRecord(lb, cfgs[lb].method, s, results={"w": _res([v + off for v in base])})
             for lb, offs in shift.items() for s, off in zip((1, 2, 3), offs)]
     prov = {"seeds": [1, 2, 3], "methods": [{"label": lb, "method": c.method, "kind": "awqnb", "config": c.to_dict()}
                                              for lb, c in cfgs.items()]}
-    claims = runner.Comparison(runs, prov).claims().set_index("claim")
+    claims = comparison.Comparison(runs, prov).claims().set_index("claim")
     assert claims.loc["heuristic rounding beats plain AWQ", "verdict"] == "held"
     assert claims.loc["praq beats AWQ", "verdict"] == "did not hold"
     assert claims.loc["dynamic heuristic beats plain AWQ", "verdict"] == "within noise"
@@ -355,18 +355,18 @@ def test_bench_quality_on_the_runner(tmp_path, monkeypatch):
     vmd = (out / "m" / "verdicts.md").read_text()  # every method against rtn and against awq
     assert "## g32 vs rtn" in vmd and "## g32 vs awq" in vmd and "## g32 vs nope: did not run" in vmd
     assert "| rtn | wikitext2 |" in vmd.split("## g32 vs awq")[1] and "| 2 |" in vmd
-    merged = runner.Comparison.read(out / "m" / "comparison_g32.json")
+    merged = comparison.Comparison.read(out / "m" / "comparison_g32.json")
     assert merged.seeds == [1, 2] and [(r.label, r.seed) for r in merged.runs] == [("rtn", 1), ("awq", 1), ("awq", 2)]
     assert merged.provenance["complete"]  # every (method, seed) is in one piece or the other
-    s2 = runner.Comparison.read(out / "s2" / "comparison_g32.json")
-    s2_cut = runner.Comparison([r for r in s2.runs if r.label != "awq"], s2.provenance, None, {})
-    assert not runner.Comparison.merge(runner.Comparison.read(out / "s1" / "comparison_g32.json"),
+    s2 = comparison.Comparison.read(out / "s2" / "comparison_g32.json")
+    s2_cut = comparison.Comparison([r for r in s2.runs if r.label != "awq"], s2.provenance, None, {})
+    assert not comparison.Comparison.merge(comparison.Comparison.read(out / "s1" / "comparison_g32.json"),
                                        s2_cut).provenance["complete"]  # awq's seed-2 run is missing
     v = merged.verdicts("rtn")
     assert list(v.n_seeds) == [2]
-    whole = runner.Comparison.read(out / "comparison_g32.json")  # the one-call run above
+    whole = comparison.Comparison.read(out / "comparison_g32.json")  # the one-call run above
     # a run cut off before seed 2: the table says which seeds it holds, not the requested count
-    cut = runner.Comparison([r for r in whole.runs if r.shared or r.seed == 1], whole.provenance, None, {})
+    cut = comparison.Comparison([r for r in whole.runs if r.shared or r.seed == 1], whole.provenance, None, {})
     (out / "cut").mkdir()
     cut.to_json(out / "cut" / "comparison_g32.json")
     assert _bench_quality(["--merge", str(out / "cut"), "--baseline", "rtn", "--out", str(out / "cm")]) == 0
@@ -380,4 +380,4 @@ def test_bench_quality_on_the_runner(tmp_path, monkeypatch):
                        "--out", str(out / "one")])
     assert rc == 0 and json.loads((out / "one" / "comparison_g32.json").read_text())["provenance"]["seeds"] == [7]
     with pytest.raises(AwqnbError, match="differ in calibration"):  # another calibration set: not one comparison
-        runner.Comparison.merge(merged, runner.Comparison.read(out / "one" / "comparison_g32.json"))
+        comparison.Comparison.merge(merged, comparison.Comparison.read(out / "one" / "comparison_g32.json"))

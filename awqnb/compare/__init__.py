@@ -1,1 +1,1 @@
-"""Comparison runs: method configurations, the reference tools and the runner. Imports the layers below (core … analysis)."""
+"""Comparison runs: method specs (specs), method configurations and the seeds' claims (claims), the reference tools (reference), the runner (runner) and its record (comparison). Imports the layers below (core … analysis)."""

@@ -1,6 +1,6 @@
 """Comparing methods: the configurations of a comparison run and the seeds' claims checked on it.
 
-`method_configs` turns a list of method names plus named variants (e.g. `awq_l1`: awq with L1
+`method_configs` turns a list of method specs (`awqnb.compare.specs`) plus named variants (e.g. `awq_l1`: awq with L1
 salience) into one MethodConfig per label; `seed_claims` reads a finished comparison (perplexity
 results and QuantResults by label) and states, per claim of the seed documents, what this run
 measured and whether the claim holds here.
@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping
 
 from awqnb.analysis import stats
 from awqnb.analysis.stats import BASELINE
+from awqnb.compare.specs import parse_spec
 from awqnb.core.config import QuantConfig, SearchConfig
 from awqnb.core.errors import AwqnbError
 from awqnb.quant.method_config import MethodConfig
@@ -22,16 +23,22 @@ VARIANT_KEYS = {"method", "bits", "group_size", "symmetric", "salience", "n_grid
 
 def method_configs(methods: Iterable[str], variants: Mapping[str, Mapping[str, Any]] | None, quant: QuantConfig,
                    search: SearchConfig, method_params: Mapping[str, Mapping] | None = None,
-                   seed: int = 42) -> dict[str, MethodConfig]:
-    """label → MethodConfig. Each name of `methods` is a label using the shared `quant` and
-    `search` settings and `method_params[name]`; each `variants[label]` is a method with some of
-    them overridden: {'method': 'awq', 'salience': 'l1'} or {'method': 'awq', 'symmetric': True}
-    (keys: method, bits, group_size, symmetric, salience, n_grid, duo_scaling, clip, params).
-    Unknown methods or parameters fail here, before any work."""
+                   seed: int = 42, config_fields: Mapping[str, Any] | None = None) -> dict[str, MethodConfig]:
+    """label → MethodConfig. Each spec of `methods` (`awqnb.compare.specs`: 'awq', 'awq_ref',
+    'awq_sh@outlier_percent=1', ...) is a label using the shared `quant` and `search` settings,
+    `method_params[name]` (else `method_params[method]`) and its own overrides; each
+    `variants[label]` is a method with some of them overridden: {'method': 'awq', 'salience': 'l1'}
+    or {'method': 'awq', 'symmetric': True} (keys: method, bits, group_size, symmetric, salience,
+    n_grid, duo_scaling, clip, params). `config_fields` (e.g. dtype, calib_batch_size) are set on
+    every config (a spec's own overrides win). Unknown methods or parameters fail here, before any
+    work."""
     method_params = dict(method_params or {})
+    config_fields = dict(config_fields or {})
     out: dict[str, MethodConfig] = {}
     for m in methods:
-        out[m] = MethodConfig(method=m, quant=quant, search=search, params=method_params.get(m, {}), seed=seed)
+        p = parse_spec(m)
+        params = method_params.get(p.name, method_params.get(p.method, {}))
+        out[p.label] = p.method_config(quant, search, params, seed, **config_fields)
     for label, v in (variants or {}).items():
         v = dict(v)
         unknown = set(v) - VARIANT_KEYS
@@ -43,9 +50,8 @@ def method_configs(methods: Iterable[str], variants: Mapping[str, Mapping[str, A
         q = dataclasses.replace(quant, **{k: v[k] for k in ("bits", "group_size", "symmetric") if k in v})
         s = dataclasses.replace(search, **{k: v[k] for k in ("salience", "n_grid", "duo_scaling", "clip") if k in v})
         params = v.get("params", method_params.get(v["method"], {}))
-        out[label] = MethodConfig(method=v["method"], quant=q, search=s, params=params, seed=seed)
-    for cfg in out.values():
-        get_method(cfg.method)(cfg)
+        out[label] = MethodConfig(method=v["method"], quant=q, search=s, params=params, seed=seed, **config_fields)
+        get_method(out[label].method)(out[label])
     return out
 
 
@@ -106,7 +112,7 @@ def best_per_dataset(table):
     perplexity → rows (dataset, protocol, seqlen, best, ppl, delta_pct, ci_low, ci_high, verdict
     (against the table's baseline), runner_up, runner_up_ppl) (the baseline row is left out). A
     ranking of one result per method, not a verdict between best and runner-up: those need seeds
-    (`runner.Comparison.verdicts`)."""
+    (`comparison.Comparison.verdicts`)."""
     import pandas as pd
 
     rows = []
@@ -128,7 +134,7 @@ def seed_claims(results, quant_results: Mapping[str, Any] | None = None):
     claim, a, b (labels compared), dataset, value (delta % of a against b, or the evidence's
     figure), ci_low, ci_high (95%), n_seeds, unit, seed_says, verdict.
 
-    results: a `runner.Comparison` (every calibration seed; quant_results then come from it), or
+    results: a `comparison.Comparison` (every calibration seed; quant_results then come from it), or
     label → dataset → PerplexityResult of one run with quant_results: label → QuantResult.
 
     Perplexity claims (delta % = exp(mean over seeds of mean NLL_a − mean NLL_b) − 1; negative: a
@@ -145,7 +151,7 @@ def seed_claims(results, quant_results: Mapping[str, Any] | None = None):
     import numpy as np
     import pandas as pd
 
-    if hasattr(results, "per_seed"):  # a runner.Comparison
+    if hasattr(results, "per_seed"):  # a comparison.Comparison
         comp = results
         configs = comp.configs()
         records: dict[str, list] = {}
