@@ -68,8 +68,8 @@ def _sync(device):
 def _mem(device) -> dict:
     if device.type != "cuda":
         return {"allocated_gb": None, "peak_gb": None}
-    return {"allocated_gb": torch.cuda.memory_allocated(device) / 2**30,
-            "peak_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"allocated_gb": torch.cuda.memory_allocated(device) / 1e9,
+            "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9}  # GB = 1e9 bytes
 
 
 def _reset_peak(device):
@@ -253,7 +253,7 @@ def markdown(out: dict) -> str:
              "GPU GB bf16 | GPU GB packed after load | after 1st forward | peak GB largest batch bf16 / packed | "
              + " | ".join(f"tok/s b{b} bf16 / packed" for b in out["args"]["batches"]) + " |",
              "|" + "---|" * (10 + len(out["args"]["batches"]))]
-    g = 2**30
+    g = 1e9  # GB = 1e9 bytes
     for r in out["models"]:
         if "error" in r:
             lines.append(f"| {r['model']} | error: {r['error']} |")

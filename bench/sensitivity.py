@@ -186,7 +186,7 @@ def main(argv=None) -> int:
                               slice_name=rank_slice)
         mrec["sensitivity_s"] = _sync(dev) - t
         if dev.type == "cuda":
-            mrec["sensitivity_peak_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+            mrec["sensitivity_peak_gb"] = torch.cuda.max_memory_allocated(dev) / 1e9  # GB = 1e9 bytes
         mrec["sensitivity_pass"] = f"{n_layers} layers x {frame.family.nunique()} families x 2 modes"
         mrec["frame"] = frame.to_dict(orient="records")
         mrec["attrs"] = {k: v for k, v in frame.attrs.items() if k != "provenance"}

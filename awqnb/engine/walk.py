@@ -79,7 +79,7 @@ def _nbytes(module: nn.Module) -> int:
 
 def oom_message(what: str, module: nn.Module, device) -> str:
     """One line for a CUDA out-of-memory error: what was running, the block's size, the ways out."""
-    return (f"out of memory on {device} while {what} ({_nbytes(module) / 2**30:.2f} GiB of weights); "
+    return (f"out of memory on {device} while {what} ({_nbytes(module) / 1e9:.2f} GB of weights); "
             "pass offload_activations=True (CLI --offload-activations), a smaller --calib-batch-size "
             "or fewer calibration samples, or free the device.")
 
