@@ -53,9 +53,9 @@ def test_perplexity_bar_one_trace_per_dataset():
 def test_alpha_curves_facets_one_line_per_layer_and_a_star_trace_per_group():
     df = _curves(model="tiny", method="awq", bits=4, group_size=128)
     fig = plots.alpha_curves(df)
-    assert len(fig.data) == 2 * (2 + 1)
+    assert len(fig.data) == 2 * (2 + 1) + 1  # + the layer colour bar
     lines = [t for t in fig.data if t.mode == "lines"]
-    stars = [t for t in fig.data if t.mode == "markers"]
+    stars = [t for t in fig.data if t.mode == "markers" and t.name.startswith("α*")]
     assert len(lines) == 4 and len(stars) == 2
     assert [t.name for t in lines] == ["layer 0", "layer 1", "layer 0", "layer 1"]
     np.testing.assert_allclose(lines[0].y, [1.0, 0.6, 0.9])  # normalised by the α=0 (RTN) loss
@@ -71,14 +71,15 @@ def test_alpha_curves_facets_one_line_per_layer_and_a_star_trace_per_group():
 def test_alpha_curves_group_filter_and_dropdown():
     df = _curves()
     fig = plots.alpha_curves(df, groups=["down"], meta={"model": "m", "method": "awq", "bits": 4, "group_size": -1})
-    assert len(fig.data) == 3
+    assert len(fig.data) == 3 + 1
     assert "per-channel" in fig.layout.title.text
     dd = plots.alpha_curves(df, mode="dropdown")
-    assert len(dd.data) == 6
+    assert len(dd.data) == 7
     buttons = dd.layout.updatemenus[0].buttons
     assert [b.label for b in buttons] == ["qkv", "down"]
-    assert buttons[1].args[0]["visible"] == [False] * 3 + [True] * 3
-    assert [t.visible for t in dd.data] == [True] * 3 + [False] * 3
+    assert buttons[1].args[0]["visible"] == [False] * 3 + [True] * 3 + [True]  # the colour bar stays
+    assert [t.visible for t in dd.data] == [True] * 3 + [False] * 3 + [None]
+    assert dd.layout.yaxis.type == "log"
 
 
 def test_alpha_map_layer_by_group():
@@ -100,3 +101,107 @@ def test_bad_frames_are_clear_errors():
         plots.alpha_curves(two)
     with pytest.raises(AwqnbError, match="not in the curves"):
         plots.alpha_curves(_curves(), groups=["vo"])
+
+
+ALPHAS_FINE = [round(0.1 * i, 1) for i in range(11)]
+JAGGED = [1.0, 2.3, 3.7, 0.5, 0.85, 1.2, 2.1, 0.47, 0.5, 0.73, 1.4]  # the α probe's gate_up curve, 11 α
+
+
+def _real_curves():
+    """10 layers × 2 groups of smooth U-shaped curves; gate_up layer 7 climbs to 75× RTN (smooth),
+    gate_up layer 3 is jagged."""
+    rows = []
+    for layer in range(10):
+        for g in ("qkv", "gate_up"):
+            rel = [1.0 - 0.8 * a + 0.6 * a * a for a in ALPHAS_FINE]
+            if g == "gate_up" and layer == 7:
+                rel = [1.0 + 74.0 * a ** 3 for a in ALPHAS_FINE]
+            if g == "gate_up" and layer == 3:
+                rel = JAGGED
+            best = ALPHAS_FINE[int(np.argmin(rel))]
+            rows += [{"layer": layer, "group": g, "alpha": a, "loss": 3.0 * r, "best_alpha": best,
+                      "loss_rel_rtn": r} for a, r in zip(ALPHAS_FINE, rel)]
+    return pd.DataFrame(rows)
+
+
+def test_alpha_curves_log_relative_axis_colour_bar_no_layer_legend():
+    df = _real_curves()
+    fig = plots.alpha_curves(df)
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "log"
+    assert "RTN" in fig.layout.yaxis.title.text and "log" in fig.layout.yaxis.title.text
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert len(lines) == 20
+    line7 = next(t for t in lines if t.name == "layer 7" and "gate_up" in t.hovertemplate)
+    assert max(line7.y) == pytest.approx(75.0)  # y is loss / RTN loss
+    for part in ("layer 7", "gate_up", "α", "loss/RTN", "loss %{customdata"):
+        assert part in line7.hovertemplate
+    assert sum(t.showlegend is not False for t in fig.data) <= 1  # no 10-entry legend
+    bars = [t for t in fig.data if t.marker is not None and t.marker.showscale]
+    assert len(bars) == 1
+    assert bars[0].marker.colorbar.title.text == "layer"
+    assert (bars[0].marker.cmin, bars[0].marker.cmax) == (0, 9)
+    # colours follow the colour bar: layer 0 and layer 9 are its ends
+    assert lines[0].line.color == plots.sample_colorscale(plots.LAYER_SCALE, [0.0])[0]
+    assert plots.alpha_curves(df, log=False).layout.yaxis.type == "linear"
+
+
+def test_alpha_curves_caption_names_the_jagged_layer_only():
+    fig = plots.alpha_curves(_real_curves())
+    caps = [a for a in fig.layout.annotations if a.name == "jagged_caption"]
+    assert len(caps) == 1
+    text = caps[0].text.replace("<br>", " ")
+    assert "layer 3 (gate_up)" in text
+    assert "layer 7" not in text and "qkv" not in text  # steep but smooth; smooth
+    assert "bench/README.md" in text and "alpha_probe.py" in text
+    assert caps[0].y == 0 and caps[0].yanchor == "top"  # under the plot
+    smooth = _real_curves().query("not (layer == 3 and group == 'gate_up')")
+    assert not [a for a in plots.alpha_curves(smooth).layout.annotations if a.name == "jagged_caption"]
+    assert not [a for a in plots.alpha_curves(_real_curves(), caption=False).layout.annotations
+                if a.name == "jagged_caption"]
+
+
+def test_curve_jaggedness_counts_reversals_beyond_the_tolerance():
+    from awqnb.analysis import scales
+
+    j = scales.curve_jaggedness(_real_curves())
+    assert list(j.columns) == ["group", "layer", "n_alpha", "n_reversals", "max_step", "jagged"]
+    assert list(j["group"].unique()) == ["qkv", "gate_up"] and len(j) == 20
+    row = j[(j.group == "gate_up") & (j.layer == 3)].iloc[0]
+    assert bool(row.jagged) and row.n_reversals == 4 and row.max_step == pytest.approx(3.7 / 0.5)
+    assert j[~((j.group == "gate_up") & (j.layer == 3))]["n_reversals"].max() <= 1
+    assert not j[j.layer == 7]["jagged"].any()
+    # a wiggle under the tolerance is no reversal
+    wig = pd.DataFrame({"group": "g", "layer": 0, "alpha": ALPHAS_FINE,
+                        "loss_rel_rtn": [1.0, 0.9, 0.8, 0.81, 0.8, 0.81, 0.8, 0.9, 1.0, 1.1, 1.2]})
+    assert int(scales.curve_jaggedness(wig)["n_reversals"].iloc[0]) == 1
+    assert int(scales.curve_jaggedness(wig, tol=0.001)["n_reversals"].iloc[0]) > 1
+    with pytest.raises(AwqnbError, match="lacks"):
+        scales.curve_jaggedness(wig.drop(columns="loss_rel_rtn"))
+
+
+def test_every_heatmap_says_what_its_x_axis_is():
+    mse = pd.DataFrame([{"method": m, "layer": l, "module": mod, "rel_mse": 1e-3 * (l + 1)}
+                        for m in ("rtn", "awq", "gptq") for l in (0, 1) for mod in ("q_proj", "down_proj")])
+    agree = pd.DataFrame({"layer": [0, 0, 1, 1], "group": "down", "pair": ["l1~l2", "l1~praq"] * 2,
+                          "spearman": [0.9, 0.2, 0.8, -0.1]})
+    summ = pd.DataFrame({"layer": [0, 1], "group": "qkv", "metric": "l2", "max_over_median": [10.0, 100.0]})
+    sens = pd.DataFrame({"layer": [0, 0], "family": ["qkv", "down"], "mode": "only", "kl": [0.1, 0.2]})
+    figs = {"mse_heatmap": plots.mse_heatmap(mse), "spearman_heatmap": plots.spearman_heatmap(agree),
+            "alpha_map": plots.alpha_map(_curves()), "salience_overview": plots.salience_overview(summ),
+            "sensitivity_heatmap": plots.sensitivity_heatmap(sens)}
+    for name, fig in figs.items():
+        axes = [k for k in fig.layout.to_plotly_json() if k.startswith("xaxis")]
+        assert axes, name
+        for k in axes:  # every panel's x axis, the lower-right one of a 3-method facet too
+            assert fig.layout[k].title.text, f"{name}: {k} has no title"
+    assert plots.mse_heatmap(mse).layout.xaxis.title.text == "linear module"
+    assert plots.spearman_heatmap(agree).layout.xaxis.title.text == "scale group · metric pair"
+
+
+@pytest.mark.parametrize("n_max, dtick", [(2, 1), (0, 1), (250, None)])
+def test_risk_chart_counts_have_integer_ticks(n_max, dtick):
+    risk = pd.DataFrame({"layer": [0, 1], "n_dead": [n_max, n_max // 2], "n_dead_risky": [n_max // 2, 0],
+                         "n_critical": [0, 0]})
+    y = plots.risk_overview(risk).layout.yaxis
+    assert y.title.text == "channels"
+    assert y.tickformat == "d" and y.rangemode == "tozero" and y.dtick == dtick  # no 0, 0.2, 0.4 …

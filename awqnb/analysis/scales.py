@@ -7,14 +7,17 @@
   scaling_table      per (layer, group): α*, loss gain, scale spread
   scale_values       per channel: the chosen s and the salience it came from
   alpha_curves       `QuantResult.curves()` with method, bits and group size
+  curve_jaggedness   per (group, layer): how often an α → loss curve reverses direction
 """
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 from torch import nn
 
+from awqnb.core.errors import AwqnbError
 from awqnb.model.arch import ArchSpec, attn_shape, blocks, get_module, resolve_spec
 
 
@@ -136,3 +139,33 @@ def alpha_curves(result):
     puts in its title)."""
     df = result.curves()
     return df.assign(method=result.method, bits=result.config.quant.bits, group_size=result.config.quant.group_size)
+
+
+def curve_jaggedness(curves, tol: float = 0.05, min_reversals: int = 2):
+    """How jagged each α → loss curve of `QuantResult.curves()` is → rows (group, layer, n_alpha,
+    n_reversals, max_step, jagged), groups in the frame's order, layers ascending.
+
+    Along α (ascending) the steps of log(loss / RTN loss) between neighbouring α that change the
+    loss by more than `tol` (relative) are kept; n_reversals counts the sign changes between
+    consecutive kept steps (a smooth U-shaped curve has at most 1). max_step is the largest
+    factor between neighbouring α (≥ 1). jagged = n_reversals ≥ `min_reversals`."""
+    import pandas as pd
+
+    cols = ["group", "layer", "n_alpha", "n_reversals", "max_step", "jagged"]
+    missing = [c for c in ("group", "layer", "alpha", "loss_rel_rtn") if c not in curves.columns]
+    if missing:
+        raise AwqnbError(f"curve_jaggedness needs group, layer, alpha, loss_rel_rtn; the frame lacks {missing}.")
+    thr = math.log1p(tol)
+    rows = []
+    for g in dict.fromkeys(curves["group"]):
+        sub = curves[curves["group"] == g]
+        for layer, c in sub.groupby("layer", sort=True):
+            y = [float(v) for v in c.sort_values("alpha", kind="stable")["loss_rel_rtn"]]
+            logs = [math.log(v) for v in y if math.isfinite(v) and v > 0]
+            steps = [b - a for a, b in zip(logs, logs[1:])]
+            signs = [1 if s > 0 else -1 for s in steps if abs(s) > thr]
+            rev = sum(a != b for a, b in zip(signs, signs[1:]))
+            rows.append({"group": g, "layer": layer, "n_alpha": len(logs), "n_reversals": rev,
+                         "max_step": math.exp(max(abs(s) for s in steps)) if steps else 1.0,
+                         "jagged": rev >= min_reversals})
+    return pd.DataFrame(rows, columns=cols)

@@ -5,7 +5,8 @@ function selects, reshapes and draws columns that are already there.
   seqlen, ppl, delta_pct, ci_low, ci_high, verdict; model/bits/group_size when known).
 - `alpha_curves(curves)`, `alpha_map(curves)`: `QuantResult.curves()` output (layer, group, alpha,
   loss, best_alpha, loss_rel_rtn), one method at a time; optional constant columns model, method,
-  bits, group_size name the run in the title.
+  bits, group_size name the run in the title. Which α curves are jagged is measured by
+  `awqnb.analysis.scales.curve_jaggedness`; `jagged_caption` turns that into the figure's caption.
 - `sensitivity_heatmap`, `sensitivity_bars` (`awqnb.analysis.sensitivity.sensitivity` frames: layer, family,
   mode, kl, ppl, dppl, n_params, mse), `pareto_plot` (`awqnb.analysis.plans.pareto`: strategy, k,
   avg_bits, ppl, kl) and `block_error_profile` (`QuantResult.block_errors()`: where the error
@@ -26,6 +27,7 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
+from awqnb.analysis import scales
 from awqnb.core.errors import AwqnbError
 
 CURVE_COLUMNS = ("layer", "group", "alpha", "best_alpha", "loss_rel_rtn")
@@ -106,11 +108,12 @@ def _single_method(df, what):
 
 
 def _layer_colors(layers) -> dict:
+    """Layer → colour of LAYER_SCALE by the layer's value (what `_layer_colorbar` shows)."""
     layers = sorted(layers)
-    if len(layers) == 1:
-        return {layers[0]: sample_colorscale(LAYER_SCALE, [0.0])[0]}
-    pos = [i / (len(layers) - 1) for i in range(len(layers))]
-    return dict(zip(layers, sample_colorscale(LAYER_SCALE, pos)))
+    lo, hi = layers[0], layers[-1]
+    if hi == lo:
+        return {lo: sample_colorscale(LAYER_SCALE, [0.0])[0]}
+    return dict(zip(layers, sample_colorscale(LAYER_SCALE, [(v - lo) / (hi - lo) for v in layers])))
 
 
 # --- figures ------------------------------------------------------------------------------
@@ -146,10 +149,50 @@ def perplexity_bar(table, meta: Mapping | None = None, title: str | None = None)
     return fig
 
 
+def jagged_caption(jag, max_layers: int = 8) -> str | None:
+    """The sentence under the α → loss figure naming the jagged curves of
+    `scales.curve_jaggedness` (None when none is jagged): which layers of which group, how large
+    their jumps between neighbouring α are, and what the α probe found about why."""
+    j = jag[jag["jagged"]]
+    if j.empty:
+        return None
+    parts = []
+    for g in dict.fromkeys(j["group"]):
+        layers = [int(v) for v in j[j["group"] == g]["layer"]]
+        shown = ", ".join(str(v) for v in layers[:max_layers])
+        more = f" and {len(layers) - max_layers} more" if len(layers) > max_layers else ""
+        parts.append(f"layer{'s' if len(layers) > 1 else ''} {shown}{more} ({g})")
+    n = len(j)
+    return (f"Jagged curve{'s' if n > 1 else ''} (loss/RTN reverses direction ≥ 2 times between neighbouring α): "
+            f"{'; '.join(parts)}; jumps up to {float(j['max_step'].max()):.1f}× between neighbouring α. "
+            "Where the α probe ran (bench/README.md, Probes: SmolLM2-135M layer 28 gate_up) such jumps were real, "
+            "not noise: one intermediate channel (678), whose gate/up rows round differently at each α, carried "
+            "most of the loss where the curve jumped up. For other layers the channel is not measured: "
+            "bench/probes/alpha_probe.py --layer N finds it.")
+
+
+def _wrap(text: str, width: int = 120) -> str:
+    import textwrap
+
+    return "<br>".join(textwrap.wrap(text, width))
+
+
+def _layer_colorbar(lo, hi, **where) -> go.Scatter:
+    """An invisible marker trace whose only job is the layer colour bar (no legend entry)."""
+    hi = hi if hi > lo else lo + 1
+    return go.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip", name="layer",
+                      marker=dict(color=[lo, hi], cmin=lo, cmax=hi, colorscale=LAYER_SCALE, showscale=True,
+                                  colorbar=dict(title="layer", tickformat="d", dtick=1 if hi - lo <= 10 else None)))
+
+
 def alpha_curves(curves, groups: Iterable[str] | None = None, meta: Mapping | None = None,
-                 mode: str = "facet", cols: int = 2, title: str | None = None) -> go.Figure:
+                 mode: str = "facet", cols: int = 2, title: str | None = None, log: bool = True,
+                 caption: bool = True) -> go.Figure:
     """α → search loss per layer, one line per layer, normalised by the layer's RTN loss (α=0)
-    so layers are comparable (1 = plain RTN); a star marks each layer's chosen α*.
+    so layers are comparable (1 = plain RTN), on a log axis (`log`) so one layer at 75× RTN does
+    not flatten the rest; a star marks each layer's chosen α*. The layer is a colour (one colour
+    bar, no legend); hover names layer, group, α and loss. With `caption`, a sentence under the
+    figure names the jagged curves (`scales.curve_jaggedness`) and what the α probe found.
 
     mode: 'facet' (one panel per scale group, `cols` per row) or 'dropdown' (one panel, a menu
     picks the scale group)."""
@@ -162,8 +205,12 @@ def alpha_curves(curves, groups: Iterable[str] | None = None, meta: Mapping | No
     unknown = [g for g in groups if g not in present]
     if unknown:
         raise AwqnbError(f"scale groups {unknown} are not in the curves; they have {present}.")
+    curves = curves[curves["group"].isin(groups)]
     colors = _layer_colors(curves["layer"].unique())
-    name = _title("α search: loss / RTN loss per layer", curves, meta, ("model", "method", "bits", "group_size"))
+    name = _title("α search: loss / RTN loss per layer (★ chosen α*)", curves, meta,
+                  ("model", "method", "bits", "group_size"))
+    ytitle = "loss / RTN loss (log)" if log else "loss / RTN loss"
+    has_loss = "loss" in curves.columns
 
     if mode == "facet":
         ncols = max(1, min(cols, len(groups)))
@@ -184,37 +231,55 @@ def alpha_curves(curves, groups: Iterable[str] | None = None, meta: Mapping | No
             lc = lc.sort_values("alpha")
             fig.add_trace(go.Scatter(
                 x=lc["alpha"], y=lc["loss_rel_rtn"], mode="lines", name=f"layer {layer}",
-                legendgroup=f"layer {layer}", showlegend=(gi == 0 or mode == "dropdown"),
+                legendgroup=f"layer {layer}", showlegend=False,
                 line=dict(color=colors[layer], width=1.5), visible=visible,
-                hovertemplate=f"{g} · layer {layer}<br>α %{{x:.2f}}<br>loss/RTN %{{y:.4f}}<extra></extra>",
+                customdata=lc["loss"] if has_loss else None,
+                hovertemplate=f"layer {layer} · {g}<br>α %{{x:.2f}}<br>loss/RTN %{{y:.4f}}"
+                              + ("<br>loss %{customdata:.4g}" if has_loss else "") + "<extra></extra>",
             ), **where[g])
         best = sub[(sub["alpha"] - sub["best_alpha"]).abs() < 1e-9].drop_duplicates("layer")
         fig.add_trace(go.Scatter(
             x=best["alpha"], y=best["loss_rel_rtn"], mode="markers", name=f"α* ({g})",
             marker=dict(symbol="star", size=11, color=[colors[v] for v in best["layer"]],
                         line=dict(color="black", width=1)),
-            customdata=best["layer"], showlegend=False, visible=visible,
-            hovertemplate=f"{g} · layer %{{customdata}}<br>α* %{{x:.2f}}<br>loss/RTN %{{y:.4f}}<extra></extra>",
+            customdata=best[["layer", "loss"]].to_numpy() if has_loss else best[["layer"]].to_numpy(),
+            showlegend=False, visible=visible,
+            hovertemplate=f"layer %{{customdata[0]}} · {g}<br>α* %{{x:.2f}}<br>loss/RTN %{{y:.4f}}"
+                          + ("<br>loss %{customdata[1]:.4g}" if has_loss else "") + "<extra></extra>",
         ), **where[g])
         spans[g] = range(start, len(fig.data))
+    layers = list(curves["layer"].unique())
+    fig.add_trace(_layer_colorbar(min(layers), max(layers)), **(dict(row=1, col=1) if mode == "facet" else {}))
 
     if mode == "facet":
         fig.add_hline(y=1.0, line=dict(color="grey", dash="dot", width=1), row="all", col="all")
         fig.update_xaxes(title_text="α", row=nrows)
-        fig.update_yaxes(title_text="loss / RTN loss", col=1)
-        fig.update_layout(height=max(350, 300 * nrows))
+        fig.update_yaxes(title_text=ytitle, col=1)
+        fig.update_yaxes(type="log" if log else "linear")
+        height = max(420, 320 * nrows)
     else:
         fig.add_hline(y=1.0, line=dict(color="grey", dash="dot", width=1))
         buttons = []
         for g in groups:
-            vis = [i in spans[g] for i in range(len(fig.data))]
+            vis = [i in spans[g] or i == len(fig.data) - 1 for i in range(len(fig.data))]
             buttons.append(dict(label=g, method="update",
                                 args=[{"visible": vis}, {"title.text": f"{name} — {g}"}]))
         fig.update_layout(updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right",
                                             y=1.15, yanchor="top")],
-                          xaxis_title="α", yaxis_title="loss / RTN loss")
+                          xaxis_title="α", yaxis_title=ytitle, yaxis_type="log" if log else "linear")
         name = f"{name} — {groups[0]}"
-    fig.update_layout(title=title or name, legend_title="layer")
+        height = 450
+    text = jagged_caption(scales.curve_jaggedness(curves)) if caption else None
+    bottom = 80
+    if text:
+        text = _wrap(text)
+        n_lines = text.count("<br>") + 1
+        fig.add_annotation(text=text, name="jagged_caption", xref="paper", yref="paper", x=0.0, y=0.0,
+                           xanchor="left", yanchor="top", yshift=-50, align="left", showarrow=False,
+                           font=dict(size=11))
+        bottom += 16 * n_lines
+        height += 16 * n_lines
+    fig.update_layout(title=title or name, showlegend=False, height=height, margin=dict(b=bottom))
     return fig
 
 
@@ -355,6 +420,12 @@ def salience_overview(summary, metric: str = "l2", value: str = "max_over_median
     return fig
 
 
+def _count_axis(title: str, values) -> dict:
+    """A y axis for counts: integer ticks (step 1 up to 10, else plotly's own, whole-number) from 0."""
+    top = max([float(v) for v in values if v == v] or [0.0])
+    return dict(title=title, tickformat="d", rangemode="tozero", dtick=1 if top <= 10 else None)
+
+
 def risk_overview(summary, meta: Mapping | None = None, title: str | None = None) -> go.Figure:
     """Per layer (`diagnostics.risk_summary`): MLP channels that are dead, dead & risky, and
     critical (dead & risky & high-weight), overlaid bars (each set contains the next)."""
@@ -367,7 +438,8 @@ def risk_overview(summary, meta: Mapping | None = None, title: str | None = None
                              hovertemplate="layer %{x}<br>" + name + ": %{y}<extra></extra>"))
     fig.update_layout(barmode="overlay", title=title or _title("MLP pre-activation risk per layer", summary, meta,
                                                                ("model",)),
-                      xaxis_title="layer", yaxis_title="channels", legend=dict(orientation="h", y=-0.2))
+                      xaxis_title="layer", yaxis=_count_axis("channels", summary["n_dead"]),
+                      legend=dict(orientation="h", y=-0.2))
     return fig
 
 
@@ -485,6 +557,7 @@ def mse_heatmap(mse, value: str = "rel_mse", log: bool = True, meta: Mapping | N
                       row=i // ncols + 1, col=i % ncols + 1)
     fig.update_yaxes(autorange="reversed", dtick=1 if n_layers <= 40 else None)
     fig.update_yaxes(title_text="layer", col=1)
+    fig.update_xaxes(title_text="linear module")
     fig.update_layout(title=title or _title(f"Output {value} per linear layer (FP inputs)", mse, meta,
                                             ("model", "bits", "group_size")),
                       height=max(350, nrows * row_h))
@@ -549,6 +622,7 @@ def spearman_heatmap(agreement, meta: Mapping | None = None, title: str | None =
                                colorscale="RdBu", colorbar=dict(title="ρ"), texttemplate="%{z:.2f}",
                                hovertemplate="layer %{y}<br>%{x}<br>ρ %{z:.3f}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", title_text="layer")
+    fig.update_xaxes(title_text="scale group · metric pair")
     fig.update_layout(title=title or _title("Spearman ρ between importance metrics", agreement, meta, ("model",)),
                       height=max(300, 22 * len(g) + 200))
     return fig
