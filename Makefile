@@ -1,4 +1,6 @@
 # Two entry points (see README): `make report` and `make test`. Both set up .venv first.
+# `make test` also installs Debian's Chromium with apt-get (as root or via sudo) for the browser
+# tests unless one is there; `make test BROWSER=0` needs no root and leaves those tests out.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,6 +11,10 @@ METHODS ?= rtn,awq
 # Without a GPU the report runs on a smaller calibration/evaluation (stated in the report).
 REPORT_PARAMS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo notebooks/params/cpu.yaml)
 PYTEST_ARGS ?=
+# BROWSER=0: no Chromium install (no root needed) and the browser tests left out (-m "not browser").
+BROWSER ?= 1
+NOBROWSER := $(filter 0 no false,$(BROWSER))
+SETUP_BROWSER := $(if $(NOBROWSER),,setup-browser)
 
 .PHONY: setup setup-browser report test test-fast clean-venv
 
@@ -40,14 +46,15 @@ setup-browser:
 	    || echo "setup-browser: could not install chromium with apt-get; the browser tests will not run" >&2; \
 	fi
 
+# The HTML reports show outputs only (awqnb report's default; --show-code adds the code cells).
 report: setup
 	$(BIN)/awqnb report --models $(MODEL) --methods $(METHODS) $(if $(REPORT_PARAMS),--params $(REPORT_PARAMS))
 
-test: setup setup-browser
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+test: setup $(SETUP_BROWSER)
+	$(BIN)/python -m pytest -q $(if $(NOBROWSER),-m "not browser") $(PYTEST_ARGS)
 
-test-fast: setup setup-browser
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+test-fast: setup $(SETUP_BROWSER)
+	$(BIN)/python -m pytest -q -m "not slow$(if $(NOBROWSER), and not browser)" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

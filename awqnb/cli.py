@@ -448,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "A run is known by the hash of its config: rerunning the command skips complete runs "
                                    "and redoes failed or interrupted ones (--force redoes all). A failing run does not "
                                    "stop the others; the exit status is 1 if any failed. `papermill --help-notebook "
-                                   "notebooks/<notebook>.ipynb` lists the notebook's parameters.")
+                                   "notebooks/<notebook>.ipynb` lists the notebook's parameters. Progress: bars per "
+                                   "stage, per block and per evaluation window on a terminal; plain timestamped lines "
+                                   "(a heartbeat at least every 30 s) when stderr is not one. The HTML reports show "
+                                   "outputs only (--show-code for the code).")
     r.add_argument("--model", default=None, help="one model (same as --models with one name)")
     r.add_argument("--models", default=None, help="comma-separated models (default smollm2-135m)")
     r.add_argument("--methods", default=None,
@@ -472,7 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 1 where the cluster has GPUs, else 0)")
     r.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs each Ray task asks for (default 1)")
     r.add_argument("--retries", type=int, default=1, help="Ray retries of a run whose worker died (default 1)")
-    r.add_argument("--hide-code", action="store_true", help="leave code cells out of the HTML export")
+    r.add_argument("--show-code", dest="hide_code", action="store_false", default=True,
+                   help="show the notebook's code cells in the HTML reports (default: code hidden, outputs only; "
+                        "the executed .ipynb beside each report always has it)")
+    r.add_argument("--hide-code", dest="hide_code", action="store_true",
+                   help="leave code cells out of the HTML reports (the default)")
     r.add_argument("--timeout", type=int, default=None, help="seconds per notebook cell (default: none)")
     r.set_defaults(fn=cmd_report)
     return p

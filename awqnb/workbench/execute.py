@@ -17,6 +17,13 @@ from awqnb.workbench import notebook_run
 from awqnb.workbench.grid import RunSpec
 
 
+# How the parent shows a run's progress (`bars`): 'std' tqdm bars on a terminal, with a status line
+# refreshed every second; 'ray' Ray's progress display; 'log' plain timestamped lines (a log file:
+# no carriage returns), with a heartbeat at least every HEARTBEAT_S; 'none' nothing.
+BARS = ("std", "ray", "log", "none")
+HEARTBEAT_S = 30.0
+
+
 def _make_bar(kind: str):
     if kind == "ray":
         from ray.experimental.tqdm_ray import tqdm as ray_tqdm
@@ -25,6 +32,39 @@ def _make_bar(kind: str):
     from tqdm.std import tqdm as std_tqdm
 
     return lambda desc, total: std_tqdm(desc=desc, total=total, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def follow_progress(path: Path, bars: str, label: str, heartbeat_s: float = HEARTBEAT_S):
+    """The `progress.follow` context that shows a run's progress file as `bars` says (see BARS)."""
+    if bars == "none":
+        return nullcontext()
+    if bars == "log":
+        return progress.follow(path, prefix=label, lines=progress.log_line(), heartbeat_s=heartbeat_s)
+    status = None
+    if bars == "std":
+        from tqdm.std import tqdm as std_tqdm
+
+        status = std_tqdm(total=None, bar_format="{desc}", desc=label, leave=False, file=sys.stderr,
+                          dynamic_ncols=True)
+    return _Closing(progress.follow(path, _make_bar(bars), prefix=label, status=status, heartbeat_s=heartbeat_s),
+                    status)
+
+
+class _Closing:
+    """`follow`, then the status bar closed after it."""
+
+    def __init__(self, inner, status):
+        self.inner, self.status = inner, status
+
+    def __enter__(self):
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return self.inner.__exit__(*exc)
+        finally:
+            if self.status is not None:
+                self.status.close()
 
 
 def execute_run(payload: Mapping[str, Any]) -> dict:
@@ -46,12 +86,12 @@ def execute_run(payload: Mapping[str, Any]) -> dict:
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # the kernel inherits this process's environment
         try:
-            bars = payload.get("bars", "std")
-            ctx = (_follow(prog, bars, payload.get("label", "")) if bars != "none" else nullcontext())
-            with ctx:
+            with follow_progress(prog, payload.get("bars", "std"), payload.get("label", ""),
+                                 payload.get("heartbeat_s", HEARTBEAT_S)):
                 rec = notebook_run.execute_into(nb_in, run_dir, payload["params"], model=payload["model"],
-                                          methods=payload["params"].get("methods") or [],
-                                          hide_code=payload.get("hide_code", False), timeout=payload.get("timeout"))
+                                                methods=payload["params"].get("methods") or [],
+                                                hide_code=payload.get("hide_code", False), timeout=payload.get("timeout"),
+                                                kernel_log=work / "kernel.log")
         finally:
             for k, v in old.items():
                 if v is None:
@@ -61,11 +101,6 @@ def execute_run(payload: Mapping[str, Any]) -> dict:
         rec["host"] = socket.gethostname()
         files = {f.relative_to(run_dir).as_posix(): f.read_bytes() for f in sorted(run_dir.rglob("*")) if f.is_file()}
         return {"record": rec, "files": files}
-
-
-def _follow(path: Path, bars: str, label: str):
-    return progress.follow(path, _make_bar(bars), prefix=label)
-
 
 
 def make_payload(spec: RunSpec, bars: str, hide_code: bool, timeout, env: Mapping[str, str]) -> dict:

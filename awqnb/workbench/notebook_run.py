@@ -12,6 +12,7 @@ papermill parses, so `papermill --help-notebook notebooks/<notebook>.ipynb` docu
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -188,24 +189,66 @@ def _check_request(notebook: str, params: Mapping[str, Any] | None, methods) -> 
 IOPUB_TIMEOUT_S = 600
 
 
-def _quiet_papermill_kwargs() -> dict:
+@functools.cache
+def kernel_manager_class():
+    """jupyter_client's AsyncKernelManager whose kernel process writes its stdout and stderr to
+    `output_file` (a config trait) instead of the terminal: what the kernel prints outside any cell
+    (the "ZMQError: Socket operation on non-socket" traceback it logs when Ctrl-C stops the runner
+    mid-reply, a crash) goes to the run's kernel log. The kernel runs in a session of its own
+    (jupyter_client starts it so), so the terminal's Ctrl-C reaches only the runner, which then
+    shuts it down."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import Unicode
+
+    class AwqnbKernelManager(AsyncKernelManager):
+        output_file = Unicode("", config=True, help="file for the kernel process's stdout and stderr")
+
+        async def start_kernel(self, **kw):
+            if not self.output_file:
+                return await super().start_kernel(**kw)
+            with open(self.output_file, "ab") as f:  # the kernel keeps its own copy of the descriptor
+                kw.setdefault("stdout", f)
+                kw.setdefault("stderr", f)
+                return await super().start_kernel(**kw)
+
+    return AwqnbKernelManager
+
+
+def _quiet_papermill_kwargs(kernel_log: Path | None = None) -> dict:
     """papermill/nbclient settings that keep the kernel off the user's terminal: IPC transport
     (nothing listens on TCP, so ipykernel has no "running over TCP without encryption" warning to
-    give) and the kernel's own log at ERROR."""
+    give), the kernel's own log at ERROR, and its stdout/stderr in `kernel_log`."""
     from traitlets.config import Config
 
+    conf: dict = {}
     kw = {"extra_arguments": ["--IPKernelApp.log_level=ERROR"]}
     if os.name == "posix":
-        kw["config"] = Config({"KernelManager": {"transport": "ipc"}})
+        conf["KernelManager"] = {"transport": "ipc"}
+    if kernel_log is not None:
+        kw["kernel_manager_class"] = kernel_manager_class()
+        conf["AwqnbKernelManager"] = {"output_file": str(kernel_log)}
+    if conf:
+        kw["config"] = Config(conf)
     return kw
 
 
 def execute_into(nb_in: Path, run_dir: Path, nb_params: Mapping[str, Any], *, model: str, methods: list[str],
-                 hide_code: bool = False, timeout: int | None = None) -> dict:
-    """Execute `nb_in` with papermill into `run_dir/<stem>.ipynb` (cwd `run_dir`), export its HTML,
-    and return the run record (state 'ok' or 'failed', error, parameters, timings). A failing
-    notebook is a 'failed' record, not an exception; KeyboardInterrupt propagates."""
+                 hide_code: bool = False, timeout: int | None = None, kernel_log: Path | None = None) -> dict:
+    """Execute `nb_in` with papermill into `run_dir/<stem>.ipynb` (cwd `run_dir`), export its HTML
+    (code cells left out with `hide_code`), and return the run record (state 'ok' or
+    'failed', error, parameters, timings). A failing notebook is a 'failed' record, not an
+    exception; KeyboardInterrupt propagates. The kernel process's own output (not a cell's) goes to
+    `kernel_log` (default: a temporary file); a failed run's record keeps its last lines."""
     import papermill as pm
+
+    if kernel_log is None:
+        with tempfile.NamedTemporaryFile(prefix="awqnb-kernel-", suffix=".log", delete=False) as f:
+            kernel_log = Path(f.name)
+        try:
+            return execute_into(nb_in, run_dir, nb_params, model=model, methods=methods, hide_code=hide_code,
+                                timeout=timeout, kernel_log=kernel_log)
+        finally:
+            kernel_log.unlink(missing_ok=True)
 
     kernel = kernel_name()
     nb_out = run_dir / f"{nb_in.stem}.ipynb"
@@ -218,7 +261,7 @@ def execute_into(nb_in: Path, run_dir: Path, nb_params: Mapping[str, Any], *, mo
         pm.execute_notebook(str(nb_in), str(nb_out), parameters=dict(nb_params), kernel_name=kernel,
                             cwd=str(run_dir), progress_bar=False, log_output=False, execution_timeout=timeout,
                             iopub_timeout=max(IOPUB_TIMEOUT_S, timeout or 0), raise_on_iopub_timeout=True,
-                            **_quiet_papermill_kwargs())
+                            **_quiet_papermill_kwargs(kernel_log))
         record["state"] = "ok"
     except KeyboardInterrupt:
         raise
@@ -228,6 +271,9 @@ def execute_into(nb_in: Path, run_dir: Path, nb_params: Mapping[str, Any], *, mo
         # (papermill, the kernel) keeps its exception name
         record["error"] = _short_error(e) if getattr(e, "ename", None) else f"{type(e).__name__}: {_short_error(e)}"
         log.error("report %s failed: %s", model, record["error"])
+        tail = _tail(kernel_log)
+        if tail:
+            record["kernel_output"] = tail
     record["seconds"] = round(time.perf_counter() - t0, 2)
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if nb_out.is_file():
@@ -286,6 +332,16 @@ def run_report(model: str, methods: list[str] | str, params: dict | None = None,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    """The last `n` characters of a text file ('' if there is none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - n))
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
 
 
 def _finish_run(record: dict, tmp: Path, dest: Path) -> Path:

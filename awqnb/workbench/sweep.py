@@ -36,7 +36,7 @@ from typing import Iterable, Mapping
 from awqnb.core.errors import AwqnbError
 from awqnb.core.files import clean_stale, is_write_error, temp_prefix, write_error_text
 from awqnb.workbench import notebook_run, report_index
-from awqnb.workbench.execute import execute_run, failed_result, make_payload
+from awqnb.workbench.execute import BARS, execute_run, failed_result, make_payload
 from awqnb.workbench.grid import Grid, RunSpec, expand
 from awqnb.workbench.ray_runner import check_ray, run_ray
 from awqnb.workbench.report import RUN_FILE, read_json_file
@@ -131,7 +131,9 @@ def run_sweep(grid: Grid, output_dir: str | Path = "reports", executor: str = "l
     Everything that can be checked is checked before the first run (grid, kernel, Ray address and
     resources). A failing run is kept and does not stop the others; KeyboardInterrupt stops the
     sweep (runs done so far stay; the rest show as interrupted) and is re-raised.
-    bars: 'std' (terminal), 'ray' (Ray's progress display), 'none'; default by executor.
+    bars: 'std' (terminal bars), 'ray' (Ray's progress display), 'log' (plain timestamped lines
+    with a heartbeat at least every 30 s: a log file), 'none'; default: by executor on a terminal,
+    'log' when stderr is not one.
     """
     if executor not in EXECUTORS:
         raise AwqnbError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}.")
@@ -147,8 +149,10 @@ def run_sweep(grid: Grid, output_dir: str | Path = "reports", executor: str = "l
         gpus = check_ray(ray_address, cpus_per_run, gpus_per_run, ray_num_cpus)
         if gpus == 0:
             env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU-only task must not reach for a GPU Ray gave someone else
-    if bars is None:  # bars redraw in place on a terminal; in a log file they would be noise
-        bars = ("ray" if executor == "ray" else "std") if sys.stderr.isatty() else "none"
+    if bars is None:  # bars redraw in place on a terminal; a log file gets plain lines
+        bars = ("ray" if executor == "ray" else "std") if sys.stderr.isatty() else "log"
+    if bars not in BARS:
+        raise AwqnbError(f"unknown bars {bars!r}; use one of {', '.join(BARS)}.")
     sweep_id = f"{datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     # what this sweep adds around its runs, taken away again if it cannot finish (disk full)
     made = [p for p in (out, *out.parents) if not p.exists()]
@@ -191,7 +195,7 @@ def run_sweep(grid: Grid, output_dir: str | Path = "reports", executor: str = "l
         log.info("sweep %s: %d run(s): %d complete (skipped), %d to run, %d claimed by another sweep; executor %s",
                  sweep_id, len(specs), len(results), len(todo), len(waiting), executor)
         bar = std_tqdm(total=len(specs), initial=len(results), desc="sweep runs", file=sys.stderr,
-                       dynamic_ncols=True, disable=bars == "none")
+                       dynamic_ncols=True, disable=bars in ("none", "log"))
         committer = _Committer(out, sweep_id, bar, len(todo) + len(waiting))
         write_index(out)
         pending = todo
@@ -286,6 +290,7 @@ def _take_back(out: Path, made: list[Path], existed: Mapping[Path, bool], saved:
 
 def _run_local(pending, committer, bars, hide_code, timeout, env, cpus, gpus, max_retries) -> Iterable[SweepRun]:
     for spec, claim in pending:
+        log.info("run %d/%d starting: %s", committer.n + 1, committer.total, spec.rel)
         try:
             result = execute_run(make_payload(spec, bars, hide_code, timeout, env))
         except KeyboardInterrupt:
