@@ -1,11 +1,20 @@
 """Fixtures shared by several test modules."""
 import contextlib
 import io
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
+
+# The tests' own model cache (converted GGUFs, diagnostics), set before anything loads: never the
+# user's ~/.cache/awqnb. Repo-local and git-ignored (.pytest_cache/) rather than a per-session temp
+# dir, so a session does not re-convert SmolLM2's GGUF (its tokenizer serves the tiny models) each
+# time; entries are keyed by the GGUF's sha256, so a stale one is never reused.
+# AWQNB_TEST_CACHE overrides the place (a CI cache directory, say).
+TEST_CACHE = Path(os.environ.get("AWQNB_TEST_CACHE") or Path(__file__).resolve().parents[1] / ".pytest_cache" / "awqnb")
+os.environ["AWQNB_CACHE"] = str(TEST_CACHE)
 
 TINY = ["tiny-random-llama", "tiny-random-gemma3"]
 

@@ -188,3 +188,80 @@ def test_eval_sets(tiny_llama):
     assert len(set(texts)) == 50
     with pytest.raises(AwqnbError, match="unknown"):
         load_eval_tokens(tok, "ptb")
+
+
+# --- the GGUF cache: keyed by content, in the model's dtype, the tests' own -----------------------
+
+
+def test_gguf_hash_is_content_keyed_and_remembered(tmp_path, monkeypatch):
+    import os
+
+    from awqnb.model import gguf
+
+    monkeypatch.setenv("AWQNB_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a.gguf", tmp_path / "sub" / "b.gguf"
+    b.parent.mkdir()
+    a.write_bytes(b"same bytes" * 1000)
+    b.write_bytes(b"same bytes" * 1000)
+    ha = gguf.file_sha256(a)
+    assert ha == gguf.file_sha256(b)  # two paths, one content: one key
+    side = json.loads((tmp_path / "cache" / gguf.HASHES_FILE).read_text())
+    assert {v["sha256"] for v in side.values()} == {ha} and len(side) == 2
+    calls = []
+    monkeypatch.setattr(gguf.hashlib, "file_digest", lambda *a, **k: calls.append(1))
+    assert gguf.file_sha256(a) == ha and not calls  # remembered: not hashed again
+    monkeypatch.undo()
+    monkeypatch.setenv("AWQNB_CACHE", str(tmp_path / "cache"))
+    a.write_bytes(b"changed!!!" * 1000)  # same size
+    os.utime(a, ns=(0, a.stat().st_mtime_ns + 10**9))
+    assert gguf.file_sha256(a) not in (ha, None)  # a changed file: a new key
+
+
+def test_gguf_cache_is_keyed_by_content_and_stored_in_bf16(tmp_path):
+    import os
+    import shutil
+
+    from awqnb.model import gguf
+    from awqnb.model.provenance import cache_dir
+
+    src = gguf.alias_gguf("smollm2-135m")
+    dest = gguf.gguf_cache("smollm2-135m")
+    assert dest.parent == cache_dir() / "models" and dest.name == f"gguf-{gguf.file_sha256(src)[:16]}-bfloat16"
+    assert json.loads((dest / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
+    other = tmp_path / "elsewhere.gguf"
+    try:
+        os.link(src, other)
+    except OSError:
+        shutil.copyfile(src, other)
+    before = sorted(p.name for p in (cache_dir() / "models").iterdir())
+    assert gguf.gguf_cache(str(other)) == dest  # the same bytes at another path: the same entry
+    assert sorted(p.name for p in (cache_dir() / "models").iterdir()) == before
+    assert gguf.storage_dtype(torch.float32) == torch.float32  # exact dequantised values for a float32 load
+
+
+def test_tests_never_write_the_users_cache(tmp_path, monkeypatch):
+    from awqnb.model.gguf import gguf_cache
+    from awqnb.model.provenance import cache_dir
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert home not in cache_dir().parents and cache_dir().name == "awqnb"
+    gguf_cache("smollm2-135m")
+    load_model("tiny-random-llama")
+    assert not (home / ".cache" / "awqnb").exists()
+
+
+def test_old_path_keyed_entries_are_reported_not_deleted(tmp_path, monkeypatch, caplog):
+    from awqnb.model import gguf
+
+    monkeypatch.setenv("AWQNB_CACHE", str(tmp_path))
+    monkeypatch.setattr(gguf, "_legacy_reported", False)
+    old = tmp_path / "models" / "smollm2-135m-0b55820af4a0"
+    old.mkdir(parents=True)
+    (old / "awqnb_source.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="awqnb.model.gguf"):
+        gguf._report_legacy(tmp_path / "models")
+    assert "older awqnb" in caplog.text and "smollm2-135m-0b55820af4a0" in caplog.text
+    assert old.is_dir()

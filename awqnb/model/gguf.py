@@ -1,6 +1,6 @@
 """GGUF → cached safetensors: a GGUF (an alias's, from its package, or a file) is dequantised once
-and cached under `$AWQNB_CACHE` (default `~/.cache/awqnb`, awqnb.model.provenance.cache_dir);
-later loads read the cache. `load_errors` turns whatever a damaged checkpoint makes the loaders
+and cached under `$AWQNB_CACHE` (default `~/.cache/awqnb`, awqnb.model.provenance.cache_dir), keyed
+by the file's sha256 and stored in bf16 (the GGUF aliases' own dtype); later loads read the cache. `load_errors` turns whatever a damaged checkpoint makes the loaders
 raise into one line."""
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import hashlib
 import importlib.util
 import json
 import logging
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from awqnb.core.dtypes import dtype_name
 from awqnb.core.errors import AwqnbError
-from awqnb.core.files import clean_stale, temp_prefix
+from awqnb.core.files import atomic_write, clean_stale, temp_prefix
 from awqnb.model import checkpoint
 from awqnb.model.provenance import cache_dir, versions
 from awqnb.model.saving import atomic_dir
@@ -62,16 +64,74 @@ def alias_gguf(alias: str) -> Path:
     return out
 
 
-def _file_key(path: Path) -> str:
+HASHES_FILE = "gguf-sha256.json"  # under cache_dir(): {resolved path: {size, mtime_ns, sha256}}
+_LEGACY_ENTRY = re.compile(r"^.+-[0-9a-f]{12}$")  # before content keys: <label>-<sha1 of path:size:mtime>
+_legacy_reported = False
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, remembered in `$AWQNB_CACHE/gguf-sha256.json` keyed by
+    (resolved path, size, mtime_ns), so a GGUF is hashed once, not at every load (~0.5 s per 100 MB)."""
+    path = Path(path)
     st = path.stat()
-    return hashlib.sha1(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    key = str(path.resolve())
+    side = cache_dir() / HASHES_FILE
+    try:
+        known = json.loads(side.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    hit = known.get(key)
+    if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+        return hit["sha256"]
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    known[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    try:
+        atomic_write(side, json.dumps(known, indent=1, sort_keys=True))
+    except OSError as e:  # a read-only cache: the hash is recomputed next time, nothing else changes
+        log.debug("could not record the GGUF hash in %s: %s", side, e)
+    return digest
 
 
-def gguf_cache(name_or_path: str) -> Path:
-    """The safetensors cache directory for a GGUF (alias or path), converting it if needed."""
+def storage_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a GGUF's converted copy is stored in for a load in `dtype` (None = 'auto' = bf16):
+    bf16 for a bf16 load; float32 otherwise, so a float32 or float16 load casts from the exact
+    dequantised values as before (Q4_1's scale * q + min is not always a bf16 number)."""
+    return torch.bfloat16 if dtype in (None, torch.bfloat16) else torch.float32
+
+
+def _report_legacy(models: Path) -> None:
+    """Say once per process that path-keyed entries of older awqnb versions are unused (never delete them)."""
+    global _legacy_reported
+    if _legacy_reported or not models.is_dir():
+        return
+    _legacy_reported = True
+    old = [d for d in models.iterdir() if d.is_dir() and _LEGACY_ENTRY.match(d.name) and not d.name.startswith("gguf-")
+           and (d / "awqnb_source.json").is_file() and not (d / "awqnb_cache.json").is_file()]
+    if old:
+        size = sum(f.stat().st_size for d in old for f in d.iterdir() if f.is_file())
+        log.warning("%d model cache entries in %s were written by an older awqnb (keyed by file path) and are no "
+                    "longer used (%.1f GB): %s; delete them to free the space.", len(old), models, size / 1e9,
+                    ", ".join(sorted(d.name for d in old)))
+
+
+def gguf_cache(name_or_path: str, dtype: torch.dtype | None = None) -> Path:
+    """The safetensors cache directory for a GGUF (alias or path), converting it if needed.
+
+    Keyed by the GGUF's content (sha256) and the storage dtype (`storage_dtype(dtype)`): the same
+    bytes under two paths, or in two virtual environments, share one entry
+    (`$AWQNB_CACHE/models/gguf-<sha256[:16]>-<dtype>`); a changed file gets a new one. The copy is
+    the dequantised float32 weights cast (round to nearest) to the storage dtype, so a load in that
+    dtype is bit-identical to casting the float32 conversion at load time. Written to a temporary
+    directory and renamed into place."""
     gguf = alias_gguf(name_or_path) if name_or_path in GGUF_ALIASES else Path(name_or_path)
-    label = name_or_path if name_or_path in GGUF_ALIASES else gguf.stem
-    dest = cache_dir() / "models" / f"{label}-{_file_key(gguf)}"
+    store = storage_dtype(dtype)
+    models = cache_dir() / "models"
+    _report_legacy(models)
+    digest = file_sha256(gguf)
+    dest = models / f"gguf-{digest[:16]}-{dtype_name(store)}"
     if (dest / "config.json").is_file():
         return dest
     if importlib.util.find_spec("gguf") is None:
@@ -83,10 +143,17 @@ def gguf_cache(name_or_path: str) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     drop_quantizer(model)
+    if store != torch.float32:
+        for p in model.parameters():  # what from_pretrained(dtype=store) does to a float32 checkpoint
+            if p.is_floating_point():
+                p.data = p.data.to(store)
+        model.config.dtype = store
     with atomic_dir(dest, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "awqnb_source.json").write_text(json.dumps({"gguf": str(gguf), "versions": versions()}, indent=1))
+        source = {"gguf": str(gguf), "sha256": digest, "dtype": dtype_name(store), "versions": versions()}
+        (tmp / "awqnb_source.json").write_text(json.dumps(source, indent=1))
+        (tmp / "awqnb_cache.json").write_text(json.dumps({"key": "sha256", "sha256": digest}, indent=1))
     return dest
 
 

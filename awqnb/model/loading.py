@@ -35,11 +35,11 @@ def load_model(name: str = "smollm2-135m", device=None, dtype: torch.dtype | str
     else:
         p = Path(name).expanduser()
         if name in GGUF_ALIASES:
-            src = gguf_cache(name)
+            src = gguf_cache(name, want)
         elif p.suffix == ".gguf":
             if not p.is_file():
                 raise AwqnbError(f"GGUF file {p} does not exist; check the path.")
-            src = gguf_cache(str(p))
+            src = gguf_cache(str(p), want)
         elif p.exists():
             if not (p / "config.json").is_file():
                 raise AwqnbError(f"{p} is not a Hugging Face model directory (no config.json); "
