@@ -316,3 +316,98 @@ def test_slow_output_on_a_loaded_machine_does_not_fail_the_run(tmp_path, monkeyp
     assert rec["state"] == "failed"
     assert re.fullmatch(r"CellTimeoutError: the cell starting `print\('late output', x\)  # SLOW` finished, but its "
                         r"output did not arrive within 2 s \(the kernel's IOPub messages: .*", rec["error"]), rec["error"]
+
+
+# --- the first screen, what FP is, the index's numbers (issue 26 items 3, 4, 6, 13) ----------
+
+def test_baseline_description_says_what_fp_is(tmp_path):
+    from awqnb.model.sources import baseline_description
+
+    smol = baseline_description("smollm2-135m")
+    assert "dequantized GGUF" in smol and "SmolLM2-135M-Instruct.Q4_1.gguf" in smol and "4 bits" in smol
+    assert "not an original bf16 release" in smol
+    gemma = baseline_description("gemma3-270m")
+    assert "Q4_K_M" in gemma and "o_proj 4 bit" in gemma
+    assert "random-initialised" in baseline_description("tiny-random-llama")
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "torch_dtype": "bfloat16"}')
+    assert baseline_description(str(tmp_path)) == "the checkpoint's own weights (bfloat16)"
+    assert "dequantized GGUF" in baseline_description(str(tmp_path / "m.gguf"))
+
+
+SEED_SUMMARY = [
+    dict(label="fp", dataset="wikitext2", protocol="gptq-token", seqlen=2048, n_seeds=3, ppl_mean=21.611, ppl_sd=0.0,
+         quantize_s=None),
+    dict(label="rtn", dataset="wikitext2", protocol="gptq-token", seqlen=2048, n_seeds=3, ppl_mean=23.5, ppl_sd=0.0,
+         quantize_s=0.42),
+    dict(label="awq", dataset="wikitext2", protocol="gptq-token", seqlen=2048, n_seeds=3, ppl_mean=22.957,
+         ppl_sd=0.143, quantize_s=31.0),
+    dict(label="awq", dataset="ag_news", protocol="sample", seqlen=512, n_seeds=3, ppl_mean=40.0, ppl_sd=1.0,
+         quantize_s=31.0),
+]
+VERDICTS = [dict(label="fp", baseline="rtn", dataset="wikitext2", delta_pct=-8.0, ci_low=-9.0, ci_high=-7.0,
+                 verdict="better"),
+            dict(label="awq", baseline="rtn", dataset="wikitext2", delta_pct=-2.31, ci_low=-3.10, ci_high=-1.52,
+                 verdict="better")]
+
+
+def test_headline_says_who_wins_by_how_much_beyond_noise_which_layer_and_cost():
+    worst = [dict(method="rtn", layer=3, module="o_proj", rel_mse=0.5),
+             dict(method="awq", layer=5, module="down_proj", rel_mse=0.0123)]
+    text = report.headline(SEED_SUMMARY, VERDICTS, dataset="wikitext2", baseline="rtn", fp_description="the GGUF",
+                           worst=worst)
+    assert "Lowest perplexity on wikitext2 (gptq-token, seqlen 2048): `awq`" in text
+    assert "22.957 ± 0.143 (mean ± sd over 3 calibration seeds)" in text
+    assert "Against `rtn` (23.500 ± 0.000): `awq` 22.957 ± 0.143, -2.31 % [95% CI -3.10, -1.52]: **better**, beyond the noise" in text
+    assert "`fp`" not in text.split("Against", 1)[1].split("\n")[0]  # FP is not a method against RTN
+    assert "FP, the baseline (the GGUF): 21.611" in text
+    assert "layer 5 `down_proj`** under `awq`" in text and "Sensitivity section" in text  # the winner's worst, and which measure
+    assert "`rtn` 0.4 s, `awq` 31.0 s" in text
+    sens = report.headline(SEED_SUMMARY, VERDICTS, dataset="wikitext2", sensitive_layer=4, sens_method="awq", worst=worst)
+    assert "Layer that hurts most: 4" in sens and "down_proj" not in sens
+    noise = [dict(VERDICTS[1], verdict="within noise")]
+    assert "within the noise" in report.headline(SEED_SUMMARY, noise, dataset="wikitext2")
+    assert "hurt" not in report.headline(SEED_SUMMARY, VERDICTS, dataset="wikitext2", layers=False)
+    assert "No perplexity results" in report.headline([], None)
+
+
+def test_sensitivity_skipped_once_with_how_to_turn_it_on():
+    text = report.sensitivity_skipped("smollm2-135m", ["rtn", "awq"])
+    assert "--param SENSITIVITY=true" in text and "--models smollm2-135m --methods rtn,awq" in text
+    src = "\n".join(c.source for c in nbformat.read(NOTEBOOK, as_version=4).cells)
+    assert src.count("report.sensitivity_skipped(") == 1 and "SENSITIVITY = False: skipped" not in src
+
+
+def test_report_first_screen_and_fp_baseline(batch):
+    _, _, runs = batch
+    run = runs["tiny-random-llama"]
+    doc = json.loads((run["dir"] / "metrics.json").read_text())
+    assert doc["baseline"] == "a random-initialised tiny model (float32)"
+    assert doc["headline"].startswith("**Lowest perplexity on wikitext2 (gptq-token, seqlen 64): `")
+    html = run["html"].read_text(encoding="utf-8")
+    assert "Loading weights" not in html
+    first = html.index("Lowest perplexity on wikitext2")
+    assert first < html.index("Parameters in effect") < html.index("Provenance")  # the first screen
+    assert first < html.index("Plotly.newPlot")  # the one figure, under the words
+    assert "mean ± sd over 3 calibration seeds" in html and "Layer that hurts most" in html
+    nb = nbformat.read(run["ipynb"], as_version=4)
+    top = next(c for c in nb.cells if c.get("id") == "summary-top")
+    words, figure = [o["data"] for o in top.outputs if o.output_type == "display_data"][-2:]  # after plotly.js
+    assert words["text/markdown"] == doc["headline"]  # the placeholder was replaced by the final words
+    assert "Plotly.newPlot" in figure["text/html"]
+    assert html.count("a random-initialised tiny model (float32)") >= 2  # the FP section and the provenance table
+    assert "injected-parameters" in html and "SENS_WINDOWS" in html
+
+
+def test_index_shows_units_mean_sd_and_verdict(batch):
+    out, index, runs = batch
+    html_text = index.read_text(encoding="utf-8")
+    doc = json.loads((runs["tiny-random-llama"]["dir"] / "metrics.json").read_text())
+    summ = {(r["label"], r["dataset"]): r for r in doc["seed_summary"]}
+    awq = summ[("awq", "wikitext2")]
+    assert f'{awq["ppl_mean"]:.3f} ± {awq["ppl_sd"]:.3f}<br><small>over 3 seeds' in html_text
+    assert "2 windows" in html_text and "8 texts" in html_text
+    v = next(v for v in doc["verdicts"] if (v["label"], v["dataset"]) == ("awq", "wikitext2"))
+    assert f'{v["delta_pct"]:+.2f} % [95% CI {v["ci_low"]:+.2f}, {v["ci_high"]:+.2f}]: ' in html_text
+    assert report.delta_words(v).replace("**", "") in html_text  # the report's own words for its verdict
+    assert "vs rtn" in html_text and "(baseline)" in html_text
+    assert "a random-initialised tiny model (float32)" in html_text

@@ -2,6 +2,7 @@
 (names: awqnb.model.sources; GGUF cache: awqnb.model.gguf; tiny models: awqnb.model.tiny)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -14,6 +15,21 @@ from awqnb.model.devices import cast_parameters, resolve_device
 from awqnb.model.gguf import drop_quantizer, gguf_cache, load_errors
 from awqnb.model.sources import ALIASES, GGUF_ALIASES, TINY_ALIASES
 from awqnb.model.tiny import build_tiny
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """transformers' progress bars off for the duration (its 'Loading weights' bar: in a notebook a
+    widget that redirecting stderr does not catch, left as stray text in an exported report)."""
+    from transformers.utils import logging as tlogging
+
+    was = tlogging.is_progress_bar_enabled()
+    tlogging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlogging.enable_progress_bar()
 
 
 def load_model(name: str = "smollm2-135m", device=None, dtype: torch.dtype | str = "auto",
@@ -64,7 +80,7 @@ def load_model(name: str = "smollm2-135m", device=None, dtype: torch.dtype | str
 
                 # dense at load (symmetric and asymmetric alike); awqnb reads and moves the weights
                 kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-        with load_errors(name), checkpoint.quiet_loaders():
+        with load_errors(name), checkpoint.quiet_loaders(), no_progress_bars():
             tok = AutoTokenizer.from_pretrained(src)
             model, info = AutoModelForCausalLM.from_pretrained(src, dtype=load_dtype, output_loading_info=True, **kw)
         checkpoint.check_loading_info(info, str(src))

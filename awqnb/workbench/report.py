@@ -7,8 +7,10 @@ Running the notebooks: `awqnb.workbench.notebook_run` (one) and `awqnb.workbench
 the `reports/index.html` over every run: `awqnb.workbench.report_index`.
 
 The notebook side: `write_metrics` is the one writer of `metrics.json` (schema below) and
-`read_metrics` its reader, so the index and the notebooks agree on one format; `as_list`,
-`clean_json` and `style_comparison` are the small helpers the notebooks share.
+`read_metrics` its reader, so the index and the notebooks agree on one format; `headline` writes
+the words of the report's first screen (which method wins, by how much, whether beyond the noise,
+which layers hurt, what it cost); `as_list`, `clean_json` and `style_comparison` are the small
+helpers the notebooks share.
 """
 from __future__ import annotations
 
@@ -140,6 +142,122 @@ def style_comparison(table):
         sty = sty.map(lambda v: "font-weight: bold" if v in (stats.BETTER, stats.WORSE) else "", subset=["verdict"])
     return sty.hide(axis="index")
 
+
+# --- the first screen --------------------------------------------------------------------
+
+VERDICT_WORDS = {stats.BETTER: "**better**, beyond the noise", stats.WORSE: "**worse**, beyond the noise",
+                 stats.NOISE: "within the noise: not distinguishable",
+                 stats.NO_SEEDS: "cannot separate seeds: too few calibration seeds to tell it from the noise"}
+
+
+def _records(frame) -> list[dict]:
+    if frame is None:
+        return []
+    if hasattr(frame, "to_dict"):
+        return frame.to_dict("records")
+    return [dict(r) for r in frame]
+
+
+def _num(v) -> float | None:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def mean_sd(row: Mapping[str, Any]) -> str:
+    """'22.957 ± 0.143' from a seed-summary row (ppl_mean, ppl_sd); the mean alone when sd is unknown."""
+    m, sd = _num(row.get("ppl_mean")), _num(row.get("ppl_sd"))
+    if m is None:
+        return "—"
+    return f"{m:.3f} ± {sd:.3f}" if sd is not None else f"{m:.3f}"
+
+
+def delta_words(v: Mapping[str, Any]) -> str:
+    """'−2.31 % [95% CI −3.10, −1.52]: **better**, beyond the noise' from a verdicts row."""
+    d, lo, hi = _num(v.get("delta_pct")), _num(v.get("ci_low")), _num(v.get("ci_high"))
+    ci = f" [95% CI {lo:+.2f}, {hi:+.2f}]" if lo is not None and hi is not None else ""
+    num = f"{d:+.2f} %{ci}" if d is not None else "—"
+    return f"{num}: {VERDICT_WORDS.get(v.get('verdict'), v.get('verdict') or 'no verdict')}"
+
+
+def headline(seed_summary, verdicts=None, *, dataset: str | None = None, baseline: str = "rtn",
+             fp_description: str | None = None, sensitive_layer: int | None = None, sens_method: str | None = None,
+             worst=None, layers: bool = True) -> str:
+    """The words of a report's first screen (markdown): on `dataset` (default: the first in
+    `seed_summary`), which label has the lowest mean perplexity (mean ± sd over the seeds), each
+    label's delta % against `baseline` with its 95% interval and `awqnb.analysis.stats` verdict
+    (whether the difference is beyond the noise), what FP is (`fp_description`), which layer hurts
+    most (`sensitive_layer` from the Sensitivity section; without it the (layer, module) with the
+    largest relative output error in `worst`, a `layer_error.worst_layers` frame, saying which
+    measurement it is), and what quantizing cost (quantize_s, mean over seeds).
+
+    seed_summary: `Comparison.summary()` rows; verdicts: `Comparison.verdicts(baseline)` rows;
+    layers=False leaves the layer sentence out (before the layer sections have run)."""
+    rows = _records(seed_summary)
+    if not rows:
+        return "No perplexity results: nothing ran (see the cells below)."
+    dataset = dataset if dataset is not None else rows[0].get("dataset")
+    on = {r["label"]: r for r in rows if r.get("dataset") == dataset}
+    if not on:
+        return f"No perplexity results on {dataset}."
+    first = next(iter(on.values()))
+    where = f"{dataset} ({first.get('protocol')}, seqlen {first.get('seqlen')})"
+    quantized = {k: r for k, r in on.items() if k != "fp" and _num(r.get("ppl_mean")) is not None}
+    n_seeds = max((int(r.get("n_seeds") or 1) for r in on.values()), default=1)
+    lines = []
+    win = None
+    if quantized:
+        win = min(quantized, key=lambda k: quantized[k]["ppl_mean"])
+        lines.append(f"**Lowest perplexity on {where}: `{win}`**, {mean_sd(on[win])} "
+                     f"(mean ± sd over {n_seeds} calibration seed{'s' if n_seeds != 1 else ''}).")
+    vs = {v["label"]: v for v in _records(verdicts) if v.get("dataset") == dataset and v.get("label") != "fp"}
+    if vs:
+        base = f"`{baseline}` ({mean_sd(on[baseline])})" if baseline in on else f"`{baseline}`"
+        parts = [f"`{k}` {mean_sd(on.get(k, {}))}, {delta_words(v)}" for k, v in vs.items()]
+        lines.append(f"Against {base}: " + "; ".join(parts) + ".")
+    elif quantized:
+        lines.append(f"No verdict against `{baseline}` (only one method ran).")
+    if "fp" in on:
+        what = f" ({fp_description})" if fp_description else ""
+        lines.append(f"FP, the baseline{what}: {mean_sd(on['fp'])}.")
+    if not layers:
+        pass
+    elif sensitive_layer is not None:
+        lines.append(f"**Layer that hurts most: {sensitive_layer}** (the largest KL to FP with its linears quantized "
+                     f"alone{f' by `{sens_method}`' if sens_method else ''}, summed over families: Sensitivity section).")
+    else:
+        w = _records(worst)
+        w = [r for r in w if r.get("method") == win] or w  # the winner's own worst layer
+        if w:
+            top = max(w, key=lambda r: _num(r.get("rel_mse")) or -1.0)
+            lines.append(f"**Largest quantization error: layer {top.get('layer')} `{top.get('module')}`** under "
+                         f"`{top.get('method')}` (relative output MSE {top.get('rel_mse'):.3g}, the layer judged alone: "
+                         "output-error section); the Sensitivity section, which measures what hurts the model's "
+                         "predictions, did not run.")
+        else:
+            lines.append("Which layers hurt: not measured (the Sensitivity section and the diagnostics did not run).")
+    cost = [f"`{k}` {r['quantize_s']:.1f} s" for k, r in on.items() if _num(r.get("quantize_s")) is not None]
+    if cost:
+        lines.append("Cost, quantizing (mean over seeds): " + ", ".join(cost) + ".")
+    return "\n\n".join(lines)
+
+
+def parameters_table(parameters: Mapping[str, Any]):
+    """The parameters in effect as a one-column table (values as Python literals)."""
+    import pandas as pd
+
+    return pd.DataFrame({"value": {k: repr(v) for k, v in parameters.items()}}).rename_axis("parameter")
+
+
+def sensitivity_skipped(model: str, methods: Iterable[str]) -> str:
+    """What the report says, once, when its Sensitivity section is off: and how to turn it on."""
+    return (f"_The Sensitivity section (each layer's KL to FP, the ranked parts, the mixed-precision plans) did not run: "
+            f"SENSITIVITY = False (the CPU preset `notebooks/params/cpu.yaml` turns it off)._ To run it: "
+            f"`awqnb report --models {model} --methods {','.join(methods)} --param SENSITIVITY=true` "
+            "(with `--params notebooks/params/cpu.yaml` on a CPU machine, as `make report` passes there), or "
+            "`SENSITIVITY = True` in the parameters cell in Jupyter. What it costs on a CPU: README, *Two commands*.")
 
 
 # --- run.json ----------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from typing import Mapping
 
 from awqnb.core.errors import AwqnbError
 from awqnb.core.files import atomic_write
-from awqnb.workbench.report import METRICS_FILE, RUN_FILE, manifest_ok, read_json_file, read_metrics
+from awqnb.workbench.report import (METRICS_FILE, RUN_FILE, delta_words, manifest_ok, mean_sd, read_json_file,
+                                    read_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,39 @@ def _bits(row) -> str:
     return f"W{b}", ("per-channel" if g == -1 else _cell(g))
 
 
+def _units(m) -> str:
+    """'8 windows' / '500 texts': what a perplexity is a mean over."""
+    n = m.get("n_units")
+    if n is None:
+        return "—"
+    what = "texts" if m.get("protocol") == "sample" else "windows"
+    return f"{int(n)} {what}"
+
+
+def _ppl(m, summ) -> str:
+    """The report's headline number: mean ± sd over the calibration seeds (first-seed value for runs
+    written before seeds were recorded)."""
+    if summ:
+        n = summ.get("n_seeds") or 1
+        return f"{mean_sd(summ)}<br><small>over {n} seed{'s' if n != 1 else ''}</small>"
+    return f"{_cell(m.get('ppl'), '{:.3f}')}<br><small>one run</small>"
+
+
+def _delta(m, v) -> str:
+    """The report's verdict against its baseline over the seeds (`awqnb.analysis.stats`); older runs:
+    the first seed's Δ against FP."""
+    if v is not None:
+        return html.escape(delta_words(v)).replace("**", "") + f"<br><small>vs {html.escape(str(v.get('baseline')))}</small>"
+    d = m.get("delta_pct")
+    if d is None or (m.get("verdict") or m.get("winner")) == "(baseline)":  # (runs written before awqnb.analysis.stats: winner)
+        return "—"
+    return (f"{d:+.2f} [{_cell(m.get('ci_low'), '{:+.2f}')}, {_cell(m.get('ci_high'), '{:+.2f}')}]"
+            "<br><small>vs fp, first seed</small>")
+
+
 def index_html(runs: list[dict], root: Path) -> str:
     head = ("run", "state", "model", "method", "bits", "group size", "calibration", "dataset", "protocol",
-            "seqlen", "ppl", "Δ % vs FP [95% CI]")
+            "seqlen", "units", "ppl: mean ± sd", "Δ % [95% CI]: verdict")
     rows = []
     for r in runs:
         link = r["html"] or r["ipynb"]
@@ -138,20 +169,26 @@ def index_html(runs: list[dict], root: Path) -> str:
                     "in progress" if r["state"] == "running" else
                     "not finished: rerun the sweep to complete it" if r["state"] == "interrupted" else "no metrics")
             rows.append(f'<tr class="{cls}"><td>{run_cell}</td><td>{state}{err}</td><td>{html.escape(r["model"])}</td>'
-                        + f'<td colspan="9">{what}</td></tr>')
+                        + f'<td colspan="{len(head) - 3}">{what}</td></tr>')
             continue
+        doc = r["metrics"]
+        summ = {(s.get("label"), s.get("dataset")): s for s in doc.get("seed_summary") or []}
+        verd = {(v.get("label"), v.get("dataset")): v for v in doc.get("verdicts") or []}
+        fp_what = doc.get("baseline")
+        verdict_base = next((v.get("baseline") for v in verd.values() if v.get("baseline")), None)
         for i, m in enumerate(results):
             bits, gs = _bits(m)
-            d = m.get("delta_pct")
-            baseline = (m.get("verdict") or m.get("winner")) == "(baseline)"  # (runs written before awqnb.analysis.stats: winner)
-            delta = "—" if d is None or baseline else (
-                f"{d:+.2f} [{_cell(m.get('ci_low'), '{:+.2f}')}, {_cell(m.get('ci_high'), '{:+.2f}')}]")
+            key = (m.get("label") or m.get("method"), m.get("dataset"))
+            method = _cell(m.get("method"))
+            if key[0] == "fp" and fp_what:
+                method += f"<br><small>{html.escape(str(fp_what))}</small>"  # what the baseline is
+            delta = "(baseline)" if key[0] == verdict_base else _delta(m, verd.get(key))
             first = f"<td>{run_cell}</td><td>{state}</td>" if i == 0 else "<td></td><td></td>"
             rows.append(
-                f'<tr class="{cls}">{first}<td>{_cell(m.get("model"))}</td><td>{_cell(m.get("method"))}</td>'
+                f'<tr class="{cls}">{first}<td>{_cell(m.get("model"))}</td><td>{method}</td>'
                 f"<td>{bits}</td><td>{gs}</td><td>{_calib(m.get('calibration'))}</td><td>{_cell(m.get('dataset'))}</td>"
-                f"<td>{_cell(m.get('protocol'))}</td><td>{_cell(m.get('seqlen'))}</td>"
-                f"<td class=num>{_cell(m.get('ppl'), '{:.3f}')}</td><td class=num>{delta}</td></tr>")
+                f"<td>{_cell(m.get('protocol'))}</td><td>{_cell(m.get('seqlen'))}</td><td class=num>{_units(m)}</td>"
+                f"<td class=num>{_ppl(m, summ.get(key))}</td><td>{delta}</td></tr>")
     now = datetime.now().strftime("%Y-%m-%d %H:%M")
     body = "\n".join(rows) if rows else f'<tr><td colspan="{len(head)}">no runs yet</td></tr>'
     return f"""<!DOCTYPE html>
@@ -166,7 +203,11 @@ tr.interrupted td {{ background: #fff8e6; }}
 </style></head><body>
 <h1>awqnb reports</h1>
 <p>{len(runs)} run(s) under <code>{html.escape(str(root))}</code>, newest first; written {now}.
-Perplexity: protocol and seqlen as listed; Δ is against the FP model with a bootstrap 95% interval.</p>
+Perplexity as in each report's summary: the mean ± sd over the calibration seeds of a mean over the
+units listed (evaluation windows or texts, with protocol and seqlen), so a number here is comparable only
+with one of the same units; Δ % and its verdict are against the report's baseline (RTN when it ran) over
+the seeds, with a 95% interval (<code>awqnb.analysis.stats</code>): better / worse are beyond the noise.
+FP is the model as loaded: what it is, under its name.</p>
 <table><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead>
 <tbody>
 {body}
