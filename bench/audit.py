@@ -44,7 +44,10 @@ COMPARISONS = {  # key → comparison JSON (every per-window NLL)
     # five calibration seeds 42–46: the 3-seed runs above merged with seeds 45, 46 (bench/quality.py --merge)
     "smol5": "quality/2026-12-03_h200_smollm2-135m_g64_5seeds/comparison_g64.json",
     "gemma5": "quality/2026-12-03_h200_gemma3-270m_g64_5seeds/comparison_g64.json",
+    # the compositions added with the step registry (praq_gptq, awq_gptq_reflip), same seeds 42–46
+    "smol_comp": "quality/2026-12-03_h200_smollm2-135m_g64_compositions/comparison_g64.json",
 }
+MERGED = {"smol5c": ("smol5", "smol_comp")}  # key → the comparison keys merged into it
 RESULTS = {  # key → bench/quality.py results.json of one-seed runs (every per-window NLL)
     "smol_cpu": "quality/2026-12-02_cpu_smollm2-135m_g64_reflip-rope/results.json",  # CPU, SmolLM2, one seed, 40 windows
     "gemma_42": "quality/2026-12-02_h200_gemma3-270m_g64_seed42_awq-variants/results.json",  # Gemma seed 42
@@ -58,6 +61,8 @@ class Missing(Exception):
 
 @lru_cache(None)
 def comp(key: str) -> Comparison:
+    if key in MERGED:  # merged here from stored pieces (as `bench/quality.py --merge` does)
+        return Comparison.merge(*(comp(k) for k in MERGED[key]))
     p = RES / COMPARISONS[key]
     if not p.is_file():
         raise Missing(str(p))
@@ -150,6 +155,7 @@ def method_cells() -> dict[str, tuple[str, str]]:
     """Row key (the first cell of README's method table) → (SmolLM2 cell, Gemma cell), the figures
     recomputed here; the README's cells must carry the same numbers, verdict words and bold."""
     S, M, G, C4, G128, S128 = "smol5", "smol_more", "gemma5", "gemma_c4ag", "gemma_g128", "smol_g128"
+    SC = "smol5c"
 
     def vs(key, a, b, ds="wikitext2"):  # a verdict that claims a difference is bold
         iv = judge(key, a, b, ds)
@@ -200,6 +206,11 @@ def method_cells() -> dict[str, tuple[str, str]]:
         "`llmc_gptq`": (f"{ms(S, 'llmc_gptq')}, {vs(S, 'llmc_gptq', 'awq')}, {t(S, 'llmc_gptq')}; against awqnb `gptq` "
                         f"{vs(S, 'llmc_gptq', 'gptq')}",
                         f"{ms(G, 'llmc_gptq')}, {vs(G, 'llmc_gptq', 'awq')}, {t(G, 'llmc_gptq')}"),
+        "`praq_gptq`": (f"{ms(SC, 'praq_gptq')}, {vs(SC, 'praq_gptq', 'awq')}, {t(SC, 'praq_gptq')}; against "
+                        f"`awq_gptq` {vs(SC, 'praq_gptq', 'awq_gptq')}", "not run"),
+        "`awq_gptq_reflip`": (f"{ms(SC, 'awq_gptq_reflip')}, {vs(SC, 'awq_gptq_reflip', 'awq')}, "
+                              f"{t(SC, 'awq_gptq_reflip')}; against `awq_gptq` {vs(SC, 'awq_gptq_reflip', 'awq_gptq')}",
+                              "not run"),
         "`full_<method>`": ("", ""),
     }
     return cells
