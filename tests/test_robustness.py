@@ -210,7 +210,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_dir, monkeypatc
     if before_load:  # the check must come before any weights are read
         def no_load(*a, **k):
             raise AssertionError("the model was loaded before the input was checked")
-        monkeypatch.setattr(models, "load_model", no_load)
+        monkeypatch.setattr(loading, "load_model", no_load)
     _refused_in_one_line(tmp_path, capsys, argv, pattern)
 
 
@@ -785,7 +785,7 @@ def test_write_trouble_is_one_line_leaves_nothing_and_loses_nothing(tmp_path, ti
     if before_load:  # the check must come before any weights are read
         def no_load(*a, **k):
             raise AssertionError("the model was loaded before the input was checked")
-        monkeypatch.setattr(models, "load_model", no_load)
+        monkeypatch.setattr(loading, "load_model", no_load)
     capsys.readouterr()
     before = _snapshot(tmp_path)
     assert main(argv) == 2
