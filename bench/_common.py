@@ -10,6 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from awqnb.model.provenance import versions
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -41,20 +43,8 @@ def run_dir(topic: str, model: str, device=None, what: str | None = None) -> Pat
 
 
 def environment(device=None) -> dict:
-    """Python, platform and package versions (awqnb's versions()) and the GPU (if any)."""
-    try:
-        from awqnb.model.provenance import versions
-    except ImportError:  # older layout
-        from awqnb.models import versions
+    """Python, platform, package versions and the GPU (awqnb's one versions()), and the run's device."""
     env = {"versions": versions()}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            env["gpu"] = torch.cuda.get_device_name(0)
-            env["cuda"] = torch.version.cuda
-    except Exception:  # noqa: BLE001 — the environment record must not stop a run
-        pass
     if device is not None:
         env["device"] = str(device)
     return env
