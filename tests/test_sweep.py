@@ -277,3 +277,29 @@ def test_every_alpha_explorer_trace_is_named():
 
     names = [t.name for t in plots.alpha_explorer_figure().data]
     assert all(names) and len(set(names)) == len(names)
+
+
+def test_claim_released_twice_across_a_ctrl_c_closes_once(tmp_path, monkeypatch):
+    """Ctrl-C landing just after a claim's file descriptor is closed: the sweep's interrupt handler
+    releases the claim again, which must not close that descriptor a second time (EBADF, or
+    someone else's descriptor by then)."""
+    from awqnb.workbench import rundir
+
+    spec = expand(make_grid("tiny-random-llama", "rtn"))[0]
+    claim = rundir.Claim(tmp_path, spec)
+    assert claim.try_acquire("s1")
+    real_close = os.close
+
+    def close_then_interrupt(fd):
+        real_close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir.os, "close", close_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        claim.release(done=True)
+    monkeypatch.setattr(rundir.os, "close", real_close)
+    claim.release(done=False)  # the handler's release: nothing left to close
+    assert claim.fd is None and not claim.path.exists()
+    again = rundir.Claim(tmp_path, spec)
+    assert again.try_acquire("s2")  # the lock went with the descriptor
+    again.release(done=True)

@@ -79,8 +79,8 @@ class Claim:
             mine = False
         if done and mine:
             self.path.unlink(missing_ok=True)
-        os.close(self.fd)
-        self.fd = None
+        fd, self.fd = self.fd, None  # forgotten before closing: a Ctrl-C in between must not close it twice
+        os.close(fd)
 
 
 @contextmanager
