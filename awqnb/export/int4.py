@@ -1,0 +1,413 @@
+"""A 4-bit runtime for awqnb's packed checkpoints: `load_int4` builds the model with its quantized
+linears as `Int4Linear` modules on torch's built-in int4 kernel, never holding their dense weights.
+
+Kernel (torch ≥ 2.5, aten ops, no extra package):
+    CUDA  `_convert_weight_to_int4pack(uint8 [N, K/2] = q[:, 0::2] << 4 | q[:, 1::2], inner_k_tiles)`
+          + `_weight_int4pack_mm(x bf16 [M, K], packed, group, sz)`; bf16 only, sm80+.
+    CPU   `_convert_weight_to_int4pack_for_cpu(int32 [N, K], inner_k_tiles)`
+          + `_weight_int4pack_mm_for_cpu(x, packed, group, sz)`; float32, bfloat16, float16.
+    Both compute W = (q − 8)·s + zp per group, sz = [K/group, N, 2] = (s, zp) in x's dtype.
+    awqnb's asymmetric code (q, zero z, scale s) is (q − z)·s, so zp = (8 − z)·s; a symmetric
+    compressed-tensors code q_ct becomes q = q_ct + 8, z = 8 (zp = 0). Codes of 2 and 3 bits fit too.
+    Constraints (torch 2.13 CPU, by experiment; CUDA from int4mm.cu): group ∈ {32, 64, 128, 256},
+    K % group == 0; N % 16 == 0 on the CPU, N % 8 == 0 on CUDA. Per channel runs as the largest of
+    those groups that divides K, its scale repeated (exact).
+
+Shapes or groups the kernel refuses (g16, N not a multiple of 16, bf16-less CUDA dtypes) fall back
+to `dequant`: the same 4-bit codes kept nibble-packed, dequantized at every call (one log line per
+load says how many and why). 8-bit linears of a mixed-precision plan do not fit 4 bits: they are
+dequantized once at load and stay dense nn.Linear (counted in `int4_summary`).
+
+The packed layout read here is compressed-tensors' `pack-quantized` (awqnb.export.packed):
+`weight_packed` int32 [N, ⌈K·b/32⌉] (element i at bit i·b of its row, stored as q_ct + 2^(b−1)),
+`weight_scale` [N, G], `weight_zero_point` int32 packed along dim 0 [⌈N·b/32⌉, G] (asymmetric
+only), `weight_shape` [N, K]; codes are unpacked here (no compressed-tensors import needed).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from awqnb.core.errors import AwqnbError
+from awqnb.model import checkpoint
+from awqnb.model.devices import resolve_device
+
+log = logging.getLogger(__name__)
+
+KERNEL_GROUPS = (32, 64, 128, 256)
+PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+# --- compressed-tensors' int32 packing -------------------------------------------------------
+
+def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> torch.Tensor:
+    """The unsigned b-bit fields (int32, in [0, 2^b)) of compressed-tensors' dense int32 packing
+    along `dim`: element i of a row is bits i·b … i·b + b − 1 of the row's bit stream (little-endian
+    words), `length` elements per row. Signed code = field − 2^(b−1)."""
+    if packed.dtype != torch.int32:
+        raise AwqnbError(f"packed codes are {packed.dtype}, not int32; the checkpoint is not compressed-tensors' "
+                         "pack-quantized format: re-export it with `awqnb quantize --format packed`.")
+    words = packed.transpose(0, 1) if dim == 0 else packed
+    words = words.to(torch.int64) & 0xFFFFFFFF  # unsigned view of each word
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:  # 1, 2, 4, 8 bits: whole fields per word
+        per = 32 // bits
+        shifts = torch.arange(per, device=words.device, dtype=torch.int64) * bits
+        out = ((words.unsqueeze(-1) >> shifts) & mask).reshape(words.shape[0], -1)
+    else:  # 3, 5, 6, 7 bits: a field may straddle two words
+        start = torch.arange(length, device=words.device, dtype=torch.int64) * bits
+        w, off = start // 32, start % 32
+        nxt = torch.cat([words, torch.zeros_like(words[:, :1])], 1)
+        out = ((nxt[:, w] >> off) | (nxt[:, w + 1] << (32 - off))) & mask
+    out = out[:, :length].to(torch.int32)
+    if out.shape[1] != length:
+        raise AwqnbError(f"packed codes hold {out.shape[1]} values per row, fewer than the {length} the shape "
+                         "needs; the checkpoint is damaged: re-export it with `awqnb quantize --format packed`.")
+    return out.transpose(0, 1).contiguous() if dim == 0 else out
+
+
+# --- the module -----------------------------------------------------------------------------
+
+def kernel_group(k: int, group_size: int) -> int | None:
+    """The group size the int4 kernel runs for K = k with groups of `group_size` (−1 or k: per
+    channel, as the largest kernel group dividing k), or None."""
+    if group_size in (-1, k):
+        return next((g for g in reversed(KERNEL_GROUPS) if k % g == 0), None)
+    return group_size if group_size in KERNEL_GROUPS and k % group_size == 0 else None
+
+
+def kernel_refusal(n: int, k: int, group_size: int, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why torch's int4 kernel cannot run this linear (None: it can)."""
+    if kernel_group(k, group_size) is None:
+        return f"group {group_size} (K={k}): the kernel takes groups of {'/'.join(map(str, KERNEL_GROUPS))} dividing K"
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return f"{dtype}: the CUDA kernel computes in bfloat16 only"
+        if n % 8:
+            return f"N={n}: the CUDA kernel needs N % 8 == 0"
+        return None
+    if device.type == "cpu":
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return "this torch has no CPU int4 kernel (needs torch ≥ 2.6)"
+        return f"N={n}: the CPU kernel needs N % 16 == 0" if n % 16 else None
+    return f"no int4 kernel on {device.type}"
+
+
+def _inner_k_tiles(k: int) -> int:
+    return next(t for t in (8, 4, 2) if k % (t * 16) == 0)  # k % 32 == 0 holds for every kernel group
+
+
+def _expand(t: torch.Tensor, group: int, k: int) -> torch.Tensor:
+    return t.repeat_interleave(group, dim=1)[:, :k]
+
+
+class Int4Linear(nn.Module):
+    """y = x Wᵀ + b with W = (q − z)·s held as 4-bit codes: on torch's int4 kernel (`kernel` =
+    'tinygemm'), or nibble-packed and dequantized at each call (`kernel` = 'dequant', the fallback).
+    No dense weight is kept in either. Build it with `from_codes`."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, kernel: str,
+                 layout: str, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.kernel, self.layout, self.dtype = kernel, layout, dtype
+        self.kernel_group = None
+        self.refusal: str | None = None  # why the kernel refused this linear (kernel 'dequant')
+        self.register_parameter("bias", None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
+                   bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16, device=None,
+                   fallback: bool = True) -> "Int4Linear":
+        """q: integer codes [N, K] in [0, 15]; scale [N, G] and zero [N, G] (integer-valued, in
+        [0, 15]; None = 8, i.e. symmetric) with W = (q − zero)·scale over groups of `group_size`
+        (−1: per channel). On `device` in `dtype`. fallback=False: raise instead of 'dequant'."""
+        device = resolve_device(device) if device is not None else q.device
+        n, k = q.shape
+        gs = k if group_size == -1 else group_size
+        if int(q.min()) < 0 or int(q.max()) > 15:
+            raise AwqnbError(f"int4 codes must lie in [0, 15], got [{int(q.min())}, {int(q.max())}]; "
+                             "only grids of 4 bits or fewer run as INT4.")
+        q = q.to(device=device, dtype=torch.int32)
+        s = scale.to(device=device, dtype=torch.float32)
+        z = torch.full_like(s, 8.0) if zero is None else zero.to(device=device, dtype=torch.float32)
+        why = kernel_refusal(n, k, gs, device, dtype)
+        if why is not None and not fallback:
+            raise AwqnbError(f"torch's int4 kernel cannot run this linear ({why}).")
+        mod = cls(k, n, gs, "dequant" if why else "tinygemm", device.type, dtype)
+        mod.refusal = why
+        if why is None:
+            g = kernel_group(k, gs)
+            mod.kernel_group = g
+            reps = gs // g if gs != k else k // g  # a wider group (per channel) repeats its scale
+            s_k, z_k = s.repeat_interleave(reps, 1), z.repeat_interleave(reps, 1)
+            sz = torch.stack([s_k, (8.0 - z_k) * s_k], -1).transpose(0, 1).contiguous().to(dtype)
+            tiles = _inner_k_tiles(k)
+            if device.type == "cuda":
+                u8 = ((q[:, 0::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
+                packed = torch.ops.aten._convert_weight_to_int4pack(u8, tiles)
+            else:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), tiles)
+            mod.register_buffer("packed", packed)
+            mod.register_buffer("scale_zero", sz)
+        else:
+            qq = F.pad(q, (0, k % 2)) if k % 2 else q
+            mod.register_buffer("codes", (qq[:, 0::2] | (qq[:, 1::2] << 4)).to(torch.uint8).contiguous())
+            mod.register_buffer("scale", s.to(dtype))
+            mod.register_buffer("zero", z.to(dtype))  # integers ≤ 15: exact in every float dtype
+        if bias is not None:
+            mod.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
+        return mod
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"kernel={self.kernel}, dtype={str(self.dtype).replace('torch.', '')}")
+
+    def _check_layout(self, t: torch.Tensor) -> None:
+        if t.device.type != self.layout:  # the packed layouts of CPU and CUDA differ
+            raise AwqnbError(f"this Int4Linear was packed for {self.layout} but sits on {t.device.type}; "
+                             f"reload it with load_int4(..., device='{t.device}') instead of moving it.")
+
+    @torch.no_grad()
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dense W [N, K] in float32 (for tests and checks: it materialises the weight)."""
+        if self.kernel == "tinygemm":
+            eye = torch.eye(self.in_features, device=self.packed.device, dtype=self.scale_zero.dtype)
+            return self._mm(eye).float().t().contiguous()
+        return self._dense(torch.float32)
+
+    def _dense(self, dtype: torch.dtype) -> torch.Tensor:
+        c = self.codes
+        q = torch.stack([c & 15, c >> 4], -1).reshape(c.shape[0], -1)[:, :self.in_features].to(dtype)
+        s = _expand(self.scale.to(dtype), self.group_size, self.in_features)
+        z = _expand(self.zero.to(dtype), self.group_size, self.in_features)
+        return (q - z) * s
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        self._check_layout(self.packed)
+        if self.layout == "cuda":
+            return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.kernel_group, self.scale_zero)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.kernel_group, self.scale_zero)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, dt = x.shape, x.dtype
+        if self.kernel == "tinygemm":
+            x2 = x.reshape(-1, self.in_features).to(self.scale_zero.dtype).contiguous()
+            y = self._mm(x2).reshape(*shape[:-1], self.out_features)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y.to(dt)
+        w = self._dense(self.scale.dtype)
+        return F.linear(x.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype)).to(dt)
+
+    def nbytes(self) -> int:
+        """Bytes this module holds (codes, scales, zeros, bias)."""
+        return sum(t.numel() * t.element_size() for t in list(self.buffers()) + list(self.parameters()))
+
+
+# --- the checkpoint -------------------------------------------------------------------------
+
+def linear_scheme(name: str, qc: dict) -> dict | None:
+    """The `weights` args of the compressed-tensors group quantizing linear `name` (None: dense).
+    Ignored names first; an exact-name or regex target outranks the class target `Linear`."""
+    def hit(t: str) -> bool:
+        return re.match(t[3:], name) is not None if t.startswith("re:") else t == name
+
+    if any(hit(t) for t in qc.get("ignore") or []):
+        return None
+    by_name = by_class = None
+    for g in (qc.get("config_groups") or {}).values():
+        for t in g.get("targets") or []:
+            if t == "Linear":
+                by_class = by_class or g
+            elif hit(t):
+                by_name = by_name or g
+    g = by_name or by_class
+    return None if g is None else (g.get("weights") or None)
+
+
+def _codes_of(parts: dict[str, torch.Tensor], w: dict, name: str):
+    """(signed codes [N, K], scale [N, G], signed zero [N, G] or None, group size) of one packed
+    linear, from its compressed-tensors tensors."""
+    bits = int(w.get("num_bits") or 0)
+    if w.get("type", "int") != "int" or not 1 <= bits <= 8:
+        raise AwqnbError(f"{name}: {w.get('type')} {bits}-bit weights are not awqnb's INT grid; "
+                         "use --runtime dense.")
+    gidx = parts.get("weight_g_idx")
+    if gidx is not None and not torch.equal(gidx.long().cpu(), torch.arange(gidx.numel()) // int(w["group_size"])):
+        raise AwqnbError(f"{name} has an act-order group index (weight_g_idx); the INT4 runtime runs "
+                         "contiguous groups only: use --runtime dense.")
+    n, k = (int(v) for v in parts["weight_shape"].tolist())
+    off = 1 << (bits - 1)
+    q = unpack_int32(parts["weight_packed"], bits, k) - off
+    scale = parts["weight_scale"]
+    z = None
+    if not w.get("symmetric", True):
+        if "weight_zero_point" not in parts:
+            raise AwqnbError(f"{name} is asymmetric but has no weight_zero_point; the checkpoint is damaged: "
+                             "re-export it with `awqnb quantize --format packed`.")
+        z = unpack_int32(parts["weight_zero_point"], bits, n, dim=0) - off
+    if q.shape != (n, k) or scale.shape[0] != n:
+        raise AwqnbError(f"{name}: packed codes {tuple(q.shape)} / scales {tuple(scale.shape)} do not match "
+                         f"weight_shape {(n, k)}; the checkpoint is damaged: re-export it.")
+    gs = -1 if w.get("strategy") == "channel" else int(w.get("group_size") or -1)
+    return q, scale, z, gs, bits
+
+
+def _dequantize(q: torch.Tensor, scale: torch.Tensor, z: torch.Tensor | None, gs: int) -> torch.Tensor:
+    k = q.shape[1]
+    g = k if gs == -1 else gs
+    zz = 0.0 if z is None else _expand(z.float(), g, k)
+    return (q.float() - zz) * _expand(scale.float(), g, k)
+
+
+def _resolve_dtype(path: Path, device: torch.device, dtype) -> torch.dtype:
+    from awqnb.core.dtypes import parse_dtype
+
+    want = parse_dtype(dtype) if dtype is not None else None
+    if device.type == "cuda":
+        if want not in (None, torch.bfloat16):
+            raise AwqnbError(f"the CUDA int4 kernel computes in bfloat16; load with dtype bfloat16 (not {want}), "
+                             "or use --runtime dense.")
+        return torch.bfloat16
+    if want is not None:
+        return want
+    conf = json.loads((path / "config.json").read_text())
+    name = conf.get("dtype") or conf.get("torch_dtype")
+    got = parse_dtype(name) if isinstance(name, str) else None
+    return got or torch.float32
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    mod_name, _, attr = key.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        raise AwqnbError(f"the checkpoint holds {key}, which its architecture does not have; the checkpoint "
+                         "does not match its config.json: re-export it.")
+
+
+@torch.no_grad()
+def load_int4(path: str | Path, device="cpu", dtype=None):
+    """(model, tokenizer) of an awqnb packed directory with its ≤4-bit linears as Int4Linear.
+
+    The model is built on the meta device; each quantized linear is made from its packed codes on
+    `device` (never as a dense weight), every other tensor is read from the safetensors files and
+    cast to `dtype` (None: the config's dtype; always bfloat16 on CUDA, the kernel's dtype). Linears
+    a plan keeps at 8 bits are dequantized to dense nn.Linear; see `int4_summary(model)`."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path).expanduser()
+    _, qc, meta = checkpoint.read_records(p)
+    if not checkpoint.is_compressed(qc) or qc.get("format") != "pack-quantized":
+        raise AwqnbError(f"{p} is not a packed (compressed-tensors pack-quantized) checkpoint; the INT4 runtime "
+                         "loads those only: use --runtime dense, or export with `awqnb quantize --format packed`.")
+    checkpoint.check_records_agree(p, qc, meta)
+    checkpoint.check_tensors(p, qc)
+    device = resolve_device(device)
+    dtype = _resolve_dtype(p, device, dtype)
+    files = checkpoint.tensor_files(p)
+    packed_names = sorted({k.rsplit(".", 1)[0] for k in files if k.endswith(".weight_packed")})
+
+    with checkpoint.quiet_loaders():
+        config = AutoConfig.from_pretrained(p)
+        tok = AutoTokenizer.from_pretrained(p)
+    config.quantization_config = None
+    del config.quantization_config
+    head_packed = any(n.endswith("lm_head") for n in packed_names)
+    if head_packed:
+        config.tie_word_embeddings = False  # a packed head is its own tensor
+    with init_empty_weights():  # parameters on meta, buffers (RoPE inv_freq, ...) real
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    handles = {f: safe_open(str(p / f), framework="pt", device="cpu") for f in set(files.values())}
+
+    def get(key: str) -> torch.Tensor:
+        return handles[files[key]].get_tensor(key)
+
+    summary = {"int4": 0, "tinygemm": 0, "dequant": 0, "dense_8bit": 0, "refusals": {}}
+    used: set[str] = set()
+    for name in packed_names:
+        parts = {s: get(f"{name}.{s}").to(device) for s in PACKED_SUFFIXES if f"{name}.{s}" in files}
+        used |= {f"{name}.{s}" for s in parts}
+        w = linear_scheme(name, qc)
+        if w is None:
+            raise AwqnbError(f"{p / 'config.json'} does not quantize {name}, yet its packed tensors are in the "
+                             "checkpoint; the two do not match: re-export it.")
+        q, scale, z, gs, bits = _codes_of(parts, w, name)
+        bias = get(f"{name}.bias").to(device) if f"{name}.bias" in files else None
+        used |= {f"{name}.bias"} if bias is not None else set()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if bits <= 4:
+            off = 8  # signed compressed-tensors codes → the kernel's [0, 15]
+            mod = Int4Linear.from_codes(q + off, scale, None if z is None else z + off, gs, bias, dtype, device)
+            summary["int4"] += 1
+            summary[mod.kernel] += 1
+            if mod.refusal:
+                summary["refusals"].setdefault(mod.refusal, []).append(name)
+        else:
+            mod = nn.Linear(q.shape[1], q.shape[0], bias=bias is not None, device="meta")
+            mod.weight = nn.Parameter(_dequantize(q, scale, z, gs).to(dtype), requires_grad=False)
+            if bias is not None:
+                mod.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+            summary["dense_8bit"] += 1
+        setattr(parent, child, mod)
+        del q, scale, z, parts
+    for key in sorted(set(files) - used):
+        t = get(key)
+        _set_tensor(model, key, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+    _finish(model, config, device)
+    for why, names in summary["refusals"].items():
+        log.warning("INT4 runtime: %d linear(s) dequantized at every call, the int4 kernel refuses them (%s), "
+                    "e.g. %s", len(names), why, names[0])
+    if summary["dense_8bit"]:
+        log.info("INT4 runtime: %d linear(s) above 4 bits kept dense (dequantized at load)", summary["dense_8bit"])
+    model.eval()
+    model.awqnb_runtime = "int4"
+    log.info("INT4 runtime: %d linears on %s (%d on torch's int4 kernel, %d dequantized per call), %s",
+             summary["int4"], device, summary["tinygemm"], summary["dequant"], dtype)
+    return model, tok
+
+
+def _finish(model: nn.Module, config, device: torch.device) -> None:
+    """Tie the head where the config says so, move the buffers made at build time to `device`, and
+    refuse anything still on the meta device (it would be random or missing)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = getattr(config, "tie_word_embeddings", False)
+    if tied and out is not None and getattr(out, "weight", None) is not None and out.weight.is_meta:
+        out.weight = inp.weight
+    for mod in model.modules():
+        for k, b in list(mod._buffers.items()):
+            if b is not None and not b.is_meta and b.device != device:
+                mod._buffers[k] = b.to(device)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise AwqnbError(f"the checkpoint has no tensor for {len(left)} part(s) of the model (e.g. {left[0]}); "
+                         "it does not match its config.json: re-export it.")
+
+
+def int4_summary(model: nn.Module) -> dict:
+    """How a model's linears run and what they hold: counts per kernel, bytes of the Int4Linear
+    modules, bytes a dense copy of their weights would take in their dtype, dense linears left."""
+    mods = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    dense = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return {
+        "int4_linears": len(mods),
+        "tinygemm": sum(m.kernel == "tinygemm" for m in mods),
+        "dequant": sum(m.kernel == "dequant" for m in mods),
+        "dense_linears": len(dense),
+        "int4_bytes": sum(m.nbytes() for m in mods),
+        "dense_equivalent_bytes": sum(m.in_features * m.out_features * torch.finfo(m.dtype).bits // 8 for m in mods),
+    }
