@@ -1,4 +1,6 @@
 """Figures from small hand-made frames: the expected traces, values and titles."""
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -205,3 +207,110 @@ def test_risk_chart_counts_have_integer_ticks(n_max, dtick):
     y = plots.risk_overview(risk).layout.yaxis
     assert y.title.text == "channels"
     assert y.tickformat == "d" and y.rangemode == "tozero" and y.dtick == dtick  # no 0, 0.2, 0.4 …
+
+
+# --- an 8B-shaped report: 32 layers × 7 linears ---------------------------------------------------
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GROUPS32 = ("qkv", "o", "gate_up", "down")
+
+
+def _legend_entries(fig) -> int:
+    """Entries the legend shows: traces not hidden from it (heatmaps have a colour bar instead),
+    one per legend group."""
+    if fig.layout.showlegend is False:
+        return 0
+    return len({t.legendgroup or t.name for t in fig.data if t.type != "heatmap" and t.showlegend is not False})
+
+
+def _frames32(loud_layer=1, loud=300.0):
+    """Synthetic frames of a 32-layer, 7-linear model in every figure's schema; `loud_layer` is
+    `loud` times the others (as layer 1's down_proj of a Llama-3-8B is), or no layer is when loud=1."""
+    rng = np.random.default_rng(0)
+    f = lambda l: (loud if l == loud_layer else 1.0) * (1 + 0.2 * rng.random())  # noqa: E731
+    methods = ("rtn", "awq", "awq_gptq")
+    mse = pd.DataFrame([{"method": m, "layer": l, "module": mod, "rel_mse": 1e-3 * f(l)}
+                        for m in methods for l in range(32) for mod in LINEARS])
+    q = lambda v: {f"abs_q{k:02d}": v * s for k, s in ((5, 0.1), (25, 0.5), (50, 1.0), (75, 1.5), (95, 3.0))}  # noqa: E731
+    rounding = pd.DataFrame([{"layer": l, "module": mod, "method": m, **q(1e-3 * f(l)),
+                              "e_before_mean": 1e-2 * f(l), "e_after_mean": 5e-3 * f(l)}
+                             for m in methods for l in range(32) for mod in LINEARS])
+    curves = _curves(layers=range(32), groups=GROUPS32, model="8b", method="awq", bits=4, group_size=128)
+    sens = pd.DataFrame([{"layer": l, "family": fam, "mode": mode, "kl": 1e-3 * f(l), "ppl": 10.0, "dppl": 0.1,
+                          "n_params": 1000} for l in range(32) for fam in plots.SENS_FAMILIES for mode in ("only", "except")])
+    sens.attrs.update(quant_kl=0.0)  # recovery = −KL: a signed panel stays linear
+    risk = pd.DataFrame({"layer": range(32), "n_dead": [int(10 * f(l)) for l in range(32)],
+                         "n_dead_risky": [5] * 32, "n_critical": [1] * 32})
+    blocks = pd.DataFrame([{"layer": l, "rel_err": 1e-3 * f(l), "method": m} for m in methods for l in range(32)])
+    summ = pd.DataFrame([{"layer": l, "group": g, "metric": "l2", "max_over_median": 10 * f(l)}
+                         for l in range(32) for g in GROUPS32])
+    agree = pd.DataFrame([{"layer": l, "group": g, "pair": p, "spearman": 0.5} for l in range(32) for g in GROUPS32
+                          for p in ("l1~l2", "l1~praq", "l2~praq")])
+    scaling = pd.DataFrame([{"layer": l, "group": g, "s_ratio": 10 * f(l), "alpha": 0.5} for l in range(32)
+                            for g in GROUPS32])
+    return dict(mse=mse, rounding=rounding, curves=curves, sens=sens, risk=risk, blocks=blocks, summ=summ,
+                agree=agree, scaling=scaling)
+
+
+def test_figures_stay_readable_at_32_layers_by_7_linears():
+    d = _frames32()
+    figs = {
+        "mse_heatmap": plots.mse_heatmap(d["mse"]),
+        "rounding_error_dist": plots.rounding_error_dist(d["rounding"]),
+        "flip_errors": plots.flip_errors(d["rounding"][d["rounding"]["method"] == "awq"]),
+        "alpha_curves": plots.alpha_curves(d["curves"]),
+        "alpha_curves_dropdown": plots.alpha_curves(d["curves"], mode="dropdown"),
+        "alpha_map": plots.alpha_map(d["curves"]),
+        "sensitivity_heatmap": plots.sensitivity_heatmap(d["sens"]),
+        "sensitivity_bars": plots.sensitivity_bars(d["sens"]),
+        "risk_overview": plots.risk_overview(d["risk"]),
+        "block_error_profile": plots.block_error_profile(d["blocks"]),
+        "salience_overview": plots.salience_overview(d["summ"]),
+        "spearman_heatmap": plots.spearman_heatmap(d["agree"]),
+        "scale_spread": plots.scale_spread(d["scaling"]),
+        "mse_layer_bars": plots.mse_layer_bars(d["mse"], 5),
+    }
+    for name, fig in figs.items():
+        assert _legend_entries(fig) <= 10, f"{name}: {_legend_entries(fig)} legend entries"
+    # one box trace per method, each box named by its layer and linear on the two-level axis
+    rb = figs["rounding_error_dist"]
+    assert [t.name for t in rb.data] == ["rtn", "awq", "awq_gptq"]
+    assert len(rb.data[0].x[0]) == 32 * 7 and rb.data[0].x[0][7] == "L1" and rb.data[0].x[1][7] == "q_proj"
+    # 32 per-layer lines, no legend: a layer colour bar, and the hover names layer and group
+    ac = figs["alpha_curves"]
+    lines = [t for t in ac.data if t.mode == "lines"]
+    assert len(lines) == 32 * 4 and all(t.showlegend is False for t in lines)
+    assert "layer 31 · down" in lines[-1].hovertemplate
+    assert any(getattr(t.marker, "showscale", False) for t in ac.data)
+    assert "layer %{y} · %{x}" in figs["sensitivity_heatmap"].data[0].hovertemplate
+
+
+def test_log_axis_when_one_layer_dominates():
+    loud, calm = _frames32(loud=300.0), _frames32(loud=1.0)
+    # the heatmap's colour: log10 of KL when layer 1 is 300× the rest; the text keeps the raw value
+    hm = plots.sensitivity_heatmap(loud["sens"]).data[0]
+    assert hm.colorbar.title.text == "log10 kl"
+    assert hm.z[1][0] == pytest.approx(math.log10(hm.text[1][0]))
+    assert plots.sensitivity_heatmap(calm["sens"]).data[0].colorbar.title.text == "kl"
+    assert plots.sensitivity_heatmap(loud["sens"], log=False).data[0].colorbar.title.text == "kl"
+    # the ranked bars: the 'only' panel's axis is log; the signed recovery panel stays linear
+    bars = plots.sensitivity_bars(loud["sens"])
+    assert bars.layout.xaxis.type == "log" and bars.layout.xaxis2.type != "log"
+    assert plots.sensitivity_bars(calm["sens"]).layout.xaxis.type != "log"
+    assert plots.risk_overview(loud["risk"]).layout.yaxis.type == "log"
+    assert plots.risk_overview(calm["risk"]).layout.yaxis.type != "log"
+    table = _table()
+    assert plots.perplexity_bar(table).layout.yaxis.type == "linear"
+    table.loc[1, "ppl"] = 25_000.0  # one method blew up
+    assert plots.perplexity_bar(table).layout.yaxis.type == "log"
+    assert plots.scale_spread(loud["scaling"].rename(columns={"s_ratio": "spread"}), value="spread").layout.yaxis.type == "log"
+    assert plots.scale_spread(calm["scaling"].rename(columns={"s_ratio": "spread"}), value="spread").layout.yaxis.type == "linear"
+
+
+def test_the_dominance_rule():
+    assert plots.dominated([1, 1, 1, 21]) and not plots.dominated([1, 1, 1, 19])
+    assert not plots.dominated([-1, 1, 100])  # a signed axis stays linear
+    assert not plots.dominated([0, 0, 0, 5])  # one positive value: nothing to compare with
+    assert plots.dominated([0, 1, 1, 1, 50, float("nan")])
+    with pytest.raises(AwqnbError, match="log="):
+        plots.sensitivity_heatmap(_frames32()["sens"], log="yes")

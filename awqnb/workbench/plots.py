@@ -116,11 +116,40 @@ def _layer_colors(layers) -> dict:
     return dict(zip(layers, sample_colorscale(LAYER_SCALE, [(v - lo) / (hi - lo) for v in layers])))
 
 
+# A value axis turns logarithmic when its largest value is more than LOG_RATIO times the median
+# (of the positive values): at 32 layers one layer 100× the rest would flatten every other bar.
+LOG_RATIO = 20.0
+
+
+def dominated(values, ratio: float = LOG_RATIO) -> bool:
+    """True when the largest positive finite value exceeds `ratio` × their median (False for
+    fewer than two positive values, or when any value is negative: a signed axis stays linear)."""
+    vals = [float(v) for v in values if v is not None and v == v and math.isfinite(float(v))]
+    if any(v < 0 for v in vals):
+        return False
+    pos = sorted(v for v in vals if v > 0)
+    if len(pos) < 2:
+        return False
+    n = len(pos)
+    median = pos[n // 2] if n % 2 else (pos[n // 2 - 1] + pos[n // 2]) / 2
+    return pos[-1] > ratio * median
+
+
+def _use_log(log, values) -> bool:
+    """log=True/False as given; 'auto' by `dominated`."""
+    if log == "auto":
+        return dominated(values)
+    if not isinstance(log, bool):
+        raise AwqnbError(f"log={log!r}: use True, False or 'auto' (log when max > {LOG_RATIO:g} × median).")
+    return log
+
+
 # --- figures ------------------------------------------------------------------------------
 
-def perplexity_bar(table, meta: Mapping | None = None, title: str | None = None) -> go.Figure:
+def perplexity_bar(table, meta: Mapping | None = None, title: str | None = None, log="auto") -> go.Figure:
     """Perplexity per method, one bar trace per evaluation set; each bar labelled with its
-    delta % against the baseline and the bootstrap 95% interval (hover)."""
+    delta % against the baseline and the bootstrap 95% interval (hover). log: 'auto' draws a log
+    axis when one method's perplexity dominates (`dominated`)."""
     _require(table, TABLE_COLUMNS, "perplexity_bar")
     fig = go.Figure()
     has_ci = {"delta_pct", "ci_low", "ci_high"} <= set(table.columns)
@@ -145,6 +174,7 @@ def perplexity_bar(table, meta: Mapping | None = None, title: str | None = None)
         title=title or _title("Perplexity (lower is better)", table, meta,
                               ("model", "bits", "group_size", "protocol", "seqlen")),
         barmode="group", xaxis_title="method", yaxis_title="perplexity", legend_title="evaluation set",
+        yaxis_type="log" if _use_log(log, table["ppl"]) else "linear",
     )
     return fig
 
@@ -426,9 +456,10 @@ def _count_axis(title: str, values) -> dict:
     return dict(title=title, tickformat="d", rangemode="tozero", dtick=1 if top <= 10 else None)
 
 
-def risk_overview(summary, meta: Mapping | None = None, title: str | None = None) -> go.Figure:
+def risk_overview(summary, meta: Mapping | None = None, title: str | None = None, log="auto") -> go.Figure:
     """Per layer (`diagnostics.risk_summary`): MLP channels that are dead, dead & risky, and
-    critical (dead & risky & high-weight), overlaid bars (each set contains the next)."""
+    critical (dead & risky & high-weight), overlaid bars (each set contains the next); a log
+    count axis when one layer's dead count dominates ('auto', `dominated`)."""
     _require(summary, ("layer", "n_dead", "n_dead_risky", "n_critical"), "risk_overview")
     fig = go.Figure()
     for col, name, color in (("n_dead", "dead (rarely live)", "#c7c7c7"),
@@ -440,6 +471,8 @@ def risk_overview(summary, meta: Mapping | None = None, title: str | None = None
                                                                ("model",)),
                       xaxis_title="layer", yaxis=_count_axis("channels", summary["n_dead"]),
                       legend=dict(orientation="h", y=-0.2))
+    if _use_log(log, summary["n_dead"]):
+        fig.update_yaxes(type="log", dtick=None, rangemode=None)
     return fig
 
 
@@ -493,19 +526,25 @@ def preactivation_hist(hist, tau: float | None = -3.0, meta: Mapping | None = No
 def rounding_error_dist(table, modules: Iterable[str] | None = None, meta: Mapping | None = None,
                         title: str | None = None) -> go.Figure:
     """|W − Q(W)| per layer and module from `diagnostics.rounding_error` (level 'module'): boxes
-    drawn from the recorded quantiles (whiskers q05–q95, box q25–q75, line median), one trace per
-    (module, method)."""
+    drawn from the recorded quantiles (whiskers q05–q95, box q25–q75, line median), one trace
+    (colour, legend entry) per method; x is the module for one layer, else (layer, module) on a
+    two-level axis, so 32 layers × 7 linears keep one legend entry per method."""
     _require(table, ("layer", "module", "method", "abs_q05", "abs_q25", "abs_q50", "abs_q75", "abs_q95"),
              "rounding_error_dist")
     mods = list(dict.fromkeys(table["module"])) if modules is None else list(modules)
+    t = table[table["module"].isin(mods)]
+    one_layer = t["layer"].nunique() <= 1
     fig = go.Figure()
-    for (m, meth), d in table[table["module"].isin(mods)].groupby(["module", "method"], sort=False):
-        fig.add_trace(go.Box(x=[f"L{l}" for l in d["layer"]], q1=d["abs_q25"], median=d["abs_q50"],
-                             q3=d["abs_q75"], lowerfence=d["abs_q05"], upperfence=d["abs_q95"],
-                             name=f"{m} ({meth})", boxpoints=False))
-    fig.update_layout(boxmode="group", title=title or _title("Weight rounding error |W − Q(W)| (q05–q95)", table, meta,
-                                                              ("model", "bits", "group_size")),
-                      xaxis_title="layer", yaxis_title="|r|", yaxis_type="log")
+    for meth, d in t.groupby("method", sort=False):
+        d = d.assign(_m=d["module"].map({m: i for i, m in enumerate(mods)})).sort_values(["layer", "_m"])
+        x = list(d["module"]) if one_layer else [[f"L{l}" for l in d["layer"]], list(d["module"])]
+        fig.add_trace(go.Box(x=x, q1=d["abs_q25"], median=d["abs_q50"], q3=d["abs_q75"], lowerfence=d["abs_q05"],
+                             upperfence=d["abs_q95"], name=str(meth), boxpoints=False))
+    layer = _one(t, "layer")
+    what = "Weight rounding error |W − Q(W)| (q05–q95)" + (f", layer {layer}" if one_layer and layer is not None else "")
+    fig.update_layout(boxmode="group", title=title or _title(what, table, meta, ("model", "bits", "group_size")),
+                      xaxis_title="module" if one_layer else "layer · module", yaxis_title="|r|", yaxis_type="log",
+                      legend_title="method")
     return fig
 
 
@@ -599,15 +638,18 @@ def scale_distribution(values, layer: int | None = None, meta: Mapping | None = 
     return fig
 
 
-def scale_spread(table, value: str = "s_ratio", meta: Mapping | None = None, title: str | None = None) -> go.Figure:
+def scale_spread(table, value: str = "s_ratio", meta: Mapping | None = None, title: str | None = None,
+                 log="auto") -> go.Figure:
     """A column of `diagnostics.scaling_table` per layer (default s_max / s_min), one line per
-    scale group (log axis)."""
+    scale group; log axis for the scale columns (s_*), else when one layer dominates ('auto')."""
     _require(table, ("layer", "group", value), "scale_spread")
     _single_method(table, "scale_spread")
-    fig = go.Figure([go.Scatter(x=d["layer"], y=d[value], mode="lines+markers", name=g)
+    fig = go.Figure([go.Scatter(x=d["layer"], y=d[value], mode="lines+markers", name=g,
+                                hovertemplate=f"layer %{{x}} · {g}<br>{value} %{{y:.4g}}<extra></extra>")
                      for g, d in table.groupby("group", sort=False)])
+    use_log = value.startswith("s_") or dominated(table[value]) if log == "auto" else _use_log(log, table[value])
     fig.update_layout(title=title or _title(f"Scale spread ({value}) per layer", table, meta, ("model", "method")),
-                      xaxis_title="layer", yaxis_title=value, yaxis_type="log" if value.startswith("s_") else "linear")
+                      xaxis_title="layer", yaxis_title=value, yaxis_type="log" if use_log else "linear")
     return fig
 
 
@@ -727,17 +769,19 @@ def _attr(df, key):
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
 
 
-def sensitivity_heatmap(frame, mode: str = "only", value: str = "kl", log: bool = False, meta: Mapping | None = None,
+def sensitivity_heatmap(frame, mode: str = "only", value: str = "kl", log="auto", meta: Mapping | None = None,
                         title: str | None = None) -> go.Figure:
     """End-to-end sensitivity (`awqnb.analysis.sensitivity.sensitivity`) of every (layer, linear family):
     layers as rows, families (qkv, vo, gate_up, down) as columns, colour = `value` of the rows of
     `mode` ('only': just this part quantized, the rest FP; 'except': everything quantized but this
-    part). A signed column (dppl) is centred on 0; log draws log10 of a positive column."""
+    part). A signed column (dppl) is centred on 0; log draws log10 of a positive column ('auto':
+when one cell dominates, `dominated`; the cells' text and hover keep the raw values)."""
     _require(frame, ("layer", "family", "mode", value), "sensitivity_heatmap")
     d = frame[frame["mode"] == mode]
     if d.empty:
         raise AwqnbError(f"sensitivity_heatmap: no rows of mode {mode!r}; the frame has "
                          f"{sorted(frame['mode'].unique())}.")
+    log = _use_log(log, d[value])
     fams = _families(d)
     grid = d.pivot_table(index="layer", columns="family", values=value, aggfunc="first").reindex(columns=fams)
     grid = grid.sort_index()
@@ -763,11 +807,12 @@ def sensitivity_heatmap(frame, mode: str = "only", value: str = "kl", log: bool 
 
 
 def sensitivity_bars(frame, top: int = 15, by: str = "kl", meta: Mapping | None = None,
-                     title: str | None = None) -> go.Figure:
+                     title: str | None = None, log="auto") -> go.Figure:
     """The `top` most sensitive (layer, family) parts ranked by `by` of the 'only' rows (most
     sensitive on top), beside the same parts in 'except' mode: how much of the fully quantized
     model's damage keeping just that part in FP takes back (`quant_kl − kl` for KL, from the
-    frame's attrs; `dppl`, already a recovery there; else the raw column)."""
+    frame's attrs; `dppl`, already a recovery there; else the raw column). log: each panel's
+    value axis on a log scale ('auto': when its largest bar dominates, `dominated`)."""
     _require(frame, ("layer", "family", "mode", by), "sensitivity_bars")
     only = frame[frame["mode"] == "only"]
     if only.empty:
@@ -790,11 +835,15 @@ def sensitivity_bars(frame, top: int = 15, by: str = "kl", meta: Mapping | None 
                         subplot_titles=(f"only this part quantized: {label}",) + ((rec_title,) if panels == 2 else ()))
     fig.add_trace(go.Bar(y=labels, x=ranked[by], orientation="h", name="only", marker_color="#d62728",
                          hovertemplate="%{y}<br>" + by + " %{x:.4g}<extra>only</extra>"), row=1, col=1)
+    if _use_log(log, ranked[by]):
+        fig.update_xaxes(type="log", row=1, col=1)
     if panels == 2:
         vals = [rec(float(exc.loc[(l, f), by])) if (l, f) in exc.index else None
                 for l, f in zip(ranked["layer"], ranked["family"])]
         fig.add_trace(go.Bar(y=labels, x=vals, orientation="h", name="except", marker_color="#2ca02c",
                              hovertemplate="%{y}<br>%{x:.4g}<extra>except</extra>"), row=1, col=2)
+        if _use_log(log, vals):
+            fig.update_xaxes(type="log", row=1, col=2)
     fig.update_yaxes(autorange="reversed", title_text="layer · family", col=1)
     fig.update_layout(title=title or _title(f"The {len(ranked)} most sensitive parts", frame,
                                             _provenance(frame, meta), SENS_KEYS),
