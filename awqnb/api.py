@@ -148,14 +148,22 @@ def detect_quantization(path: str | Path) -> dict:
 
     Returns {'quantized': bool, 'method': e.g. 'awq' (None when unknown or not quantized),
     'format': 'packed' | 'fake' | None, 'bits', 'group_size' (-1 per channel), 'symmetric',
-    'lm_head': 'fp16' | 'quantize' | None, 'quant_method': e.g. 'compressed-tensors'}.
+    'lm_head': 'fp16' | 'quantize' | None, 'quant_method': e.g. 'compressed-tensors',
+    'load_with': how to load it, one line (None for another tool's quantization)}.
+
+    'load_with' for a packed (compressed-tensors) directory: its config.json carries no loading
+    option, and transformers (5.23, compressed-tensors 0.19) loads an asymmetric (zero-point) one
+    only with `quantization_config=CompressedTensorsConfig(dequantize=True)` (a plain load refuses its
+    packed zero points); a symmetric one loads plainly too. A mixed-precision one with an 8-bit group
+    must not use dequantize=True there (every group would be decoded at group_0's bits); awqnb's
+    `load_model` reads every layout right. vLLM: docs/DEPLOY.md.
     """
     p = Path(path).expanduser()
     conf, qc, meta = checkpoint.read_records(p)  # one line for a malformed file
     checkpoint.check_records_agree(p, qc, meta)
     qc, meta = qc or {}, meta or {}
     out = {"quantized": False, "method": None, "format": None, "bits": None, "group_size": None,
-           "symmetric": None, "lm_head": None, "quant_method": None}
+           "symmetric": None, "lm_head": None, "quant_method": None, "load_with": None}
     if qc:
         out["quant_method"] = qc.get("quant_method")
     if qc.get("quant_method") == "compressed-tensors":
@@ -176,4 +184,8 @@ def detect_quantization(path: str | Path) -> dict:
                    group_size=q.get("group_size", out["group_size"]), symmetric=q.get("symmetric", out["symmetric"]),
                    lm_head=c.get("lm_head", out["lm_head"]),
                    format=(meta.get("export") or {}).get("format") or out["format"] or "fake")
+    if qc.get("quant_method") == "compressed-tensors":
+        out["load_with"] = export.load_hint(qc)
+    elif not qc:  # dense weights (fake-quant or FP): nothing to decode
+        out["load_with"] = "transformers: AutoModelForCausalLM.from_pretrained(path); or awqnb's load_model(path)"
     return out

@@ -30,9 +30,13 @@ def _quantized(tiny, name, method, quant, **kw):
     return m, tok, calib, cfg, res
 
 
-def _reload(path, **kw):
-    from transformers import AutoModelForCausalLM
+def _reload(path, plain=False, **kw):
+    """transformers' load with the option `detect_quantization(path)['load_with']` names for an
+    asymmetric checkpoint (dense at load); plain=True: no option (symmetric ones only)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+    if not plain:
+        kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     return AutoModelForCausalLM.from_pretrained(path, **kw).eval()
 
 
@@ -47,9 +51,9 @@ def test_packed_reload_equals_fake_quant(tiny, tmp_path, name, method, quant):
     logits too (measured max |Δ| = 0; asserted ≤ 1e-6)."""
     m, tok, calib, cfg, res = _quantized(tiny, name, method, quant)
     export.save_packed(m, tok, tmp_path / "p", cfg, res.metadata(), result=res)
-    r = _reload(tmp_path / "p")
+    r = _reload(tmp_path / "p", plain=quant.symmetric)
     ids = torch.stack(calib.samples[:2])
-    with torch.no_grad():  # symmetric checkpoints load lazily: the first forward decompresses
+    with torch.no_grad():  # a plain load of a symmetric checkpoint is lazy: the first forward decompresses
         assert (m(ids).logits - r(ids).logits).abs().max() <= 1e-6
     got = dict(r.named_parameters())
     for n, p in m.named_parameters():
@@ -83,7 +87,7 @@ def test_packed_layout_is_compressed_tensors_with_awqnb_codes(tiny, tmp_path):
     torch.testing.assert_close(sd[pre + "weight_scale"], scale, rtol=0, atol=0)
     qc = json.loads((d / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
-    assert qc["quantization_status"] == "compressed" and qc["ignore"] == ["lm_head"] and qc["dequantize"] is True
+    assert qc["quantization_status"] == "compressed" and qc["ignore"] == ["lm_head"] and "dequantize" not in qc
     wq = qc["config_groups"]["group_0"]["weights"]
     assert (wq["num_bits"], wq["group_size"], wq["strategy"], wq["symmetric"]) == (4, 32, "group", False)
     meta = json.loads((d / "quantization_metadata.json").read_text())
@@ -112,8 +116,9 @@ def test_reload_needs_no_awqnb(tiny, tmp_path):
     torch.save(ids, tmp_path / "ids.pt")
     code = textwrap.dedent(f"""
         import sys, torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'p')!r})
+        from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'p')!r},
+                                                     quantization_config=CompressedTensorsConfig(dequantize=True))
         with torch.no_grad():
             torch.save(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
         assert not any(k == "awqnb" or k.startswith("awqnb.") for k in sys.modules)
@@ -249,9 +254,10 @@ def test_quantize_with_awq_api(tmp_path):
     assert len(meta["calibration"]["sha256"]) == 64 and meta["config"]["seed"] == 13
     assert len(meta["layers"]) == 2 and set(meta["layers"][0]["alpha"]) == {"qkv", "vo", "gate_up", "down"}
     assert meta["versions"]["compressed-tensors"] == "0.19.0" and meta["versions"]["torch"]
-    assert detect_quantization(path) == {"quantized": True, "method": "awq", "format": "packed", "bits": 4,
-                                         "group_size": 32, "symmetric": False, "lm_head": "fp16",
-                                         "quant_method": "compressed-tensors"}
+    d = detect_quantization(path)
+    assert "CompressedTensorsConfig(dequantize=True)" in d.pop("load_with")
+    assert d == {"quantized": True, "method": "awq", "format": "packed", "bits": 4, "group_size": 32,
+                 "symmetric": False, "lm_head": "fp16", "quant_method": "compressed-tensors"}
     assert _reload(path).config.model_type == "llama"
     with pytest.raises(AwqnbError, match="already exists"):
         quantize_with_awq("tiny-random-llama", tmp_path / "out", prompts, group_size=32, device="cpu")
@@ -307,5 +313,94 @@ def test_smollm2_packed_reload_equals_fake(tmp_path):
     assert meta["linears"] == 210 and meta["max_abs_err"] == 0.0
     r = _reload(d)
     got = dict(r.named_parameters())
+    for n, p in m.named_parameters():
+        assert torch.equal(p, got[n]), n
+
+
+# --- the saved config as other tools read it (issue 28 item 3) ---------------------------------------
+
+def _qc(d):
+    return json.loads((d / "config.json").read_text())["quantization_config"]
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_mixed_precision_groups_target_exact_names(tiny, tmp_path, sym):
+    """A plan's 8-bit q/k/v and down_proj: no group targets the class `Linear` (vLLM matches it before
+    the parts of its fused qkv_proj / gate_up_proj); every linear's target, as compressed-tensors'
+    `match_targets` ranks them and as vLLM's fused-name rule reads them, has the bits the plan gave it;
+    no `dequantize` key; awqnb's loader reloads every parameter bit for bit."""
+    from compressed_tensors.utils import match_targets
+
+    from awqnb.model.loading import load_model
+    from awqnb.quant.plan import Plan
+
+    fp, tok, _ = tiny["tiny-random-llama"]
+    cfg = MethodConfig("rtn", QuantConfig(4, 32, sym), plan=Plan.parse_keep("0.qkv,0.down,1.gate_up:16"))
+    m = copy.deepcopy(fp)
+    res = pipeline.quantize(m, cfg, None, progress=False)
+    d = export.save_packed(m, tok, tmp_path / "p", cfg, res.metadata(), other_bits="group")
+    qc = _qc(d)
+    assert "dequantize" not in qc
+    groups = qc["config_groups"]
+    assert not any("Linear" in g["targets"] for g in groups.values())
+    bits_of = {t: g["weights"]["num_bits"] for g in groups.values() for t in g["targets"]}
+    want = {f"model.layers.0.self_attn.{x}_proj": 8 for x in "qkv"} | {"model.layers.0.mlp.down_proj": 8}
+    fp_kept = {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"}
+    for n, mod in m.named_modules():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        if n in fp_kept or n == "lm_head":
+            assert n in qc["ignore"] and n not in bits_of, n
+            continue
+        targets = [t for g in groups.values() for t in match_targets(n, mod, g["targets"])]
+        assert targets == [n] and bits_of[n] == want.get(n, 4), n
+    for fused, parts in (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj"))):
+        for j in range(2):  # vLLM: a fused layer takes its parts' target when all of them match one
+            sub = "self_attn" if fused == "qkv_proj" else "mlp"
+            got = {bits_of.get(f"model.layers.{j}.{sub}.{p}") for p in parts}
+            assert len(got) == 1, (j, fused, got)
+    r, _ = load_model(str(d), dtype=torch.float32)  # re-decodes the 8-bit group (transformers reads group_0's bits)
+    got = dict(r.named_parameters())
+    for n, p in m.named_parameters():
+        assert torch.equal(p, got[n]), n
+    if not sym:
+        assert "awqnb" in detect_quantization(d)["load_with"] and "cannot load" in detect_quantization(d)["load_with"]
+
+
+def test_one_precision_keeps_the_class_target(tiny, tmp_path):
+    m, tok, _, cfg, res = _quantized(tiny, "tiny-random-llama", "rtn", QuantConfig(4, 32))
+    qc = _qc(export.save_packed(m, tok, tmp_path / "p", cfg, res.metadata()))
+    assert [g["targets"] for g in qc["config_groups"].values()] == [["Linear"]] and "dequantize" not in qc
+
+
+@pytest.mark.parametrize("bits,head,what", [(2, "fp16", "2-bit linears"), (3, "fp16", "3-bit linears"),
+                                            (4, "quantize", "a quantized lm_head")])
+def test_what_vllm_does_not_serve_is_refused_or_flagged(tiny, tmp_path, caplog, bits, head, what):
+    """2/3-bit packed output and a packed lm_head: one line naming --format fake, nothing written;
+    allow_unservable=True writes it (and reloads it bit for bit) with a warning that vLLM will not."""
+    m, tok, _, cfg, res = _quantized(tiny, "tiny-random-llama", "rtn", QuantConfig(bits, 32), lm_head=head)
+    with pytest.raises(AwqnbError, match=rf"^the packed format would hold {what} .*vLLM will not load; "
+                                         r"use --format fake .*allow_unservable=True"):
+        export.save_packed(m, tok, tmp_path / "p", cfg, res.metadata())
+    assert not (tmp_path / "p").exists()
+    with caplog.at_level("WARNING", logger="awqnb.export.packed"):
+        d = export.save_packed(m, tok, tmp_path / "p", cfg, res.metadata(), allow_unservable=True)
+    assert any("vLLM will not load" in r.getMessage() and what in r.getMessage() for r in caplog.records)
+    w = _qc(d)["config_groups"]["group_0"]["weights"]
+    assert w["num_bits"] == bits and ("lm_head" in _qc(d)["ignore"]) == (head == "fp16")
+    got = dict(_reload(d).named_parameters())
+    for n, p in m.named_parameters():
+        assert torch.equal(p, got[n]), n
+
+
+@pytest.mark.parametrize("method,params,want", [("gptq", {"act_order": True}, "weight"),
+                                                ("gptq", {"act_order": False}, None), ("rtn", {}, None)])
+def test_actorder_is_recorded_as_vllm_reads_it(tiny, tmp_path, method, params, want):
+    """GPTQ in act order keeps contiguous groups (no g_idx): compressed-tensors' "weight", never
+    "group" (vLLM's Machete refuses it, compressed-tensors 0.19 rejects it)."""
+    m, tok, _, cfg, res = _quantized(tiny, "tiny-random-llama", method, QuantConfig(4, 32), params=params)
+    d = export.save_packed(m, tok, tmp_path / "p", cfg, res.metadata())
+    assert _qc(d)["config_groups"]["group_0"]["weights"]["actorder"] == want
+    got = dict(_reload(d).named_parameters())
     for n, p in m.named_parameters():
         assert torch.equal(p, got[n]), n

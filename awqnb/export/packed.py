@@ -16,17 +16,27 @@ compressed-tensors needs `ci % g == 0` for every quantized linear (awqnb allows 
 group): such a model is refused with what to do instead.
 
 Mixed precision (`MethodConfig.plan`): linears a plan keeps in floating point (bits 16) go to the
-config's `ignore` list and are stored dense. Linears kept at other bits (8), `other_bits=`:
-    'group'  their own config group whose `targets` are their exact module names — compressed-tensors
-             (0.19 `match_targets`) ranks an exact-name target before the class target `Linear` of
-             `group_0`, so each module gets its own scheme (vLLM, compressed-tensors' loaders);
+config's `ignore` list and are stored dense. With a plan, `group_0` targets the exact names of the
+linears at the run's bits (never the class `Linear`: vLLM's `find_matched_target` tries a class
+target before the parts of its fused `qkv_proj` / `gate_up_proj`, so a class target would serve an
+8-bit q/k/v at 4 bits). Linears kept at other bits (8), `other_bits=`:
+    'group'  their own config group targeting their exact module names (vLLM, compressed-tensors);
     'dense'  in `ignore`, stored dense with their (8-bit-grid) values in the checkpoint's dtype;
     'auto'   (default) 'group' for symmetric grids, 'dense' for asymmetric ones: transformers (5.23)
-             loads asymmetric checkpoints through its dequantize-on-load path (`_ask_dequantize`),
+             loads asymmetric checkpoints only with `CompressedTensorsConfig(dequantize=True)`,
              which decodes every dense module with ONE config group (`get_dense_scheme`), so an
-             8-bit group would be decoded as 4-bit there. Both choices reload bit for bit (tests).
+             8-bit group would be decoded as 4-bit there (awqnb's own loader re-decodes such
+             groups: `checkpoint.redecode_other_groups`). Both choices reload bit for bit (tests).
 A plan names whole scale groups (q/k/v together, gate/up together), so an engine's fused
 projections never mix precisions.
+
+What vLLM serves (its WNA16 kernels; docs/DEPLOY.md): 4 and 8 bits, no quantized lm_head. Other bits
+and a quantized lm_head are refused here unless `allow_unservable=True` (then a warning). Act-order
+is recorded as compressed-tensors' "weight" (the codes were found in act order, the groups stay
+contiguous: no g_idx), never "group".
+
+Loading with transformers: the config holds no loading option; asymmetric (zero-point) checkpoints
+need `quantization_config=CompressedTensorsConfig(dequantize=True)` (`load_hint`).
 """
 from __future__ import annotations
 
@@ -53,6 +63,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("packed", "fake")
 CT_FORMAT = "pack-quantized"
+VLLM_BITS = (4, 8)  # vLLM's compressed-tensors WNA16 types (zero points: 4 and 8 too); docs/DEPLOY.md
 
 
 # --- which linears are quantized ------------------------------------------------------------
@@ -117,34 +128,74 @@ def check_packable(model: nn.Module, cfg: MethodConfig) -> None:
         )
 
 
+def is_mixed(model: nn.Module, cfg: MethodConfig) -> bool:
+    """Whether a plan keeps any block linear at other bits than `cfg.quant.bits` (8 or 16)."""
+    if not cfg.plan:
+        return False
+    spec = resolve_spec(model)
+    return any(linear_bits(cfg.plan, spec, j, cfg.quant.bits) for j in range(len(blocks(model, spec))))
+
+
+def check_servable(model: nn.Module, cfg: MethodConfig, allow_unservable: bool = False) -> None:
+    """Refuse packed output vLLM would not load (bits other than 4/8, a quantized lm_head), with
+    what serves it instead; with allow_unservable, warn and go on (transformers and awqnb read it)."""
+    bits = sorted({q.bits for q in linear_grids(model, cfg).values()} - set(VLLM_BITS))
+    why = []
+    if bits:
+        why.append(f"{'/'.join(map(str, bits))}-bit linears (vLLM's packed INT kernels take 4 and 8 bits)")
+    if cfg.lm_head == "quantize":
+        why.append("a quantized lm_head (vLLM quantizes only linear layers, never lm_head)")
+    if not why:
+        return
+    what = " and ".join(why)
+    if not allow_unservable:
+        raise AwqnbError(f"the packed format would hold {what}, which vLLM will not load; use --format fake "
+                         "(awqnb eval and transformers read it), or allow_unservable=True to pack it anyway.")
+    log.warning("packing %s: vLLM will not load this checkpoint (transformers and awqnb will).", what)
+
+
+def export_actorder(cfg: MethodConfig) -> str | None:
+    """compressed-tensors' `actorder` for awqnb's codes: "weight" when a GPTQ rounder ran in act
+    order (its groups stay contiguous, so the checkpoint needs no g_idx), else None; never
+    "group" (vLLM's Machete refuses it, compressed-tensors 0.19 rejects it)."""
+    from awqnb.quant.methods import get_method
+
+    params = {**get_method(cfg.method).PARAMS, **cfg.params}
+    return "weight" if params.get("act_order") else None
+
+
 # --- compressed-tensors config and packing --------------------------------------------------
 
-def ct_scheme(cfg: QuantConfig):
+def ct_scheme(cfg: QuantConfig, actorder: str | None = None):
     """The compressed-tensors QuantizationScheme for awqnb's grid (weights only, INT, static)."""
     require_compressed_tensors()
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     if cfg.group_size == -1:
         args = QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.symmetric, strategy="channel",
-                                dynamic=False)
+                                dynamic=False, actorder=actorder)
     else:
         args = QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.symmetric, strategy="group",
-                                group_size=cfg.group_size, dynamic=False)
+                                group_size=cfg.group_size, dynamic=False, actorder=actorder)
     return QuantizationScheme(targets=["Linear"], weights=args, format=CT_FORMAT)
 
 
-def ct_config(cfg: QuantConfig, ignore: list[str], others: dict[int, list[str]] | None = None):
-    """compressed-tensors QuantizationConfig: `group_0` over every Linear but `ignore` at `cfg`;
-    with `others` (bits → full module names), one more group per bits targeting those names exactly
-    (an exact name outranks the class target, see the module docstring)."""
+def ct_config(cfg: QuantConfig, ignore: list[str], others: dict[int, list[str]] | None = None,
+              names: list[str] | None = None, actorder: str | None = None):
+    """compressed-tensors QuantizationConfig: `group_0` at `cfg` over every Linear but `ignore`, or
+    over exactly `names` when given (mixed precision: module docstring); with `others` (bits → full
+    module names), one more group per bits targeting those names exactly."""
     import dataclasses
 
     from compressed_tensors.quantization import QuantizationConfig
 
-    groups = {"group_0": ct_scheme(cfg)}
-    for i, (bits, names) in enumerate(sorted((others or {}).items()), start=1):
-        scheme = ct_scheme(dataclasses.replace(cfg, bits=bits))
-        groups[f"group_{i}"] = scheme.model_copy(update={"targets": sorted(names)})
+    # one precision: the class target `Linear`, as llm-compressor writes W4A16 (and what
+    # compressed-tensors' name-only matching, `match_quantizable_tensors`, reads as "every linear")
+    base = ct_scheme(cfg, actorder)
+    groups = {"group_0": base if names is None else base.model_copy(update={"targets": sorted(names)})}
+    for i, (bits, other) in enumerate(sorted((others or {}).items()), start=1):
+        scheme = ct_scheme(dataclasses.replace(cfg, bits=bits), actorder)
+        groups[f"group_{i}"] = scheme.model_copy(update={"targets": sorted(other)})
     return QuantizationConfig(config_groups=groups, format=CT_FORMAT,
                               quantization_status="compressed", ignore=list(ignore))
 
@@ -285,7 +336,8 @@ def storage_bits(sd: dict[str, torch.Tensor], cfg: MethodConfig) -> dict:
 
 def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig, metadata: dict,
                 overwrite: bool = False, result=None, scale_dtype: torch.dtype | None = None,
-                dtype: torch.dtype | None = None, other_bits: str = "auto") -> Path:
+                dtype: torch.dtype | None = None, other_bits: str = "auto",
+                allow_unservable: bool = False) -> Path:
     """Save a fake-quantized model in compressed-tensors' pack-quantized format, atomically.
 
     dest gets config.json (with `quantization_config`), model.safetensors, the tokenizer,
@@ -296,6 +348,8 @@ def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig
     scales (default float32: transformers casts them to the dtype the model is loaded in, so a
     float32 load reproduces the float32 fake-quant weights exactly). other_bits: 'auto', 'group' or
     'dense' — how linears a plan keeps at other bits (8) are stored (module docstring).
+    allow_unservable: write 2/3-bit linears or a quantized lm_head (which vLLM does not load) with
+    a warning instead of refusing them (`check_servable`).
     """
     from safetensors.torch import save_file
 
@@ -307,6 +361,7 @@ def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig
     dtype = dtype or next(iter(quantized_linears(model, cfg).values())).weight.dtype
     scale_dtype = scale_dtype or torch.float32
     check_packable(model, cfg)
+    check_servable(model, cfg, allow_unservable)
     if other_bits not in ("auto", "group", "dense"):
         raise AwqnbError(f"other_bits={other_bits!r} is unknown; use 'auto', 'group' or 'dense'.")
     dense_other = other_bits == "dense" or (other_bits == "auto" and not cfg.quant.symmetric)
@@ -325,9 +380,10 @@ def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig
         if gen is not None:
             gen.save_pretrained(tmp)
         others = {} if dense_other else other_groups(model, cfg)
-        ModelCompressor(quantization_config=ct_config(cfg.quant, ignore, others)).update_config(str(tmp))
-        if not cfg.quant.symmetric:
-            _ask_dequantize(tmp / "config.json")
+        base = sorted(n for n, q in linear_grids(model, cfg).items()
+                      if q.bits == cfg.quant.bits) if is_mixed(model, cfg) else None
+        qconf = ct_config(cfg.quant, ignore, others, names=base, actorder=export_actorder(cfg))
+        ModelCompressor(quantization_config=qconf).update_config(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         size = storage_bits(sd, cfg)
@@ -346,19 +402,6 @@ def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig
     return dest
 
 
-def _ask_dequantize(config_file: Path) -> None:
-    """Set `quantization_config.dequantize = true`: transformers then decompresses at load.
-
-    Why: its lazy path builds the compressed modules on the meta device, where compressed-tensors
-    (0.19, 0.20) leaves the zero point unpacked `[co, n_group]`, so transformers 5.23 refuses the
-    packed `[co·b/32, n_group]` zero point of every asymmetric checkpoint, llm-compressor's
-    included (llm-compressor issue 1618). The key is a transformers loading option; compressed-
-    tensors' own config parser ignores it, and the tensors stay in the standard layout."""
-    c = json.loads(config_file.read_text())
-    c["quantization_config"]["dequantize"] = True
-    config_file.write_text(json.dumps(c, indent=2, sort_keys=True))
-
-
 def is_packed(path: str | Path) -> bool:
     """Whether a directory holds a compressed-tensors checkpoint (its config.json says so)."""
     f = Path(path) / "config.json"
@@ -370,6 +413,26 @@ def is_packed(path: str | Path) -> bool:
         return False
     qc = (conf.get("quantization_config") if isinstance(conf, dict) else None) or {}
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+
+
+def load_hint(qc: dict) -> str:
+    """How to load a compressed-tensors checkpoint with transformers (5.23, compressed-tensors 0.19),
+    from its `quantization_config`: the option the config no longer carries, and when it is wrong."""
+    groups = [g for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)]
+    asym = any((g.get("weights") or {}).get("symmetric") is False for g in groups)
+    if len(groups) > 1 and asym:
+        return ("awqnb: awqnb.model.loading.load_model(path); transformers cannot load it correctly (with "
+                "dequantize=True it decodes every group with group_0's bits, without it the zero points do "
+                "not fit); vLLM reads the config groups as written")
+    if len(groups) > 1:
+        return ("transformers: AutoModelForCausalLM.from_pretrained(path), dense on the first forward "
+                "(not dequantize=True: it decodes every group with group_0's bits); or awqnb's load_model(path)")
+    if asym:
+        return ("transformers: AutoModelForCausalLM.from_pretrained(path, quantization_config="
+                "CompressedTensorsConfig(dequantize=True)), dense at load (a plain load refuses the packed "
+                "zero points); or awqnb's load_model(path)")
+    return ("transformers: AutoModelForCausalLM.from_pretrained(path), dense on the first forward, or with "
+            "quantization_config=CompressedTensorsConfig(dequantize=True), dense at load; or awqnb's load_model(path)")
 
 
 def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = torch.float32):

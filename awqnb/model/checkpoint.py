@@ -236,6 +236,45 @@ def check_loading_info(info: dict, name: str) -> None:
                              f"checkpoint's: {FIX}.")
 
 
+@torch.no_grad()
+def redecode_other_groups(model: nn.Module, path: str | Path, qc: dict | None) -> list[str]:
+    """Decode again, with their own scheme, the packed linears of every config group but the first.
+
+    transformers' dequantize-on-load (`CompressedTensorsConfig(dequantize=True)`, 5.23) decodes every
+    dense module with one group (`get_dense_scheme`: the first), so an 8-bit group of a mixed-precision
+    checkpoint comes out on a 4-bit grid. Returns the names re-decoded."""
+    groups = list((qc or {}).get("config_groups") or {}) if is_compressed(qc) else []
+    if len(groups) < 2:
+        return []
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors import safe_open
+
+    first = qc["config_groups"][groups[0]].get("weights")
+    files = tensor_files(path)
+    done = []
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for name, mod in model.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            w = _linear_scheme(name, type(mod).__name__, qc)
+            if w is None or w == first or f"{name}.weight_packed" not in files:
+                continue
+            sd = {}
+            for part in (*PACKED_PARTS, "weight_zero_point"):
+                f = files.get(f"{name}.{part}")
+                if f is not None:
+                    if f not in handles:
+                        handles[f] = stack.enter_context(safe_open(str(Path(path) / f), framework="pt"))
+                    sd[part] = handles[f].get_tensor(f"{name}.{part}")
+            scheme = QuantizationScheme(targets=[name], weights=w, format=qc.get("format"))
+            dense = BaseCompressor.get_value_from_registry(qc.get("format")).decompress(sd, scheme)["weight"]
+            mod.weight.copy_(dense.to(device=mod.weight.device, dtype=mod.weight.dtype))
+            done.append(name)
+    return done
+
+
 # --- the two quantization records ---------------------------------------------------------
 
 def _grid_of(weights: dict) -> tuple:
@@ -250,9 +289,12 @@ def check_records_agree(path: str | Path, qc: dict | None, meta: dict | None) ->
         return
     q = meta["config"]["quant"]
     want = (q.get("bits"), q.get("group_size"), bool(q.get("symmetric")))
-    main = [g.get("weights") or {} for g in (qc.get("config_groups") or {}).values() if "Linear" in (g.get("targets") or [])]
+    groups = [g for g in (qc.get("config_groups") or {}).values()]
+    # the run's grid: the group over class `Linear`, or group_0 (awqnb's exact-name mixed-precision layout)
+    main = [g.get("weights") or {} for g in groups if "Linear" in (g.get("targets") or [])] or \
+        [g.get("weights") or {} for g in groups[:1]]
     if not main:
-        raise AwqnbError(f"{Path(path) / 'config.json'} has no quantization group for Linear, but "
+        raise AwqnbError(f"{Path(path) / 'config.json'} has no quantization group, but "
                          f"quantization_metadata.json records a {want[0]}-bit grid; the two records disagree: {FIX}.")
     got = _grid_of(main[0])
     if got != want:

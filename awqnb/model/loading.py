@@ -84,6 +84,8 @@ def load_model(name: str = "smollm2-135m", device=None, dtype: torch.dtype | str
             tok = AutoTokenizer.from_pretrained(src)
             model, info = AutoModelForCausalLM.from_pretrained(src, dtype=load_dtype, output_loading_info=True, **kw)
         checkpoint.check_loading_info(info, str(src))
+        if kw:  # dense at load decoded every group with the first one's grid: the others again
+            checkpoint.redecode_other_groups(model, src, qc)
         drop_quantizer(model)
     if tokenizer is not None:
         tok = AutoTokenizer.from_pretrained(tokenizer)
