@@ -256,10 +256,20 @@ def cmd_eval(args) -> int:
     device = devices.resolve_device(args.device)
     local = Path(args.model).expanduser()
     records = checkpoint.read_records(local) if local.is_dir() else None  # malformed files: one line
-    if export.is_packed(args.model):
-        checkpoint.require_compressed_tensors()  # a clear message instead of transformers' ImportError
-    model, tok = loading.load_model(args.model, device=device)
-    meta = {"model": args.model, "method": "fp"}
+    if args.runtime == "int4":
+        from awqnb.export import int4
+
+        if not export.is_packed(args.model):
+            raise AwqnbError(f"--runtime int4 runs packed directories only (compressed-tensors pack-quantized); "
+                             f"{args.model} is not a packed checkpoint: use --runtime dense.")
+        model, tok = int4.load_int4(args.model, device=device)
+    else:
+        if export.is_packed(args.model):
+            checkpoint.require_compressed_tensors()  # a clear message instead of transformers' ImportError
+        model, tok = loading.load_model(args.model, device=device)
+    meta = {"model": args.model, "method": "fp", "runtime": args.runtime}
+    if args.runtime == "int4":
+        meta["int4"] = int4.int4_summary(model)
     if records is not None and (records[1] or records[2]):
         from awqnb.api import detect_quantization
 
@@ -287,7 +297,7 @@ def cmd_eval(args) -> int:
         res.to_json(args.json)
     src = f" (sha256 {info['sha256'][:12]})" if info else ""
     sys.stdout.write(f"{meta['model']} [{meta['method']}] {res.dataset}{src} {res.protocol} ppl seqlen={res.seqlen} "
-                     f"units={res.n_units}: {res.ppl:.4f}\n")
+                     f"units={res.n_units}: {res.ppl:.4f} (runtime {args.runtime})\n")
     return 0
 
 
@@ -431,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-samples", type=int, default=2000, help="texts evaluated under the sample protocol")
     e.add_argument("--device", default="auto", help="auto (cuda:0 if present, else cpu), cpu, cuda:N")
     e.add_argument("--json", default=None, help="write the result (with per-window NLL) here (default: none)")
+    e.add_argument("--runtime", choices=["dense", "int4"], default="dense",
+                   help="dense: packed weights dequantized at load (transformers); int4: a packed directory's "
+                        "<=4-bit linears on torch's int4 kernel, no dense copy (awqnb.export.int4; bfloat16 on "
+                        "CUDA). Same perplexity to rounding; default dense: perplexity is a prefill workload, "
+                        "where that kernel is slower than bf16 beyond a few rows")
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("compare", help="compare eval JSON files: delta %%, 95%% CI and verdict (one run each: "

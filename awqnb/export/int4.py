@@ -369,9 +369,10 @@ def load_int4(path: str | Path, device="cpu", dtype=None):
         t = get(key)
         _set_tensor(model, key, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
     _finish(model, config, device)
-    for why, names in summary["refusals"].items():
-        log.warning("INT4 runtime: %d linear(s) dequantized at every call, the int4 kernel refuses them (%s), "
-                    "e.g. %s", len(names), why, names[0])
+    if summary["dequant"]:  # one line per load, however many linears
+        log.warning("INT4 runtime: %d linear(s) dequantized at every call, the int4 kernel refuses them: %s",
+                    summary["dequant"], "; ".join(f"{len(v)} × {why}, e.g. {v[0]}"
+                                                  for why, v in summary["refusals"].items()))
     if summary["dense_8bit"]:
         log.info("INT4 runtime: %d linear(s) above 4 bits kept dense (dequantized at load)", summary["dense_8bit"])
     model.eval()
