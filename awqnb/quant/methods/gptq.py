@@ -77,14 +77,26 @@ class GPTQResult:
 
 
 def hessian(xs: list[torch.Tensor], device, dtype=torch.float32) -> tuple[torch.Tensor, int]:
-    """H = 2·XᵀX/n `[c, c]` from chunks `[..., c]` (each moved to `device` while it is used), and n."""
+    """H = 2·XᵀX/n `[c, c]` from chunks `[..., c]` (each moved to `device` while it is used), and n.
+
+    bf16/fp16 chunks on a GPU are multiplied as they are into the float32 H (`out_dtype`): their
+    products are exact in float32 and the sums are float32 as before, so H is the float32 one up to
+    summation order, at tensor-core speed and without a float32 copy of each chunk."""
     c = xs[0].shape[-1]
     h = torch.zeros(c, c, device=device, dtype=dtype)
     n = 0
+    direct = dtype == torch.float32 and h.device.type == "cuda"
     for x in xs:
-        f = x.to(device, non_blocking=True).reshape(-1, c).to(dtype)
-        h.addmm_(f.T, f)
+        f = x.to(device, non_blocking=True).reshape(-1, c)
         n += f.shape[0]
+        if direct and f.dtype in (torch.bfloat16, torch.float16):
+            try:
+                torch.addmm(h, f.T, f, out_dtype=torch.float32, out=h)
+                continue
+            except (RuntimeError, TypeError, NotImplementedError):  # an older torch or GPU: the float32 way
+                direct = False
+        f = f.to(dtype)
+        h.addmm_(f.T, f)
     if n == 0:
         raise AwqnbError("GPTQ needs calibration tokens at every input point; the calibration set is empty.")
     return h.mul_(2.0 / n), n
@@ -95,24 +107,166 @@ def layer_error(dw: torch.Tensor, h: torch.Tensor) -> float:
     return float(((dw.float() @ h) * dw.float()).sum(dtype=torch.float64))
 
 
-def _upper_inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, bool]:
-    """U with UᵀU = (H + λI)⁻¹, λ raised ×10 while the factorisation fails; identity at the end."""
-    eye = torch.arange(h.shape[0], device=h.device)
+@dataclass
+class GPTQFactor:
+    """What GPTQ needs of H: `u` `[ci, ci]`, the upper Cholesky factor of (H + λI)⁻¹ in processing
+    order; `perm` the processing order (None: the columns' own); the damping λ used, whether it fell
+    back to the identity (round to nearest) and the number of dead columns."""
+
+    u: torch.Tensor
+    perm: torch.Tensor | None
+    damp: float
+    fallback: bool
+    n_dead: int
+
+
+@torch.no_grad()
+def gptq_factor(h: torch.Tensor, damp_percent: float = 0.01, act_order: bool = True) -> GPTQFactor:
+    """Dead columns, act-order permutation, damping and U = chol((H + λI)⁻¹) upper, on h's device.
+
+    Holds at most two other ci² float32 matrices besides h at any time (h is not modified)."""
+    ci = h.shape[0]
+    d = h.diagonal().float()
+    dead = d == 0
+    n_dead = int(dead.sum())
+    d = d.masked_fill(dead, 1.0)  # isolated column: H⁻¹ has no coupling to it, so it is rounded to nearest
+    perm = torch.argsort(d, descending=True, stable=True) if act_order else None
+
+    def build() -> torch.Tensor:
+        # one gather (or copy) of h, in processing order, float32
+        hp = h.float()[perm[:, None], perm[None, :]] if perm is not None else h.to(torch.float32, copy=True)
+        hp.diagonal().masked_fill_(dead[perm] if perm is not None else dead, 1.0)
+        return hp
+
+    H = build()
+    damp = float(damp_percent) * float(H.diagonal().mean())
+    diag0 = H.diagonal().clone()
     for _ in range(MAX_DAMP_RETRIES):
-        hd = h.clone()
-        hd[eye, eye] += damp
-        low, info = torch.linalg.cholesky_ex(hd)
-        del hd  # H is ci² floats: keep at most two such matrices alive besides the caller's
+        if H is None:
+            H = build()
+        H.diagonal().copy_(diag0 + damp)
+        low, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
+            del H  # rebuilt from h only if the second factorisation fails
+            H = None
             hinv = torch.cholesky_inverse(low)
             del low
             up, info = torch.linalg.cholesky_ex(hinv, upper=True)
             del hinv
             if int(info) == 0 and bool(torch.isfinite(up.diagonal()).all()):
-                return up, damp, False
+                return GPTQFactor(up, perm, damp, False, n_dead)
         damp *= 10.0
     log.warning("GPTQ: H is not positive definite even with damping %.3g; rounding to nearest", damp)
-    return torch.eye(h.shape[0], device=h.device, dtype=h.dtype), damp, True
+    return GPTQFactor(torch.eye(ci, device=h.device, dtype=torch.float32), perm, damp, True, n_dead)
+
+
+@torch.no_grad()
+def gptq_round(w: torch.Tensor, f: GPTQFactor, cfg: QuantConfig, block_size: int = 128,
+               static_groups: bool = True) -> GPTQResult:
+    """The column loop: GPTQ-round `w: [co, ci]` with the factor of its Hessian (`gptq_factor`).
+
+    Per column only the arithmetic of the algorithm runs (7 tensor ops, no view created, no host
+    sync): q' = clamp(round(w/s), lo − z, hi − z) = q − z, e = (w − q'·s)/U_jj, the rank-1 update
+    of the block. Codes (q = q' + z), losses and the lazy update of later columns are batched per
+    block; a dynamic group's qparams are taken once, at its first column."""
+    co, ci = w.shape
+    dev = w.device
+    g = effective_group_size(ci, cfg.group_size)
+    ng = math.ceil(ci / g)
+    lo, hi = qrange(cfg)
+    W = w.float()
+    perm = f.perm
+    U = f.u.to(device=dev, dtype=torch.float32)
+    if static_groups:
+        scale, zero = compute_qparams(W, cfg)
+    else:
+        scale = torch.zeros(co, ng, device=dev)
+        zero = torch.zeros(co, ng, device=dev)
+    # columns as rows (`[ci, co]`, processing order): each column and each block is contiguous
+    Wt = W.T.index_select(0, perm.to(dev)) if perm is not None else W.T.contiguous()
+    del W
+    st, zt = scale.T.contiguous(), zero.T.contiguous()  # `[n_group, co]`
+    lz, hz = lo - zt, hi - zt  # the clamp bounds of q − z
+    perm_cpu = perm.cpu() if perm is not None else torch.arange(ci)
+    gpos = perm_cpu // g  # processing position → group
+    group_at = gpos.tolist()
+    gpos = gpos.to(dev)
+    dyn = {} if static_groups else _group_plan(perm_cpu, g, ci, block_size, dev)
+    s_rows, lz_rows, hz_rows = st.unbind(0), lz.unbind(0), hz.unbind(0)
+    d_all = U.diagonal().unbind(0)
+    Qt = torch.empty_like(Wt)
+    ebuf = torch.empty(min(ci, block_size), co, device=dev)
+    loss_rows = torch.zeros(co, device=dev)
+    for i1 in range(0, ci, block_size):
+        i2 = min(i1 + block_size, ci)
+        cnt = i2 - i1
+        W1 = Wt[i1:i2]  # updated in place: nothing reads a block's columns after it
+        Q1 = Qt[i1:i2]
+        E1 = ebuf[:cnt]
+        U1 = U[i1:i2, i1:i2]
+        w_r, q_r, e_r, u_r = W1.unbind(0), Q1.unbind(0), E1.unbind(0), U1.unbind(0)
+        for i in range(cnt):
+            p = i1 + i
+            gi = group_at[p]
+            if p in dyn:
+                _start_group(dyn[p], Wt, W1, E1, U, i1, i, st[gi], zt[gi], lz[gi], hz[gi], lo, hi, cfg)
+            s, q, e = s_rows[gi], q_r[i], e_r[i]
+            torch.div(w_r[i], s, out=q)
+            q.round_()
+            torch.clamp(q, lz_rows[gi], hz_rows[gi], out=q)  # q − z
+            torch.mul(q, s, out=e)
+            torch.sub(w_r[i], e, out=e)
+            e.div_(d_all[p])
+            # the whole block: U is upper triangular, so rows before i get exactly zero added, and
+            # no slice has to be made per column
+            W1.addr_(u_r[i], e, alpha=-1.0)
+        Q1.add_(zt.index_select(0, gpos[i1:i2]))
+        loss_rows += (E1 * E1).sum(0)  # (w − ŵ)²/U_jj², halved at the end
+        if i2 < ci:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)  # the lazy batch update of later columns
+    if perm is not None:
+        Qt = Qt.index_select(0, torch.argsort(perm).to(dev))
+    return GPTQResult(Qt.T.contiguous(), st.T.contiguous(), zt.T.contiguous(), loss_rows / 2, f.damp,
+                      f.fallback, f.n_dead)
+
+
+def _group_plan(perm_cpu: torch.Tensor, g: int, ci: int, block_size: int, dev) -> dict:
+    """Dynamic groups: for each group's first processing position p, the rows of its columns that
+    are in p's block (block-relative) and those after it, as device indices made before the loop."""
+    pos_of = torch.argsort(perm_cpu)  # original column → processing position
+    plan = {}
+    for gi in range(math.ceil(ci / g)):
+        pos = pos_of[gi * g:min((gi + 1) * g, ci)]
+        p = int(pos.min())
+        i1 = p - p % block_size
+        i2 = min(i1 + block_size, ci)
+        plan[p] = ((pos[pos < i2] - i1), pos[pos >= i2])
+    flat = torch.cat([t for pair in plan.values() for t in pair]).to(dev)  # one transfer
+    out, k = {}, 0
+    for p, (a, b) in plan.items():
+        out[p] = (flat[k:k + len(a)], flat[k + len(a):k + len(a) + len(b)])
+        k += len(a) + len(b)
+    return out
+
+
+def _start_group(idx, Wt, W1, E1, U, i1, i, s_g, z_g, lz_g, hz_g, lo, hi, cfg) -> None:
+    """A dynamic group's qparams from its current weights, at its first column (block position i):
+    block columns are up to date in W1; later ones still lack this block's updates."""
+    inb, out = idx
+    parts = []
+    if inb.numel():
+        parts.append(W1.index_select(0, inb))
+    if out.numel():
+        later = Wt.index_select(0, out)
+        if i > 0:
+            later = later - U[i1:i1 + i].index_select(1, out).T @ E1[:i]
+        parts.append(later)
+    cur = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    s, z = compute_qparams(cur.T, replace(cfg, group_size=-1))
+    s_g.copy_(s[:, 0])
+    z_g.copy_(z[:, 0])
+    lz_g.copy_(lo - z_g)
+    hz_g.copy_(hi - z_g)
 
 
 @torch.no_grad()
@@ -126,99 +280,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig, damp_perce
         raise AwqnbError(f"GPTQ: Hessian of shape {tuple(h.shape)} does not match a weight with {ci} columns.")
     if block_size < 1:
         raise AwqnbError(f"block_size={block_size} must be >= 1.")
-    dev = w.device
-    g = effective_group_size(ci, cfg.group_size)
-    ng = math.ceil(ci / g)
-    lo, hi = qrange(cfg)
-    one_group = replace(cfg, group_size=-1)
-    W = w.float().clone()
-    H = h.to(device=dev, dtype=torch.float32).clone()
-    diag = H.diagonal()
-    dead = diag == 0
-    n_dead = int(dead.sum())
-    if n_dead:
-        diag[dead] = 1.0  # isolated column: H⁻¹ has no coupling to it, so it is rounded to nearest
-    if static_groups:
-        scale, zero = compute_qparams(W, cfg)
-    else:
-        scale = torch.zeros(co, ng, device=dev)
-        zero = torch.zeros(co, ng, device=dev)
-    if act_order:
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        H = H[perm][:, perm]
-    else:
-        perm = torch.arange(ci, device=dev)
-    # columns as rows (`[ci, co]`, processing order): each column and each trailing block is
-    # contiguous, so the per-column updates stream through memory
-    Wt = W.T[perm].contiguous() if act_order else W.T.contiguous()
-    del W
-    st, zt = scale.T.contiguous(), zero.T.contiguous()  # `[n_group, co]`
-    damp = float(damp_percent) * float(H.diagonal().mean())
-    U, damp, fallback = _upper_inverse_cholesky(H, damp)
-    del H
-    perm_cpu = perm.cpu()
-    pos_of = torch.argsort(perm_cpu)  # original column → processing position
-    group_at = (perm_cpu // g).tolist()  # processing position → group
-    starts = set()
-    if not static_groups:
-        # a group's qparams are taken when its first column (in processing order) comes up
-        first = {}
-        for p, gi in enumerate(group_at):
-            first.setdefault(gi, p)
-        starts = set(first.values())
-    Qt = torch.empty_like(Wt)
-    losses = torch.zeros(min(ci, block_size), co, device=dev)
-    loss_rows = torch.zeros(co, device=dev)
-    for i1 in range(0, ci, block_size):
-        i2 = min(i1 + block_size, ci)
-        cnt = i2 - i1
-        W1 = Wt[i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        Err1 = torch.zeros(cnt, co, device=dev)
-        L1 = losses[:cnt].zero_()
-        for i in range(cnt):
-            p = i1 + i
-            gi = group_at[p]
-            if p in starts:
-                cur = _group_now(Wt, W1, Err1, U, pos_of, gi, g, ci, i1, i2, i)
-                s_g, z_g = compute_qparams(cur.T, one_group)
-                st[gi] = s_g[:, 0]
-                zt[gi] = z_g[:, 0]
-            s = st[gi]
-            z = zt[gi]
-            col = W1[i]
-            q = torch.clamp(torch.round(col / s) + z, lo, hi)
-            Qt[p] = q
-            e = (col - (q - z) * s) / U1[i, i]
-            L1[i] = e * e  # (w − ŵ)²/U_jj², halved at the end
-            if i + 1 < cnt:
-                W1[i + 1:].addr_(U1[i, i + 1:], e, alpha=-1.0)
-            Err1[i] = e
-        loss_rows += L1.sum(0)
-        if i2 < ci:
-            Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)  # the lazy batch update of later columns
-    if act_order:
-        Qt = Qt[pos_of.to(dev)]
-    return GPTQResult(Qt.T.contiguous(), st.T.contiguous(), zt.T.contiguous(), loss_rows / 2, damp, fallback,
-                      n_dead)
-
-
-def _group_now(Wt, W1, Err1, U, pos_of, gi, g, ci, i1, i2, i) -> torch.Tensor:
-    """Current weights `[len, co]` of group gi's columns, at processing position i1 + i (its first
-    column): block columns are up to date in W1; later ones still lack this block's updates."""
-    pos = pos_of[gi * g:min((gi + 1) * g, ci)]
-    inb = pos[pos < i2]
-    out = pos[pos >= i2]
-    parts = []
-    if inb.numel():
-        parts.append(W1[(inb - i1).to(W1.device)])
-    if out.numel():
-        o = out.to(Wt.device)
-        later = Wt[o]
-        if i > 0:
-            later = later - U[i1:i1 + i][:, o].T @ Err1[:i]
-        parts.append(later)
-    return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    f = gptq_factor(h.to(w.device), damp_percent, act_order)
+    return gptq_round(w, f, cfg, block_size, static_groups)
 
 
 # -- replay record --------------------------------------------------------------------------
