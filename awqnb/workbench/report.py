@@ -9,8 +9,8 @@ the `reports/index.html` over every run: `awqnb.workbench.report_index`.
 The notebook side: `write_metrics` is the one writer of `metrics.json` (schema below) and
 `read_metrics` its reader, so the index and the notebooks agree on one format; `headline` writes
 the words of the report's first screen (which method wins, by how much, whether beyond the noise,
-which layers hurt, what it cost); `as_list`, `clean_json` and `style_comparison` are the small
-helpers the notebooks share.
+which layers hurt, what it cost); `run_setup` / `run_setup_words` the model's size and where it ran;
+`as_list`, `clean_json` and `style_comparison` are the small helpers the notebooks share.
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def delta_words(v: Mapping[str, Any]) -> str:
 
 def headline(seed_summary, verdicts=None, *, dataset: str | None = None, baseline: str = "rtn",
              fp_description: str | None = None, sensitive_layer: int | None = None, sens_method: str | None = None,
-             worst=None, layers: bool = True) -> str:
+             worst=None, layers: bool = True, setup: Mapping[str, Any] | None = None) -> str:
     """The words of a report's first screen (markdown): on `dataset` (default: the first in
     `seed_summary`), which label has the lowest mean perplexity (mean ± sd over the seeds), each
     label's delta % against `baseline` with its 95% interval and `awqnb.analysis.stats` verdict
@@ -194,7 +194,8 @@ def headline(seed_summary, verdicts=None, *, dataset: str | None = None, baselin
     measurement it is), and what quantizing cost (quantize_s, mean over seeds).
 
     seed_summary: `Comparison.summary()` rows; verdicts: `Comparison.verdicts(baseline)` rows;
-    layers=False leaves the layer sentence out (before the layer sections have run)."""
+    layers=False leaves the layer sentence out (before the layer sections have run); setup (a
+    `run_setup` dict) adds the model's size and where it ran."""
     rows = _records(seed_summary)
     if not rows:
         return "No perplexity results: nothing ran (see the cells below)."
@@ -241,7 +242,84 @@ def headline(seed_summary, verdicts=None, *, dataset: str | None = None, baselin
     cost = [f"`{k}` {r['quantize_s']:.1f} s" for k, r in on.items() if _num(r.get("quantize_s")) is not None]
     if cost:
         lines.append("Cost, quantizing (mean over seeds): " + ", ".join(cost) + ".")
+    if setup:
+        lines.append(run_setup_words(setup))
     return "\n\n".join(lines)
+
+
+# --- what ran where --------------------------------------------------------------------------
+
+def model_footprint(model) -> dict:
+    """The model as loaded: parameters (tied weights once), their bytes in the dtypes they are held
+    in, the dtype holding most of them, and the decoder layers."""
+    import torch
+
+    n, nbytes, by_dtype = 0, 0, {}
+    for p in model.parameters():  # a tied weight is one Parameter: counted once
+        n += p.numel()
+        nbytes += p.numel() * p.element_size()
+        by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
+    main = max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
+    cfg = getattr(model, "config", None)
+    return {"parameters": n, "bytes": nbytes, "dtype": str(main).removeprefix("torch."),
+            "dtypes": {str(k).removeprefix("torch."): v for k, v in by_dtype.items()},
+            "layers": getattr(cfg, "num_hidden_layers", None), "hidden_size": getattr(cfg, "hidden_size", None)}
+
+
+def device_description(device) -> str:
+    """'NVIDIA H200 (cuda:0, 150.0 GB)', 'CPU (x86_64, 2 cores)' or the device's name."""
+    import os
+    import platform
+
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(dev)
+        return f"{props.name} ({dev}, {props.total_memory / 1e9:.1f} GB)"
+    if dev.type == "cpu":
+        return f"CPU ({platform.machine() or 'unknown'}, {os.cpu_count()} cores)"
+    return str(dev)
+
+
+def _amount(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+RANDOM_MARKER = "random_weights.json"  # written by bench/make_shaped_model.py beside random weights
+
+
+def random_weights(model) -> bool:
+    """True when the model was loaded from a directory that says its weights are random."""
+    src = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not src:
+        return False
+    doc = read_json_file(Path(str(src)) / RANDOM_MARKER)
+    return bool(doc.get("random_weights")) if isinstance(doc, dict) else False
+
+
+def run_setup(model, device, compute_dtype: str | None = None) -> dict:
+    """What a report states about its run: the model's size (`model_footprint`), where it ran
+    (`device_description`, the compute dtype: None = the model's own) and whether its weights
+    are random (`random_weights`)."""
+    fp = model_footprint(model)
+    return {**fp, "device": str(device), "device_name": device_description(device),
+            "compute_dtype": compute_dtype or fp["dtype"], "random_weights": random_weights(model)}
+
+
+def run_setup_words(setup: Mapping[str, Any]) -> str:
+    """'**Model**: 8.03 B parameters, 16.06 GB in bfloat16, 32 layers. **Ran on** NVIDIA H200 (cuda:0,
+    150.0 GB), computing in bfloat16.' (markdown) from `run_setup`."""
+    dt = setup.get("dtypes") or {}
+    held = setup["dtype"] if len(dt) <= 1 else ", ".join(f"{k} {_amount(v)}" for k, v in dt.items())
+    layers = f", {setup['layers']} layers" if setup.get("layers") else ""
+    words = (f"**Model**: {_amount(setup['parameters'])} parameters ({setup['parameters']:,}), "
+             f"{setup['bytes'] / 1e9:.2f} GB in {held}{layers}. **Ran on** {setup['device_name']}, "
+             f"computing in {setup['compute_dtype']}.")
+    if setup.get("random_weights"):
+        words += (" **The weights are random** (a model of a real shape, written by bench/make_shaped_model.py): "
+                  "every perplexity and diagnostic here is meaningless; its time and memory are real.")
+    return words
 
 
 def parameters_table(parameters: Mapping[str, Any]):
