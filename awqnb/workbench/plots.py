@@ -15,6 +15,10 @@ function selects, reshapes and draws columns that are already there.
 Titles name what the figure is about: model, method, bits and group size (and the evaluation
 protocol for perplexity), taken from the frame's columns (when they hold one value) or `meta`.
 
+At 32 layers × 7 linears: layers are a colour scale or an axis, never one legend entry each, and a
+value axis with `log='auto'` goes logarithmic when its largest value is over `LOG_RATIO` (20) times
+the median (`dominated`), so one loud layer does not flatten the rest.
+
 `offline_notebook()` makes figures in a notebook render as HTML with plotly.js embedded once,
 so an executed notebook or its nbconvert HTML shows them without network access.
 """
