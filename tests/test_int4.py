@@ -95,7 +95,7 @@ def test_int4_linear_runs_codes_of_fewer_bits(bits):
 @pytest.mark.parametrize("n,k,gs,why", [(64, 256, 16, "group 16"), (40, 160, 32, "N=40"), (64, 96, 64, "group 64")])
 def test_kernel_refusals_fall_back_to_dequant_per_call(n, k, gs, why):
     """Shapes the kernel refuses keep their 4-bit codes (nibble-packed), dequantize at each call,
-    and say why; fallback=False raises one line instead."""
+    and say why; kernel='tinygemm' raises one line instead."""
     q, scale, zero = _codes(n, k, gs)
     mod = int4.Int4Linear.from_codes(q, scale, zero, gs, torch.randn(n), dtype=torch.float32)
     assert mod.kernel == "dequant" and why in mod.refusal
@@ -103,7 +103,17 @@ def test_kernel_refusals_fall_back_to_dequant_per_call(n, k, gs, why):
     x = torch.randn(2, 3, k)
     torch.testing.assert_close(mod(x), x @ _dense(q, scale, zero, gs).t() + mod.bias, rtol=1e-5, atol=1e-5)
     with pytest.raises(AwqnbError, match="cannot run"):
-        int4.Int4Linear.from_codes(q, scale, zero, gs, dtype=torch.float32, fallback=False)
+        int4.Int4Linear.from_codes(q, scale, zero, gs, dtype=torch.float32, kernel="tinygemm")
+
+
+def test_forced_dequant_equals_the_kernel():
+    q, scale, zero = _codes(64, 256, 64)
+    a = int4.Int4Linear.from_codes(q, scale, zero, 64, dtype=torch.float32)
+    b = int4.Int4Linear.from_codes(q, scale, zero, 64, dtype=torch.float32, kernel="dequant")
+    assert (a.kernel, b.kernel) == ("tinygemm", "dequant")
+    x = torch.randn(5, 256)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+    assert b.nbytes() < 0.2 * 64 * 256 * 4  # nibbles + float32 scale and zero per 64
 
 
 def test_codes_out_of_range_are_refused():

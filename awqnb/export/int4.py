@@ -125,10 +125,11 @@ class Int4Linear(nn.Module):
     @torch.no_grad()
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int,
                    bias: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16, device=None,
-                   fallback: bool = True) -> "Int4Linear":
+                   kernel: str = "auto") -> "Int4Linear":
         """q: integer codes [N, K] in [0, 15]; scale [N, G] and zero [N, G] (integer-valued, in
         [0, 15]; None = 8, i.e. symmetric) with W = (q − zero)·scale over groups of `group_size`
-        (−1: per channel). On `device` in `dtype`. fallback=False: raise instead of 'dequant'."""
+        (−1: per channel). On `device` in `dtype`. kernel: 'auto' (the int4 kernel where it runs,
+        else 'dequant'), 'tinygemm' (refuse where it does not), 'dequant' (always dequantize per call)."""
         device = resolve_device(device) if device is not None else q.device
         n, k = q.shape
         gs = k if group_size == -1 else group_size
@@ -138,9 +139,13 @@ class Int4Linear(nn.Module):
         q = q.to(device=device, dtype=torch.int32)
         s = scale.to(device=device, dtype=torch.float32)
         z = torch.full_like(s, 8.0) if zero is None else zero.to(device=device, dtype=torch.float32)
+        if kernel not in ("auto", "tinygemm", "dequant"):
+            raise AwqnbError(f"kernel={kernel!r} is unknown; use 'auto', 'tinygemm' or 'dequant'.")
         why = kernel_refusal(n, k, gs, device, dtype)
-        if why is not None and not fallback:
-            raise AwqnbError(f"torch's int4 kernel cannot run this linear ({why}).")
+        if why is not None and kernel == "tinygemm":
+            raise AwqnbError(f"torch's int4 kernel cannot run this linear ({why}); use kernel='auto' to dequantize per call.")
+        if kernel == "dequant":
+            why = why or "asked for"
         mod = cls(k, n, gs, "dequant" if why else "tinygemm", device.type, dtype)
         mod.refusal = why
         if why is None:
