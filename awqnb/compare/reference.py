@@ -161,7 +161,8 @@ def check_params(name: str, params) -> dict:
             raise AwqnbError(f"method spec {name!r}: {k} is set by the comparison ({FIXED_BY_RUN[k]}); "
                              "drop it (the run's bits, group size, calibration and seeds apply to every method).")
         if k not in allowed:
-            have = ", ".join(sorted(allowed)) if allowed else "none (only n_calib, calib_seqlen, calib_dataset)"
+            have = (", ".join(sorted(allowed)) + " (and n_calib, calib_seqlen, calib_dataset)" if allowed
+                    else "none (only n_calib, calib_seqlen, calib_dataset)")
             raise AwqnbError(f"method spec {name!r}: {base} has no parameter {k!r}; its parameters are {have}.")
         want = allowed[k]
         ok = (isinstance(v, bool) if want is bool else
@@ -179,8 +180,8 @@ def check_params(name: str, params) -> dict:
                 raise AwqnbError(f"method spec {name!r}: {k}={params[k]} must be at least 1.")
         tuning = [k for k in AR_TUNING_ONLY if k in params]
         if iters == 0 and tuning:
-            raise AwqnbError(f"method spec {name!r}: {', '.join(tuning)} only act when AutoRound tunes (iters > 0); "
-                             "drop them or set iters.")
+            raise AwqnbError(f"method spec {name!r}: AutoRound uses {', '.join(tuning)} only when it tunes "
+                             "(iters > 0); drop them or set iters.")
         if iters > 0 and "disable_opt_rtn" in params:
             raise AwqnbError(f"method spec {name!r}: disable_opt_rtn only acts in AutoRound's RTN mode (iters=0).")
     if base == "hqq" and params.get("axis", 1) not in (0, 1):

@@ -12,6 +12,10 @@ A spec is a name with optional overrides after '@', comma-separated:
                                lm_head, lmhead_chunks, layer_batch_size, calib_batch_size, dtype
   fp, llmc_awq, llmc_gptq      no quantization / llm-compressor's AWQ and GPTQ (calibration
                                overrides only)
+  ar@iters=0, hqq@axis=1       the peers AutoRound and HQQ (`awqnb.compare.reference`): their own
+                               parameters passed through, checked by `reference.check_params`; the
+                               spec's method is then 'ar@iters=0' (name and own parameters, what
+                               `reference.quantize_reference` takes), its params those parameters
 
 `parse_spec(text)` → `ParsedSpec` (label = the text, kind fp|awqnb|reference, the method, and the
 overrides split into config / search / params / calibration); `parse_specs("a,b@k=1,k2=2,c")` a
@@ -26,7 +30,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from awqnb.compare.reference import REFERENCE_METHODS, is_reference
+from awqnb.compare import reference as ref
+from awqnb.compare.reference import PEERS, REFERENCE_METHODS, is_reference
 from awqnb.core.config import QuantConfig, SearchConfig
 from awqnb.core.errors import AwqnbError
 from awqnb.quant.method_config import MethodConfig
@@ -199,6 +204,9 @@ def parse_spec(text: str) -> ParsedSpec:
             _check_type(text, k, v, _DEFAULTS[k])
             calib[CALIB_KEYS[k]] = v
             continue
+        if kind == "reference" and name in PEERS:
+            params[k] = v  # the peer's own; checked below
+            continue
         if kind != "awqnb":
             raise AwqnbError(f"method spec {text!r}: {method} takes no search, config or method parameters "
                              f"(only {', '.join(RUN_KEYS)}).")
@@ -215,6 +223,9 @@ def parse_spec(text: str) -> ParsedSpec:
             raise AwqnbError(f"method spec {text!r}: {method} has no parameter {k!r}; its parameters are "
                              f"{', '.join(sorted(method_params)) or 'none'} (search: {', '.join(SEARCH_KEYS)}; "
                              f"config: {', '.join(CONFIG_KEYS)}; calibration: {', '.join(RUN_KEYS)}).")
+    if kind == "reference" and params:
+        params = ref.check_params(text, params)
+        method = format_spec(name, params.items())
     if search:
         try:
             SearchConfig(**search)  # a bad choice (salience=l3) fails here, not when the run starts
@@ -256,8 +267,9 @@ def parse_specs(specs) -> list[ParsedSpec]:
 @dataclass
 class MethodSpec:
     """One label of a comparison: `method` is 'fp' (no quantization), a registered awqnb method
-    (with its `config`), or a reference method (`llmc_awq`, `llmc_gptq`; the run's bits and group
-    size). `calibration`: overrides of the run's CalibSpec fields for this label."""
+    (with its `config`), or a reference method (`llmc_awq`, `llmc_gptq`, `ar`, `hqq`, a peer with its
+    own parameters as 'ar@iters=0'; the run's bits and group size). `calibration`: overrides of
+    the run's CalibSpec fields for this label."""
 
     label: str
     method: str
@@ -273,7 +285,7 @@ class MethodSpec:
         if self.kind == "fp":
             return False
         if self.kind == "reference":
-            return True
+            return ref.needs_calibration(self.method)  # hqq: calibration-free, one run for every seed
         return bool(get_method(self.config.method).needs_calibration)
 
     def describe(self, quant: QuantConfig) -> dict:
@@ -281,7 +293,7 @@ class MethodSpec:
         if self.config is not None:
             d["config"] = self.config.to_dict()
         elif self.kind == "reference":
-            d["config"] = {"tool": "llm-compressor", "what": REFERENCE_METHODS[self.method], "quant": quant.to_dict()}
+            d["config"] = {**ref.describe(self.method), "quant": quant.to_dict()}
         if self.calibration:
             d["calibration"] = dict(self.calibration)
         return d
