@@ -404,3 +404,13 @@ def test_actorder_is_recorded_as_vllm_reads_it(tiny, tmp_path, method, params, w
     got = dict(_reload(d).named_parameters())
     for n, p in m.named_parameters():
         assert torch.equal(p, got[n]), n
+
+
+def test_unservable_settings_are_refused_before_quantizing(tiny):
+    """check_packable (what the CLI and quantize_with_awq run before calibration) refuses them too."""
+    fp = tiny["tiny-random-llama"][0]
+    with pytest.raises(AwqnbError, match="3-bit linears .*--format fake"):
+        export.check_packable(fp, MethodConfig("awq", QuantConfig(3, 32)))
+    with pytest.raises(AwqnbError, match="quantized lm_head"):
+        export.check_packable(fp, MethodConfig("awq", QuantConfig(4, 32), lm_head="quantize"))
+    export.check_packable(fp, MethodConfig("awq", QuantConfig(3, 32)), allow_unservable=True)

@@ -104,9 +104,12 @@ def linear_grids(model: nn.Module, cfg: MethodConfig) -> dict[str, QuantConfig]:
     return out
 
 
-def check_packable(model: nn.Module, cfg: MethodConfig) -> None:
-    """Refuse, before any work, a model or setting the pack-quantized format cannot hold."""
+def check_packable(model: nn.Module, cfg: MethodConfig, allow_unservable: bool | None = False) -> None:
+    """Refuse, before any work, a model or setting the pack-quantized format cannot hold, or one
+    vLLM would not load (`check_servable`; allow_unservable True: warn instead, None: no check)."""
     require_compressed_tensors()
+    if allow_unservable is not None:
+        check_servable(model, cfg, allow_unservable)
     q = cfg.quant
     if not 1 <= q.bits <= 8:  # awqnb's own bits (2, 3, 4, 8) all fit; kept for clarity
         raise AwqnbError(f"bits={q.bits} does not fit compressed-tensors' packed INT format (1-8 bits); "
@@ -297,8 +300,9 @@ def packed_state_dict(model: nn.Module, cfg: MethodConfig, scale_dtype: torch.dt
 
     Quantized linears become weight_packed / weight_scale / weight_shape (/ weight_zero_point);
     every other tensor is saved as it is, floating ones cast to `dtype` (default: unchanged).
-    dense_other: linears a plan keeps at other bits are stored dense and ignored (module docstring)."""
-    check_packable(model, cfg)
+    dense_other: linears a plan keeps at other bits are stored dense and ignored (module docstring).
+    Packs what vLLM would not serve too: `save_packed` / `check_packable` decide that."""
+    check_packable(model, cfg, allow_unservable=None)
     qlins = quantized_linears(model, cfg, dense_other)
     grids = linear_grids(model, cfg)
     names = {id(m): n for n, m in model.named_modules()}
@@ -360,8 +364,7 @@ def save_packed(model: nn.Module, tokenizer, dest: str | Path, cfg: MethodConfig
     # default: the dtype the quantized weights are in (a cast working copy may keep its config's)
     dtype = dtype or next(iter(quantized_linears(model, cfg).values())).weight.dtype
     scale_dtype = scale_dtype or torch.float32
-    check_packable(model, cfg)
-    check_servable(model, cfg, allow_unservable)
+    check_packable(model, cfg, allow_unservable)
     if other_bits not in ("auto", "group", "dense"):
         raise AwqnbError(f"other_bits={other_bits!r} is unknown; use 'auto', 'group' or 'dense'.")
     dense_other = other_bits == "dense" or (other_bits == "auto" and not cfg.quant.symmetric)
