@@ -52,8 +52,11 @@ from awqnb.core.codes import grid_of
 from awqnb.core.config import QuantConfig
 from awqnb.core.errors import AwqnbError
 from awqnb.core.primitives import expand_groups
+from awqnb.engine.walk import BlockEngine
 from awqnb.model.arch import blocks, get_module, resolve_spec
 from awqnb.model.data import calibration_samples
+from awqnb.quant.method_config import MethodConfig
+from awqnb.quant.pipeline import LayerRecord, QuantResult
 
 log = logging.getLogger(__name__)
 
@@ -486,6 +489,11 @@ def _autoround(model, lins, ids, tokenizer, bits, group_size, symmetric, dev, pa
     """AutoRound on `model` in place, then back to awqnb's fake-quant form (module docstring)."""
     from auto_round import AutoRound
 
+    odd = [n for n, lin in lins if lin.in_features % 32 or lin.out_features % 32]
+    if odd:  # AutoRound 0.16 keeps those in 16 bits (its packing); refused before any work
+        raise AwqnbError(f"AutoRound would leave {len(odd)} of {len(lins)} block linears in full precision (e.g. "
+                         f"{odd[0]}: sides not multiples of 32); the comparison needs every linear at W{bits}, "
+                         "so ar is not comparable on this model.")
     quantized = {id(m) for _, m in lins}
     # every tensor but the block linears' weights: AutoRound casts them to its tuning dtype
     orig = {k: t.detach().to("cpu", copy=True) for k, t in _tensors(model) if id(_owner(model, k)) not in quantized
@@ -621,3 +629,68 @@ def on_grid(model: nn.Module, quant: QuantConfig) -> dict:
             off += 1
             first = first or str(e).split(":")[0]
     return {"on_awqnb_grid": off == 0, "off_grid_linears": off, "off_grid_example": first}
+
+
+# --- a peer's model through awqnb's own evidence ---------------------------------------------
+
+def peer_config(info: dict) -> MethodConfig:
+    """The MethodConfig recording a reference run (method 'ar', 'hqq', ...; the run's grid; its
+    parameters and seed); lm_head in full precision."""
+    quant = QuantConfig(bits=info["bits"], group_size=info["group_size"], symmetric=info["symmetric"])
+    return MethodConfig(method=info["method"], quant=quant, params=dict(info.get("params") or {}),
+                        seed=int(info.get("seed", 42)))
+
+
+def grid_config(info: dict) -> MethodConfig:
+    """The run's grid in a registered method's terms, for `awqnb.export.packed.save_packed`, which
+    reads the method only for its act order ('rtn': none; no scales folded into the weights).
+    Record the peer itself in the export's metadata (`peer_config(info).to_dict()`, `info`)."""
+    return MethodConfig(method="rtn", quant=peer_config(info).quant)
+
+
+@torch.no_grad()
+def block_errors(model: nn.Module, qmodel: nn.Module, calibration, device=None, propagate: str = "quantized",
+                 batch_size: int = 16) -> list[float]:
+    """Per block, Σ‖B_q(x) − B(x)‖² / Σ‖B(x)‖² on the calibration inputs (the evidence awqnb's
+    pipeline records as block_rel_err): B the FP block of `model`, B_q the same block with
+    `qmodel`'s linear weights swapped in, x what the block sees when every earlier block is
+    quantized (propagate='quantized', awqnb's default) or FP ('fp')."""
+    if propagate not in ("quantized", "fp"):
+        raise AwqnbError(f"propagate={propagate!r} is unknown; use 'quantized' or 'fp'.")
+    spec = resolve_spec(model)
+    qblocks = blocks(qmodel, spec)
+    eng = BlockEngine(model, calibration, device=device, batch_size=batch_size)
+    out = []
+    for step in eng.walk():
+        ref = step.forward()
+        lins = {n: get_module(step.block, n) for n in spec.linears}
+        old = {n: lin.weight.data for n, lin in lins.items()}
+        try:
+            for n, lin in lins.items():
+                lin.weight.data = get_module(qblocks[step.index], n).weight.data.to(old[n].device, old[n].dtype)
+            q = step.forward()
+        finally:
+            for n, lin in lins.items():
+                lin.weight.data = old[n]
+        num = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(q, ref))
+        den = sum(float(b.float().pow(2).sum()) for b in ref)
+        out.append(num / den if den > 0 else float("nan"))
+        step.next_hidden = q if propagate == "quantized" else ref
+    return out
+
+
+def peer_result(model: nn.Module, qmodel: nn.Module, info: dict, calibration=None, device=None,
+                propagate: str = "quantized", model_name: str | None = None) -> QuantResult:
+    """A QuantResult for `qmodel`, quantized from `model` by a reference method (`info`: what
+    `quantize_reference` returned), so awqnb's evidence reads it as its own: `layer_mse(model,
+    calib, {label: (qmodel, res)})`, `sensitivity(model, None, calib, tokens, result=(qmodel,
+    res))`, `res.block_errors()` (measured here when `calibration` is given, see `block_errors`).
+    No scales are folded into a peer's weights, so W_eff = its weights."""
+    n = len(blocks(model, resolve_spec(model)))
+    errs = block_errors(model, qmodel, calibration, device, propagate) if calibration is not None else [None] * n
+    layers = [LayerRecord(j, evidence={} if e is None else {"block_rel_err": e, "block_inputs": propagate})
+              for j, e in enumerate(errs)]
+    calib = calibration.to_dict() if hasattr(calibration, "to_dict") else None
+    return QuantResult(peer_config(info), model_name or getattr(model.config, "name_or_path", "") or type(model).__name__,
+                       getattr(model.config, "model_type", ""), calib, layers, {"total_s": info.get("seconds")},
+                       {TOOLS[info["method"]].dist: info.get("version")})

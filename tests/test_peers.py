@@ -1,0 +1,247 @@
+"""The peers AutoRound (`ar`) and HQQ (`hqq`) as reference methods of the comparison
+(`awqnb.compare.reference`): run on the tiny random models through the runner's reference path,
+left in awqnb's fake-quant form, read by awqnb's evidence and its packed exporter. Skipped with the
+reason where the package is absent (`pip install 'awqnb[peers]'`; `make setup` installs both)."""
+import builtins
+import copy
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from awqnb.compare import reference, runner
+from awqnb.compare.specs import parse_spec
+from awqnb.core.codes import recover_codes
+from awqnb.core.config import QuantConfig
+from awqnb.core.errors import AwqnbError
+from awqnb.core.primitives import dequantize
+from awqnb.model.data import Calibration
+
+Q = QuantConfig(bits=4, group_size=32)
+needs_ar = pytest.mark.skipif(reference.refusal("ar") is not None, reason=str(reference.refusal("ar")))
+needs_hqq = pytest.mark.skipif(reference.refusal("hqq") is not None, reason=str(reference.refusal("hqq")))
+
+
+def _calib(vocab):
+    """seed → 4 × 32 random token ids (a different set per seed)."""
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return Calibration("random", 4, 32, seed, "test ids", list(torch.randint(0, vocab, (4, 32), generator=g)))
+    return draw
+
+
+@pytest.fixture(scope="module")
+def gemma(tiny):
+    """tiny-random-gemma3: every linear side a multiple of 32, so AutoRound quantizes all of them."""
+    return tiny["tiny-random-gemma3"]
+
+
+@pytest.fixture(scope="module")
+def quantized(gemma):
+    """label → (model, info) for ar@iters=1 (its tuning path), hqq and hqq@optimize=false."""
+    model, tok, calib = gemma
+    out = {}
+    for spec in ("ar@iters=1", "hqq", "hqq@optimize=false"):
+        if reference.refusal(spec):
+            continue
+        m = copy.deepcopy(model)
+        torch.manual_seed(5)  # the runner seeds torch with the calibration seed before each method
+        out[spec] = (m, reference.quantize_reference(m, spec, calib, tok, Q.bits, Q.group_size))
+    return out
+
+
+@needs_ar
+@needs_hqq
+def test_peers_run_in_the_comparison(gemma):
+    """ar@iters=0 (AutoRound's RTN mode) and hqq beside rtn: version, parameters, seed and time
+    recorded per run; hqq, calibration-free, runs once for every seed."""
+    model, tok, _ = gemma
+    toks = torch.randint(0, model.config.vocab_size, (3 * 48,), generator=torch.Generator().manual_seed(1))
+    c = runner.run_comparison(model, ["rtn", "ar@iters=0", "hqq"], tokenizer=tok, seeds=(1, 2),
+                              calibration=_calib(model.config.vocab_size), datasets={"toks": toks}, quant=Q,
+                              eval_seqlen=48, device="cpu", progress=False)
+    assert not c.skipped, c.skipped
+    ar = [r for r in c.runs if r.label == "ar@iters=0"]
+    assert [r.seed for r in ar] == [1, 2] and [r.info["seed"] for r in ar] == [1, 2]
+    for r in ar:
+        assert r.method == "ar@iters=0" and r.info["tool"] == "AutoRound" and r.info["version"] == "0.16.1"
+        assert r.info["params"] == {"iters": 0} and r.info["linears"] == 14 and r.info["on_awqnb_grid"]
+        assert r.info["n_calib"] == 4 and r.info["calib_seqlen"] == 32 and r.info["group_size"] == 32
+        assert r.quantize_s > 0 and r.info["seconds"] > 0 and "peak_gpu_gb" in r.info  # None on a CPU
+        assert math.isfinite(r.results["toks"].ppl)
+    hqq = [r for r in c.runs if r.label == "hqq"]
+    assert len(hqq) == 1 and hqq[0].shared and hqq[0].info["version"].startswith("0.2.8")
+    assert hqq[0].info["hqq_weight_params"]["axis"] == 1 and hqq[0].info["seconds"] > 0
+    assert hqq[0].results["toks"].ppl != c.per_seed("rtn", "toks")[1].ppl
+    described = {m["label"]: m["config"] for m in c.provenance["methods"]}
+    assert described["ar@iters=0"]["tool"] == "AutoRound" and described["ar@iters=0"]["params"] == {"iters": 0}
+    assert described["hqq"]["version"] == hqq[0].info["version"]
+
+
+@needs_ar
+def test_autoround_leaves_awqnb_fake_quant_weights(gemma, quantized):
+    """Every block linear on a W4 g32 grid recover_codes accepts, reproduced exactly from its codes;
+    every other tensor the FP model's own (AutoRound tuned in bf16 and cast them; they are given
+    back); no AutoRound attribute left on a module; lm_head untouched."""
+    model, _, _ = gemma
+    m, info = quantized["ar@iters=1"]
+    assert info["on_awqnb_grid"] and info["off_grid_linears"] == 0 and info["iters"] == 1 and info["seed"] == 5
+    fp = dict(model.named_parameters()) | dict(model.named_buffers())
+    changed = 0
+    for name, lin in reference.block_linears(m):
+        w = lin.weight.detach()
+        assert w.dtype == torch.float32
+        codes = recover_codes(w, Q, name)
+        assert torch.equal(dequantize(codes.q.float(), codes.scale, codes.zero, Q).to(w.dtype), w)
+        changed += not torch.equal(w, fp[f"{name}.weight"])
+    assert changed == 14
+    lin_weights = {f"{n}.weight" for n, _ in reference.block_linears(m)}
+    for k, t in list(m.named_parameters()) + list(m.named_buffers()):
+        if k not in lin_weights:
+            assert t.dtype == fp[k].dtype and torch.equal(t, fp[k]), k
+    assert all(not hasattr(mod, a) for mod in m.modules() for a in ("scale", "zp", "global_name"))
+
+
+@needs_hqq
+def test_hqq_grid_is_awqnbs_only_with_an_integer_zero_point(quantized):
+    """HQQ's optimised zero point is a float: its weights are off awqnb's grid, recover_codes says
+    so in one line. hqq@optimize=false keeps the rounded zero point: on the grid."""
+    m, info = quantized["hqq"]
+    assert not info["on_awqnb_grid"] and info["off_grid_linears"] == 14 and "not on a 4-bit grid" in info["off_grid_example"]
+    name, lin = reference.block_linears(m)[0]
+    with pytest.raises(AwqnbError, match="not on a 4-bit grid") as e:
+        recover_codes(lin.weight.detach(), Q, name)
+    assert "\n" not in str(e.value)
+    m2, info2 = quantized["hqq@optimize=false"]
+    assert info2["on_awqnb_grid"] and info2["params"] == {"optimize": False}
+    for name, lin in reference.block_linears(m2):
+        c = recover_codes(lin.weight.detach(), Q, name)
+        assert c.max_abs_err == 0.0 and int(c.zero.min()) >= 0 and int(c.zero.max()) <= 15
+
+
+@needs_ar
+@needs_hqq
+def test_peer_models_through_awqnbs_evidence(gemma, quantized):
+    """layer_mse, block errors and the sensitivity pass read a peer's model as awqnb's own."""
+    from awqnb.analysis import layer_error, sensitivity
+
+    model, _, calib = gemma
+    (qa, ia), (qh, ih) = quantized["ar@iters=1"], quantized["hqq"]
+    ra = reference.peer_result(model, qa, ia, calib)
+    rh = reference.peer_result(model, qh, ih, calib)
+    assert ra.method == "ar" and ra.config.params == {"iters": 1} and ra.versions == {"auto-round": "0.16.1"}
+    be = ra.block_errors()
+    assert len(be) == model.config.num_hidden_layers and (be.rel_err > 0).all() and (be.rel_err < 1).all()
+    mse = layer_error.layer_mse(model, calib, {"ar": (qa, ra), "hqq": (qh, rh)}, cache=False)
+    assert set(mse.method) == {"ar", "hqq"} and len(mse) == 2 * 14
+    assert (mse.rel_mse > 0).all() and mse.rel_mse.lt(1).all()
+    toks = torch.cat(calib.samples)
+    f = sensitivity.sensitivity(model, None, None, toks, result=(qa, ra), seqlen=32, n_windows=2, layers=[0],
+                                families=["qkv"], modes=["only"], cache=False, progress=False)
+    assert len(f) == 1 and f.kl.iloc[0] > 0 and f.attrs["provenance"]["method"] == "ar"
+
+
+@needs_ar
+@needs_hqq
+def test_packed_export_of_a_peer_where_its_grid_matches(gemma, quantized, tmp_path):
+    """AutoRound's model packs (the reload is its fake-quant model bit for bit); HQQ's default
+    (float zero point) is refused with the exporter's one line."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from awqnb.export import packed
+
+    _, tok, calib = gemma
+    m, info = quantized["ar@iters=1"]
+    meta = {"peer": reference.peer_config(info).to_dict(), "info": {k: v for k, v in info.items() if k != "params"}}
+    packed.save_packed(m, tok, tmp_path / "ar", reference.grid_config(info), meta)
+    r = AutoModelForCausalLM.from_pretrained(tmp_path / "ar", quantization_config=CompressedTensorsConfig(dequantize=True))
+    got = dict(r.named_parameters())
+    for n, p in m.named_parameters():
+        assert torch.equal(p, got[n]), n
+    export = json.loads((tmp_path / "ar" / "quantization_metadata.json").read_text())
+    assert export["peer"]["method"] == "ar" and export["export"]["max_abs_err"] == 0.0
+    h, hinfo = quantized["hqq"]
+    with pytest.raises(AwqnbError, match="not on a 4-bit grid") as e:
+        packed.save_packed(h, tok, tmp_path / "hqq", reference.grid_config(hinfo), {})
+    assert "\n" not in str(e.value) and not (tmp_path / "hqq").exists()
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("ar@nonsense=1", "ar has no parameter 'nonsense'"),
+    ("ar@bits=3", "bits is set by the comparison"),
+    ("ar@seed=3", "seed is set by the comparison"),
+    ("ar@iters=ten", "iters=ten is not an int"),
+    ("ar@iters=0,lr=0.01", "only when it tunes"),
+    ("ar@iters=-1", "must be ≥ 0"),
+    ("hqq@axis=2", "axis=2 must be 0 or 1"),
+    ("hqq@nbits=3", "nbits is set by the comparison"),
+    ("hqq@optimize=1", "optimize=1 is not a bool"),
+])
+def test_bad_peer_parameters_are_one_line(spec, msg, gemma):
+    """Checked when the spec is read (the package need not be installed), and by the runner before
+    any work."""
+    with pytest.raises(AwqnbError, match=msg) as e:
+        parse_spec(spec)
+    assert "\n" not in str(e.value)
+    model, tok, _ = gemma
+    with pytest.raises(AwqnbError, match=msg):
+        runner.run_comparison(model, ["rtn", spec], tokenizer=tok, seeds=(1,), calibration=_calib(100),
+                              datasets={"toks": torch.zeros(96, dtype=torch.long)}, quant=Q, device="cpu",
+                              progress=False)
+
+
+def test_peer_specs_carry_their_parameters():
+    p = parse_spec("ar@iters=200,lr=0.005,n_calib=16")
+    assert p.kind == "reference" and p.method == "ar@iters=200,lr=0.005" and p.params == {"iters": 200, "lr": 0.005}
+    assert p.calibration == {"n_calib": 16} and parse_spec(p.label) == p
+    assert reference.split_name(p.method) == ("ar", {"iters": 200, "lr": 0.005})
+    assert parse_spec("hqq").build().needs_calibration is False and parse_spec("ar").build().needs_calibration
+
+
+def _hide(monkeypatch, module):
+    real = builtins.__import__
+
+    def fake(name, *a, **k):
+        if name == module or name.startswith(module + "."):
+            raise ImportError(f"No module named '{module}'")
+        return real(name, *a, **k)
+
+    for m in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, m)
+    monkeypatch.setattr(builtins, "__import__", fake)
+
+
+def test_peers_refused_without_their_package_others_run(gemma, monkeypatch):
+    model, tok, _ = gemma
+    _hide(monkeypatch, "auto_round")
+    _hide(monkeypatch, "hqq")
+    why = reference.refusal("ar@iters=0")
+    assert why.startswith("ar needs AutoRound, which is not importable") and "awqnb[peers]" in why
+    assert "hqq needs HQQ" in reference.refusal("hqq")
+    c = runner.run_comparison(model, ["rtn", "ar@iters=0", "hqq"], tokenizer=tok, seeds=(1,),
+                              calibration=_calib(model.config.vocab_size),
+                              datasets={"toks": torch.randint(0, 100, (96,))}, quant=Q, eval_seqlen=48,
+                              device="cpu", progress=False)
+    assert set(c.skipped) == {"ar@iters=0", "hqq"} and all("\n" not in w for w in c.skipped.values())
+    assert [r.label for r in c.runs if r.status == "ok"] == ["rtn"]
+
+
+def test_peer_version_outside_the_tested_range(monkeypatch):
+    for mod in ("auto_round", "hqq"):
+        if mod not in sys.modules:
+            monkeypatch.setitem(sys.modules, mod, type(sys)(mod))
+    monkeypatch.setattr(reference, "tool_version", lambda name: "0.9.0")
+    assert "0.16.x" in reference.refusal("ar") and "0.9.0" in reference.refusal("ar")
+    assert "outside the tested range" in reference.refusal("hqq")
+
+
+@needs_ar
+def test_autoround_refuses_a_model_it_would_not_fully_quantize(tiny):
+    """tiny-random-llama's k/v projections are 80 wide: AutoRound would keep them in 16 bits, so
+    ar is refused before any work instead of compared unfairly."""
+    model, tok, calib = tiny["tiny-random-llama"]
+    with pytest.raises(AwqnbError, match=r"leave 4 of 14 block linears in full precision") as e:
+        reference.quantize_reference(copy.deepcopy(model), "ar@iters=0", calib, tok, 4, 32)
+    assert "\n" not in str(e.value)
