@@ -144,8 +144,8 @@ def _quantized_names(m, cfg):
 
 
 @pytest.mark.parametrize("name,method,quant", [
-    ("tiny-random-llama", "awq_sh", QuantConfig(4, 32)),
-    ("tiny-random-gemma3", "awq", QuantConfig(4, 32)),
+    ("tiny-random-llama", "rtn", QuantConfig(4, 32)),
+    ("tiny-random-gemma3", "awq", QuantConfig(4, 32)),       # AWQ scales folded into the norms
     ("tiny-random-llama", "rtn", QuantConfig(4, -1)),        # per channel
     ("tiny-random-llama", "rtn", QuantConfig(4, 32, True)),  # symmetric: no zero point
 ])
@@ -174,11 +174,10 @@ def test_int4_perplexity_and_memory(tiny, tmp_path):
     evaluation), and its quantized linears hold ≤ 0.2× the bytes of their float32 weights (4-bit
     codes + a float32 scale and zero term per 32 weights = 0.75 B against 4 B a weight)."""
     from awqnb.analysis.evaluate import token_perplexity
-    from awqnb.model.data import load_eval_tokens
 
-    m, calib, cfg, d = _packed(tiny, tmp_path, "tiny-random-llama")
+    m, calib, cfg, d = _packed(tiny, tmp_path, "tiny-random-llama", "rtn")
     r, tok = int4.load_int4(d, device="cpu")
-    tokens = load_eval_tokens(tok, "wikitext2")
+    tokens = torch.cat(calib.samples)  # 4 × 64 WikiText-2 tokens
     a = token_perplexity(m, tokens, seqlen=64, max_windows=4, progress=False)
     b = token_perplexity(r, tokens, seqlen=64, max_windows=4, progress=False)
     assert b.ppl == pytest.approx(a.ppl, rel=1e-5)
@@ -247,13 +246,15 @@ def test_cli_eval_runtime_int4(tiny, tmp_path, capsys):
     rounding, labelled with its runtime on stdout and in the JSON; a non-packed model is one line."""
     from awqnb.cli import main
 
-    m, calib, cfg, d = _packed(tiny, tmp_path, "tiny-random-llama")
+    m, calib, cfg, d = _packed(tiny, tmp_path, "tiny-random-llama", "rtn")
+    notes = tmp_path / "notes.txt"  # a small file of one's own: no WikiText-2 tokenizing
+    notes.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 40)
     out = {}
     for rt in ("dense", "int4"):
-        assert main(["eval", "--model", str(d), "--seqlen", "64", "--max-windows", "3", "--device", "cpu",
-                     "--runtime", rt, "--json", str(tmp_path / f"{rt}.json")]) == 0
+        assert main(["eval", "--model", str(d), "--dataset", str(notes), "--seqlen", "64", "--max-windows", "3",
+                     "--device", "cpu", "--runtime", rt, "--json", str(tmp_path / f"{rt}.json")]) == 0
         text = capsys.readouterr().out
-        assert f"(runtime {rt})" in text and "[awq] wikitext2 gptq-token ppl seqlen=64 units=3" in text
+        assert f"(runtime {rt})" in text and "[rtn] " in text and "notes.txt (sha256" in text and "ppl seqlen=64 units=3" in text
         out[rt] = json.loads((tmp_path / f"{rt}.json").read_text())
         assert out[rt]["meta"]["runtime"] == rt
     assert out["int4"]["ppl"] == pytest.approx(out["dense"]["ppl"], rel=1e-5)
