@@ -312,7 +312,8 @@ def run_setup_words(setup: Mapping[str, Any]) -> str:
     150.0 GB), computing in bfloat16.' (markdown) from `run_setup`."""
     dt = setup.get("dtypes") or {}
     held = setup["dtype"] if len(dt) <= 1 else ", ".join(f"{k} {_amount(v)}" for k, v in dt.items())
-    layers = f", {setup['layers']} layers" if setup.get("layers") else ""
+    n_layers = setup.get("layers")
+    layers = f", {n_layers} layer{'s' if n_layers != 1 else ''}" if n_layers else ""
     words = (f"**Model**: {_amount(setup['parameters'])} parameters ({setup['parameters']:,}), "
              f"{setup['bytes'] / 1e9:.2f} GB in {held}{layers}. **Ran on** {setup['device_name']}, "
              f"computing in {setup['compute_dtype']}.")
