@@ -87,6 +87,8 @@ def kernel_refusal(n: int, k: int, group_size: int, device: torch.device, dtype:
     if kernel_group(k, group_size) is None:
         return f"group {group_size} (K={k}): the kernel takes groups of {'/'.join(map(str, KERNEL_GROUPS))} dividing K"
     if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return "the CUDA int4 kernel needs compute capability 8.0 or newer"
         if dtype != torch.bfloat16:
             return f"{dtype}: the CUDA kernel computes in bfloat16 only"
         if n % 8:

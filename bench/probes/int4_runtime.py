@@ -92,6 +92,24 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def nibble_order_check(device) -> dict:
+    """CUDA only: the raw aten op with both nibble orders of its uint8 [N, K/2] input, against the
+    float32 product. Int4Linear packs even k in the high nibble (int4mm.cu's comment, torchao's
+    packing); the right order gives bf16 rounding (~3e-3), the wrong one an error near 1."""
+    if device.type != "cuda":
+        return {}
+    n, k = 256, 512
+    q, s, z = codes(n, k, GROUP, device, seed=99)
+    sz = torch.stack([s, (8 - z) * s], -1).transpose(0, 1).contiguous().bfloat16()
+    x = torch.randn(8, k, device=device).bfloat16()
+    ref = x.float() @ dense_weight(q, s, z, GROUP).t()
+    out = {}
+    for name, (hi, lo) in {"even_high": (q[:, 0::2], q[:, 1::2]), "odd_high": (q[:, 1::2], q[:, 0::2])}.items():
+        packed = torch.ops.aten._convert_weight_to_int4pack(((hi << 4) | lo).to(torch.uint8).contiguous(), 8)
+        out[name] = rel(torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, sz), ref)
+    return out
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,16 +139,21 @@ def main(argv=None) -> int:
         "results": [], "memory": [],
     }
     clock = Clock(device)
+    doc["nibble_order_rel_err"] = nibble_order_check(device)
     for i, (nm, k, n) in enumerate(shapes):
         q, s, z = codes(n, k, GROUP, device, seed=i)
         w = dense_weight(q, s, z, GROUP)  # float32 reference weight
         lin = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
         lin.weight.copy_(w)
-        impls = {"bf16": lin,
-                 "int4": Int4Linear.from_codes(q, s, z, GROUP, dtype=torch.bfloat16, device=device, kernel="tinygemm"),
+        clock.sync()
+        t0 = time.perf_counter()
+        int4 = Int4Linear.from_codes(q, s, z, GROUP, dtype=torch.bfloat16, device=device, kernel="tinygemm")
+        clock.sync()
+        pack_s = time.perf_counter() - t0
+        impls = {"bf16": lin, "int4": int4,
                  "dequant": Int4Linear.from_codes(q, s, z, GROUP, dtype=torch.bfloat16, device=device, kernel="dequant")}
         doc["memory"].append({"shape": nm, "bf16_bytes": n * k * 2, "int4_bytes": impls["int4"].nbytes(),
-                              "dequant_bytes": impls["dequant"].nbytes()})
+                              "dequant_bytes": impls["dequant"].nbytes(), "int4_pack_seconds": pack_s})
         del q
         for m in ROWS:
             x = torch.randn(m, k, device=device, generator=torch.Generator(device=device).manual_seed(1000 + m)).bfloat16()
