@@ -11,7 +11,8 @@ Per model (--models, comma-separated):
 Steps: measure the bf16 model (weights in memory, generation tokens/s at each --batches, peak
 memory), quantize it in place with --method (rtn by default: calibration-free, the codes' values
 do not change speed or size), save it packed under --work, free it, load the directory with
-`AutoModelForCausalLM.from_pretrained(dir, dtype=bf16, device_map=device)` (no awqnb code on the
+`AutoModelForCausalLM.from_pretrained(dir, dtype=bf16, device_map=device, quantization_config=
+ CompressedTensorsConfig(dequantize=True))` (no awqnb code on the
 load path), record what the loaded modules hold (packed int32 or dense weights, before and after
 the first forward), and measure the same generation. Bytes: the packed safetensors file, and
 bits per quantized weight (codes + scales + zero points); the bf16 figure is computed (2 bytes
@@ -134,7 +135,7 @@ def bf16_bytes(model) -> int:
 
 def measure_model(spec: str, args, device, work: Path) -> dict:
     """One model; `spec` is `name` or `name@group_size` (SmolLM2's 576 columns need 64)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     name, _, g = spec.partition("@")
     group_size = int(g) if g else args.group_size
@@ -179,7 +180,8 @@ def measure_model(spec: str, args, device, work: Path) -> dict:
     _reset_peak(device)
     base = _mem(device)["allocated_gb"] or 0.0
     t0 = time.perf_counter()
-    packed = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, device_map=str(device)).eval()
+    packed = AutoModelForCausalLM.from_pretrained(
+        d, dtype=dtype, device_map=str(device), quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     _sync(device)
     rec["packed"] = {"load_s": time.perf_counter() - t0}
     m = _mem(device)
@@ -201,7 +203,7 @@ def measure_model(spec: str, args, device, work: Path) -> dict:
 
 def measure_ppl(name: str, args, device, work: Path) -> dict:
     """Fake-quant vs reloaded-packed perplexity, full WikiText-2 test (GPTQ protocol)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     from awqnb.model.data import load_calibration, load_eval_tokens
     from awqnb.analysis.evaluate import token_perplexity
@@ -222,7 +224,8 @@ def measure_ppl(name: str, args, device, work: Path) -> dict:
     ref_buf = {n: b.detach().to("cpu", copy=True) for n, b in model.named_buffers()}
     del model
     gc.collect()
-    packed = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, device_map=str(device)).eval()
+    packed = AutoModelForCausalLM.from_pretrained(
+        d, dtype=dtype, device_map=str(device), quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
     with torch.no_grad():
         packed(torch.ones(1, 4, dtype=torch.long, device=device))  # decompress if still packed
     got = dict(packed.named_parameters())

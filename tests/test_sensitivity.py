@@ -291,7 +291,7 @@ def test_export_keeps_planned_linears_out_of_the_4bit_set(tiny, tmp_path, sym):
     """FP-kept linears are in `ignore`; 8-bit kept ones are a second exact-name group (symmetric) or
     dense in `ignore` (asymmetric: transformers' dequantize-on-load path reads one group); the
     reloaded model equals the fake-quant one either way."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     fp, tok, calib = tiny["tiny-random-llama"]
     cfg = _packed_cfg(sym)
@@ -302,7 +302,9 @@ def test_export_keeps_planned_linears_out_of_the_4bit_set(tiny, tmp_path, sym):
     fp_kept = [f"model.layers.1.self_attn.{x}_proj" for x in "kqv"]
     assert set(fp_kept) <= set(qc["ignore"]) and "lm_head" in qc["ignore"]
     groups = qc["config_groups"]
-    assert groups["group_0"]["targets"] == ["Linear"] and groups["group_0"]["weights"]["num_bits"] == 4
+    # a plan: the 4-bit group names its linears exactly, so no class target catches an 8-bit one
+    assert "Linear" not in groups["group_0"]["targets"] and groups["group_0"]["weights"]["num_bits"] == 4
+    assert "model.layers.0.mlp.gate_proj" in groups["group_0"]["targets"]
     if sym:
         assert groups["group_1"]["targets"] == ["model.layers.0.mlp.down_proj"]
         assert groups["group_1"]["weights"]["num_bits"] == 8
@@ -313,7 +315,8 @@ def test_export_keeps_planned_linears_out_of_the_4bit_set(tiny, tmp_path, sym):
     assert meta["export"]["linears"] == 14 - 3 - (0 if sym else 1)
     assert meta["export"]["other_bits"]["8"] == ["model.layers.0.mlp.down_proj"]
     assert meta["plan"]["keep"][0] == {"layer": 0, "family": "down", "bits": 8}
-    r = export.decompress(AutoModelForCausalLM.from_pretrained(tmp_path / "p").eval())  # symmetric: lazy
+    kw = {} if sym else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    r = export.decompress(AutoModelForCausalLM.from_pretrained(tmp_path / "p", **kw).eval())  # symmetric: lazy
     got = dict(r.named_parameters())
     for n, p in m.named_parameters():
         assert torch.equal(p, got[n]), n
