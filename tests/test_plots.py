@@ -272,10 +272,10 @@ def test_figures_stay_readable_at_32_layers_by_7_linears():
     }
     for name, fig in figs.items():
         assert _legend_entries(fig) <= 10, f"{name}: {_legend_entries(fig)} legend entries"
-    # one box trace per method, each box named by its layer and linear on the two-level axis
+    # one box trace per method, each box named by its layer and linear
     rb = figs["rounding_error_dist"]
     assert [t.name for t in rb.data] == ["rtn", "awq", "awq_gptq"]
-    assert len(rb.data[0].x[0]) == 32 * 7 and rb.data[0].x[0][7] == "L1" and rb.data[0].x[1][7] == "q_proj"
+    assert len(rb.data[0].x) == 32 * 7 and rb.data[0].x[7] == "L1 q_proj" and rb.data[0].x[-1] == "L31 down_proj"
     # 32 per-layer lines, no legend: a layer colour bar, and the hover names layer and group
     ac = figs["alpha_curves"]
     lines = [t for t in ac.data if t.mode == "lines"]

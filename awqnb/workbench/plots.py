@@ -531,8 +531,8 @@ def rounding_error_dist(table, modules: Iterable[str] | None = None, meta: Mappi
                         title: str | None = None) -> go.Figure:
     """|W − Q(W)| per layer and module from `diagnostics.rounding_error` (level 'module'): boxes
     drawn from the recorded quantiles (whiskers q05–q95, box q25–q75, line median), one trace
-    (colour, legend entry) per method; x is the module for one layer, else (layer, module) on a
-    two-level axis, so 32 layers × 7 linears keep one legend entry per method."""
+    (colour, legend entry) per method; x is the module for one layer, else 'L<layer> <module>', so
+    32 layers × 7 linears keep one legend entry per method and the hover names layer and module."""
     _require(table, ("layer", "module", "method", "abs_q05", "abs_q25", "abs_q50", "abs_q75", "abs_q95"),
              "rounding_error_dist")
     mods = list(dict.fromkeys(table["module"])) if modules is None else list(modules)
@@ -541,7 +541,8 @@ def rounding_error_dist(table, modules: Iterable[str] | None = None, meta: Mappi
     fig = go.Figure()
     for meth, d in t.groupby("method", sort=False):
         d = d.assign(_m=d["module"].map({m: i for i, m in enumerate(mods)})).sort_values(["layer", "_m"])
-        x = list(d["module"]) if one_layer else [[f"L{l}" for l in d["layer"]], list(d["module"])]
+        # flat "L3 q_proj" labels: plotly draws precomputed boxes wrongly on a two-level (multicategory) axis
+        x = list(d["module"]) if one_layer else [f"L{l} {m}" for l, m in zip(d["layer"], d["module"])]
         fig.add_trace(go.Box(x=x, q1=d["abs_q25"], median=d["abs_q50"], q3=d["abs_q75"], lowerfence=d["abs_q05"],
                              upperfence=d["abs_q95"], name=str(meth), boxpoints=False))
     layer = _one(t, "layer")
