@@ -17,7 +17,11 @@
 The model itself may live anywhere (typically the CPU): peak accelerator memory is one block plus
 the activations of the calibration set at one point, independent of the number of blocks.
 `offload_activations` keeps those activations in pinned CPU memory, each chunk moved to the
-device only while it is computed.
+device only while it is computed. The keyword tensors (rotary cos/sin, masks) are cast to the
+compute dtype once per chunk and shared by every block that received the same tensor from the
+model (one copy per layer type, not per block); a block's kwargs are dropped once it is done.
+`outputs()` runs every block and returns the last one's outputs (streamed evaluation), dropping
+each input chunk as soon as its output exists.
 """
 from __future__ import annotations
 
@@ -180,10 +184,16 @@ class BlockEngine:
     device: where blocks are computed (default: the model's device). dtype: compute dtype
     (None: the model's own). batch_size: calibration samples per chunk. offload_activations:
     keep activations in pinned CPU memory between uses.
+    chunks / masks: ready-made `[b, T]` token-id batches (then `calibration` is None) and their
+    attention masks (None: no padding), passed to the model as it would get them (evaluation).
+    keep_dtypes: cast nothing (weights, hidden states, kwargs keep the dtypes the model gives
+    them), so a block computes exactly what the model's own forward computes.
     """
 
     def __init__(self, model: nn.Module, calibration, device=None, dtype=None, batch_size: int = 16,
-                 offload_activations: bool = False, max_samples: int | None = None):
+                 offload_activations: bool = False, max_samples: int | None = None, *,
+                 chunks: list[torch.Tensor] | None = None, masks: list[torch.Tensor | None] | None = None,
+                 keep_dtypes: bool = False):
         self.model = model
         self.spec: ArchSpec = resolve_spec(model)
         self.blocks = blocks(model, self.spec)
@@ -192,18 +202,28 @@ class BlockEngine:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = parse_dtype(dtype) or model_dtype(model)
+        self.keep_dtypes = bool(keep_dtypes)
+        self.dtype = model_dtype(model) if keep_dtypes else (parse_dtype(dtype) or model_dtype(model))
         check_compute_dtype(self.device, self.dtype)
         self.offload = bool(offload_activations) and self.device.type != "cpu"
         self.act_device = torch.device("cpu") if self.offload else self.device
-        samples = calibration_samples(calibration, "the block engine")
-        if max_samples is not None:
-            samples = samples[:max_samples]
-        if batch_size < 1:
-            raise AwqnbError(f"batch_size={batch_size} must be at least 1.")
-        self.chunks = stack_chunks(samples, batch_size)
+        if chunks is not None:
+            if calibration is not None:
+                raise AwqnbError("give the block engine calibration samples or ready-made chunks, not both.")
+            self.chunks = [c.reshape(-1, c.shape[-1]) for c in chunks]
+        else:
+            samples = calibration_samples(calibration, "the block engine")
+            if max_samples is not None:
+                samples = samples[:max_samples]
+            if batch_size < 1:
+                raise AwqnbError(f"batch_size={batch_size} must be at least 1.")
+            self.chunks = stack_chunks(samples, batch_size)
+        self.masks = list(masks) if masks is not None else [None] * len(self.chunks)
+        if len(self.masks) != len(self.chunks):
+            raise AwqnbError(f"{len(self.masks)} attention masks for {len(self.chunks)} chunks; give one per chunk.")
         self.n_tokens = sum(c.numel() for c in self.chunks)
         self.times = {"onload_s": 0.0, "propagate_s": 0.0}  # seconds moving blocks / running them on
+        self.on_block: Callable[[int], None] | None = None  # called after each block the walk leaves
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
@@ -221,8 +241,8 @@ class BlockEngine:
         return out
 
     def onload(self, module: nn.Module, cast: bool = True):
-        """`onloaded(module, self.device, self.dtype if cast else None)`."""
-        return onloaded(module, self.device, self.dtype if cast else None)
+        """`onloaded(module, self.device, self.dtype if cast else None)` (no cast with keep_dtypes)."""
+        return onloaded(module, self.device, self.dtype if cast and not self.keep_dtypes else None)
 
     def _outer_modules(self) -> list[nn.Module]:
         """The modules of the blocks' parent other than the blocks (embedding, rotary, final norm)."""
@@ -257,24 +277,32 @@ class BlockEngine:
             for j, b in enumerate(self.blocks):
                 b.forward = catcher(j)  # instance attribute: shadows the class method
             try:
-                for ids in self.chunks:
+                for ids, mask in zip(self.chunks, self.masks):
                     state["kw"] = [None] * n
                     try:
-                        self.model(input_ids=ids.to(self.device), use_cache=False)
+                        self.model(input_ids=ids.to(self.device), use_cache=False,
+                                   **({} if mask is None else {"attention_mask": mask.to(self.device)}))
                     except StopForward:
                         pass
-                    hidden.append(self.stash(state.pop("h").to(self.dtype)))
-                    kwargs.append([self._kw_dtype(k) for k in state["kw"]])
+                    h = state.pop("h")
+                    hidden.append(self.stash(h if self.keep_dtypes else h.to(self.dtype)))
+                    cast: dict = {}  # one cast per tensor of this chunk, shared by the blocks that got it
+                    kwargs.append([self._kw_dtype(k, cast) for k in state.pop("kw")])
             finally:
                 for b in self.blocks:
                     b.__dict__.pop("forward", None)
         return hidden, kwargs
 
-    def _kw_dtype(self, kw: dict) -> dict:
-        """Floating kwargs (rotary cos/sin, additive masks) in the compute dtype."""
+    def _kw_dtype(self, kw: dict, memo: dict) -> dict:
+        """Floating kwargs (rotary cos/sin, additive masks) in the compute dtype. The model hands
+        every block (of a layer type) the same tensors: `memo` (id → (original, cast)) makes one
+        cast of each, shared, instead of one copy per block; the original is held so its id
+        cannot be reused while the memo lives."""
         def cast(v):
-            if isinstance(v, torch.Tensor) and v.is_floating_point():
-                return v.to(self.dtype)
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not self.keep_dtypes:
+                if id(v) not in memo:
+                    memo[id(v)] = (v, v.to(self.dtype))
+                return memo[id(v)][1]
             if isinstance(v, tuple):
                 return tuple(cast(x) for x in v)
             return v
@@ -291,25 +319,57 @@ class BlockEngine:
         last = max(want)
         hidden, kwargs = self.capture()
         per_block = [[kw[j] for kw in kwargs] for j in range(n)]
+        del kwargs  # else it keeps every block's kwargs alive after per_block[j] is dropped
+        owned = True  # `hidden` is the engine's own list (not one a consumer set and may keep)
         for j in range(last + 1):
             block = self.blocks[j]
             t = self._sync()
             with self.onload(block):
                 self.times["onload_s"] += self._sync() - t
                 step = BlockStep(self, j, block, hidden, per_block[j])
+                del hidden
                 try:
                     if j in want:
                         yield step
                     if j == last:
                         return
                     t = self._sync()
-                    hidden = step.next_hidden if step.next_hidden is not None else step.forward()
+                    if step.next_hidden is not None:
+                        hidden, owned = step.next_hidden, False
+                    else:  # a block no consumer saw: its inputs go as its outputs come
+                        hidden, owned = self._propagate(step, free_inputs=owned and j not in want), True
                     self.times["propagate_s"] += self._sync() - t
                 except torch.OutOfMemoryError as e:
                     raise AwqnbError(oom_message(f"computing block {j}", block, self.device)) from e
                 t = self._sync()
             self.times["onload_s"] += self._sync() - t  # the move back
-            per_block[j] = None
+            per_block[j] = step = None
+            if self.on_block is not None:
+                self.on_block(j)
+
+    @torch.no_grad()
+    def _propagate(self, step: BlockStep, free_inputs: bool) -> list[torch.Tensor]:
+        """`step.forward()`; with `free_inputs`, each input chunk is dropped from `step.hidden` once
+        its output exists (peak: one set of activations plus a chunk, not two sets)."""
+        if not free_inputs:
+            return step.forward()
+        outs = []
+        for i in range(len(step.hidden)):
+            outs.append(step.forward(chunks=[i])[0])
+            step.hidden[i] = None
+        return outs
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The last block's output per chunk (on the activation device): every block run in turn,
+        one on the device at a time, each input chunk dropped once its output exists."""
+        out = None
+        for step in self.walk([len(self.blocks) - 1]):
+            t = self._sync()
+            out = self._propagate(step, free_inputs=True)  # nothing else holds the last block's inputs
+            self.times["propagate_s"] += self._sync() - t
+        if self.on_block is not None:
+            self.on_block(len(self.blocks) - 1)
+        return out
 
     def run_blocks(self, indices: Iterable[int], hidden: list[torch.Tensor],
                    kwargs: list[list[dict]]) -> list[torch.Tensor]:
