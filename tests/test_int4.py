@@ -116,6 +116,16 @@ def test_forced_dequant_equals_the_kernel():
     assert b.nbytes() < 0.2 * 64 * 256 * 4  # nibbles + float32 scale and zero per 64
 
 
+def test_moved_kernel_layout_is_refused():
+    """The CPU and CUDA packed layouts differ: a module moved across them says to reload."""
+    q, scale, zero = _codes(32, 128, 32)
+    mod = int4.Int4Linear.from_codes(q, scale, zero, 32, dtype=torch.float32)
+    assert mod.dtype == torch.float32 and mod.to(torch.bfloat16).dtype == torch.bfloat16
+    mod.layout = "cuda"  # as if packed for CUDA, now read on the CPU
+    with pytest.raises(AwqnbError, match="reload it with load_int4"):
+        mod(torch.randn(2, 128))
+
+
 def test_codes_out_of_range_are_refused():
     q, scale, zero = _codes(16, 64, 32, bits=8)
     with pytest.raises(AwqnbError, match=r"\[0, 15\]"):

@@ -118,7 +118,7 @@ class Int4Linear(nn.Module):
                  layout: str, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.kernel, self.layout, self.dtype = kernel, layout, dtype
+        self.kernel, self.layout = kernel, layout
         self.kernel_group = None
         self.refusal: str | None = None  # why the kernel refused this linear (kernel 'dequant')
         self.register_parameter("bias", None)
@@ -172,6 +172,11 @@ class Int4Linear(nn.Module):
         if bias is not None:
             mod.bias = nn.Parameter(bias.to(device=device, dtype=dtype), requires_grad=False)
         return mod
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (of the scales: they follow `module.to(dtype)`)."""
+        return (self.scale_zero if self.kernel == "tinygemm" else self.scale).dtype
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
