@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from awqnb.analysis import layer_error
-from awqnb.analysis.evaluate import PerplexityResult, sample_perplexity, token_perplexity
+from awqnb.analysis.evaluate import PerplexityResult, eval_placement, sample_perplexity, token_perplexity
 from awqnb.compare.claims import method_configs
 from awqnb.compare.comparison import Comparison, RunRecord
 from awqnb.compare.reference import llmc_version, quantize_reference, refusal
@@ -183,7 +183,11 @@ def _free(dev: torch.device) -> None:
 
 def _evaluate(model: nn.Module, sets: Sequence[EvalSet], tokenizer, dev: torch.device, eval_dtype, meta: dict,
               progress: bool) -> dict[str, PerplexityResult]:
-    model.to(dev)
+    # the whole model moves to the device only when it fits there (evaluate.eval_placement); else
+    # it stays where it was loaded and is streamed block by block (a 70B model on one GPU)
+    how = eval_placement(model, dev, eval_dtype)
+    if how == "whole":
+        model.to(dev)  # cast after the move: faster on the device, the same numbers
     if eval_dtype is not None:
         cast_parameters(model, eval_dtype)
     out = {}
@@ -191,12 +195,13 @@ def _evaluate(model: nn.Module, sets: Sequence[EvalSet], tokenizer, dev: torch.d
         gpu = dev.type == "cuda"
         if es.protocol == "gptq-token":
             r = token_perplexity(model, es.data, seqlen=es.seqlen, max_windows=es.max_windows, device=dev,
-                                 dataset=es.name, batch_size=es.batch_size or (8 if gpu else 1), progress=progress)
+                                 dataset=es.name, batch_size=es.batch_size or (8 if gpu else 1), progress=progress,
+                                 placement=how)
         else:
             if tokenizer is None:
                 raise AwqnbError(f"sample perplexity on {es.name} needs the tokenizer; pass tokenizer=.")
             r = sample_perplexity(model, tokenizer, es.data, max_length=es.seqlen, device=dev, dataset=es.name,
-                                  batch_size=es.batch_size or (32 if gpu else 8), progress=progress)
+                                  batch_size=es.batch_size or (32 if gpu else 8), progress=progress, placement=how)
         r.meta.update(meta)
         if es.source:
             r.meta["data_file"] = es.source
