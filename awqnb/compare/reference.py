@@ -481,9 +481,6 @@ def _quantize_peer(model, base, params, calibration, tokenizer, bits, group_size
     return info
 
 
-_AR_ATTRS = ("scale", "zp")
-
-
 @torch.no_grad()
 def _autoround(model, lins, ids, tokenizer, bits, group_size, symmetric, dev, params, seed) -> dict:
     """AutoRound on `model` in place, then back to awqnb's fake-quant form (module docstring)."""
@@ -517,7 +514,7 @@ def _autoround(model, lins, ids, tokenizer, bits, group_size, symmetric, dev, pa
         raise AwqnbError(f"AutoRound refused this model or setting ({type(e).__name__}: {msg}).") from e
     fp_left = []
     for name, lin in lins:
-        if not all(getattr(lin, a, None) is not None for a in ("scale",)) or int(getattr(lin, "bits", 16) or 16) > 8:
+        if getattr(lin, "scale", None) is None or int(getattr(lin, "bits", 16) or 16) > 8:
             fp_left.append(name)
     if fp_left:
         raise AwqnbError(f"AutoRound left {len(fp_left)} of {len(lins)} block linears in full precision (e.g. "
