@@ -175,7 +175,7 @@ def cmd_quantize(args) -> int:
 
     check_model(cfg.plan, model, sources.short_name(args.model))  # a layer or family it lacks: before calibration
     if args.format == "packed":
-        export.check_packable(model, cfg)  # before minutes of quantizing
+        export.check_packable(model, cfg, allow_unservable=args.allow_unservable)  # before minutes of quantizing
     tag = saving.model_tag(args.model, cfg, _calibration_settings(args) if method_cls.needs_calibration else None,
                            fmt=args.format)
     dest = out_root / tag
@@ -191,7 +191,8 @@ def cmd_quantize(args) -> int:
     meta = result.metadata()
     dtype = export.source_dtype(args.model)  # the checkpoint's own dtype, not the fp32 working copy
     if args.format == "packed":
-        path = export.save_packed(model, tok, dest, cfg, meta, overwrite=args.overwrite, result=result, dtype=dtype)
+        path = export.save_packed(model, tok, dest, cfg, meta, overwrite=args.overwrite, result=result, dtype=dtype,
+                                  allow_unservable=args.allow_unservable)
     else:
         path = saving.save_quantized(model, tok, dest, meta, overwrite=args.overwrite, result=result, dtype=dtype)
     log.info("saved %s (%.1f s)", path, result.timings["total_s"])
@@ -297,7 +298,7 @@ def cmd_eval(args) -> int:
         res.to_json(args.json)
     src = f" (sha256 {info['sha256'][:12]})" if info else ""
     sys.stdout.write(f"{meta['model']} [{meta['method']}] {res.dataset}{src} {res.protocol} ppl seqlen={res.seqlen} "
-                     f"units={res.n_units}: {res.ppl:.4f} (runtime {args.runtime})\n")
+                     f"units={res.n_units} runtime={args.runtime}: {res.ppl:.4f}\n")  # the number last: scripts split it off
     return 0
 
 
@@ -414,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["packed", "fake"], default="packed",
                    help="packed: compressed-tensors pack-quantized INT weights that transformers/vLLM load "
                         "(needs equal groups); fake: dequantized weights in the checkpoint's dtype (research copy)")
+    q.add_argument("--allow-unservable", action="store_true",
+                   help="with --format packed: write 2/3-bit linears or a quantized lm_head anyway "
+                        "(vLLM will not load them; transformers and awqnb do)")
     q.add_argument("--list", action="store_true", help="list the available methods and exit")
     q.add_argument("--plan", default=None, metavar="FILE",
                    help="mixed-precision plan JSON (awqnb.analysis.plans.plan_from_sensitivity(...).to_json): "

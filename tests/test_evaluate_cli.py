@@ -111,7 +111,7 @@ def test_perplexity_past_the_float_range_is_inf(tmp_path, capsys, caplog):
         assert main(["eval", "--model", str(d), "--seqlen", "32", "--max-windows", "2", "--json",
                      str(tmp_path / "broken.json")]) == 0
     out = capsys.readouterr().out
-    assert "units=2: inf" in out and any("inf" in r.message for r in caplog.records)
+    assert "units=2 runtime=dense: inf" in out and any("inf" in r.message for r in caplog.records)
     r = PerplexityResult.read(tmp_path / "broken.json")
     assert r.ppl == math.inf and min(r.nll) > 709 and all(math.isfinite(x) for x in r.nll)
     t = comparison_table({"broken": {r.dataset: r}, "copy": {r.dataset: r}}, baseline="broken")

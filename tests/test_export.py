@@ -414,3 +414,20 @@ def test_unservable_settings_are_refused_before_quantizing(tiny):
     with pytest.raises(AwqnbError, match="quantized lm_head"):
         export.check_packable(fp, MethodConfig("awq", QuantConfig(4, 32), lm_head="quantize"))
     export.check_packable(fp, MethodConfig("awq", QuantConfig(3, 32)), allow_unservable=True)
+
+
+def test_cli_unservable_packed_is_one_line_or_written_with_the_flag(tmp_path, capsys):
+    """`awqnb quantize --bits 3` (packed by default): one error line naming --format fake and the flag,
+    nothing written; with --allow-unservable the directory is written and says 3 bits."""
+    from awqnb import cli
+
+    args = ["quantize", "--model", "tiny-random-llama", "--method", "rtn", "--bits", "3", "--group-size", "32",
+            "--output-dir", str(tmp_path / "q")]
+    assert cli.main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "--format fake" in err[0] and "allow" in err[0], err
+    assert not (tmp_path / "q").exists() or not any((tmp_path / "q").iterdir())
+    assert cli.main(args + ["--allow-unservable"]) == 0
+    d = tmp_path / "q" / capsys.readouterr().out.strip().splitlines()[-1].rsplit("/", 1)[-1]
+    qc = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["num_bits"] == 3 and "dequantize" not in qc
