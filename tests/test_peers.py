@@ -4,6 +4,7 @@ left in awqnb's fake-quant form, read by awqnb's evidence and its packed exporte
 reason where the package is absent (`pip install 'awqnb[peers]'`; `make setup` installs both)."""
 import builtins
 import copy
+import importlib.util
 import json
 import math
 import sys
@@ -20,8 +21,19 @@ from awqnb.core.primitives import dequantize
 from awqnb.model.data import Calibration
 
 Q = QuantConfig(bits=4, group_size=32)
-needs_ar = pytest.mark.skipif(reference.refusal("ar") is not None, reason=str(reference.refusal("ar")))
-needs_hqq = pytest.mark.skipif(reference.refusal("hqq") is not None, reason=str(reference.refusal("hqq")))
+
+
+def _absent(name: str) -> str | None:
+    """Why the peer cannot run here, without importing it at collection (auto_round takes seconds)."""
+    t = reference.TOOLS[name]
+    if importlib.util.find_spec(t.module) is None:
+        return f"{t.label} not installed ({t.hint})"
+    v = reference.tool_version(name)
+    return None if v and any(v.startswith(p) for p in t.tested) else f"{t.label} {v} outside the tested range"
+
+
+needs_ar = pytest.mark.skipif(_absent("ar") is not None, reason=str(_absent("ar")))
+needs_hqq = pytest.mark.skipif(_absent("hqq") is not None, reason=str(_absent("hqq")))
 
 
 def _calib(vocab):
