@@ -250,7 +250,7 @@ def _stream_sums(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tenso
             with engine.onload(norm), engine.onload(head):
                 for i, (ids, mask) in enumerate(group):
                     h, hs[i] = hs[i], None
-                    out.append(_head_sums(lambda s, e: norm(h[:, s:e].to(dev)), head, softcap, ids.to(dev),
+                    out.append(_head_sums(lambda s, e, h=h: norm(h[:, s:e].to(dev)), head, softcap, ids.to(dev),
                                           None if mask is None else mask.to(dev), logit_chunk))
             del hs, engine
     return out
