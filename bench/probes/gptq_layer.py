@@ -11,8 +11,10 @@ GPTQ defaults). Per implementation and repeat, CUDA-synchronised wall time of ea
   evidence tr(ΔW H ΔWᵀ) of round-to-nearest and of GPTQ per linear (what `_round_joint` records)
 
 `old` is a frozen copy of awqnb/quant/methods/gptq.py before the issue-24 rewrite (commit a89d800),
-with timing marks added; `new` calls the library. Repeats are interleaved (old, new, old, new, …);
-the median of the repeats is reported beside every repeat, and the codes of both are compared.
+with timing marks added; `new` calls the library (eager column loop); `graph` the library with
+`cuda_graph=True` (CUDA only). Repeats are interleaved (old, new, graph, old, …); the median of
+the repeats is reported beside every repeat; codes, qparams, H and layer errors of each pair are
+compared (first repeat). Peak memory is counted above what was allocated when a run started.
 
   python bench/probes/gptq_layer.py                       # one GPU, ~1 min on an H200
   python bench/probes/gptq_layer.py --cpu --small         # smoke test: dims / 8, 16 × 512 tokens
@@ -220,18 +222,20 @@ def make_point(rows, ci, n_tok, chunk, dev, gen_seed):
 
 def run_once(impl, w, xs, rows, qcfg, dev):
     clock = Clock(dev)
+    start = 0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+        start = torch.cuda.memory_allocated(dev)  # the point's inputs and earlier results: not this run's
     if impl == "old":
         h, _ = old_hessian(xs, dev)
         clock.mark("hessian")
         res = old_gptq_quantize(w.float(), h, qcfg, clock.mark)
-    else:
+    else:  # new: the library's eager loop; graph: its column loop as a replayed CUDA graph
         h, _ = lib.hessian(xs, dev)
         clock.mark("hessian")
         f = lib.gptq_factor(h, 0.01, True)
         clock.mark("factor")
-        res = lib.gptq_round(w.float(), f, qcfg, 128, True)
+        res = lib.gptq_round(w.float(), f, qcfg, 128, True, cuda_graph=impl == "graph")
         clock.mark("loop")
     wq = res.weight(qcfg)
     errs = {}
@@ -241,7 +245,7 @@ def run_once(impl, w, xs, rows, qcfg, dev):
         errs[name] = (lib.layer_error(wf - fake_quant(wf, qcfg), h), lib.layer_error(wf - wq[row:row + co], h))
         row += co
     clock.mark("evidence")
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(dev) - start if dev.type == "cuda" else None
     return clock, res, errs, h, peak
 
 
@@ -249,7 +253,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (a smoke test; CPU figures only)")
     ap.add_argument("--small", action="store_true", help="dims / 8 and 16 × 512 tokens")
-    ap.add_argument("--impl", default="both", choices=["both", "old", "new"])
+    ap.add_argument("--impl", default="old,new,graph",
+                    help="comma-separated, run interleaved: old (frozen pre-change loop), new (library, eager), "
+                         "graph (library, column loop as a CUDA graph; CUDA only)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -262,15 +268,21 @@ def main():
     n_tok = (16 if a.small else 128) * 512
     chunk = 4 * 512  # awqnb stashes the inputs per calibration batch
     qcfg = QuantConfig(4, 128)
-    impls = ["old", "new"] if a.impl == "both" else [a.impl]
+    impls = [i for i in a.impl.split(",") if i != "graph" or dev.type == "cuda"]
+    failed = {}
     out = Path(a.out or os.environ.get("OUT") or run_dir("gptq", "llama3-8b-shape", dev, "small" if a.small else None))
     write_run_info(out, dev)
     t_start = time.perf_counter()
 
     # warm-up (CUDA context, cuBLAS / cuSOLVER handles), not counted
     w0, x0 = make_point([("w", 256)], 512, 2048, 1024, dev, 99)
-    for impl in impls:
-        run_once(impl, w0, x0, [("w", 256)], qcfg, dev)
+    for impl in list(impls):
+        try:
+            run_once(impl, w0, x0, [("w", 256)], qcfg, dev)
+        except Exception as e:  # noqa: BLE001 - a failing implementation is reported, the others still run
+            failed[impl] = f"{type(e).__name__}: {e}"
+            impls.remove(impl)
+            print(f"{impl} failed in the warm-up: {failed[impl]}", flush=True)
 
     points = {}
     for k, (name, rows, ci) in enumerate(POINTS):
@@ -279,30 +291,42 @@ def main():
         rows = [(n, r // div) for n, r in rows]
         ci //= div
         w, xs = make_point(rows, ci, n_tok, chunk, dev, k)
-        rec = {"rows": dict(rows), "ci": ci, "repeats": {i: [] for i in impls}, "peak_bytes": {}}
+        rec = {"rows": dict(rows), "ci": ci, "repeats": {i: [] for i in impls}, "peak_bytes_above_inputs": {}}
         results = {}
         for r in range(a.repeats):
-            for impl in impls:
-                clock, res, errs, h, peak = run_once(impl, w, xs, rows, qcfg, dev)
+            for impl in list(impls):
+                try:
+                    clock, res, errs, h, peak = run_once(impl, w, xs, rows, qcfg, dev)
+                except Exception as e:  # noqa: BLE001 - reported; the other implementations go on
+                    failed[impl] = f"{name} rep {r}: {type(e).__name__}: {e}"
+                    impls.remove(impl)
+                    print(f"{impl} failed: {failed[impl]}", flush=True)
+                    continue
                 t = clock.t
                 rec["repeats"][impl].append({k2: round(v, 4) for k2, v in t.items()})
                 if dev.type == "cpu":
                     rec.setdefault("repeats_cpu_time", {i: [] for i in impls})[impl].append(
                         {k2: round(v, 4) for k2, v in clock.cpu.items()})
-                rec["peak_bytes"][impl] = max(rec["peak_bytes"].get(impl) or 0, peak or 0) or None
+                rec["peak_bytes_above_inputs"][impl] = max(rec["peak_bytes_above_inputs"].get(impl) or 0,
+                                                           peak or 0) or None
                 if r == 0:
                     results[impl] = (res, errs, h)
                 print(f"{name:8s} rep {r} {impl}: " + " ".join(f"{k2} {v:.3f}s" for k2, v in t.items()), flush=True)
-        if len(results) == 2:
-            (r0, e0, h0), (r1, e1, h1) = results["old"], results["new"]
-            rec["compare"] = {
+        rec["compare"] = {}
+        for x, y in [("old", "new"), ("old", "graph"), ("new", "graph")]:
+            if x not in results or y not in results:
+                continue
+            (r0, e0, h0), (r1, e1, h1) = results[x], results[y]
+            c = rec["compare"][f"{x}_vs_{y}"] = {
                 "codes_equal_fraction": float((r0.q == r1.q).float().mean()),
+                "codes_bit_identical": bool(torch.equal(r0.q, r1.q)),
                 "qparams_equal": bool(torch.equal(r0.scale, r1.scale) and torch.equal(r0.zero, r1.zero)),
                 "hessian_max_rel_diff": float((h0 - h1).abs().max() / h0.abs().max()),
-                "layer_err_gptq": {n: {"old": e0[n][1], "new": e1[n][1], "rtn": e0[n][0]} for n in e0},
+                "layer_err_gptq": {n: {x: e0[n][1], y: e1[n][1], "rtn": e0[n][0]} for n in e0},
             }
-            print(f"{name:8s} codes equal {rec['compare']['codes_equal_fraction']:.6f}, "
-                  f"H max rel diff {rec['compare']['hessian_max_rel_diff']:.2e}", flush=True)
+            print(f"{name:8s} {x} vs {y}: codes equal {c['codes_equal_fraction']:.6f}, "
+                  f"H max rel diff {c['hessian_max_rel_diff']:.2e}, layer err "
+                  + " ".join(f"{n} {v[y] / v[x]:.6f}x" for n, v in c["layer_err_gptq"].items()), flush=True)
         points[name] = rec
         del w, xs, results
 
@@ -314,7 +338,8 @@ def main():
                   for ph in ["hessian", "factor", "loop", "evidence"]}
         summary[impl] = {"block_seconds_median": statistics.median(per_rep), "block_seconds_repeats": per_rep,
                          "phase_seconds_median": phases,
-                         "peak_bytes": max((points[p]["peak_bytes"].get(impl) or 0) for p in points) or None}
+                         "peak_bytes_above_inputs": max((points[p]["peak_bytes_above_inputs"].get(impl) or 0)
+                                                        for p in points) or None}
         if dev.type == "cpu":
             cpu_rep = [sum(sum(points[p]["repeats_cpu_time"][impl][r].values()) for p in points)
                        for r in range(a.repeats)]
@@ -323,15 +348,16 @@ def main():
             summary[impl]["phase_cpu_seconds_median"] = {
                 ph: statistics.median(sum(points[p]["repeats_cpu_time"][impl][r].get(ph, 0.0) for p in points)
                                       for r in range(a.repeats)) for ph in ["hessian", "factor", "loop", "evidence"]}
-    if len(impls) == 2:
-        summary["old_over_new"] = summary["old"]["block_seconds_median"] / summary["new"]["block_seconds_median"]
-        summary["loop_old_over_new"] = (summary["old"]["phase_seconds_median"]["loop"]
-                                        / summary["new"]["phase_seconds_median"]["loop"])
+    for y in ["new", "graph"]:
+        if "old" in summary and y in summary:
+            summary[f"old_over_{y}"] = summary["old"]["block_seconds_median"] / summary[y]["block_seconds_median"]
+            summary[f"loop_old_over_{y}"] = (summary["old"]["phase_seconds_median"]["loop"]
+                                             / summary[y]["phase_seconds_median"]["loop"])
     doc = {"what": "GPTQ, one Llama-3-8B-shaped block" + (" (dims / 8)" if a.small else ""),
            "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
            "quant": "W4 g128 asym, act_order, static groups, damp 0.01, block 128",
            "tokens": n_tok, "repeats": a.repeats, "order": "interleaved per point: " + ", ".join(impls),
-           "summary": summary, "points": points, "wall_seconds": time.perf_counter() - t_start}
+           "summary": summary, "failed": failed, "points": points, "wall_seconds": time.perf_counter() - t_start}
     (out / "gptq_layer.json").write_text(json.dumps(doc, indent=1) + "\n")
     for impl in impls:
         s = summary[impl]
@@ -341,8 +367,9 @@ def main():
             print(f"{impl}: process CPU time, block {s['block_cpu_seconds_median']:.3f}s median of "
                   f"{[round(x, 3) for x in s['block_cpu_seconds_repeats']]}; phases "
                   + " ".join(f"{k} {v:.3f}" for k, v in s["phase_cpu_seconds_median"].items()))
-    if len(impls) == 2:
-        print(f"old/new: block {summary['old_over_new']:.2f}x, loop {summary['loop_old_over_new']:.2f}x")
+    for y in ["new", "graph"]:
+        if f"old_over_{y}" in summary:
+            print(f"old/{y}: block {summary[f'old_over_{y}']:.2f}x, loop {summary[f'loop_old_over_{y}']:.2f}x")
     print(f"wrote {out / 'gptq_layer.json'} in {doc['wall_seconds']:.1f}s")
 
 

@@ -32,6 +32,11 @@ for bit without calibration.
 Linears that share an input point (q/k/v, gate/up) share H and are rounded together as one matrix
 with their rows stacked: rows are independent in GPTQ, so this is exact and saves the column loop.
 
+Cost: `hessian` (one GEMM per chunk; bf16/fp16 chunks straight into float32 H on a GPU),
+`gptq_factor` (permutation, damping, two Cholesky factorisations and an inverse) and `gptq_round`
+(the column loop). At 8B sizes the loop is bound by launching its tiny per-column kernels, so it
+runs only the algorithm's 7 tensor ops per column, with no host sync; everything else is per block.
+
 Evidence (ctx.evidence['gptq'][linear]): the GPTQ loss Σ(w − ŵ)²/U_jj²/2, the layer output error
 proxy tr(ΔW H ΔWᵀ) of round-to-nearest (on compute_qparams(W)) and of GPTQ (H undampened), their
 ratio, the dead columns, the damping used and whether Cholesky fell back to round-to-nearest.
@@ -162,13 +167,18 @@ def gptq_factor(h: torch.Tensor, damp_percent: float = 0.01, act_order: bool = T
 
 @torch.no_grad()
 def gptq_round(w: torch.Tensor, f: GPTQFactor, cfg: QuantConfig, block_size: int = 128,
-               static_groups: bool = True) -> GPTQResult:
+               static_groups: bool = True, cuda_graph: bool = False) -> GPTQResult:
     """The column loop: GPTQ-round `w: [co, ci]` with the factor of its Hessian (`gptq_factor`).
 
     Per column only the arithmetic of the algorithm runs (7 tensor ops, no view created, no host
     sync): q' = clamp(round(w/s), lo − z, hi − z) = q − z, e = (w − q'·s)/U_jj, the rank-1 update
     of the block. Codes (q = q' + z), losses and the lazy update of later columns are batched per
-    block; a dynamic group's qparams are taken once, at its first column."""
+    block; a dynamic group's qparams are taken once, at its first column.
+
+    cuda_graph (CUDA, static groups): the column loop of a full block is recorded once as a CUDA
+    graph and replayed per block, so the GPU is not left waiting for Python between the tiny
+    per-column kernels; the same kernels on the same values, so the same codes. Experimental:
+    off unless asked for (bench/probes/gptq_layer.py compares it with the eager loop)."""
     co, ci = w.shape
     dev = w.device
     g = effective_group_size(ci, cfg.group_size)
@@ -197,9 +207,19 @@ def gptq_round(w: torch.Tensor, f: GPTQFactor, cfg: QuantConfig, block_size: int
     Qt = torch.empty_like(Wt)
     ebuf = torch.empty(min(ci, block_size), co, device=dev)
     loss_rows = torch.zeros(co, device=dev)
+    graph = None
+    if cuda_graph and static_groups and dev.type == "cuda" and ci >= block_size:
+        graph = _BlockGraph(block_size, co, dev)
     for i1 in range(0, ci, block_size):
         i2 = min(i1 + block_size, ci)
         cnt = i2 - i1
+        if graph is not None and cnt == block_size:
+            E1 = graph.run(Wt[i1:i2], U[i1:i2, i1:i2], st, lz, hz, gpos[i1:i2], Qt[i1:i2])
+            Qt[i1:i2].add_(zt.index_select(0, gpos[i1:i2]))
+            loss_rows += (E1 * E1).sum(0)
+            if i2 < ci:
+                Wt[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)
+            continue
         W1 = Wt[i1:i2]  # updated in place: nothing reads a block's columns after it
         Q1 = Qt[i1:i2]
         E1 = ebuf[:cnt]
@@ -228,6 +248,48 @@ def gptq_round(w: torch.Tensor, f: GPTQFactor, cfg: QuantConfig, block_size: int
         Qt = Qt.index_select(0, torch.argsort(perm).to(dev))
     return GPTQResult(Qt.T.contiguous(), st.T.contiguous(), zt.T.contiguous(), loss_rows / 2, f.damp,
                       f.fallback, f.n_dead)
+
+
+class _BlockGraph:
+    """The column loop of one full block (static groups) as a CUDA graph on fixed buffers."""
+
+    def __init__(self, bs: int, co: int, dev):
+        z = lambda *shape: torch.zeros(*shape, device=dev)  # noqa: E731
+        self.w, self.s, self.lz, self.hz = z(bs, co), torch.ones(bs, co, device=dev), z(bs, co), z(bs, co)
+        self.q, self.e, self.u = z(bs, co), z(bs, co), torch.eye(bs, device=dev)  # finite warm-up values
+        self.d = self.u.diagonal()
+        self.graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            self._loop()  # warm-up outside the capture, as CUDA graphs want
+        torch.cuda.current_stream(dev).wait_stream(side)
+        with torch.cuda.graph(self.graph):
+            self._loop()
+
+    def _loop(self):
+        w, q, e, s, u = self.w, self.q, self.e, self.s, self.u
+        for i in range(w.shape[0]):
+            torch.div(w[i], s[i], out=q[i])
+            q[i].round_()
+            torch.clamp(q[i], self.lz[i], self.hz[i], out=q[i])
+            torch.mul(q[i], s[i], out=e[i])
+            torch.sub(w[i], e[i], out=e[i])
+            e[i].div_(self.d[i])
+            if i + 1 < w.shape[0]:
+                w[i + 1:].addr_(u[i, i + 1:], e[i], alpha=-1.0)
+
+    def run(self, w1, u1, st, lz, hz, gidx, q_out) -> torch.Tensor:
+        """Replay on block (w1 `[bs, co]`, u1 `[bs, bs]`, the block's groups gidx); codes q − z
+        into q_out; returns the scaled errors `[bs, co]` (valid until the next run)."""
+        self.w.copy_(w1)
+        self.u.copy_(u1)
+        torch.index_select(st, 0, gidx, out=self.s)
+        torch.index_select(lz, 0, gidx, out=self.lz)
+        torch.index_select(hz, 0, gidx, out=self.hz)
+        self.graph.replay()
+        q_out.copy_(self.q)
+        return self.e
 
 
 def _group_plan(perm_cpu: torch.Tensor, g: int, ci: int, block_size: int, dev) -> dict:
