@@ -59,7 +59,7 @@ def run(gemma):
         pytest.skip(str(reference.refusal("ar") or reference.refusal("hqq")))
     model, tok, _ = gemma
     kept = {}
-    real = runner.quantize_reference
+    real = reference.quantize_reference
 
     def keep(qmodel, name, *a, **k):
         info = real(qmodel, name, *a, **k)
@@ -68,10 +68,11 @@ def run(gemma):
 
     toks = torch.randint(0, model.config.vocab_size, (3 * 48,), generator=torch.Generator().manual_seed(1))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "quantize_reference", keep)
+        mp.setattr(reference, "quantize_reference", keep)
         c = runner.run_comparison(model, ["rtn", "ar@iters=1", "hqq", "hqq@optimize=false"], tokenizer=tok,
                                   seeds=(3,), calibration=_calib(model.config.vocab_size), datasets={"toks": toks},
-                                  quant=Q, eval_seqlen=48, device="cpu", progress=False)
+                                  quant=Q, eval_seqlen=48, device="cpu", progress=False, layer_mse=True,
+                                  mse_samples=2)
     return c, kept
 
 
@@ -101,6 +102,11 @@ def test_peers_run_in_the_comparison(run):
     described = {m["label"]: m["config"] for m in c.provenance["methods"]}
     assert described["ar@iters=1"]["tool"] == "AutoRound" and described["ar@iters=1"]["params"] == {"iters": 1}
     assert described["hqq"]["version"] == hqq.info["version"]
+    assert hqq.calibration is None  # calibration-free: none drawn or recorded
+    assert c.provenance["versions"]["auto-round"] == "0.16.1" and c.provenance["versions"]["hqq"].startswith("0.2.8")
+    # the peers' linears through awqnb's layer-error evidence, in the same run, like rtn's
+    labels = set(c.mse["method"])
+    assert {"rtn", "ar@iters=1", "hqq"} <= labels, labels
 
 
 @needs_ar

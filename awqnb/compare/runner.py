@@ -30,7 +30,7 @@ from awqnb.analysis import layer_error
 from awqnb.analysis.evaluate import PerplexityResult, eval_placement, sample_perplexity, token_perplexity
 from awqnb.compare.claims import method_configs
 from awqnb.compare.comparison import Comparison, RunRecord
-from awqnb.compare.reference import llmc_version, quantize_reference, refusal
+from awqnb.compare import reference
 from awqnb.compare.specs import MethodSpec, ParsedSpec, parse_spec, parse_specs
 from awqnb.core.config import QuantConfig, SearchConfig
 from awqnb.core.devices import sync
@@ -264,8 +264,8 @@ def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_S
     device: where quantization and evaluation run (default: the model's); the FP `model` is never
       modified (each label gets `copy.deepcopy(model)`). eval_dtype: the dtype each evaluated copy's
       parameters are cast to (buffers such as RoPE's inv_freq stay as they are; None: no cast).
-    layer_mse: the output MSE of every linear of the awqnb methods (`diagnostics.layer_mse`, FP
-      inputs, `mse_samples` calibration samples), on the first seed only.
+    layer_mse: the output MSE of every linear of every quantizing method, the reference tools' too
+      (`layer_error.layer_mse`, FP inputs, `mse_samples` calibration samples), on the first seed only.
     on_run: called after each (label, seed) with the comparison so far (e.g. to write partial
       results).
     Unknown methods, bad seeds or settings fail before any work; a reference method that cannot
@@ -294,7 +294,7 @@ def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_S
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     model_name = model_name or getattr(model.config, "name_or_path", None) or type(model).__name__
 
-    refused = {s.label: refusal(s.method) for s in specs if s.kind == "reference"}
+    refused = {s.label: reference.refusal(s.method) for s in specs if s.kind == "reference"}
     for label, why in refused.items():
         if why:
             log.warning("%s skipped: %s", label, why)
@@ -306,7 +306,7 @@ def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_S
         "calibration": calibration.to_dict() if isinstance(calibration, CalibSpec) else {"callable": repr(calibration)},
         "datasets": [es.describe() for es in sets], "device": str(dev), "dtype": dtype,
         "eval_dtype": None if eval_dtype is None else str(eval_dtype).replace("torch.", ""),
-        "versions": {**versions(), "llmcompressor": llmc_version()},
+        "versions": {**versions(), **reference.versions()},
         "layer_mse": bool(layer_mse), "complete": False,
     }
     comp = Comparison([], prov)
@@ -371,7 +371,7 @@ def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_S
                     f["seed"] = seed
                     mse_frames.append(f)
             elif spec.kind == "reference":
-                calib = calib_for(spec, seed)
+                calib = calib_for(spec, seed) if spec.needs_calibration else None  # hqq: none
                 rec.config = spec.describe(quant)["config"]
                 rec.calibration = calib.to_dict() if hasattr(calib, "to_dict") else None
                 _free(dev)
@@ -380,10 +380,11 @@ def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_S
                 torch.manual_seed(seed)
                 t0 = time.perf_counter()
                 try:
-                    info = quantize_reference(qmodel, spec.method, calib, tokenizer, quant.bits, quant.group_size,
-                                              quant.symmetric, device=dev)
+                    info = reference.quantize_reference(qmodel, spec.method, calib, tokenizer, quant.bits,
+                                                        quant.group_size, quant.symmetric, device=dev, seed=seed)
                 except Exception as e:  # the reference tool refusing this model or setting: skip it, go on
-                    why = f"{spec.method} failed in llm-compressor: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    why = (f"{spec.method} failed in {reference.tool(spec.method).label}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}")
                     log.warning("%s skipped: %s", spec.label, why)
                     rec.status, rec.reason = "skipped", why
                     comp.runs.append(rec)
@@ -393,6 +394,13 @@ def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_S
                 sync(dev)
                 rec.quantize_s = time.perf_counter() - t0
                 rec.info = info
+                if layer_mse and si == 0:  # a peer's weights through awqnb's own evidence, as awqnb's
+                    mcal = calib if calib is not None else calib_for(spec, seed)
+                    res = reference.peer_result(model, qmodel, info, model_name=model_name)
+                    f = layer_error.layer_mse(model, mcal, {spec.label: (qmodel, res)}, device=dev,
+                                              max_samples=mse_samples, model_name=model_name)
+                    f["seed"] = seed
+                    mse_frames.append(f)
             if dev.type == "cuda" and spec.kind != "fp":
                 rec.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 1e9  # GB = 10⁹ bytes (as the pipeline, bench/scale.py)
             meta.update(calibration=rec.calibration, config=rec.config, quant_seconds=rec.quantize_s)
