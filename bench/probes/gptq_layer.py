@@ -16,7 +16,7 @@ with timing marks added; `new` calls the library (eager column loop); `graph` th
 the repeats is reported beside every repeat; codes, qparams, H and layer errors of each pair are
 compared (first repeat). Peak memory is counted above what was allocated when a run started.
 
-  python bench/probes/gptq_layer.py                       # one GPU, ~1 min on an H200
+  python bench/probes/gptq_layer.py                       # one GPU (written to finish in < 90 s on an H200; not yet run there)
   python bench/probes/gptq_layer.py --cpu --small         # smoke test: dims / 8, 16 × 512 tokens
 
 Writes gptq_layer.json (and command.txt, environment.json) to --out, else $OUT, else
