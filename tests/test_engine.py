@@ -303,3 +303,23 @@ def test_keyword_tensors_are_cast_once_and_shared(tiny):
             assert c.dtype == torch.float64
             assert cos.setdefault(types[j], c) is c  # the same tensor object for the same type
         assert cos["sliding_attention"] is not cos["full_attention"]
+
+
+def test_a_cast_walk_that_only_reads_leaves_the_model_exact(tiny):
+    """A walk in another compute dtype (bf16 over a float32 model: a deep dive's or sensitivity's
+    capture with --dtype bfloat16) must not round the model it reads; a quantizing walk (writes)
+    brings its blocks home cast back."""
+    from awqnb.analysis.layer_local import capture_layer_inputs
+
+    model, _, calib = tiny["tiny-random-llama"]
+    model = copy.deepcopy(model)
+    assert next(model.parameters()).dtype == torch.float32
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hidden, _ = capture_layer_inputs(model, calib, 1, "cpu", dtype=torch.bfloat16)
+    assert hidden[0].dtype == torch.bfloat16
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    block = blocks(model, resolve_spec(model))[0]
+    with onloaded(block, "cpu", torch.bfloat16, writes=True):
+        assert block.self_attn.q_proj.weight.dtype == torch.bfloat16
+    w = block.self_attn.q_proj.weight
+    assert w.dtype == torch.float32 and torch.equal(w, before["model.layers.0.self_attn.q_proj.weight"].bfloat16().float())

@@ -50,9 +50,9 @@ def one_block_at_a_time(monkeypatch):
     real = W.onloaded
     live, peak = [0], [0]
 
-    def counting(module, device, dtype=None):
+    def counting(module, device, dtype=None, writes=False):
         is_block = hasattr(module, "self_attn")
-        cm = real(module, device, dtype)
+        cm = real(module, device, dtype, writes)
 
         class Ctx:
             def __enter__(self):

@@ -57,7 +57,7 @@ def quantize_layer(model: nn.Module, calibration, cfg: MethodConfig, layer: int,
     qmodel = copy.deepcopy(model)
     if method.searches_scales:
         P.keep_offset_norms_fp32(qmodel, spec)
-    engine = BlockEngine(qmodel, calib, dev, cfg.dtype, cfg.calib_batch_size)
+    engine = BlockEngine(qmodel, calib, dev, cfg.dtype, cfg.calib_batch_size, writes=True)
     block = blocks(qmodel, spec)[layer]
     attn = attn_shape(qmodel.config)
     keys = P.input_keys(spec)

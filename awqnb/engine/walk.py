@@ -104,12 +104,16 @@ def _move(module: nn.Module, device, dtype, home: dict | None = None) -> None:
 
 
 @contextlib.contextmanager
-def onloaded(module: nn.Module, device, dtype: torch.dtype | None = None):
+def onloaded(module: nn.Module, device, dtype: torch.dtype | None = None, writes: bool = False):
     """Move `module` to `device` (floating tensors to `dtype` when given) for the duration; then
     move every parameter and buffer back where it was, in its original dtype (float32 for
-    parameters marked with `mark_fp32`)."""
+    parameters marked with `mark_fp32`). A cast is lossy: unless the caller `writes` the block
+    (quantization, whose new weights come home cast back), the original tensors are put back."""
     device = torch.device(device)
-    home = {name: (t.device, t.dtype) for name, t in list(module.named_parameters()) + list(module.named_buffers())}
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    home = {name: (t.device, t.dtype) for name, t in tensors}
+    originals = {} if writes or dtype is None else {
+        name: t.data for name, t in tensors if t.is_floating_point() and t.dtype != dtype}
     try:
         try:
             _move(module, device, dtype)
@@ -118,6 +122,9 @@ def onloaded(module: nn.Module, device, dtype: torch.dtype | None = None):
             raise AwqnbError(oom_message("loading a block", module, device)) from e
         yield module
     finally:
+        for name, t in tensors:
+            if name in originals:
+                t.data = originals[name]
         _move(module, None, None, home)
 
 
@@ -188,13 +195,16 @@ class BlockEngine:
     attention masks (None: no padding), passed to the model as it would get them (evaluation).
     keep_dtypes: cast nothing (weights, hidden states, kwargs keep the dtypes the model gives
     them), so a block computes exactly what the model's own forward computes.
+    writes: the walk changes the blocks' weights (quantization): they come home cast back from the
+    compute dtype; otherwise a cast walk leaves the model's tensors exactly as they were.
     """
 
     def __init__(self, model: nn.Module, calibration, device=None, dtype=None, batch_size: int = 16,
                  offload_activations: bool = False, max_samples: int | None = None, *,
                  chunks: list[torch.Tensor] | None = None, masks: list[torch.Tensor | None] | None = None,
-                 keep_dtypes: bool = False):
+                 keep_dtypes: bool = False, writes: bool = False):
         self.model = model
+        self.writes = bool(writes)
         self.spec: ArchSpec = resolve_spec(model)
         self.blocks = blocks(model, self.spec)
         if device is None:
@@ -241,8 +251,8 @@ class BlockEngine:
         return out
 
     def onload(self, module: nn.Module, cast: bool = True):
-        """`onloaded(module, self.device, self.dtype if cast else None)` (no cast with keep_dtypes)."""
-        return onloaded(module, self.device, self.dtype if cast and not self.keep_dtypes else None)
+        """`onloaded(module, self.device, self.dtype if cast else None, self.writes)` (no cast with keep_dtypes)."""
+        return onloaded(module, self.device, self.dtype if cast and not self.keep_dtypes else None, self.writes)
 
     def _outer_modules(self) -> list[nn.Module]:
         """The modules of the blocks' parent other than the blocks (embedding, rotary, final norm)."""

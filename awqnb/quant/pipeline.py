@@ -310,7 +310,8 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
                 "pass one from awqnb.model.data.load_calibration (e.g. --calib-dataset wikitext2 --n-calib 128)."
             )
         calib_info = calibration.to_dict() if hasattr(calibration, "to_dict") else None
-        engine = BlockEngine(model, calibration, device, compute_dtype, cfg.calib_batch_size, offload_activations)
+        engine = BlockEngine(model, calibration, device, compute_dtype, cfg.calib_batch_size, offload_activations,
+                             writes=True)
         n = len(bl)
         lbs = cfg.layer_batch_size
         it = tqdm(total=n, desc=f"{cfg.method} blocks", disable=not progress)
