@@ -178,7 +178,8 @@ def run_cli(step: str, args, notebook: str, methods: str, params: dict, work: Pa
     cell_log = out_dir / "cells.jsonl"
     cell_log.unlink(missing_ok=True)  # an interrupted attempt's cells are not this one's
     cmd = [sys.executable, "-m", "awqnb", "report", "--models", str(args.model_dir), "--methods", methods,
-           "--notebook", notebook, "--output-dir", str(out_dir)]
+           "--notebook", notebook, "--output-dir", str(out_dir),
+           "--force"]  # this step is not done: a run kept from an earlier attempt must not be skipped
     for k, v in params.items():
         cmd += ["--param", f"{k}={json.dumps(v)}"]  # JSON is YAML: the CLI reads it back as the same literal
     env = dict(os.environ, IPYTHONDIR=str(write_hook(work)), **{CELL_LOG_ENV: str(cell_log)})
