@@ -232,7 +232,8 @@ def cmd_eval(args) -> int:
     from awqnb.export import packed as export
     from awqnb.model.data import (EVAL_TEXT_SETS, EVAL_TOKEN_SETS, TEXT_FILE_SUFFIXES, dataset_info,
                                   is_text_file, load_eval_texts, load_eval_tokens)
-    from awqnb.analysis.evaluate import check_positive, sample_perplexity, token_perplexity
+    from awqnb.analysis.evaluate import check_positive, eval_placement, sample_perplexity, token_perplexity
+    from awqnb.engine.budget import check_eval
 
     # settings and data are checked before the model loads
     check_positive(seqlen=(args.seqlen, 2), n_samples=(args.n_samples, 1))
@@ -264,10 +265,12 @@ def cmd_eval(args) -> int:
             raise AwqnbError(f"--runtime int4 runs packed directories only (compressed-tensors pack-quantized); "
                              f"{args.model} is not a packed checkpoint: use --runtime dense.")
         model, tok = int4.load_int4(args.model, device=device)
+        load_on, why = device, "the int4 runtime loads onto the device"
     else:
         if export.is_packed(args.model):
             checkpoint.require_compressed_tensors()  # a clear message instead of transformers' ImportError
-        model, tok = loading.load_model(args.model, device=device)
+        load_on, why = _eval_load_device(args.model, device)
+        model, tok = loading.load_model(args.model, device=load_on)
     meta = {"model": args.model, "method": "fp", "runtime": args.runtime}
     if args.runtime == "int4":
         meta["int4"] = int4.int4_summary(model)
@@ -281,16 +284,23 @@ def cmd_eval(args) -> int:
         q = records[2] or {}
         if q:
             meta.update(calibration=q.get("calibration"), model=q.get("model", args.model))
+    # whole where the loaded model fits the device, else streamed block by block; one that cannot
+    # fit even streamed is refused now, before the data set is tokenized
+    how = eval_placement(model, device)
+    batch_size = 1 if protocol == "token" else 16  # the protocols' defaults below
+    check_eval(model, device, how, args.seqlen, batch_size)
     if protocol == "token":
         tokens = load_eval_tokens(tok, args.dataset, text_column=args.text_column)
         max_windows = args.max_windows
         if args.dataset == "c4" and max_windows is None:
             max_windows = 256  # GPTQ's C4 protocol: 256 windows
         res = token_perplexity(model, tokens, seqlen=args.seqlen, max_windows=max_windows, device=device,
-                               dataset=args.dataset)
+                               dataset=args.dataset, batch_size=batch_size, placement=how)
     else:
         texts = load_eval_texts(args.dataset, n_samples=args.n_samples, text_column=args.text_column)
-        res = sample_perplexity(model, tok, texts, max_length=args.seqlen, device=device, dataset=args.dataset)
+        res = sample_perplexity(model, tok, texts, max_length=args.seqlen, device=device, dataset=args.dataset,
+                                batch_size=batch_size, placement=how)
+    log.info("model loaded on %s (%s); evaluated on %s, placement %s", load_on, why, device, res.meta["placement"])
     res.meta.update(meta)
     if info:
         res.meta["data_file"] = info
@@ -300,6 +310,29 @@ def cmd_eval(args) -> int:
     sys.stdout.write(f"{meta['model']} [{meta['method']}] {res.dataset}{src} {res.protocol} ppl seqlen={res.seqlen} "
                      f"units={res.n_units} runtime={args.runtime}: {res.ppl:.4f}\n")  # the number last: scripts split it off
     return 0
+
+
+def _eval_load_device(name: str, device):
+    """(where `awqnb eval` loads a dense model, why): on `device` unless it is a CUDA GPU whose free
+    memory would not take the weights (sized from the checkpoint's headers before loading, against
+    the whole-model rule of `awqnb.analysis.evaluate.eval_placement`); then, or when the size is not
+    known before loading (an alias, a GGUF, a Hub id), on the CPU, and evaluation's placement
+    decides on the loaded model whether to move it whole or stream it block by block."""
+    import torch
+
+    from awqnb.analysis.evaluate import WHOLE_FRACTION
+    from awqnb.engine.budget import GB, checkpoint_bytes
+
+    if device.type != "cuda":
+        return device, f"{device.type} device: no memory check"
+    size = checkpoint_bytes(name)
+    free, _ = torch.cuda.mem_get_info(device)
+    if size is None:
+        return torch.device("cpu"), "its size is not known before loading"
+    if size <= WHOLE_FRACTION * free:
+        return device, f"{size / GB:.2f} GB of weights, {free / GB:.2f} GB free on {device}"
+    return torch.device("cpu"), (f"{size / GB:.2f} GB of weights > {WHOLE_FRACTION:.0%} of the "
+                                 f"{free / GB:.2f} GB free on {device}")
 
 
 def cmd_compare(args) -> int:

@@ -50,6 +50,7 @@ from awqnb.core.devices import sync
 from awqnb.core.dtypes import dtype_name, parse_dtype
 from awqnb.core.errors import AwqnbError
 from awqnb.core.progress import tqdm
+from awqnb.engine.budget import check_sensitivity
 from awqnb.engine.capture import block_output
 from awqnb.engine.walk import BlockEngine
 from awqnb.model.arch import ArchSpec, blocks, get_module, resolve_spec
@@ -506,6 +507,8 @@ def sensitivity(model: nn.Module, cfg: MethodConfig | None, calibration, eval_to
         parts = _key_parts(model, cfg, res, result, calibration, windows, seqlen, n_windows, layers, fams, modes, cdtype)
 
     def compute():
+        # a pass that cannot fit the GPU: refused before the reference run (a cached frame needs no check)
+        check_sensitivity(model, dev, cdtype, n_windows, seqlen, batch_size, offload_activations, logit_rows)
         t0 = time.perf_counter()
         ref = reference(model, cfg, calibration, device=dev, result=result, dtype=cdtype, model_name=model_name)
         t_quant = time.perf_counter() - t0

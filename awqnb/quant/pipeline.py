@@ -22,6 +22,7 @@ from awqnb.core.dtypes import dtype_name, mark_fp32, parse_dtype
 from awqnb.core.errors import AwqnbError
 from awqnb.core.primitives import check_weight, effective_group_size, fake_quant
 from awqnb.core.progress import tqdm  # tqdm.auto, or events a report runner draws (progress.py)
+from awqnb.engine.budget import check_quantize
 from awqnb.engine.capture import ChannelStats
 from awqnb.engine.walk import BlockEngine, BlockStep, model_dtype, onloaded, oom_message
 from awqnb.model.arch import ArchSpec, attn_shape, blocks, get_module, resolve_spec
@@ -290,6 +291,9 @@ def quantize(model: nn.Module, cfg: MethodConfig, calibration=None, device=None,
     timings_validate = time.perf_counter() - t0
     attn = attn_shape(model.config)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    check_quantize(model, device, parse_dtype(cfg.dtype) or model_dtype(model),  # a walk that cannot fit: now
+                   calibration if method.needs_calibration else None, cfg.calib_batch_size, offload_activations,
+                   cfg.layer_batch_size, f"quantizing with {cfg.method}")
     model.eval()
     bl = blocks(model, spec)
     keys = input_keys(spec)
