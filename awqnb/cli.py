@@ -91,7 +91,8 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=list(DTYPE_NAMES),
                    help="compute dtype of the block forwards (auto: the model's own; quantization math is fp32)")
     p.add_argument("--offload-activations", action="store_true",
-                   help="keep calibration activations in pinned CPU memory (when they do not fit the GPU)")
+                   help="keep calibration activations in pinned CPU memory (when they do not fit the GPU: a run "
+                        "that would not fit is refused before it starts, naming this flag)")
 
 
 def method_config(args):
@@ -285,11 +286,11 @@ def cmd_eval(args) -> int:
         if q:
             meta.update(calibration=q.get("calibration"), model=q.get("model", args.model))
     # whole where the loaded model fits the device, else streamed block by block; one that cannot
-    # fit even streamed is refused now, before the data set is tokenized
+    # fit even streamed is refused before any window is scored
     how = eval_placement(model, device)
     batch_size = 1 if protocol == "token" else 16  # the protocols' defaults below
-    check_eval(model, device, how, args.seqlen, batch_size)
     if protocol == "token":
+        check_eval(model, device, how, args.seqlen, batch_size)  # windows are seqlen long: before reading data
         tokens = load_eval_tokens(tok, args.dataset, text_column=args.text_column)
         max_windows = args.max_windows
         if args.dataset == "c4" and max_windows is None:
@@ -298,6 +299,9 @@ def cmd_eval(args) -> int:
                                dataset=args.dataset, batch_size=batch_size, placement=how)
     else:
         texts = load_eval_texts(args.dataset, n_samples=args.n_samples, text_column=args.text_column)
+        if device.type == "cuda":  # batches are as long as their longest text, at most seqlen
+            longest = max((len(tok(t, add_special_tokens=True).input_ids) for t in texts), default=2)
+            check_eval(model, device, how, max(2, min(args.seqlen, longest)), batch_size)
         res = sample_perplexity(model, tok, texts, max_length=args.seqlen, device=device, dataset=args.dataset,
                                 batch_size=batch_size, placement=how)
     log.info("model loaded on %s (%s); evaluated on %s, placement %s", load_on, why, device, res.meta["placement"])

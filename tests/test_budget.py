@@ -175,3 +175,33 @@ def test_cli_eval_that_would_not_fit_even_streamed_says_so(small_gpu, capsys, mo
     assert rc == 2
     line = [l for l in err if l.startswith("awqnb: error:")]
     assert len(line) == 1 and "evaluation (stream) needs about" in line[0] and "--seqlen" in line[0], err
+
+
+def test_cli_eval_sample_protocol_checks_the_longest_text_not_seqlen(tmp_path, small_gpu, capsys, monkeypatch):
+    """Sample batches are as long as their longest text: the check uses that (at most --seqlen), so
+    a GPU that takes the short texts is not refused for a 2048-token window nobody scores."""
+    from awqnb import cli
+    from awqnb.analysis import evaluate
+    from awqnb.model.loading import load_model
+
+    model, tok = load_model("tiny-random-llama")
+    texts = ["The cat sat on the mat.", "Stocks fell on Monday.", "A short line of text here."]
+    f = tmp_path / "mine.txt"
+    f.write_text("\n".join(texts) + "\n")
+    longest = max(len(tok(t, add_special_tokens=True).input_ids) for t in texts)
+    short = budget.eval_estimate(model, "cuda:0", "stream", longest, 16).total
+    assert budget.eval_estimate(model, "cuda:0", "stream", 2048, 16).total > short + 1
+    monkeypatch.setattr(evaluate, "eval_placement", lambda *a, **k: "stream")
+
+    class Reached(Exception):
+        pass
+
+    monkeypatch.setattr(evaluate, "sample_perplexity", lambda *a, **k: (_ for _ in ()).throw(Reached()))
+    small_gpu[0] = short + 1
+    with pytest.raises(Reached):  # passed the check: evaluation was called
+        cli.main(["eval", "--model", "tiny-random-llama", "--dataset", str(f), "--protocol", "sample",
+                  "--device", "cuda:0", "--seqlen", "2048"])
+    small_gpu[0] = short - 1
+    assert cli.main(["eval", "--model", "tiny-random-llama", "--dataset", str(f), "--protocol", "sample",
+                     "--device", "cuda:0", "--seqlen", "2048"]) == 2
+    assert "evaluation (stream) needs about" in capsys.readouterr().err
