@@ -375,7 +375,10 @@ def main(argv=None) -> int:
             "smoke": args.smoke, "steps": steps, "budget_s": args.budget_s,
             "note": ("smoke test on a random tiny model: CPU timings of the smallest slices, not workbench figures"
                      if args.smoke else "random weights: diagnostics meaningless; time and memory real")}
-    (out / "run_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    prev = out / "run_info.json"
+    if prev.is_file():  # a resumed run: keep every invocation's command
+        info["earlier_commands"] = (lambda d: d.get("earlier_commands", []) + [d["command"]])(json.loads(prev.read_text()))
+    prev.write_text(json.dumps(info, indent=1) + "\n")
 
     report_p = dict(SEEDS=args.seeds, SENSITIVITY=True, eval_windows=args.eval_windows, device=args.device)
     deep_p = dict(device=args.device)
