@@ -2,7 +2,7 @@
 
 One engine walk (`awqnb.engine.walk`) holds on the compute device, at its peak,
 
-    peak ≈ W + A + X
+    peak ≈ W + A + M + X
     W  the largest decoder block's weights in the compute dtype (tensors already on the device in
        that dtype not counted: they are in use already)
     A  the activations held at once: tokens × width × bytes of the compute dtype, where tokens =
@@ -13,16 +13,19 @@ One engine walk (`awqnb.engine.walk`) holds on the compute device, at its peak,
        search's reference output (H). With
        `offload_activations` they live in pinned CPU memory and the device holds one chunk:
        tokens = batch_size × seqlen.
+    M  every chunk's attention mask, kept on the device by the engine even when offloading:
+       n_samples × T² (compute dtype bytes with eager attention, 1 byte otherwise)
     X  per-chunk transients (one chunk of batch_size × seqlen tokens): the MLP intermediate
        (gate, up and their product: 3·I per token), the attention projections (q, k, v, output),
        with eager attention its scores and probabilities (2·heads·T² per row, float32); for a
        quantizer the float32 math: the largest scale group's weights and an in×in Hessian of the
        widest input (Llama's down_proj: I²).
 
-For the quantizer this is a floor, not a bound: against the H200 peaks of bench/README.md's scale
-table (awq, bf16, 128 × 512 calibration, batch 16: Llama-3-8B 8.04 GB, 70B 19.11 GB, 70B offloaded
-8.79 GB) it computes 8.3, 20.0 and 10.1 GB; a method that holds more (awq_dh: 10.57 GB at 8B) can
-still run out of memory during the walk, where the engine's one-line out-of-memory error takes over.
+It is an estimate from shapes, not a bound. For the settings of the H200 peaks measured in
+bench/README.md's scale table (awq, bf16, 128 × 512 calibration, batch 16: Llama-3-8B 8.04 GB,
+70B 19.11 GB, 70B offloaded 8.79 GB) it computes 8.34, 20.03 and 10.17 GB, a little above each; a
+method that holds more (awq_dh: 10.57 GB measured at 8B) can pass the check and still run out of
+memory during the walk, where the engine's one-line out-of-memory error takes over.
 
 Sensitivity and evaluation add their own terms (`sensitivity_estimate`, `eval_estimate`). The
 total is compared with `torch.cuda.mem_get_info`'s free memory; a walk that would not fit is
@@ -148,8 +151,12 @@ def walk_estimate(model: nn.Module, device, dtype: torch.dtype, n_samples: int, 
     rows = min(batch_size, n_samples)
     held = (rows if offload else n_samples) * seqlen
     b = _bytes_of(dtype)
+    eager = getattr(_text_config(model), "_attn_implementation", "eager") == "eager"
     return Estimate({"block weights": block_weight_bytes(model, device, dtype),
                      "activations" + (" (one chunk: offloaded)" if offload else ""): held * width * b,
+                     # every chunk's attention mask stays on the device (never offloaded): [b, 1, T, T],
+                     # additive in the compute dtype for eager attention, at most boolean otherwise
+                     "masks": n_samples * seqlen * seqlen * (b if eager else 1),
                      "per-chunk transients": transient_bytes(model, rows, seqlen, dtype, quant_math)})
 
 
