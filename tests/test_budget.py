@@ -147,6 +147,23 @@ def test_checkpoint_bytes_from_headers(tmp_path):
     assert budget.checkpoint_bytes(tmp_path / "nowhere") is None
 
 
+def test_checkpoint_bytes_of_a_packed_directory_is_its_dense_size(tmp_path):
+    """A packed linear counts as the dense weight it is dequantized to at load; a safetensors file
+    beside the model that is not one of its shards (e.g. the quantization record's) is not counted."""
+    from awqnb.export import packed
+    from awqnb.model.loading import load_model
+
+    model, tok = load_model("tiny-random-llama")
+    cfg = MethodConfig("rtn", QuantConfig(4, 32))
+    res = pipeline.quantize(model, cfg, progress=False)
+    d = packed.save_packed(model, tok, tmp_path / "p", cfg, res.metadata(), result=res)
+    dense, _ = load_model(str(d))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1000)}, str(d / "other.safetensors"))  # not the model's: not counted
+    assert budget.checkpoint_bytes(d) == sum(p.numel() * p.element_size() for p in dense.parameters())
+
+
 def test_cli_eval_loads_on_the_cpu_when_the_model_would_not_fit(tmp_path, small_gpu):
     from awqnb import cli
     from awqnb.analysis.evaluate import WHOLE_FRACTION

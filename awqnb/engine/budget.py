@@ -46,6 +46,7 @@ from torch import nn
 from awqnb.core.dtypes import fp32_names
 from awqnb.core.errors import AwqnbError
 from awqnb.model.arch import attn_shape, blocks, get_module, resolve_spec
+from awqnb.model.checkpoint import tensor_files
 from awqnb.model.data import calibration_samples
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,13 @@ def checkpoint_bytes(path: str | Path) -> int | None:
     packed (compressed-tensors) linear counts as its dense weight in the config's dtype, as it is
     dequantized at load. None when it cannot tell (not a directory, no safetensors files)."""
     p = Path(path).expanduser()
-    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    if not p.is_dir():
+        return None
+    try:  # the model's own shards (an index's, or model.safetensors), not e.g. quant_result.safetensors
+        files = sorted({p / f for f in tensor_files(p).values()})
+    except AwqnbError as e:
+        log.debug("could not size %s from its headers: %s", p, e)
+        return None
     if not files:
         return None
     try:
