@@ -56,7 +56,7 @@ QUANTIZE_FIXES = ("pass --offload-activations (offload_activations=True), a smal
                   "or fewer calibration samples (--n-calib)")
 SENSITIVITY_FIXES = ("pass offload_activations=True, fewer windows (n_windows, the report's SENS_WINDOWS) or a "
                      "shorter seqlen (SENS_SEQLEN)")
-EVAL_FIXES = "pass a smaller --seqlen (a shorter evaluation window) or a smaller evaluation batch"
+EVAL_FIXES = "pass a smaller --seqlen (shorter windows, or texts cut shorter), or free the device"
 
 
 @dataclass
