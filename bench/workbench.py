@@ -260,6 +260,12 @@ def sections(rec: dict) -> list[dict]:
                 bars.remove(bar)
             out.append({"section": f"evaluate {run['label']} seed {run['seed']} {ds}", "seconds": ev["seconds"],
                         "peak_gb": gb(bar["peak_bytes"]) if bar else None})
+    comp_cell = [c for c in rec["cells"] if "run_comparison" in (c.get("calls") or [])]
+    if comp_cell and rec.get("runs"):
+        q = sum(r.get("quantize_s") or 0.0 for r in rec["runs"])
+        e = sum(ev["seconds"] for r in rec["runs"] for ev in (r.get("eval") or {}).values())
+        out.append({"section": "rest of quantize + evaluate (deep copies, layer MSE of the first seed, calibration "
+                               "loading)", "seconds": comp_cell[0]["seconds"] - q - e, "peak_gb": None})
     for b in bars:  # sensitivity, pareto, and evaluations outside the comparison
         out.append({"section": f"bar {b['desc']}", "seconds": b["seconds"], "peak_gb": gb(b["peak_bytes"])})
     if rec.get("html_export_s") is not None:
