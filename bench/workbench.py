@@ -1,11 +1,11 @@
-"""The whole workbench on one model directory: `awqnb report`, the layer deep dive, the α explorer —
-wall time and peak GPU memory of each section (GB = 10⁹ bytes).
+"""The whole workbench on one model directory (awqnb report, layer deep dive, α explorer): time and peak GPU memory per section.
 
+GB = 10⁹ bytes (torch.cuda.max_memory_allocated).
 Steps (`--steps`, default all, in this order; each writes `<step>.json` into the results directory and
 is skipped when that file exists, so a run stopped midway — a GPU machine taken back — resumes):
   report      `awqnb report --models DIR --methods rtn,awq,awq_gptq` (3 calibration seeds, WikiText-2
               full test, the Sensitivity section on), run as a user runs it (a subprocess of the CLI);
-  deep28      `awqnb report --notebook layer_deep_dive --param LAYER=28`;
+  deep28      `awqnb report --notebook layer_deep_dive --param LAYER=28` (`--layer` changes the 28);
   deepsens    the same with `LAYER="most_sensitive"`;
   alpha       the α explorer through the widgets' API (as bench/widgets_latency.py): time to build
               `AlphaExplorer` on layer 28 (cold diagnostics cache), then per MLP group (gate_up, down)
