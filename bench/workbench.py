@@ -1,6 +1,7 @@
 """The whole workbench on one model directory (awqnb report, layer deep dive, α explorer): time and peak GPU memory per section.
 
 GB = 10⁹ bytes (torch.cuda.max_memory_allocated).
+
 Steps (`--steps`, default all, in this order; each writes `<step>.json` into the results directory and
 is skipped when that file exists, so a run stopped midway — a GPU machine taken back — resumes):
   report      `awqnb report --models DIR --methods rtn,awq,awq_gptq` (3 calibration seeds, WikiText-2
