@@ -264,7 +264,8 @@ def test_cli_eval_runtime_int4(tiny, tmp_path, capsys):
         assert main(["eval", "--model", str(d), "--dataset", str(notes), "--seqlen", "64", "--max-windows", "3",
                      "--device", "cpu", "--runtime", rt, "--json", str(tmp_path / f"{rt}.json")]) == 0
         text = capsys.readouterr().out
-        assert f"(runtime {rt})" in text and "[rtn] " in text and "notes.txt (sha256" in text and "ppl seqlen=64 units=3" in text
+        assert "[rtn] " in text and "notes.txt (sha256" in text and f"ppl seqlen=64 units=3 runtime={rt}: " in text
+        assert float(text.strip().rsplit(" ", 1)[-1]) > 0  # the perplexity stays the line's last word
         out[rt] = json.loads((tmp_path / f"{rt}.json").read_text())
         assert out[rt]["meta"]["runtime"] == rt
     assert out["int4"]["ppl"] == pytest.approx(out["dense"]["ppl"], rel=1e-5)
