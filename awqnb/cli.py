@@ -555,6 +555,9 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("awqnb: interrupted\n")
+        # a notebook task the interrupt cut short (its kernel shut down) is reported by asyncio when
+        # it is collected, as a traceback after this line: noise, the run is already marked interrupted
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
             # the sweep's state is on disk; Ray's own teardown can abort (SIGABRT) on a reply for a
