@@ -19,6 +19,18 @@ os.environ["AWQNB_CACHE"] = str(TEST_CACHE)
 TINY = ["tiny-random-llama", "tiny-random-gemma3"]
 
 
+def random_calibration(vocab):
+    """seed → a Calibration of 4 × 32 random token ids (a different set per seed)."""
+    import torch
+
+    from awqnb.model.data import Calibration
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return Calibration("random", 4, 32, seed, "test ids", list(torch.randint(0, vocab, (4, 32), generator=g)))
+    return draw
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """Each tiny random model with its tokenizer and a 4 × 64 WikiText-2 calibration set (seed 0);

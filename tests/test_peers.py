@@ -18,7 +18,7 @@ from awqnb.core.codes import recover_codes
 from awqnb.core.config import QuantConfig
 from awqnb.core.errors import AwqnbError
 from awqnb.core.primitives import dequantize
-from awqnb.model.data import Calibration
+from conftest import random_calibration
 
 Q = QuantConfig(bits=4, group_size=32)
 
@@ -36,12 +36,6 @@ needs_ar = pytest.mark.skipif(_absent("ar") is not None, reason=str(_absent("ar"
 needs_hqq = pytest.mark.skipif(_absent("hqq") is not None, reason=str(_absent("hqq")))
 
 
-def _calib(vocab):
-    """seed → 4 × 32 random token ids (a different set per seed)."""
-    def draw(seed):
-        g = torch.Generator().manual_seed(seed)
-        return Calibration("random", 4, 32, seed, "test ids", list(torch.randint(0, vocab, (4, 32), generator=g)))
-    return draw
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +64,7 @@ def run(gemma):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(reference, "quantize_reference", keep)
         c = runner.run_comparison(model, ["rtn", "ar@iters=1", "hqq", "hqq@optimize=false"], tokenizer=tok,
-                                  seeds=(3,), calibration=_calib(model.config.vocab_size), datasets={"toks": toks},
+                                  seeds=(3,), calibration=random_calibration(model.config.vocab_size), datasets={"toks": toks},
                                   quant=Q, eval_seqlen=48, device="cpu", progress=False, layer_mse=True,
                                   mse_samples=2)
     return c, kept
@@ -218,7 +212,7 @@ def test_bad_peer_parameters_are_one_line(spec, msg, gemma):
     assert "\n" not in str(e.value)
     model, tok, _ = gemma
     with pytest.raises(AwqnbError, match=msg):
-        runner.run_comparison(model, ["rtn", spec], tokenizer=tok, seeds=(1,), calibration=_calib(100),
+        runner.run_comparison(model, ["rtn", spec], tokenizer=tok, seeds=(1,), calibration=random_calibration(100),
                               datasets={"toks": torch.zeros(96, dtype=torch.long)}, quant=Q, device="cpu",
                               progress=False)
 
@@ -252,7 +246,7 @@ def test_peers_refused_without_their_package_others_run(gemma, monkeypatch):
     assert why.startswith("ar needs AutoRound, which is not importable") and "awqnb[peers]" in why
     assert "hqq needs HQQ" in reference.refusal("hqq")
     c = runner.run_comparison(model, ["rtn", "ar@iters=0", "hqq"], tokenizer=tok, seeds=(1,),
-                              calibration=_calib(model.config.vocab_size),
+                              calibration=random_calibration(model.config.vocab_size),
                               datasets={"toks": torch.randint(0, 100, (96,))}, quant=Q, eval_seqlen=48,
                               device="cpu", progress=False)
     assert set(c.skipped) == {"ar@iters=0", "hqq"} and all("\n" not in w for w in c.skipped.values())

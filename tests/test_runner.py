@@ -13,7 +13,7 @@ import torch
 
 from awqnb.compare import comparison, runner
 from awqnb.core.config import QuantConfig, SearchConfig
-from awqnb.model.data import Calibration
+from conftest import random_calibration
 from awqnb.core.errors import AwqnbError
 from awqnb.analysis import stats
 from awqnb.analysis.evaluate import PerplexityResult
@@ -23,12 +23,6 @@ Q = QuantConfig(bits=4, group_size=32)
 S = SearchConfig(n_grid=4)
 
 
-def _calib(vocab):
-    """seed → 4 × 32 random token ids (a different set per seed)."""
-    def draw(seed):
-        g = torch.Generator().manual_seed(seed)
-        return Calibration("random", 4, 32, seed, "test ids", list(torch.randint(0, vocab, (4, 32), generator=g)))
-    return draw
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +47,7 @@ def _same(model, snap):
 @pytest.fixture(scope="module")
 def comp(setup):
     model, tok, data = setup
-    return runner.run_comparison(model, ["rtn", "awq"], tokenizer=tok, seeds=(1, 2), calibration=_calib(1000),
+    return runner.run_comparison(model, ["rtn", "awq"], tokenizer=tok, seeds=(1, 2), calibration=random_calibration(1000),
                                  datasets=data, quant=Q, search=S, eval_seqlen=48, sample_max_length=32,
                                  device="cpu", layer_mse=True, mse_samples=2, model_name="tiny-random-llama",
                                  progress=False)
@@ -124,7 +118,7 @@ def test_each_method_quantizes_an_exact_fresh_copy(setup, monkeypatch):
 
     monkeypatch.setattr(runner, "quantize", checked)  # what the runner calls
     comp = runner.run_comparison(model, ["rtn", "awq", "awq_sh"], tokenizer=tok, seeds=(1, 2),
-                                 calibration=_calib(1000), datasets={"toks": data["toks"]}, quant=Q, search=S,
+                                 calibration=random_calibration(1000), datasets={"toks": data["toks"]}, quant=Q, search=S,
                                  eval_seqlen=48, device="cpu", eval_dtype="bfloat16", progress=False)
     assert [m for m, _ in seen] == ["rtn", "awq", "awq_sh", "awq", "awq_sh"]
     assert all(ok for _, ok in seen), seen
@@ -198,7 +192,7 @@ def test_seed_claims_over_three_seeds_say_held_or_did_not_hold():
 
 def test_one_seed_says_calibration_noise_is_not_measured(setup):
     model, tok, data = setup
-    c = runner.run_comparison(model, ["rtn", "awq"], tokenizer=tok, seeds=(5,), calibration=_calib(1000),
+    c = runner.run_comparison(model, ["rtn", "awq"], tokenizer=tok, seeds=(5,), calibration=random_calibration(1000),
                               datasets={"toks": data["toks"]}, quant=Q, search=S, eval_seqlen=48, device="cpu",
                               progress=False)
     v = c.verdicts("rtn")
@@ -213,13 +207,13 @@ def test_fewer_than_one_seed_fails_before_any_work(setup, seeds, monkeypatch):
     model, tok, data = setup
     monkeypatch.setattr(runner, "quantize", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(AwqnbError, match="at least one|no calibration seeds"):
-        runner.run_comparison(model, ["awq"], tokenizer=tok, seeds=seeds, calibration=_calib(1000),
+        runner.run_comparison(model, ["awq"], tokenizer=tok, seeds=seeds, calibration=random_calibration(1000),
                               datasets={"toks": data["toks"]}, device="cpu", progress=False)
 
 
 def test_bad_inputs_fail_before_any_work(setup):
     model, tok, data = setup
-    kw = dict(tokenizer=tok, calibration=_calib(1000), datasets={"toks": data["toks"]}, device="cpu", progress=False)
+    kw = dict(tokenizer=tok, calibration=random_calibration(1000), datasets={"toks": data["toks"]}, device="cpu", progress=False)
     with pytest.raises(AwqnbError, match="repeat a seed"):
         runner.run_comparison(model, ["awq"], seeds=(1, 1), **kw)
     with pytest.raises(AwqnbError, match="whole numbers"):
@@ -257,7 +251,7 @@ def test_reference_methods_refused_without_llmcompressor_others_run(setup, monke
     model, tok, data = setup
     with caplog.at_level("WARNING", logger="awqnb.compare.runner"):
         c = runner.run_comparison(model, ["rtn", "llmc_awq", "llmc_gptq"], tokenizer=tok, seeds=(1, 2),
-                                  calibration=_calib(1000), datasets={"toks": data["toks"]}, quant=Q,
+                                  calibration=random_calibration(1000), datasets={"toks": data["toks"]}, quant=Q,
                                   eval_seqlen=48, device="cpu", progress=False)
     assert set(c.skipped) == {"llmc_awq", "llmc_gptq"}
     assert all("needs llm-compressor" in why and "\n" not in why for why in c.skipped.values())
@@ -294,7 +288,7 @@ def test_llmc_methods_run_in_the_comparison(setup):
     whose linears hold the fake-quantized weights (no scales, wrappers or offload caches left)."""
     model, tok, data = setup
     c = runner.run_comparison(model, ["rtn", "llmc_awq", "llmc_gptq"], tokenizer=tok, seeds=(1,),
-                              calibration=_calib(1000), datasets={"toks": data["toks"]}, quant=Q, eval_seqlen=48,
+                              calibration=random_calibration(1000), datasets={"toks": data["toks"]}, quant=Q, eval_seqlen=48,
                               device="cpu", progress=False)
     assert not c.skipped, c.skipped
     for label in ("llmc_awq", "llmc_gptq"):
@@ -307,7 +301,7 @@ def test_llmc_methods_run_in_the_comparison(setup):
     from awqnb.compare.reference import quantize_reference
 
     m = copy.deepcopy(model)
-    quantize_reference(m, "llmc_awq", _calib(1000)(3), tok, 4, 32)
+    quantize_reference(m, "llmc_awq", random_calibration(1000)(3), tok, 4, 32)
     lin = m.model.layers[0].mlp.up_proj
     assert [n for n, _ in lin.named_parameters()] == ["weight"] and "forward" not in vars(lin)
     assert all(type(mod._parameters) is dict for mod in m.modules())

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from awqnb.core.codes import grid_of
-from awqnb.core.config import QuantConfig
+from awqnb.core.config import QuantConfig, parse_value
 from awqnb.core.errors import AwqnbError
 from awqnb.core.primitives import expand_groups
 from awqnb.engine.walk import BlockEngine
@@ -202,19 +202,8 @@ def split_name(name: str) -> tuple[str, dict]:
         k = k.strip().replace("-", "_")
         if not eq or not k:
             raise AwqnbError(f"method spec {name!r}: {kv!r} must look like key=value, e.g. ar@iters=0.")
-        params[k] = _value(v)
+        params[k] = parse_value(v)
     return base.strip(), check_params(name, params)
-
-
-def _value(text: str):
-    """As awqnb.compare.specs.parse_value reads an override (int, float, true/false, text)."""
-    text = text.strip()
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text.lower() == "true" if text.lower() in ("true", "false") else text
 
 
 def describe(name: str) -> dict:

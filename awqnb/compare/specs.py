@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping
 
 from awqnb.compare import reference as ref
 from awqnb.compare.reference import PEERS, REFERENCE_METHODS, is_reference
-from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.config import QuantConfig, SearchConfig, parse_value
 from awqnb.core.errors import AwqnbError
 from awqnb.quant.method_config import MethodConfig
 from awqnb.quant.methods import REGISTRY, get_method
@@ -51,19 +51,6 @@ _DEFAULTS = {**{f.name: f.default for f in dataclasses.fields(QuantConfig)},
              "n_calib": 128, "calib_seqlen": 512, "calib_dataset": "wikitext2"}
 AWQNB_HELP = "a registered method (`awqnb quantize --list`), full_<method>, a preset (" + ", ".join(PRESETS) + ")"
 SPEC_HELP = AWQNB_HELP + ", fp, " + ", ".join(REFERENCE_METHODS)
-
-
-def parse_value(text: str):
-    """An override's value: an int, else a float, else true/false (any case), else the text."""
-    text = text.strip()
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return text
 
 
 def parse_assignment(kv: str, what: str = "override", example: str = "outlier_percent=5") -> tuple[str, Any]:

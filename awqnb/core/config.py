@@ -19,6 +19,20 @@ DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
 ALPHA_SELECT = ("argmin", "smooth")
 
 
+def parse_value(text: str):
+    """An override's value (a method spec's `key=value`): an int, else a float, else true/false
+    (any case), else the text."""
+    text = text.strip()
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Group-wise uniform integer grid.
