@@ -61,7 +61,7 @@ def test_int4_linear_matches_dequantized_linear_float32(n, k, gs, sym):
         q = q.clamp(1, 15)  # a symmetric code: q − 8 in [−7, 7]
     bias = torch.randn(n)
     mod = int4.Int4Linear.from_codes(q, scale, zero, gs, bias, dtype=torch.float32)
-    assert mod.kernel == "tinygemm" and not hasattr(mod, "weight")
+    assert mod.kernel == "torch" and not hasattr(mod, "weight")
     w = _dense(q, scale, zero, gs)
     x = torch.randn(3, 5, k)
     want = x @ w.t() + bias
@@ -95,7 +95,7 @@ def test_int4_linear_runs_codes_of_fewer_bits(bits):
 @pytest.mark.parametrize("n,k,gs,why", [(64, 256, 16, "group 16"), (40, 160, 32, "N=40"), (64, 96, 64, "group 64")])
 def test_kernel_refusals_fall_back_to_dequant_per_call(n, k, gs, why):
     """Shapes the kernel refuses keep their 4-bit codes (nibble-packed), dequantize at each call,
-    and say why; kernel='tinygemm' raises one line instead."""
+    and say why; kernel='torch' raises one line instead."""
     q, scale, zero = _codes(n, k, gs)
     mod = int4.Int4Linear.from_codes(q, scale, zero, gs, torch.randn(n), dtype=torch.float32)
     assert mod.kernel == "dequant" and why in mod.refusal
@@ -103,14 +103,14 @@ def test_kernel_refusals_fall_back_to_dequant_per_call(n, k, gs, why):
     x = torch.randn(2, 3, k)
     torch.testing.assert_close(mod(x), x @ _dense(q, scale, zero, gs).t() + mod.bias, rtol=1e-5, atol=1e-5)
     with pytest.raises(AwqnbError, match="cannot run"):
-        int4.Int4Linear.from_codes(q, scale, zero, gs, dtype=torch.float32, kernel="tinygemm")
+        int4.Int4Linear.from_codes(q, scale, zero, gs, dtype=torch.float32, kernel="torch")
 
 
 def test_forced_dequant_equals_the_kernel():
     q, scale, zero = _codes(64, 256, 64)
     a = int4.Int4Linear.from_codes(q, scale, zero, 64, dtype=torch.float32)
     b = int4.Int4Linear.from_codes(q, scale, zero, 64, dtype=torch.float32, kernel="dequant")
-    assert (a.kernel, b.kernel) == ("tinygemm", "dequant")
+    assert (a.kernel, b.kernel) == ("torch", "dequant")
     x = torch.randn(5, 256)
     torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
     assert b.nbytes() < 0.2 * 64 * 256 * 4  # nibbles + float32 scale and zero per 64
@@ -136,6 +136,77 @@ def test_kernel_group_choice():
     assert int4.kernel_group(4096, 128) == 128 and int4.kernel_group(4096, -1) == 256
     assert int4.kernel_group(160, -1) == 32 and int4.kernel_group(576, 64) == 64
     assert int4.kernel_group(96, 64) is None and int4.kernel_group(4096, 16) is None
+
+
+# --- kernel choice ---------------------------------------------------------------------------
+
+def test_auto_on_cpu_chooses_torch_without_importing_gemlite(monkeypatch):
+    """'auto' on the CPU never tries gemlite (a CUDA-only package); it runs torch's kernel."""
+    monkeypatch.setattr(int4, "gemlite_import", lambda: pytest.fail("gemlite imported on the CPU"))
+    assert int4.select_kernel("auto", 64, 256, 32, torch.device("cpu"), torch.float32) == ("torch", None)
+    assert int4.select_kernel("tinygemm", 64, 256, 32, torch.device("cpu"), torch.float32) == ("torch", None)
+    assert int4.select_kernel("dequant", 64, 256, 32, torch.device("cpu"), torch.float32)[0] == "dequant"
+    with pytest.raises(AwqnbError, match="unknown"):
+        int4.select_kernel("marlin", 64, 256, 32, torch.device("cpu"), torch.float32)
+
+
+def test_gemlite_asked_on_cpu_is_one_line():
+    q, scale, zero = _codes(64, 256, 32)
+    with pytest.raises(AwqnbError, match="gemlite runs on CUDA only") as e:
+        int4.Int4Linear.from_codes(q, scale, zero, 32, dtype=torch.float32, kernel="gemlite")
+    assert "\n" not in str(e.value) and "kernel='auto' or 'torch'" in str(e.value)
+
+
+def test_missing_gemlite_explicit_raises_auto_logs_once(monkeypatch, caplog):
+    """On CUDA without gemlite: asked for, one AwqnbError line naming `pip install gemlite`; under
+    'auto', torch's kernel and one log line however many linears (no GPU here: the CUDA checks
+    are stubbed, the selection logic is what runs)."""
+    why = "gemlite is not importable (ModuleNotFoundError: No module named 'gemlite')"
+    monkeypatch.setattr(int4, "_GEMLITE", {"mod": None, "why": why})
+    monkeypatch.setattr(int4, "kernel_refusal", lambda *a: None)
+    cuda = torch.device("cuda")
+    assert int4.gemlite_refusal(4096, 4096, 128, cuda, torch.bfloat16) == why
+    assert "gemlite runs on CUDA only" in int4.gemlite_refusal(4096, 4096, 128, torch.device("cpu"), torch.bfloat16)
+    assert "group 8" in int4.gemlite_refusal(4096, 4096, 8, cuda, torch.bfloat16)
+    with pytest.raises(AwqnbError, match="pip install gemlite") as e:
+        int4.select_kernel("gemlite", 4096, 4096, 128, cuda, torch.bfloat16)
+    assert "\n" not in str(e.value)
+    with caplog.at_level(logging.INFO, logger="awqnb.export.int4"):
+        for _ in range(3):
+            assert int4.select_kernel("auto", 4096, 4096, 128, cuda, torch.bfloat16) == ("torch", None)
+    lines = [r.getMessage() for r in caplog.records if "gemlite" in r.getMessage()]
+    assert len(lines) == 1 and "not importable" in lines[0]
+
+
+def test_gemlite_group_choice():
+    assert int4.gemlite_group(4096, 128) == 128 and int4.gemlite_group(4096, 16) == 16
+    assert int4.gemlite_group(4096, -1) == 256 and int4.gemlite_group(96, 64) is None
+
+
+def _gemlite_ready():
+    if not torch.cuda.is_available():
+        return "needs a CUDA device"
+    return int4.gemlite_import()[1]
+
+
+@pytest.mark.skipif(_gemlite_ready() is not None, reason=f"gemlite kernel test: {_gemlite_ready()}")
+@pytest.mark.parametrize("m", [1, 8, 100])
+@pytest.mark.parametrize("n,k,gs", [(512, 1024, 128), (256, 512, 64), (384, 512, -1)])
+def test_gemlite_int4_linear_equals_dequantized_bf16_product(m, n, k, gs):
+    """CUDA + gemlite only: y = x Wᵀ + b on gemlite (GEMV / split-K / GEMM by rows) equals the bf16
+    product with the dequantized weight to bf16 rounding, holds one packed copy, no dense weight."""
+    q, scale, zero = _codes(n, k, gs, seed=m)
+    bias = torch.randn(n)
+    mod = int4.Int4Linear.from_codes(q, scale, zero, gs, bias, dtype=torch.bfloat16, device="cuda", kernel="gemlite")
+    assert mod.kernel == "gemlite" and not hasattr(mod, "packed") and not hasattr(mod, "codes")
+    assert mod.nbytes() < 0.35 * n * k * 2
+    w = _dense(q, scale, zero, gs).cuda()
+    x = torch.randn(m, k, device="cuda")
+    ref = x @ w.t() + bias.cuda()
+    got = mod(x.bfloat16()).float()
+    dense = (nn.functional.linear(x.bfloat16(), w.bfloat16(), bias.cuda().bfloat16()).float() - ref).norm() / ref.norm()
+    err = (got - ref).norm() / ref.norm()
+    assert err < 8e-3 and err < 2 * dense + 1e-3, (err, dense)
 
 
 # --- packed directories --------------------------------------------------------------------
@@ -166,7 +237,7 @@ def test_load_int4_equals_fake_quant_model(tiny, tmp_path, name, method, quant):
     r, tok = int4.load_int4(d, device="cpu")
     qnames = _quantized_names(m, cfg)
     mods = dict(r.named_modules())
-    assert all(isinstance(mods[n], int4.Int4Linear) and mods[n].kernel == "tinygemm" for n in qnames)
+    assert all(isinstance(mods[n], int4.Int4Linear) and mods[n].kernel == "torch" for n in qnames)
     sd = r.state_dict()
     assert not any(f"{n}.weight" in sd for n in qnames)
     ids = torch.stack(calib.samples[:2])

@@ -1,5 +1,10 @@
 """A 4-bit runtime for awqnb's packed checkpoints: `load_int4` builds the model with its quantized
-linears as `Int4Linear` modules on torch's built-in int4 kernel, never holding their dense weights.
+linears as `Int4Linear` modules on a 4-bit kernel, never holding their dense weights. Kernels
+(`kernel=`): 'torch' (torch's built-in int4pack, CPU and CUDA: fast at 1–8 rows, slow from 32 on),
+'gemlite' (CUDA only, the optional `gemlite` package's Triton kernels: GEMV for ≤ 4 rows, split-K
+GEMM ≤ 64, GEMM above; `pip install gemlite`), 'dequant' (codes dequantized per call), and 'auto'
+(gemlite on CUDA where importable and the shape fits, else torch's, else dequant). Each linear
+holds exactly one packed copy, in the layout of the kernel chosen for it.
 
 Kernel (torch ≥ 2.5, aten ops, no extra package):
     CUDA  `_convert_weight_to_int4pack(uint8 [N, K/2] = q[:, 0::2] << 4 | q[:, 1::2], inner_k_tiles)`
@@ -13,7 +18,13 @@ Kernel (torch ≥ 2.5, aten ops, no extra package):
     K % group == 0; N % 16 == 0 on the CPU, N % 8 == 0 on CUDA. Per channel runs as the largest of
     those groups that divides K, its scale repeated (exact).
 
-Shapes or groups the kernel refuses (g16, N not a multiple of 16, bf16-less CUDA dtypes) fall back
+gemlite (0.6, HQQ's convention W ≈ (W_q − zeros)·scales, i.e. awqnb's (q − z)·s) packs uint8 codes
+[N, K] into int32 [K/8, N] with bf16 scales and zeros [K/g, N] (it stores −z·s: "fma mode"); it
+needs K % 32 == 0, K % g == 0, g ≥ 16, bf16/fp16. Its autotune configs ship per GPU name; a GPU
+whose name matches none (an H200 is 'nvidia_h200') would autotune on first use, so on sm_90 the
+H100 file is loaded (one log line says so).
+
+Shapes or groups torch's kernel refuses (g16, N not a multiple of 16, bf16-less CUDA dtypes) fall back
 to `dequant`: the same 4-bit codes kept nibble-packed, dequantized at every call (one log line per
 load says how many and why). 8-bit linears of a mixed-precision plan do not fit 4 bits: they are
 dequantized once at load and stay dense nn.Linear (counted in `int4_summary`).
@@ -41,6 +52,12 @@ from awqnb.model.devices import resolve_device
 log = logging.getLogger(__name__)
 
 KERNEL_GROUPS = (32, 64, 128, 256)
+KERNELS = ("auto", "gemlite", "torch", "dequant")
+# gemlite's default "fma mode" stores −z·s rounded to bf16 and computes q·s + (−z·s): one op less,
+# but that rounding (up to 2⁻⁹·15·s) is several times a bf16 weight's. Off: (q − z)·s, exact integers
+# times s, so the product equals the dequantized bf16 weight's to bf16 rounding.
+GEMLITE_FMA = False
+_GEMLITE: dict = {}  # the gemlite import, tried once per process: {"mod", "why", "config", "warned"}
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
@@ -101,6 +118,93 @@ def kernel_refusal(n: int, k: int, group_size: int, device: torch.device, dtype:
     return f"no int4 kernel on {device.type}"
 
 
+def gemlite_import():
+    """(the gemlite module, None) or (None, why it cannot be imported). Tried once per process; any
+    exception counts (gemlite queries the GPU at import, so it fails on a CPU-only machine)."""
+    if "why" not in _GEMLITE:
+        try:
+            import gemlite
+        except Exception as e:  # noqa: BLE001 - ImportError, no Triton, no CUDA device: all mean "not here"
+            first = (str(e).splitlines() or [""])[0][:160]
+            _GEMLITE.update(mod=None, why=f"gemlite is not importable ({type(e).__name__}: {first})")
+        else:
+            _GEMLITE.update(mod=gemlite, why=None, config=None)
+    return _GEMLITE["mod"], _GEMLITE["why"]
+
+
+def gemlite_config(device: torch.device) -> str | None:
+    """The autotune config file gemlite uses. gemlite picks one by GPU name at import; an H200
+    ('nvidia_h200') matches none and would autotune every (M, N, K) on first use (seconds each), so
+    on sm_90 with no match the H100 file is loaded (same architecture; one log line)."""
+    gl, _ = gemlite_import()
+    if gl is None or device.type != "cuda":
+        return None
+    if "config_done" not in _GEMLITE:
+        _GEMLITE["config_done"] = True
+        from gemlite import core as gl_core
+
+        found = gl_core.get_default_cache_config()
+        if found is None and torch.cuda.get_device_capability(device) == (9, 0):
+            h100 = Path(gl.__file__).parent / "configs" / "h100.json"
+            if h100.is_file() and gl.load_config(str(h100)):
+                found = str(h100)
+                log.info("gemlite: no autotune config for %s; loaded the H100 one (sm_90): %s",
+                         torch.cuda.get_device_name(device), h100.name)
+        _GEMLITE["config"] = found
+    return _GEMLITE.get("config")
+
+
+def gemlite_group(k: int, group_size: int) -> int | None:
+    """The group gemlite runs for K = k (per channel: the largest of KERNEL_GROUPS dividing k, its
+    scale repeated, as for torch's kernel), or None."""
+    if group_size in (-1, k):
+        return kernel_group(k, group_size)
+    return group_size if group_size >= 16 and k % group_size == 0 else None
+
+
+def gemlite_refusal(n: int, k: int, group_size: int, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why gemlite cannot run this linear (None: it can). Importability is checked last: a CPU
+    device is refused without importing gemlite."""
+    if device.type != "cuda":
+        return f"gemlite runs on CUDA only, not {device.type}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"{dtype}: gemlite computes in bfloat16 or float16"
+    if k % 32:
+        return f"K={k}: gemlite needs K % 32 == 0"
+    if gemlite_group(k, group_size) is None:
+        return f"group {group_size} (K={k}): gemlite takes groups ≥ 16 dividing K"
+    return gemlite_import()[1]
+
+
+def select_kernel(kernel: str, n: int, k: int, group_size: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[str, str | None]:
+    """(the kernel a linear [N=n, K=k] runs on, why the preferred one refused it or None) for the
+    asked `kernel` (see KERNELS). An explicit 'gemlite' / 'torch' that cannot run raises one line;
+    'auto' falls back gemlite → torch → dequant, logging a missing gemlite once per process."""
+    kernel = "torch" if kernel == "tinygemm" else kernel
+    if kernel not in KERNELS:
+        raise AwqnbError(f"kernel={kernel!r} is unknown; use one of {', '.join(KERNELS)}.")
+    if kernel == "dequant":
+        return "dequant", "asked for"
+    if kernel in ("auto", "gemlite"):
+        gl_why = gemlite_refusal(n, k, group_size, device, dtype)
+        if gl_why is None:
+            return "gemlite", None
+        if kernel == "gemlite":
+            hint = ("`pip install gemlite` (or awqnb[int4]) on a CUDA machine with Triton"
+                    if _GEMLITE.get("why") and gl_why == _GEMLITE["why"] else "kernel='auto' or 'torch'")
+            raise AwqnbError(f"kernel='gemlite' cannot run this linear ({gl_why}); use {hint}.")
+        if device.type == "cuda" and gl_why == _GEMLITE.get("why") and not _GEMLITE.get("warned"):
+            _GEMLITE["warned"] = True  # one line per process, not one per linear
+            log.info("INT4 runtime: %s; using torch's int4 kernel (`pip install gemlite` for batched speed)", gl_why)
+    why = kernel_refusal(n, k, group_size, device, dtype)
+    if why is None:
+        return "torch", None
+    if kernel == "torch":
+        raise AwqnbError(f"torch's int4 kernel cannot run this linear ({why}); use kernel='auto' to dequantize per call.")
+    return "dequant", why
+
+
 def _inner_k_tiles(k: int) -> int:
     return next(t for t in (8, 4, 2) if k % (t * 16) == 0)  # k % 32 == 0 holds for every kernel group
 
@@ -110,9 +214,9 @@ def _expand(t: torch.Tensor, group: int, k: int) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
-    """y = x Wᵀ + b with W = (q − z)·s held as 4-bit codes: on torch's int4 kernel (`kernel` =
-    'tinygemm'), or nibble-packed and dequantized at each call (`kernel` = 'dequant', the fallback).
-    No dense weight is kept in either. Build it with `from_codes`."""
+    """y = x Wᵀ + b with W = (q − z)·s held as 4-bit codes: on gemlite's Triton kernels (`kernel` =
+    'gemlite', CUDA), on torch's int4 kernel ('torch'), or nibble-packed and dequantized at each
+    call ('dequant', the fallback). One packed copy, no dense weight. Build it with `from_codes`."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, kernel: str,
                  layout: str, dtype: torch.dtype):
@@ -130,8 +234,10 @@ class Int4Linear(nn.Module):
                    kernel: str = "auto") -> "Int4Linear":
         """q: integer codes [N, K] in [0, 15]; scale [N, G] and zero [N, G] (integer-valued, in
         [0, 15]; None = 8, i.e. symmetric) with W = (q − zero)·scale over groups of `group_size`
-        (−1: per channel). On `device` in `dtype`. kernel: 'auto' (the int4 kernel where it runs,
-        else 'dequant'), 'tinygemm' (refuse where it does not), 'dequant' (always dequantize per call)."""
+        (−1: per channel). On `device` in `dtype`. kernel: 'auto' (gemlite on CUDA where importable
+        and the shape fits, else torch's int4 kernel where it runs, else 'dequant'); 'gemlite' or
+        'torch' (refuse, one line, where that kernel cannot run); 'dequant' (dequantize per call).
+        'tinygemm' is accepted as the old name of 'torch'."""
         device = resolve_device(device) if device is not None else q.device
         n, k = q.shape
         gs = k if group_size == -1 else group_size
@@ -141,16 +247,22 @@ class Int4Linear(nn.Module):
         q = q.to(device=device, dtype=torch.int32)
         s = scale.to(device=device, dtype=torch.float32)
         z = torch.full_like(s, 8.0) if zero is None else zero.to(device=device, dtype=torch.float32)
-        if kernel not in ("auto", "tinygemm", "dequant"):
-            raise AwqnbError(f"kernel={kernel!r} is unknown; use 'auto', 'tinygemm' or 'dequant'.")
-        why = kernel_refusal(n, k, gs, device, dtype)
-        if why is not None and kernel == "tinygemm":
-            raise AwqnbError(f"torch's int4 kernel cannot run this linear ({why}); use kernel='auto' to dequantize per call.")
-        if kernel == "dequant":
-            why = why or "asked for"
-        mod = cls(k, n, gs, "dequant" if why else "tinygemm", device.type, dtype)
+        chosen, why = select_kernel(kernel, n, k, gs, device, dtype)
+        mod = cls(k, n, gs, chosen, device.type, dtype)
         mod.refusal = why
-        if why is None:
+        if chosen == "gemlite":
+            gl, _ = gemlite_import()
+            gemlite_config(device)
+            g = gemlite_group(k, gs)
+            mod.kernel_group = g
+            reps = gs // g if gs != k else k // g
+            gdt = gl.DType.BF16 if dtype == torch.bfloat16 else gl.DType.FP16
+            lin = gl.GemLiteLinear(4, group_size=g, in_features=k, out_features=n, input_dtype=gdt, output_dtype=gdt)
+            # zeros as floats (integers ≤ 15, exact); see GEMLITE_FMA for the mode
+            lin.pack(q.to(torch.uint8).contiguous(), s.repeat_interleave(reps, 1).to(dtype).contiguous(),
+                     z.repeat_interleave(reps, 1).to(dtype).contiguous(), None, fma_mode=GEMLITE_FMA)
+            mod.gl = lin
+        elif chosen == "torch":
             g = kernel_group(k, gs)
             mod.kernel_group = g
             reps = gs // g if gs != k else k // g  # a wider group (per channel) repeats its scale
@@ -164,7 +276,7 @@ class Int4Linear(nn.Module):
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), tiles)
             mod.register_buffer("packed", packed)
             mod.register_buffer("scale_zero", sz)
-        else:
+        else:  # dequant
             qq = F.pad(q, (0, k % 2)) if k % 2 else q
             mod.register_buffer("codes", (qq[:, 0::2] | (qq[:, 1::2] << 4)).to(torch.uint8).contiguous())
             mod.register_buffer("scale", s.to(dtype))
@@ -176,7 +288,9 @@ class Int4Linear(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype (of the scales: they follow `module.to(dtype)`)."""
-        return (self.scale_zero if self.kernel == "tinygemm" else self.scale).dtype
+        if self.kernel == "gemlite":
+            return self.gl.scales.dtype
+        return (self.scale_zero if self.kernel == "torch" else self.scale).dtype
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
@@ -190,8 +304,8 @@ class Int4Linear(nn.Module):
     @torch.no_grad()
     def dequantized_weight(self) -> torch.Tensor:
         """The dense W [N, K] in float32 (for tests and checks: it materialises the weight)."""
-        if self.kernel == "tinygemm":
-            eye = torch.eye(self.in_features, device=self.packed.device, dtype=self.scale_zero.dtype)
+        if self.kernel in ("torch", "gemlite"):
+            eye = torch.eye(self.in_features, device=self._device(), dtype=self.dtype)
             return self._mm(eye).float().t().contiguous()
         return self._dense(torch.float32)
 
@@ -202,7 +316,12 @@ class Int4Linear(nn.Module):
         z = _expand(self.zero.to(dtype), self.group_size, self.in_features)
         return (q - z) * s
 
+    def _device(self) -> torch.device:
+        return self.gl.W_q.device if self.kernel == "gemlite" else self.packed.device
+
     def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "gemlite":
+            return self.gl(x2)
         self._check_layout(self.packed)
         if self.layout == "cuda":
             return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.kernel_group, self.scale_zero)
@@ -210,8 +329,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dt = x.shape, x.dtype
-        if self.kernel == "tinygemm":
-            x2 = x.reshape(-1, self.in_features).to(self.scale_zero.dtype).contiguous()
+        if self.kernel in ("torch", "gemlite"):
+            x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
             y = self._mm(x2).reshape(*shape[:-1], self.out_features)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
@@ -310,13 +429,14 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def load_int4(path: str | Path, device="cpu", dtype=None):
+def load_int4(path: str | Path, device="cpu", dtype=None, kernel: str = "auto"):
     """(model, tokenizer) of an awqnb packed directory with its ≤4-bit linears as Int4Linear.
 
     The model is built on the meta device; each quantized linear is made from its packed codes on
     `device` (never as a dense weight), every other tensor is read from the safetensors files and
     cast to `dtype` (None: the config's dtype; always bfloat16 on CUDA, the kernel's dtype). Linears
-    a plan keeps at 8 bits are dequantized to dense nn.Linear; see `int4_summary(model)`."""
+    a plan keeps at 8 bits are dequantized to dense nn.Linear; see `int4_summary(model)`.
+    kernel: 'auto' | 'gemlite' | 'torch' | 'dequant', for every ≤4-bit linear (Int4Linear.from_codes)."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -329,6 +449,8 @@ def load_int4(path: str | Path, device="cpu", dtype=None):
     checkpoint.check_records_agree(p, qc, meta)
     checkpoint.check_tensors(p, qc)
     device = resolve_device(device)
+    if kernel not in KERNELS + ("tinygemm",):
+        raise AwqnbError(f"kernel={kernel!r} is unknown; use one of {', '.join(KERNELS)}.")
     dtype = _resolve_dtype(p, device, dtype)
     files = checkpoint.tensor_files(p)
     packed_names = sorted({k.rsplit(".", 1)[0] for k in files if k.endswith(".weight_packed")})
@@ -348,7 +470,7 @@ def load_int4(path: str | Path, device="cpu", dtype=None):
     def get(key: str) -> torch.Tensor:
         return handles[files[key]].get_tensor(key)
 
-    summary = {"int4": 0, "tinygemm": 0, "dequant": 0, "dense_8bit": 0, "refusals": {}}
+    summary = {"int4": 0, "gemlite": 0, "torch": 0, "dequant": 0, "dense_8bit": 0, "refusals": {}}
     used: set[str] = set()
     for name in packed_names:
         parts = {s: get(f"{name}.{s}").to(device) for s in PACKED_SUFFIXES if f"{name}.{s}" in files}
@@ -364,10 +486,11 @@ def load_int4(path: str | Path, device="cpu", dtype=None):
         parent = model.get_submodule(parent_name) if parent_name else model
         if bits <= 4:
             off = 8  # signed compressed-tensors codes → the kernel's [0, 15]
-            mod = Int4Linear.from_codes(q + off, scale, None if z is None else z + off, gs, bias, dtype, device)
+            mod = Int4Linear.from_codes(q + off, scale, None if z is None else z + off, gs, bias, dtype, device,
+                                        kernel=kernel)
             summary["int4"] += 1
             summary[mod.kernel] += 1
-            if mod.refusal:
+            if mod.refusal and mod.kernel == "dequant":
                 summary["refusals"].setdefault(mod.refusal, []).append(name)
         else:
             mod = nn.Linear(q.shape[1], q.shape[0], bias=bias is not None, device="meta")
@@ -389,8 +512,8 @@ def load_int4(path: str | Path, device="cpu", dtype=None):
         log.info("INT4 runtime: %d linear(s) above 4 bits kept dense (dequantized at load)", summary["dense_8bit"])
     model.eval()
     model.awqnb_runtime = "int4"
-    log.info("INT4 runtime: %d linears on %s (%d on torch's int4 kernel, %d dequantized per call), %s",
-             summary["int4"], device, summary["tinygemm"], summary["dequant"], dtype)
+    log.info("INT4 runtime: %d linears on %s (%d on gemlite, %d on torch's int4 kernel, %d dequantized per call), %s",
+             summary["int4"], device, summary["gemlite"], summary["torch"], summary["dequant"], dtype)
     return model, tok
 
 
@@ -418,7 +541,8 @@ def int4_summary(model: nn.Module) -> dict:
     dense = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return {
         "int4_linears": len(mods),
-        "tinygemm": sum(m.kernel == "tinygemm" for m in mods),
+        "gemlite": sum(m.kernel == "gemlite" for m in mods),
+        "torch": sum(m.kernel == "torch" for m in mods),
         "dequant": sum(m.kernel == "dequant" for m in mods),
         "dense_linears": len(dense),
         "int4_bytes": sum(m.nbytes() for m in mods),
