@@ -265,7 +265,7 @@ def cmd_eval(args) -> int:
         if not export.is_packed(args.model):
             raise AwqnbError(f"--runtime int4 runs packed directories only (compressed-tensors pack-quantized); "
                              f"{args.model} is not a packed checkpoint: use --runtime dense.")
-        model, tok = int4.load_int4(args.model, device=device)
+        model, tok = int4.load_int4(args.model, device=device, kernel=args.int4_kernel)
         load_on, why = device, "the int4 runtime loads onto the device"
     else:
         if export.is_packed(args.model):
@@ -487,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "<=4-bit linears on torch's int4 kernel, no dense copy (awqnb.export.int4; bfloat16 on "
                         "CUDA). Same perplexity to rounding; default dense: perplexity is a prefill workload, "
                         "where that kernel is slower than bf16 beyond a few rows")
+    e.add_argument("--int4-kernel", choices=["auto", "gemlite", "torch", "dequant"], default="auto",
+                   help="with --runtime int4: auto (gemlite on CUDA if installed, else torch's int4 kernel), "
+                        "gemlite (pip install gemlite; CUDA), torch, dequant (per call)")
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("compare", help="compare eval JSON files: delta %%, 95%% CI and verdict (one run each: "
