@@ -1,21 +1,28 @@
-"""Int4Linear (awqnb.export.int4, torch's built-in int4 kernel) against a bf16 nn.Linear, single
-matmuls of Llama-3-8B's linear shapes (K→N: 4096→4096 q/o, 4096→14336 gate/up, 14336→4096 down,
-4096→1024 k/v), random W4 g128 asymmetric codes (q, z uniform in [0, 15], scales in [0.005, 0.025]),
-M = 1, 8, 32, 128, 2048 rows of x ~ N(0, 1) in bf16. Three implementations per (shape, M):
-    bf16      nn.Linear with the dequantized weight W = (q − z)·s in bf16
-    int4      Int4Linear on torch's int4 kernel (tinygemm layout; the runtime's path)
+"""Int4Linear's kernels (awqnb.export.int4) against a bf16 nn.Linear, single matmuls of Llama-3-8B's
+linear shapes (K→N: 4096→4096 q/o, 4096→14336 gate/up, 14336→4096 down, 4096→1024 k/v), random W4
+g128 asymmetric codes (q, z uniform in [0, 15], scales in [0.005, 0.025]), M = 1, 8, 32, 128, 2048
+rows of x ~ N(0, 1) in bf16. Implementations per (shape, M):
+    bf16      nn.Linear (F.linear) with the dequantized weight W = (q − z)·s in bf16
+    torch     Int4Linear on torch's int4pack kernel (`_weight_int4pack_mm`; called "int4" in the
+              2026-12-03 results)
+    gemlite   Int4Linear on gemlite's Triton kernels (GEMV_REVSPLITK M ≤ 4, GEMM_SPLITK ≤ 64, GEMM
+              above), (q − z)·s mode; skipped with the reason recorded when gemlite is not importable
+    gemlite_fma  (--fma only) gemlite's default fma mode, q·s + (−z·s), for its speed/precision cost
     dequant   Int4Linear's fallback: nibble codes dequantized to bf16 at every call, then a bf16 matmul
-              (a candidate for prefill / large M, where the int4 kernel was seen slower than bf16)
 Correctness: relative error ‖y − y_ref‖/‖y_ref‖ against the float32 product of the same codes (y_ref =
-x·Wᵀ in float32), and int4's against the bf16 linear's output. Timing: CUDA events around `iters` back-
-to-back calls (iters chosen for ~20 ms a repeat), 5 repeats, median; every repeat is kept. The weights
-are not flushed from L2 between calls (a 4096×4096 bf16 weight, 32 MiB, fits the H200's L2).
+x·Wᵀ, the dequantized product), and against the bf16 linear's output. Timing: CUDA events around
+`iters` back-to-back calls (iters chosen for ~15 ms a repeat), 3 repeats, median; every repeat is
+kept. The weights are not flushed from L2 between calls (a 4096×4096 bf16 weight, 32 MiB, fits the
+H200's L2). gemlite's autotune config: an H200 matches none of its shipped GPU names, so the H100
+file is loaded (recorded as `gemlite_config`); the first call per (M bucket, shape) still compiles
+the Triton kernel (warm-up, not timed). A time budget (--budget-s, 80 s) stops the loop early, and
+the JSON + markdown are rewritten after every (shape, M): a cut run keeps what it finished.
 
-  python bench/probes/int4_runtime.py                 # the H200: JSON to $OUT/int4_runtime.json, < 60 s
-  python bench/probes/int4_runtime.py --cpu --small   # CPU smoke test: shapes / 16; its times are CPU
-                                                      # times of tiny shapes and say nothing about the GPU
+  python bench/probes/int4_runtime.py --out DIR        # the H200: DIR/int4_runtime.{json,md}, < 90 s
+  python bench/probes/int4_runtime.py --cpu --small    # CPU smoke test: shapes / 16; its times are CPU
+                                                       # times of tiny shapes and say nothing about the GPU
 
-Reads nothing outside the repo; writes only the JSON (to --out, default $OUT, else the current directory).
+Reads nothing outside the repo; writes only the JSON and markdown (to --out, default $OUT, else .).
 """
 from __future__ import annotations
 
@@ -32,13 +39,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: awqnb without installing it
 
+from awqnb.export import int4  # noqa: E402
 from awqnb.export.int4 import Int4Linear  # noqa: E402
 
 SHAPES = [("q_o", 4096, 4096), ("gate_up", 4096, 14336), ("down", 14336, 4096), ("k_v", 4096, 1024)]  # name, K, N
 ROWS = [1, 8, 32, 128, 2048]
 GROUP = 128
-REPEATS = 5
-TARGET_S = 0.02  # seconds of calls per repeat (GPU; the CPU smoke test: 2 ms)
+REPEATS = 3
+TARGET_S = 0.015  # seconds of calls per repeat (GPU; the CPU smoke test: 2 ms)
 
 
 def codes(n: int, k: int, group: int, device, seed: int):
@@ -110,12 +118,67 @@ def nibble_order_check(device) -> dict:
     return out
 
 
+def markdown(doc: dict) -> str:
+    """The results as a table: median ms per impl, its ratio to bf16, its relative error."""
+    impls = [i for i in IMPL_ORDER if any(r["impl"] == i for r in doc["results"])]
+    base = {(r["shape"], r["M"]): r["ms_median"] for r in doc["results"] if r["impl"] == "bf16"}
+    cell = {(r["shape"], r["M"], r["impl"]): r for r in doc["results"]}
+    lines = [f"# int4 kernels vs bf16 — {doc['device']}", "",
+             f"torch {doc['torch']}, gemlite {doc.get('gemlite') or 'absent'} (config: {doc.get('gemlite_config')}), "
+             f"W4 g{doc['group_size']} asymmetric, bf16 activations, median of {doc['repeats']} repeats ("
+             f"{'perf_counter; CPU smoke test: CPU times of reduced shapes, not GPU figures' if doc['smoke_test'] else 'CUDA events'}). "
+             "Cell: ms (× bf16 time) [rel. error vs the float32 dequantized product].", "",
+             "| shape | K | N | M | " + " | ".join(impls) + " |", "|" + "---|" * (4 + len(impls))]
+    for (nm, m), b in base.items():
+        r0 = cell[(nm, m, "bf16")]
+        row = [nm, str(r0["K"]), str(r0["N"]), str(m)]
+        for i in impls:
+            r = cell.get((nm, m, i))
+            row.append("—" if r is None else f"{r['ms_median']:.4f} ({r['ms_median'] / b:.2f}×) [{r['rel_err_vs_fp32']:.1e}]")
+        lines.append("| " + " | ".join(row) + " |")
+    if doc.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in doc["skipped"].items())]
+    if doc.get("cut"):
+        lines += ["", f"Cut short: {doc['cut']}"]
+    return "\n".join(lines) + "\n"
+
+
+IMPL_ORDER = ["bf16", "torch", "gemlite", "gemlite_fma", "dequant"]
+
+
+def build_impls(q, s, z, w, device, want: list[str], skipped: dict) -> tuple[dict, dict]:
+    """{impl: module} and {impl: seconds to pack} for this shape; an impl that cannot run is left
+    out and its reason put in `skipped` (once)."""
+    k, n = q.shape[1], q.shape[0]
+    impls, pack_s = {}, {}
+    lin = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    lin.weight.copy_(w)
+    impls["bf16"] = lin
+    for name in want:
+        kernel = "gemlite" if name.startswith("gemlite") else name
+        int4.GEMLITE_FMA = name == "gemlite_fma"
+        t0 = time.perf_counter()
+        try:
+            impls[name] = Int4Linear.from_codes(q, s, z, GROUP, dtype=torch.bfloat16, device=device, kernel=kernel)
+        except Exception as e:  # noqa: BLE001 - record why (gemlite absent, shape refused) and go on
+            skipped.setdefault(name, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+            continue
+        finally:
+            int4.GEMLITE_FMA = False
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        pack_s[name] = time.perf_counter() - t0
+    return impls, pack_s
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (a smoke test of this script)")
     ap.add_argument("--small", action="store_true", help="shapes divided by 16 (K 256 / 896, still g128)")
-    ap.add_argument("--out", default=os.environ.get("OUT") or ".", help="directory for int4_runtime.json (default $OUT)")
+    ap.add_argument("--fma", action="store_true", help="also time gemlite's fma mode (more Triton compiles)")
+    ap.add_argument("--budget-s", type=float, default=80.0, help="stop starting new (shape, M) cells after this")
+    ap.add_argument("--out", default=os.environ.get("OUT") or ".", help="directory for int4_runtime.{json,md} (default $OUT)")
     args = ap.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
         sys.stderr.write("int4_runtime: no CUDA device; run with --cpu --small for a smoke test\n")
@@ -125,59 +188,71 @@ def main(argv=None) -> int:
     shapes = [(nm, k // div, n // div) for nm, k, n in SHAPES]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dest = out / "int4_runtime.json"
+    dest, dest_md = out / "int4_runtime.json", out / "int4_runtime.md"
     t_start = time.perf_counter()
+    want = ["torch"] + ([] if args.cpu else ["gemlite"] + (["gemlite_fma"] if args.fma else [])) + ["dequant"]
+    gl, gl_why = (None, "CPU run: gemlite is CUDA only") if args.cpu else int4.gemlite_import()
     doc = {
-        "what": "Int4Linear (torch int4 kernel) vs bf16 nn.Linear, random W4 g128 asymmetric codes",
+        "what": "Int4Linear kernels (torch int4pack, gemlite, dequant per call) vs bf16 nn.Linear, random W4 g128 "
+                "asymmetric codes",
         "smoke_test": bool(args.cpu),
         "note": ("CPU smoke test: CPU times of reduced shapes, not GPU figures" if args.cpu else
                  "single matmuls, weights not flushed from L2 between calls"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "gemlite": getattr(gl, "__version__", None), "gemlite_config": None,
         "group_size": GROUP, "rows": ROWS, "repeats": REPEATS, "dtype": "bfloat16",
         "shapes": [{"name": nm, "K": k, "N": n} for nm, k, n in shapes],
-        "results": [], "memory": [],
+        "results": [], "memory": [], "skipped": {} if gl_why is None or args.cpu else {"gemlite": gl_why},
+        "cut": None,
     }
+    if args.cpu:
+        doc["skipped"]["gemlite"] = gl_why
     clock = Clock(device)
+
+    def write():
+        doc["seconds"] = time.perf_counter() - t_start
+        base = {(r["shape"], r["M"]): r["ms_median"] for r in doc["results"] if r["impl"] == "bf16"}
+        doc["ratio_to_bf16"] = [{"shape": r["shape"], "M": r["M"], "impl": r["impl"],
+                                 "time_ratio": r["ms_median"] / base[(r["shape"], r["M"])]}
+                                for r in doc["results"] if r["impl"] != "bf16" and (r["shape"], r["M"]) in base]
+        tmp = dest.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(dest)
+        dest_md.write_text(markdown(doc))
+
     doc["nibble_order_rel_err"] = nibble_order_check(device)
+    if gl is not None and device.type == "cuda":
+        doc["gemlite_config"] = int4.gemlite_config(device)
     for i, (nm, k, n) in enumerate(shapes):
+        if doc["cut"]:
+            break
         q, s, z = codes(n, k, GROUP, device, seed=i)
         w = dense_weight(q, s, z, GROUP)  # float32 reference weight
-        lin = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
-        lin.weight.copy_(w)
-        clock.sync()
-        t0 = time.perf_counter()
-        int4 = Int4Linear.from_codes(q, s, z, GROUP, dtype=torch.bfloat16, device=device, kernel="tinygemm")
-        clock.sync()
-        pack_s = time.perf_counter() - t0
-        impls = {"bf16": lin, "int4": int4,
-                 "dequant": Int4Linear.from_codes(q, s, z, GROUP, dtype=torch.bfloat16, device=device, kernel="dequant")}
-        doc["memory"].append({"shape": nm, "bf16_bytes": n * k * 2, "int4_bytes": impls["int4"].nbytes(),
-                              "dequant_bytes": impls["dequant"].nbytes(), "int4_pack_seconds": pack_s})
+        impls, pack_s = build_impls(q, s, z, w, device, [x for x in want if x not in doc["skipped"]], doc["skipped"])
+        doc["memory"].append({"shape": nm, "bf16_bytes": n * k * 2, "pack_seconds": pack_s,
+                              **{f"{name}_bytes": mod.nbytes() for name, mod in impls.items() if name != "bf16"}})
         del q
         for m in ROWS:
+            if time.perf_counter() - t_start > args.budget_s:
+                doc["cut"] = f"time budget {args.budget_s:.0f} s reached before {nm} M={m}"
+                break
             x = torch.randn(m, k, device=device, generator=torch.Generator(device=device).manual_seed(1000 + m)).bfloat16()
             ref = x.float() @ w.t()
-            ys = {name: mod(x) for name, mod in impls.items()}
+            ys = {name: mod(x) for name, mod in impls.items()}  # also the first (compiling) call
             for name, mod in impls.items():
-                row = {"shape": nm, "K": k, "N": n, "M": m, "impl": name, "rel_err_vs_fp32": rel(ys[name], ref),
-                       "rel_err_vs_bf16_linear": rel(ys[name], ys["bf16"])}
+                row = {"shape": nm, "K": k, "N": n, "M": m, "impl": name, "kernel": getattr(mod, "kernel", "bf16"),
+                       "rel_err_vs_fp32": rel(ys[name], ref), "rel_err_vs_bf16_linear": rel(ys[name], ys["bf16"])}
                 row.update(time_impl(clock, lambda mod=mod: mod(x)))
                 doc["results"].append(row)
-                print(f"{nm:8s} M={m:5d} {name:8s} {row['ms_median']:9.4f} ms  err/fp32 {row['rel_err_vs_fp32']:.2e}",
+                print(f"{nm:8s} M={m:5d} {name:12s} {row['ms_median']:9.4f} ms  err/fp32 {row['rel_err_vs_fp32']:.2e}",
                       flush=True)
+            write()
         del w, impls
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        doc["seconds"] = time.perf_counter() - t_start
-        dest.write_text(json.dumps(doc, indent=1))  # after each shape: a cut run keeps what it finished
-    base = {(r["shape"], r["M"]): r["ms_median"] for r in doc["results"] if r["impl"] == "bf16"}
-    doc["ratio_to_bf16"] = [{"shape": r["shape"], "M": r["M"], "impl": r["impl"],
-                             "time_ratio": r["ms_median"] / base[(r["shape"], r["M"])]}
-                            for r in doc["results"] if r["impl"] != "bf16"]
-    doc["seconds"] = time.perf_counter() - t_start
-    dest.write_text(json.dumps(doc, indent=1))
-    print(f"wrote {dest} ({doc['seconds']:.1f} s)")
+    write()
+    print(f"wrote {dest} and {dest_md.name} ({doc['seconds']:.1f} s)" + (f"; {doc['cut']}" if doc["cut"] else ""))
     return 0
 
 
