@@ -163,7 +163,7 @@ def test_out_of_memory_names_the_block_and_the_option(tiny, monkeypatch):
 
     model, _, calib = _fresh(tiny, "tiny-random-llama")
 
-    def boom(module, device, dtype, home=None):
+    def boom(module, device, dtype, home=None, ready=None):
         if home is None:
             raise torch.OutOfMemoryError("CUDA out of memory")
 
@@ -323,3 +323,80 @@ def test_a_cast_walk_that_only_reads_leaves_the_model_exact(tiny):
         assert block.self_attn.q_proj.weight.dtype == torch.bfloat16
     w = block.self_attn.q_proj.weight
     assert w.dtype == torch.float32 and torch.equal(w, before["model.layers.0.self_attn.q_proj.weight"].bfloat16().float())
+
+
+def _walk_writes(model, calib, prefetch, touch_next=False):
+    """A quantizer-like walk in bf16 over a float32 model: each block's q_proj is halved while
+    it is worked on; with `touch_next`, block j+1's k_proj is replaced during step j (after the
+    engine began prefetching it)."""
+    engine = BlockEngine(model, calib.samples[:4], dtype=torch.bfloat16, batch_size=2, writes=True,
+                         prefetch=prefetch)
+    bl = blocks(model, resolve_spec(model))
+    for step in engine.walk():
+        assert step.block.self_attn.q_proj.weight.dtype == torch.bfloat16
+        step.block.self_attn.q_proj.weight.data.mul_(0.5)
+        if touch_next and step.index + 1 < len(bl):
+            nxt = bl[step.index + 1].self_attn.k_proj.weight
+            nxt.data = nxt.data + 1.0
+        step.next_hidden = step.forward()
+    return engine
+
+
+@pytest.mark.parametrize("touch_next", [False, True])
+def test_prefetch_changes_nothing_a_walk_computes(tiny, touch_next, monkeypatch):
+    """With prefetch (block j+1 made ready while block j is worked on, block j sent home in the
+    background) a writing walk leaves the model exactly as without it, also when a consumer
+    replaces a tensor of the next block after its prefetch began (that tensor is moved again)."""
+    from awqnb.engine import walk as E
+
+    model, _, calib = _fresh(tiny, "tiny-random-llama")
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    _walk_writes(a, calib, prefetch=False, touch_next=touch_next)
+    taken, take = [], E.Prefetch.take
+
+    def counting(self, module):
+        got = take(self, module)
+        taken.append(len(got))
+        return got
+
+    monkeypatch.setattr(E.Prefetch, "take", counting)
+    engine = _walk_writes(b, calib, prefetch=True, touch_next=touch_next)
+    assert sum(taken) > 0  # the prefetched tensors were used
+    assert engine._prefetch is None  # closed: no worker left running
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert p.dtype == q.dtype == torch.float32 and p.device == q.device, n
+        assert torch.equal(p, q), n
+
+
+def test_prefetch_in_a_reading_walk_leaves_the_model_exact(tiny):
+    model, _, calib = _fresh(tiny, "tiny-random-llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = BlockEngine(model, calib.samples[:4], dtype=torch.bfloat16, batch_size=2, prefetch=True)
+    ref = BlockEngine(copy.deepcopy(model), calib.samples[:4], dtype=torch.bfloat16, batch_size=2,
+                      prefetch=False).outputs()
+    out = engine.outputs()
+    assert all(torch.equal(x, y) for x, y in zip(out, ref))
+    assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in model.named_parameters())
+
+
+def test_prefetch_keeps_quantization_bit_exact(tiny, monkeypatch):
+    """awq through the pipeline with the engine's prefetch forced on (it is on by default only on
+    a GPU): the same weights and records as without."""
+    import awqnb.engine.walk as walk
+
+    model, _, calib = _fresh(tiny, "tiny-random-llama")
+    cfg = MethodConfig("awq", QuantConfig(4, 32), SearchConfig(n_grid=4), calib_batch_size=2, dtype="bfloat16")
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ra = pipeline.quantize(a, cfg, calib, progress=False)
+    orig = walk.BlockEngine.__init__
+
+    def forced(self, *args, **kw):
+        kw["prefetch"] = True
+        orig(self, *args, **kw)
+
+    monkeypatch.setattr(walk.BlockEngine, "__init__", forced)
+    rb = pipeline.quantize(b, cfg, calib, progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert [r.groups.keys() for r in ra.layers] == [r.groups.keys() for r in rb.layers]
+    assert [g.best_alpha for r in ra.layers for g in r.groups.values()] == \
+        [g.best_alpha for r in rb.layers for g in r.groups.values()]

@@ -2,9 +2,10 @@
 
 One engine walk (`awqnb.engine.walk`) holds on the compute device, at its peak,
 
-    peak ≈ W + A + M + X
+    peak ≈ W (·2 on a GPU) + A + M + X
     W  the largest decoder block's weights in the compute dtype (tensors already on the device in
-       that dtype not counted: they are in use already)
+       that dtype not counted: they are in use already); twice on a GPU, where the next block is
+       prefetched while one is worked on
     A  the activations held at once: tokens × width × bytes of the compute dtype, where tokens =
        n_samples × seqlen of the whole calibration set (or evaluation slice) and width = the
        elements per token the walk keeps: the engine keeps a block's inputs and outputs (2·H);
@@ -153,7 +154,10 @@ def walk_estimate(model: nn.Module, device, dtype: torch.dtype, n_samples: int, 
     held = (rows if offload else n_samples) * seqlen
     b = _bytes_of(dtype)
     eager = getattr(_text_config(model), "_attn_implementation", "eager") == "eager"
-    return Estimate({"block weights": block_weight_bytes(model, device, dtype),
+    w = block_weight_bytes(model, device, dtype)
+    return Estimate({"block weights": w,
+                     # the engine prefetches block j+1 onto a GPU while block j is worked on
+                     "next block (prefetched)": w if _cuda(device) is not None else 0,
                      "activations" + (" (one chunk: offloaded)" if offload else ""): held * width * b,
                      # every chunk's attention mask stays on the device (never offloaded): [b, 1, T, T],
                      # additive in the compute dtype for eager attention, at most boolean otherwise

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -88,7 +89,15 @@ def oom_message(what: str, module: nn.Module, device) -> str:
             "or fewer calibration samples, or free the device.")
 
 
-def _move(module: nn.Module, device, dtype, home: dict | None = None) -> None:
+def _target_dtype(name: str, t: torch.Tensor, dtype, keep: set) -> torch.dtype:
+    """The dtype a tensor takes on the compute device: `dtype` for floating tensors, except those
+    marked fp32 and RoPE frequencies (which stay float32)."""
+    if dtype is not None and t.is_floating_point() and name not in keep and not name.endswith("inv_freq"):
+        return dtype
+    return t.dtype
+
+
+def _move(module: nn.Module, device, dtype, home: dict | None = None, ready: dict | None = None) -> None:
     keep = fp32_names(module)
     for name, p in list(module.named_parameters()) + list(module.named_buffers()):
         if home is not None:
@@ -96,36 +105,155 @@ def _move(module: nn.Module, device, dtype, home: dict | None = None) -> None:
             if name in keep:
                 dt = torch.float32
         else:
-            dev = device
-            dt = dtype if (dtype is not None and p.is_floating_point() and name not in keep
-                           and not name.endswith("inv_freq")) else p.dtype  # RoPE frequencies stay fp32
-        if p.device != dev or p.dtype != dt:
+            dev, dt = device, _target_dtype(name, p, dtype, keep)
+        if ready is not None and name in ready:
+            p.data = ready[name]
+        elif p.device != dev or p.dtype != dt:
             p.data = p.data.to(dev, dt)
 
 
+class Prefetch:
+    """Block j+1's tensors made ready on the compute device while block j is worked on: a worker
+    thread pins each tensor and copies it on a side stream (CUDA), so the copy overlaps the
+    search instead of stalling it. `take()` hands over the tensors whose source is still the one
+    copied (same storage); one replaced meanwhile (`p.data = …`) is moved as usual. The contract:
+    a consumer of step j changes block j alone (the quantizers' folds and roundings stay inside
+    the block), never block j+1's weights in place.
+    With `writes`, a finished block goes home the same way (`send_home`); `wait_home()` joins it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="awqnb-prefetch")
+        self.pending: Future | None = None
+        self.home: Future | None = None
+
+    def _load(self, module: nn.Module, dtype) -> tuple[dict, object]:
+        keep = fp32_names(module)
+        out = {}
+        ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+                dt = _target_dtype(name, t, dtype, keep)
+                if t.device == self.device and t.dtype == dt:
+                    continue
+                src = t.data  # held until take(): its storage cannot be reused meanwhile
+                if self.cuda and src.device.type == "cpu":
+                    g = src.pin_memory().to(self.device, non_blocking=True)  # pinned: a true async copy
+                    ready = g.to(dt)
+                else:
+                    ready = src.to(self.device, dt)
+                out[name] = (src, ready)
+            event = None
+            if self.cuda:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        return out, event
+
+    def start(self, module: nn.Module, dtype) -> None:
+        self.pending = self.pool.submit(self._load, module, dtype)
+
+    def take(self, module: nn.Module) -> dict:
+        """The prefetched tensors still valid for `module` (name → device tensor)."""
+        if self.pending is None:
+            return {}
+        fut, self.pending = self.pending, None
+        out, event = fut.result()
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        now = dict(list(module.named_parameters()) + list(module.named_buffers()))
+        ready = {}
+        for name, (src, t) in out.items():
+            cur = now.get(name)
+            if cur is not None and cur.data_ptr() == src.data_ptr() and cur.dtype == src.dtype \
+                    and cur.device == src.device and cur.shape == src.shape:
+                if self.cuda:
+                    t.record_stream(torch.cuda.current_stream(self.device))  # freed only after its last use
+                ready[name] = t
+        return ready
+
+    def _send(self, module: nn.Module, home: dict, event) -> None:
+        keep = fp32_names(module)
+        ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            if event is not None:
+                self.stream.wait_event(event)
+            moves = []
+            for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+                dev, dt = home[name]
+                if name in keep:
+                    dt = torch.float32
+                if p.device == dev and p.dtype == dt:
+                    continue
+                src = p.data.to(dt)
+                if self.cuda and dev.type == "cpu" and src.device.type == "cuda":
+                    pinned = torch.empty(src.shape, dtype=dt, pin_memory=True)
+                    pinned.copy_(src, non_blocking=True)
+                    moves.append((p, pinned, dev))
+                else:
+                    moves.append((p, src.to(dev), None))
+            if self.cuda:
+                self.stream.synchronize()
+            for p, t, dev in moves:
+                p.data = t.to(dev, copy=True) if dev is not None else t  # pageable, like the model's own
+
+    def send_home(self, module: nn.Module, home: dict) -> None:
+        """Move `module` home in the background, after the work queued so far on this stream."""
+        self.wait_home()
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        self.home = self.pool.submit(self._send, module, home, event)
+
+    def wait_home(self) -> None:
+        if self.home is not None:
+            fut, self.home = self.home, None
+            fut.result()
+
+    def close(self) -> None:
+        for fut in (self.pending, self.home):
+            if fut is not None:
+                try:
+                    fut.result()
+                except Exception:  # noqa: BLE001 — the walk's own error is the one to report
+                    pass
+        self.pending = self.home = None
+        self.pool.shutdown(wait=True)
+
+
 @contextlib.contextmanager
-def onloaded(module: nn.Module, device, dtype: torch.dtype | None = None, writes: bool = False):
+def onloaded(module: nn.Module, device, dtype: torch.dtype | None = None, writes: bool = False,
+             prefetch: Prefetch | None = None):
     """Move `module` to `device` (floating tensors to `dtype` when given) for the duration; then
     move every parameter and buffer back where it was, in its original dtype (float32 for
     parameters marked with `mark_fp32`). A cast is lossy: unless the caller `writes` the block
-    (quantization, whose new weights come home cast back), the original tensors are put back."""
+    (quantization, whose new weights come home cast back), the original tensors are put back.
+    prefetch: tensors already copied there (`Prefetch.take`); with `writes`, the block also goes
+    home in the background (the next `onloaded` with the same prefetch, or its close, joins it)."""
     device = torch.device(device)
     tensors = list(module.named_parameters()) + list(module.named_buffers())
     home = {name: (t.device, t.dtype) for name, t in tensors}
     originals = {} if writes or dtype is None else {
         name: t.data for name, t in tensors if t.is_floating_point() and t.dtype != dtype}
+    back_later = False
     try:
         try:
-            _move(module, device, dtype)
+            _move(module, device, dtype, ready=prefetch.take(module) if prefetch is not None else None)
         except torch.OutOfMemoryError as e:
             _move(module, None, None, home)
             raise AwqnbError(oom_message("loading a block", module, device)) from e
         yield module
+        back_later = prefetch is not None and writes
     finally:
         for name, t in tensors:
             if name in originals:
                 t.data = originals[name]
-        _move(module, None, None, home)
+        if back_later:
+            prefetch.send_home(module, home)
+        else:
+            _move(module, None, None, home)
 
 
 @dataclass
@@ -197,12 +325,14 @@ class BlockEngine:
     them), so a block computes exactly what the model's own forward computes.
     writes: the walk changes the blocks' weights (quantization): they come home cast back from the
     compute dtype; otherwise a cast walk leaves the model's tensors exactly as they were.
+    prefetch: copy block j+1 to the device while block j is worked on (and, with `writes`, send
+    block j home in the background); None = on when the device is a GPU.
     """
 
     def __init__(self, model: nn.Module, calibration, device=None, dtype=None, batch_size: int = 16,
                  offload_activations: bool = False, max_samples: int | None = None, *,
                  chunks: list[torch.Tensor] | None = None, masks: list[torch.Tensor | None] | None = None,
-                 keep_dtypes: bool = False, writes: bool = False):
+                 keep_dtypes: bool = False, writes: bool = False, prefetch: bool | None = None):
         self.model = model
         self.writes = bool(writes)
         self.spec: ArchSpec = resolve_spec(model)
@@ -234,6 +364,8 @@ class BlockEngine:
         self.n_tokens = sum(c.numel() for c in self.chunks)
         self.times = {"onload_s": 0.0, "propagate_s": 0.0}  # seconds moving blocks / running them on
         self.on_block: Callable[[int], None] | None = None  # called after each block the walk leaves
+        self.prefetch = (self.device.type == "cuda") if prefetch is None else bool(prefetch)
+        self._prefetch: Prefetch | None = None
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
@@ -250,9 +382,12 @@ class BlockEngine:
         out.copy_(x, non_blocking=True)
         return out
 
-    def onload(self, module: nn.Module, cast: bool = True):
+    def onload(self, module: nn.Module, cast: bool = True, prefetch: "Prefetch | None" = None):
         """`onloaded(module, self.device, self.dtype if cast else None, self.writes)` (no cast with keep_dtypes)."""
-        return onloaded(module, self.device, self.dtype if cast and not self.keep_dtypes else None, self.writes)
+        return onloaded(module, self.device, self._dtype(cast), self.writes, prefetch)
+
+    def _dtype(self, cast: bool = True):
+        return self.dtype if cast and not self.keep_dtypes else None
 
     def _outer_modules(self) -> list[nn.Module]:
         """The modules of the blocks' parent other than the blocks (embedding, rotary, final norm)."""
@@ -331,31 +466,40 @@ class BlockEngine:
         per_block = [[kw[j] for kw in kwargs] for j in range(n)]
         del kwargs  # else it keeps every block's kwargs alive after per_block[j] is dropped
         owned = True  # `hidden` is the engine's own list (not one a consumer set and may keep)
-        for j in range(last + 1):
-            block = self.blocks[j]
-            t = self._sync()
-            with self.onload(block):
-                self.times["onload_s"] += self._sync() - t
-                step = BlockStep(self, j, block, hidden, per_block[j])
-                del hidden
-                try:
-                    if j in want:
-                        yield step
-                    if j == last:
-                        return
-                    t = self._sync()
-                    if step.next_hidden is not None:
-                        hidden, owned = step.next_hidden, False
-                    else:  # a block no consumer saw: its inputs go as its outputs come
-                        hidden, owned = self._propagate(step, free_inputs=owned and j not in want), True
-                    self.times["propagate_s"] += self._sync() - t
-                except torch.OutOfMemoryError as e:
-                    raise AwqnbError(oom_message(f"computing block {j}", block, self.device)) from e
+        pre = Prefetch(self.device) if self.prefetch else None
+        self._prefetch = pre
+        try:
+            for j in range(last + 1):
+                block = self.blocks[j]
                 t = self._sync()
-            self.times["onload_s"] += self._sync() - t  # the move back
-            per_block[j] = step = None
-            if self.on_block is not None:
-                self.on_block(j)
+                with self.onload(block, prefetch=pre):
+                    if pre is not None and j < last:
+                        pre.start(self.blocks[j + 1], self._dtype())
+                    self.times["onload_s"] += self._sync() - t
+                    step = BlockStep(self, j, block, hidden, per_block[j])
+                    del hidden
+                    try:
+                        if j in want:
+                            yield step
+                        if j == last:
+                            return
+                        t = self._sync()
+                        if step.next_hidden is not None:
+                            hidden, owned = step.next_hidden, False
+                        else:  # a block no consumer saw: its inputs go as its outputs come
+                            hidden, owned = self._propagate(step, free_inputs=owned and j not in want), True
+                        self.times["propagate_s"] += self._sync() - t
+                    except torch.OutOfMemoryError as e:
+                        raise AwqnbError(oom_message(f"computing block {j}", block, self.device)) from e
+                    t = self._sync()
+                self.times["onload_s"] += self._sync() - t  # the move back (queued, with prefetch and writes)
+                per_block[j] = step = None
+                if self.on_block is not None:
+                    self.on_block(j)
+        finally:
+            self._prefetch = None
+            if pre is not None:
+                pre.close()
 
     @torch.no_grad()
     def _propagate(self, step: BlockStep, free_inputs: bool) -> list[torch.Tensor]:
@@ -385,6 +529,8 @@ class BlockEngine:
                    kwargs: list[list[dict]]) -> list[torch.Tensor]:
         """Run blocks `indices` in turn on `hidden` (each onloaded while it runs); kwargs[k] are
         the per-chunk kwargs of the k-th block run."""
+        if self._prefetch is not None:
+            self._prefetch.wait_home()  # a block sent home in the background may be one of these
         for j, kw in zip(indices, kwargs):
             with self.onload(self.blocks[j]):
                 hidden = BlockStep(self, j, self.blocks[j], hidden, kw).forward()
