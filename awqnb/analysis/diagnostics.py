@@ -25,6 +25,7 @@ Notation (one decoder block; tokens t of the calibration set, `n_tok` of them):
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 from typing import Callable, Iterable
@@ -34,7 +35,7 @@ from torch import nn
 
 from awqnb.core.errors import AwqnbError
 from awqnb.engine.walk import BlockEngine
-from awqnb.model.arch import blocks, resolve_spec
+from awqnb.model.arch import blocks, get_module, resolve_spec
 from awqnb.model.data import Calibration, calibration_samples
 from awqnb.model.devices import resolve_device
 
@@ -83,6 +84,27 @@ def check_layers(model: nn.Module, layers=None, model_name: str | None = None) -
     if not out:
         raise AwqnbError("no layers given; pass layers=None for every layer or a list of indices.")
     return out
+
+
+def with_own_block(model: nn.Module, layer: int) -> nn.Module:
+    """A model that is `model` except for block `layer`, a deep copy (on the block's device):
+    every other module, parameter and buffer is shared, not copied, so quantizing that one block
+    costs one block of memory, not a second model (an 8B model's deep copy is 16 GB; a 70B
+    model's does not fit). Change only block `layer` of it: the rest is the FP model's own."""
+    spec = resolve_spec(model)
+    path = spec.blocks_path.split(".")
+    root = copy.copy(model)  # shallow: same modules, then a fresh child dict down the blocks' path
+    root._modules = dict(model._modules)
+    parent, orig = root, model
+    for name in path:
+        orig = get_module(orig, name)
+        own = copy.copy(orig)
+        own._modules = dict(orig._modules)
+        parent._modules[name] = own
+        parent = own
+    key = list(parent._modules)[layer]
+    parent._modules[key] = copy.deepcopy(orig._modules[key])
+    return root
 
 
 def model_device(model: nn.Module, device) -> torch.device:

@@ -3,12 +3,10 @@ inputs to the layer captured once, then the pipeline's per-block steps on that l
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
-from awqnb.analysis.diagnostics import check_layer, limit_calibration, model_device, model_label
+from awqnb.analysis.diagnostics import check_layer, limit_calibration, model_device, model_label, with_own_block
 from awqnb.core.errors import AwqnbError
 from awqnb.engine.walk import BlockEngine, BlockStep
 from awqnb.model.arch import attn_shape, blocks, resolve_spec
@@ -39,9 +37,11 @@ def quantize_layer(model: nn.Module, calibration, cfg: MethodConfig, layer: int,
     deep dive: no earlier block is quantized), with exactly the pipeline's per-block steps
     (capture, scale search and fold, clip, rounding, method refinement).
 
-    Returns (qmodel, result): a deep copy of `model` whose block `layer` is quantized (the others
-    FP) and a QuantResult holding that one LayerRecord (`result.layers[0].index == layer`).
-    inputs: `capture_layer_inputs(...)` output, to share one capture between methods.
+    Returns (qmodel, result): `model` with block `layer` quantized (`diagnostics.with_own_block`:
+    that block is a copy, every other module is the FP model's own, shared, so an 8B or 70B model
+    costs one block more, not a second model) and a QuantResult holding that one LayerRecord
+    (`result.layers[0].index == layer`). The FP model is left as it was; change nothing of qmodel
+    but block `layer`. inputs: `capture_layer_inputs(...)` output, to share one capture between methods.
     """
     import time
 
@@ -54,11 +54,11 @@ def quantize_layer(model: nn.Module, calibration, cfg: MethodConfig, layer: int,
     if inputs is None:
         inputs = capture_layer_inputs(model, calib, layer, dev, cfg.calib_batch_size, model_name, cfg.dtype)
     hidden, kw = inputs
-    qmodel = copy.deepcopy(model)
-    if method.searches_scales:
-        P.keep_offset_norms_fp32(qmodel, spec)
-    engine = BlockEngine(qmodel, calib, dev, cfg.dtype, cfg.calib_batch_size, writes=True)
+    qmodel = with_own_block(model, layer)
     block = blocks(qmodel, spec)[layer]
+    if method.searches_scales:
+        P.keep_block_norms_fp32(block, spec)  # this block only: the others are the FP model's
+    engine = BlockEngine(qmodel, calib, dev, cfg.dtype, cfg.calib_batch_size, writes=True)
     attn = attn_shape(qmodel.config)
     keys = P.input_keys(spec)
     t0 = time.perf_counter()

@@ -15,9 +15,11 @@ each measured on a fixed evaluation slice (the first `n_windows` windows of `seq
 over the N = n_windows · (seqlen − 1) positions that have a next token, and by the slice's
 perplexity exp(1/N Σ_t −log p_variant(x_{t+1} | t)).
 
-How it is computed (one pass each, the model stays where it is, blocks onloaded to `device`):
+How it is computed (the model stays where it is; every block is onloaded to `device` by the block
+engine, `awqnb.engine.walk`, one at a time):
     h_FP[j], h_Q[j]  `[n_win, T, H]`  the slice's hidden states entering block j in the FP and in
-                                      the fully quantized model (j = 0 … L), cached
+                                      the fully quantized model (j = 0 … L), cached: one engine
+                                      walk, each block run with its FP weights, then with W_eff
     p_FP             `[n_win, T-1, V]` the FP next-token distribution, computed once
     variant (i, f, m) starts from h_FP[i] (only) or h_Q[i] (except) and recomputes blocks i … L−1
     only: L − i blocks per variant instead of L. The variants are walked block-major: block j is
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from awqnb.analysis.diagnostics import check_layers, model_device, model_label
+from awqnb.analysis.diagnostics import check_layers, model_device, model_label, with_own_block
 from awqnb.analysis.scales import effective_weights, scales_fingerprint
 from awqnb.analysis.evaluate import base_and_head, check_positive
 from awqnb.analysis.statcache import cached_or_compute, calibration_key, weights_fingerprint, resolve_cache
@@ -53,11 +55,11 @@ from awqnb.core.progress import tqdm
 from awqnb.engine.budget import check_sensitivity
 from awqnb.engine.capture import block_output
 from awqnb.engine.walk import BlockEngine
-from awqnb.model.arch import ArchSpec, blocks, get_module, resolve_spec
+from awqnb.model.arch import ArchSpec, attn_shape, blocks, get_module, resolve_spec
 from awqnb.model.provenance import versions
 from awqnb.quant.method_config import MethodConfig
 from awqnb.quant.methods import get_method
-from awqnb.quant.pipeline import QuantResult, apply, quantize
+from awqnb.quant.pipeline import QuantResult, apply_block, keep_block_norms_fp32, quantize, round_head
 from awqnb.quant.plan import FAMILY_ALIASES, check_model
 
 log = logging.getLogger(__name__)
@@ -132,14 +134,14 @@ class Reference:
 
 def reference(model: nn.Module, cfg: MethodConfig | None, calibration=None, *, device=None, result=None,
               dtype=torch.float32, model_name: str | None = None, progress: bool = False) -> Reference:
-    """Quantize a copy of `model` with `cfg` (or take `result`: a QuantResult, replayed on a copy with
-    `pipeline.apply`, or a `(quantized model, QuantResult)` pair) and return every linear's W_eff."""
+    """Quantize a copy of `model` with `cfg` (or take `result`: a QuantResult, replayed block by
+    block as `pipeline.apply` does, each on its own copy of that one block, or a `(quantized model,
+    QuantResult)` pair) and return every linear's W_eff."""
     dev = model_device(model, device)
+    if isinstance(result, QuantResult):
+        return _replayed_reference(model, result, dev, dtype)
     if isinstance(result, (tuple, list)) and len(result) == 2:
         qmodel, res = result
-    elif isinstance(result, QuantResult):
-        res = result
-        qmodel = apply(copy.deepcopy(model), res, device=dev)
     elif result is None:
         if cfg is None:
             raise AwqnbError("pass a MethodConfig or a result to compare against.")
@@ -154,6 +156,36 @@ def reference(model: nn.Module, cfg: MethodConfig | None, calibration=None, *, d
     head = None
     if res.config.lm_head == "quantize":
         head = qmodel.get_output_embeddings().weight.data.detach().to("cpu", dtype).clone()
+    return Reference(res, weff, head)
+
+
+@torch.no_grad()
+def _replayed_reference(model: nn.Module, res: QuantResult, dev, dtype) -> Reference:
+    """`reference` of a QuantResult without a second model: each block is copied alone
+    (`with_own_block`), replayed on `dev` (`pipeline.apply_block`) and read; the head, when the
+    run quantized it, rounded on a copy of its weight. The same tensors as `apply` on a deep copy."""
+    spec = resolve_spec(model)
+    cfg = res.config
+    if model.config.model_type != res.model_type:
+        raise AwqnbError(f"this result was made for a {res.model_type!r} model, not {model.config.model_type!r}.")
+    n = len(blocks(model, spec))
+    if n != len(res.layers):
+        raise AwqnbError(f"this result has {len(res.layers)} blocks but the model has {n}.")
+    method = get_method(cfg.method)(cfg)
+    attn = attn_shape(model.config)
+    weff = {}
+    for rec in res.layers:
+        own = with_own_block(model, rec.index)
+        block = blocks(own, spec)[rec.index]
+        keep_block_norms_fp32(block, spec)
+        apply_block(block, rec, res, spec, attn, method, dev)
+        weff[rec.index] = {k: v.to("cpu", dtype) for k, v in
+                           effective_weights(own, res, rec.index, device="cpu").items()}
+        del own, block
+    head = None
+    if cfg.lm_head == "quantize":
+        w = model.get_output_embeddings().weight.data.detach().clone()
+        head = round_head(w, cfg).to("cpu", dtype)
     return Reference(res, weff, head)
 
 
@@ -210,12 +242,13 @@ class EvalSlice:
         self.norm = getattr(base, "norm", None)
         if self.norm is None:
             raise AwqnbError(f"{type(base).__name__} has no final norm `norm`; sensitivity needs it.")
-        h0, kwargs = self.engine.capture()
-        self.kw = [[kw[j] for kw in kwargs] for j in range(self.L)]
         self.labels = [c[:, 1:].to(self.dev) for c in self.engine.chunks]
         self.n_pos = sum(l.numel() for l in self.labels)
-        self.h_fp = [h0]
-        self.h_q = [h0]
+        # filled by `prefixes` (the engine's walk): per block, its kwargs per chunk and the FP /
+        # quantized hidden states entering it (index L: the last block's outputs)
+        self.kw: list[list[dict]] = []
+        self.h_fp: list[list[torch.Tensor]] = []
+        self.h_q: list[list[torch.Tensor]] = []
         self.times: dict[str, float] = {}
 
     def qweights(self, j: int) -> dict[str, torch.Tensor]:
@@ -229,38 +262,39 @@ class EvalSlice:
 
     @torch.no_grad()
     def prefixes(self, mse_layers: Iterable[int]) -> dict[tuple[int, str], tuple[float, float]]:
-        """Fill h_fp and h_q (one walk each); return (Σ‖(W − W_eff) x‖², Σ‖W x‖²) per (layer, linear)
-        of `mse_layers`, x the linear's input in the FP model."""
+        """Fill kw, h_fp and h_q in one walk of the block engine (each block onloaded once, run with
+        its FP weights, then with W_eff swapped in on the quantized states); return
+        (Σ‖(W − W_eff) x‖², Σ‖W x‖²) per (layer, linear) of `mse_layers`, x the linear's input in
+        the FP model."""
+        if self.kw:
+            raise AwqnbError("this evaluation slice's prefixes are already computed.")
         want = set(mse_layers)
         acc: dict[tuple[int, str], list[torch.Tensor]] = {}
         t = sync(self.dev)
-        for j in range(self.L):
-            block = self.bl[j]
-            with self.engine.onload(block):
-                hooks = []
-                if j in want:
-                    dws = {n: get_module(block, n).weight.data.float() - w.to(self.dev, torch.float32)
-                           for n, w in self.ref.weff[j].items()}
+        for step in self.engine.walk():
+            j, block = step.index, step.block
+            if j == 0:
+                self.h_fp.append(step.hidden)
+                self.h_q.append(step.hidden)
+            self.kw.append(step.kwargs)
+            sink, points = None, ()
+            if j in want:
+                dws = {n: get_module(block, n).weight.data.float() - w.to(self.dev, torch.float32)
+                       for n, w in self.ref.weff[j].items()}
+                points = self.spec.linears
+                for n in points:
+                    acc[(j, n)] = [torch.zeros((), dtype=torch.float64, device=self.dev) for _ in range(2)]
 
-                    def make(name, dw=None):
-                        key = (j, name)
-                        acc[key] = [torch.zeros((), dtype=torch.float64, device=self.dev) for _ in range(2)]
+                def sink(name, x, out, j=j, dws=dws):
+                    x = x.reshape(-1, x.shape[-1]).float()
+                    acc[(j, name)][0] += (x @ dws[name].T).double().pow(2).sum()
+                    acc[(j, name)][1] += out.reshape(-1, out.shape[-1]).double().pow(2).sum()
 
-                        def hook(_m, args, out):
-                            x = args[0].reshape(-1, args[0].shape[-1]).float()
-                            acc[key][0] += (x @ dws[name].T).double().pow(2).sum()
-                            acc[key][1] += out.reshape(-1, out.shape[-1]).double().pow(2).sum()
-
-                        return hook
-
-                    hooks = [get_module(block, n).register_forward_hook(make(n)) for n in self.spec.linears]
-                try:
-                    self.h_fp.append(self.run(j, self.h_fp[j]))
-                finally:
-                    for h in hooks:
-                        h.remove()
-                with _swapped(block, self.qweights(j)):
-                    self.h_q.append(self.run(j, self.h_q[j]))
+            out = step.forward(sink, points, with_output=True)
+            self.h_fp.append(out)
+            with _swapped(block, self.qweights(j)):
+                self.h_q.append(self.run(j, self.h_q[j]))
+            step.next_hidden = out
         self.times["prefixes_s"] = sync(self.dev) - t
         return {k: (float(v[0]), float(v[1])) for k, v in acc.items()}
 

@@ -192,12 +192,17 @@ def _rel_err(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
 def keep_offset_norms_fp32(model: nn.Module, spec: ArchSpec) -> None:
     """Store the norms that scales fold into as float32 when they compute x·(offset + w):
     in bf16, (offset + w)/s − offset loses the gain (at s ≥ 256 every channel's becomes 0)."""
+    for block in blocks(model, spec):
+        keep_block_norms_fp32(block, spec)
+
+
+def keep_block_norms_fp32(block: nn.Module, spec: ArchSpec) -> None:
+    """`keep_offset_norms_fp32` for one block (a block quantized or replayed on its own copy)."""
     if not spec.norm_offset:
         return
-    for block in blocks(model, spec):
-        for g in spec.groups:
-            if g.prev_kind == "norm":
-                mark_fp32(get_module(block, g.prev_op))
+    for g in spec.groups:
+        if g.prev_kind == "norm":
+            mark_fp32(get_module(block, g.prev_op))
 
 
 def capture_block(step: BlockStep, keys: dict[str, str], keep: bool = True) -> tuple[dict, dict, list]:
@@ -266,11 +271,17 @@ def _quantize_lm_head(model: nn.Module, cfg: MethodConfig, check: bool = False) 
         model.config.tie_word_embeddings = False
         if hasattr(model.config, "get_text_config"):
             model.config.get_text_config().tie_word_embeddings = False
-    w = head.weight.data
+    round_head(head.weight.data, cfg, check)
+
+
+@torch.no_grad()
+def round_head(w: torch.Tensor, cfg: MethodConfig, check: bool = False) -> torch.Tensor:
+    """Round an lm_head weight `[V, H]` in place, in `cfg.lmhead_chunks` row chunks; returns `w`."""
     for rows in torch.chunk(torch.arange(w.shape[0], device=w.device), cfg.lmhead_chunks):
         w[rows] = fake_quant(w[rows], cfg.quant)
         if check:
             grid_of(w[rows], cfg.quant, "lm_head", hint="an awqnb bug (the packed export would refuse it).")
+    return w
 
 
 @torch.no_grad()
@@ -404,15 +415,24 @@ def apply(model: nn.Module, result: QuantResult, device=None) -> nn.Module:
         raise AwqnbError(f"this result has {len(result.layers)} blocks but the model has {len(bl)}.")
     keep_offset_norms_fp32(model, spec)
     for rec in result.layers:
-        block = bl[rec.index]
-        with onloaded(block, device if device is not None else next(block.parameters()).device):
-            replay_scales(block, rec, spec, attn, cfg.quant)
-            planned = linear_bits(cfg.plan, spec, rec.index, cfg.quant.bits)
-            for name in spec.linears:
-                if name in planned:
-                    round_planned(get_module(block, name), planned[name], cfg)
-                else:
-                    method.replay_linear(name, get_module(block, name), rec.replay.get(name))
+        apply_block(bl[rec.index], rec, result, spec, attn, method, device)
     if cfg.lm_head == "quantize":
         _quantize_lm_head(model, cfg)
     return model
+
+
+@torch.no_grad()
+def apply_block(block: nn.Module, rec: LayerRecord, result: QuantResult, spec: ArchSpec, attn, method: Method,
+                device=None) -> nn.Module:
+    """`apply` for one block (its norms already kept fp32 where scales fold into them): the block is
+    onloaded to `device` (default: where it is) while its scales, clips and rounding are replayed."""
+    cfg = result.config
+    with onloaded(block, device if device is not None else next(block.parameters()).device):
+        replay_scales(block, rec, spec, attn, cfg.quant)
+        planned = linear_bits(cfg.plan, spec, rec.index, cfg.quant.bits)
+        for name in spec.linears:
+            if name in planned:
+                round_planned(get_module(block, name), planned[name], cfg)
+            else:
+                method.replay_linear(name, get_module(block, name), rec.replay.get(name))
+    return block
