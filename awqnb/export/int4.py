@@ -430,7 +430,8 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def load_int4(path: str | Path, device="cpu", dtype=None, kernel: str = "auto"):
-    """(model, tokenizer) of an awqnb packed directory with its ≤4-bit linears as Int4Linear.
+    """(model, tokenizer or None if the directory has none) of an awqnb packed directory with its
+    ≤4-bit linears as Int4Linear.
 
     The model is built on the meta device; each quantized linear is made from its packed codes on
     `device` (never as a dense weight), every other tensor is read from the safetensors files and
@@ -457,7 +458,9 @@ def load_int4(path: str | Path, device="cpu", dtype=None, kernel: str = "auto"):
 
     with checkpoint.quiet_loaders():
         config = AutoConfig.from_pretrained(p)
-        tok = AutoTokenizer.from_pretrained(p)
+        # a tokenizer-less export (a random-weight benchmark model) loads with tokenizer None
+        has_tok = any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        tok = AutoTokenizer.from_pretrained(p) if has_tok else None
     config.quantization_config = None
     del config.quantization_config
     head_packed = any(n.endswith("lm_head") for n in packed_names)
