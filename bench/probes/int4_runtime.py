@@ -12,8 +12,9 @@ rows of x ~ N(0, 1) in bf16. Implementations per (shape, M):
 Correctness: relative error ‖y − y_ref‖/‖y_ref‖ against the float32 product of the same codes (y_ref =
 x·Wᵀ, the dequantized product), and against the bf16 linear's output. Timing: CUDA events around
 `iters` back-to-back calls (iters chosen for ~15 ms a repeat), 3 repeats, median; every repeat is
-kept. The weights are not flushed from L2 between calls (a 4096×4096 bf16 weight, 32 MiB, fits the
-H200's L2). gemlite's autotune config: an H200 matches none of its shipped GPU names, so the H100
+kept; on CUDA also the same calls captured in a CUDA graph and replayed (`graph_ms_*`: kernel
+time without Python's launch overhead, which dominates eager calls at small M). The weights are
+not flushed from L2 between calls (a 4096×4096 bf16 weight, 32 MiB, fits the H200's L2). gemlite's autotune config: an H200 matches none of its shipped GPU names, so the H100
 file is loaded (recorded as `gemlite_config`); the first call per (M bucket, shape) still compiles
 the Triton kernel (warm-up, not timed). A time budget (--budget-s, 80 s) stops the loop early, and
 the JSON + markdown are rewritten after every (shape, M): a cut run keeps what it finished.
@@ -96,6 +97,36 @@ def time_impl(clock: Clock, fn) -> dict:
     return {"ms_median": statistics.median(reps), "ms_repeats": reps, "iters": iters}
 
 
+def time_graph(fn, iters: int) -> dict:
+    """CUDA only: `iters` calls captured in one CUDA graph, replayed REPEATS times: the kernels'
+    time without Python's launch overhead (what a graphed decode step sees). {} if capture fails."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(iters):
+                fn()
+        g.replay()
+        torch.cuda.synchronize()
+        reps = []
+        for _ in range(REPEATS):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            reps.append(a.elapsed_time(b) / iters)
+        del g
+        return {"graph_ms_median": statistics.median(reps), "graph_ms_repeats": reps, "graph_iters": iters}
+    except Exception as e:  # noqa: BLE001 - a kernel that cannot be captured is a finding
+        torch.cuda.synchronize()
+        return {"graph_failed": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
@@ -136,6 +167,17 @@ def markdown(doc: dict) -> str:
             r = cell.get((nm, m, i))
             row.append("—" if r is None else f"{r['ms_median']:.4f} ({r['ms_median'] / b:.2f}×) [{r['rel_err_vs_fp32']:.1e}]")
         lines.append("| " + " | ".join(row) + " |")
+    if any("graph_ms_median" in r for r in doc["results"]):
+        gbase = {(r["shape"], r["M"]): r.get("graph_ms_median") for r in doc["results"] if r["impl"] == "bf16"}
+        lines += ["", "The same calls captured in a CUDA graph (no launch overhead): ms (× bf16's graphed time).", "",
+                  "| shape | M | " + " | ".join(impls) + " |", "|" + "---|" * (2 + len(impls))]
+        for (nm, m), b in gbase.items():
+            row = [nm, str(m)]
+            for i in impls:
+                r = cell.get((nm, m, i)) or {}
+                g = r.get("graph_ms_median")
+                row.append("—" if g is None else f"{g:.4f} ({g / b:.2f}×)" if b else f"{g:.4f}")
+            lines.append("| " + " | ".join(row) + " |")
     if doc.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in doc["skipped"].items())]
     if doc.get("cut"):
@@ -244,6 +286,8 @@ def main(argv=None) -> int:
                 row = {"shape": nm, "K": k, "N": n, "M": m, "impl": name, "kernel": getattr(mod, "kernel", "bf16"),
                        "rel_err_vs_fp32": rel(ys[name], ref), "rel_err_vs_bf16_linear": rel(ys[name], ys["bf16"])}
                 row.update(time_impl(clock, lambda mod=mod: mod(x)))
+                if clock.cuda:
+                    row.update(time_graph(lambda mod=mod: mod(x), min(row["iters"], 50)))
                 doc["results"].append(row)
                 print(f"{nm:8s} M={m:5d} {name:12s} {row['ms_median']:9.4f} ms  err/fp32 {row['rel_err_vs_fp32']:.2e}",
                       flush=True)
