@@ -333,3 +333,29 @@ def test_with_own_block_shares_everything_else(tiny):
     ids = _tokens(SEQ)[None]
     with torch.no_grad():
         assert torch.equal(own(ids).logits, fp(ids).logits)  # a faithful model until its block changes
+
+
+def test_deep_dive_statistics_walk_one_block_at_a_time(tiny, guard):
+    """salience_table and preactivation_risk (the deep dive's first sections) under the guard; the
+    salience equals moments of inputs captured in a whole-model forward."""
+    from awqnb.analysis import preactivation, salience
+
+    fp, _tok, calib = tiny["tiny-random-gemma3"]
+    spec = resolve_spec(fp)
+    g = guard(fp)
+    sal = salience.salience_table(fp, calib, layers=[1], cache=False)
+    risk = preactivation.preactivation_risk(fp, calib, layers=[1], cache=False)
+    assert not g.violations and g.peak == 1 and g.forwards > 0 and len(risk) > 0
+    xs = []
+    h = get_module(blocks(fp, spec)[1], "mlp.gate_proj").register_forward_pre_hook(
+        lambda _m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    try:
+        with torch.no_grad(), g.paused():
+            fp(input_ids=torch.stack(list(calib.samples)), use_cache=False)
+    finally:
+        h.remove()
+    x = torch.cat(xs).double()
+    d = sal[(sal["layer"] == 1) & (sal["group"] == "gate_up")]
+    # the same inputs; chunked float32 statistics against one float64 mean: rounding only
+    torch.testing.assert_close(torch.tensor(d["l2"].to_numpy()), x.pow(2).mean(0).sqrt(), rtol=1e-5, atol=1e-7,
+                               check_dtype=False)
