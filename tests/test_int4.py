@@ -168,6 +168,7 @@ def test_missing_gemlite_explicit_raises_auto_logs_once(monkeypatch, caplog):
     assert int4.gemlite_refusal(4096, 4096, 128, cuda, torch.bfloat16) == why
     assert "gemlite runs on CUDA only" in int4.gemlite_refusal(4096, 4096, 128, torch.device("cpu"), torch.bfloat16)
     assert "group 8" in int4.gemlite_refusal(4096, 4096, 8, cuda, torch.bfloat16)
+    assert "single group" in int4.gemlite_refusal(64, 128, 128, cuda, torch.bfloat16)
     with pytest.raises(AwqnbError, match="pip install gemlite") as e:
         int4.select_kernel("gemlite", 4096, 4096, 128, cuda, torch.bfloat16)
     assert "\n" not in str(e.value)

@@ -171,8 +171,11 @@ def gemlite_refusal(n: int, k: int, group_size: int, device: torch.device, dtype
         return f"{dtype}: gemlite computes in bfloat16 or float16"
     if k % 32:
         return f"K={k}: gemlite needs K % 32 == 0"
-    if gemlite_group(k, group_size) is None:
+    g = gemlite_group(k, group_size)
+    if g is None:
         return f"group {group_size} (K={k}): gemlite takes groups ≥ 16 dividing K"
+    if g == k:  # one group per row switches gemlite to its channel-wise path, not the one used here
+        return f"K={k} is a single group of {g}: gemlite needs at least two groups per row here"
     return gemlite_import()[1]
 
 
