@@ -145,6 +145,7 @@ def reference(model: nn.Module, cfg: MethodConfig | None, calibration=None, *, d
     elif result is None:
         if cfg is None:
             raise AwqnbError("pass a MethodConfig or a result to compare against.")
+        # quantize writes every block in place: a whole copy, in host memory (it walks one block on the GPU)
         qmodel = copy.deepcopy(model)
         res = quantize(qmodel, cfg, calibration, device=dev, model_name=model_label(model, model_name),
                        progress=progress)
