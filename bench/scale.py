@@ -4,7 +4,8 @@ Builds random-initialised models in memory from real configs (timing does not de
 weights' values), stored in bf16 on the CPU, and quantizes them with the block engine (each block
 onloaded to the GPU in turn). Where llm-compressor is importable, its AWQ (AWQModifier +
 QuantizationModifier W4A16_ASYM) runs on the same shape with the same calibration token ids,
-on `--llmc-layers` layers (its cost per layer is constant), and the ratio is per layer.
+on `--llmc-layers` layers (its cost per layer is constant), and the ratio is per layer. Every row is
+the median of `--repeats` runs in this process (each on a fresh copy of the built model), all shown.
 
 Shapes: llama3-8b, qwen2.5-7b, llama3-70b (any with `:N` for N layers, e.g. llama3-70b:4), tiny
 (CPU smoke run). Calibration: `--n-calib` random token sequences of `--seqlen`, seed `--seed`.
@@ -171,6 +172,9 @@ def main(argv=None) -> int:
     p.add_argument("--llmc", default="", help="llm-compressor methods to run beside: awq, gptq")
     p.add_argument("--llmc-layers", type=int, default=4)
     p.add_argument("--llmc-shapes", default="", help="shapes for llm-compressor (default: the first)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per row; the row is the median, all shown")
+    p.add_argument("--no-copy", action="store_true",
+                   help="quantize the built model itself, once (a host that cannot hold two copies)")
     p.add_argument("--out", default=None, help="default: bench/results/scale/<date>_<device>_<shapes>/")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
@@ -187,6 +191,21 @@ def main(argv=None) -> int:
         (out / "results.json").write_text(json.dumps({"provenance": prov, "rows": rows}, indent=1))
 
     offload_shapes = set(filter(None, args.offload_activations.split(",")))
+
+    def repeated(fn, n):
+        """Run fn() n times; the row of the median total, with every repeat's total and s/layer."""
+        got = []
+        for _ in range(n):
+            got.append(fn())
+            gc.collect()
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        order = sorted(range(len(got)), key=lambda i: got[i]["total_s"])
+        row = dict(got[order[len(got) // 2]])
+        row["repeats_total_s"] = [round(g["total_s"], 3) for g in got]
+        row["repeats_peak_gpu_gb"] = [round(g.get("peak_gpu_gb") or 0, 3) for g in got]
+        row["repeats"] = len(got)
+        return row
+
     for spec in args.shapes.split(","):
         shape, _, nl = spec.partition(":")
         t0 = time.perf_counter()
@@ -197,12 +216,16 @@ def main(argv=None) -> int:
         methods = args.methods.split(",")
         for method in methods:
             for off in ([False, True] if spec in offload_shapes and method == methods[0] else [False]):
-                m = copy.deepcopy(base)
-                row = run_awqnb(m, method, args.group_size, calib, device, off, args.dtype)
+                def once():
+                    # --no-copy (70B: two copies do not fit the host): quantize the built model itself
+                    m = base if args.no_copy else copy.deepcopy(base)
+                    r = run_awqnb(m, method, args.group_size, calib, device, off, args.dtype)
+                    log.info("  repeat: %.1f s, peak %.2f GB", r["total_s"], r.get("peak_gpu_gb") or 0)
+                    return r
+                row = repeated(once, 1 if args.no_copy else args.repeats)
                 row.update(shape=spec, group_size=args.group_size)
                 rows.append(row)
                 log.info("%s", row)
-                del m
                 gc.collect()
                 save()
         del base
@@ -211,28 +234,35 @@ def main(argv=None) -> int:
     for which in filter(None, args.llmc.split(",")):
         for shape in llmc_shapes:
             try:
-                model, cfg = build(shape, args.llmc_layers, torch.bfloat16)
-                calib = calibration(cfg.vocab_size, args.n_calib, args.seqlen, args.seed)
-                row = run_llmc(model, cfg, which, calib, device)
+                def once():
+                    model, cfg = build(shape, args.llmc_layers, torch.bfloat16)
+                    calib = calibration(cfg.vocab_size, args.n_calib, args.seqlen, args.seed)
+                    r = run_llmc(model, cfg, which, calib, device)
+                    log.info("  repeat: %.1f s, peak %.2f GB", r["total_s"], r.get("peak_gpu_gb") or 0)
+                    return r
+                row = repeated(once, args.repeats)
             except ImportError as e:
                 log.warning("llm-compressor not available (%s): skipped", e)
                 break
-            row.update(shape=f"{shape}:{args.llmc_layers}", group_size=128)
+            row.update(shape=f"{shape}:{args.llmc_layers}", group_size=args.group_size)
             rows.append(row)
             log.info("%s", row)
-            del model
             gc.collect()
             save()
-    # ratios: llm-compressor s/layer over awqnb s/layer on the same base shape
+    # ratios: llm-compressor's s/layer for the same method (awq_gptq: its gptq) over awqnb's, same base shape
     ref = {(r["shape"].split(":")[0], r["method"]): r for r in rows if r["tool"] == "llm-compressor"}
-    lines = ["| shape | tool | method | layers | s/layer | total s | peak GPU GB | llm-compressor AWQ s/layer ÷ this |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| shape | tool | method | layers | s/layer (median) | total s (median) | repeats: total s | "
+             "peak GPU GB | llm-compressor s/layer ÷ this (its layers) |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|"]
     for r in rows:
-        base_ref = ref.get((r["shape"].split(":")[0], "awq"))
-        ratio = f"{base_ref['s_per_layer'] / r['s_per_layer']:.1f}×" if base_ref else "–"
+        peer = "gptq" if r["method"] in ("gptq", "awq_gptq") else "awq"
+        base_ref = ref.get((r["shape"].split(":")[0], peer))
+        ratio = (f"{base_ref['s_per_layer'] / r['s_per_layer']:.2f}× (llmc {peer}, {base_ref['layers']} layers)"
+                 if base_ref and r["tool"] == "awqnb" else "–")
         lab = r["method"] + (" (offload acts)" if r.get("offload_activations") else "")
+        reps = ", ".join(f"{x:.1f}" for x in r.get("repeats_total_s", [r["total_s"]]))
         lines.append(f"| {r['shape']} | {r['tool']} | {lab} | {r['layers']} | {r['s_per_layer']:.2f} | "
-                     f"{r['total_s']:.1f} | {r.get('peak_gpu_gb') or 0:.2f} | {ratio} |")
+                     f"{r['total_s']:.1f} | {reps} | {r.get('peak_gpu_gb') or 0:.2f} | {ratio} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     save()
     sys.stdout.write("\n".join(lines) + "\n")
