@@ -23,6 +23,12 @@ evaluations, cached per setting).
 Protocol: the FP model, each scale group on its own (the block's other groups are not folded,
 earlier blocks not quantized); the curve is the one `awq.search_group` computes, on the sample.
 
+Where it runs: the model stays where it was loaded (typically the CPU). The salience pass and the
+token sample are block-engine walks (`awqnb.engine.walk`: one block on `device` at a time, the walk
+stops at the layer); then the sampled block is copied to `device` (`device_block`, home dtypes) and
+kept there with the sample between slider moves, for the last `keep_layers` layers opened, so a
+move re-walks nothing. A model already on `device` is used in place (no copy).
+
 Measured on smollm2-135m, layer 28, CPU (2 cores, otherwise idle), max_tokens=512, n_seq=2
 (1024 attention tokens), 16 × 512 calibration tokens: an α-slider move takes 8–27 ms with two
 threads, 10–43 ms with one (vo fastest, qkv slowest; under heavy contention from other jobs up to
@@ -36,8 +42,11 @@ holds the new data; `explorer.last_update_s` is the wall time of the last update
 """
 from __future__ import annotations
 
+import copy
 import logging
+import statistics
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +84,29 @@ class LayerSample:
     salience: object = None
     n_tok: dict = field(default_factory=dict)
     seconds: float = 0.0
+    salience_seconds: float = 0.0  # of `seconds`: the salience pass (or its cache read)
+
+
+def _on_device(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device == device or (device.index is None and t.device.type == device.type)
+
+
+def device_block(block: nn.Module, device) -> nn.Module:
+    """`block` itself when all its tensors already live on `device`; else a copy of it there, each
+    tensor copied straight to the device in its home dtype (no host-side copy of the block), the
+    model's own block left untouched where it is."""
+    device = torch.device(device)
+    tensors = list(block.parameters()) + list(block.buffers())
+    if all(_on_device(t, device) for t in tensors):
+        return block
+    memo = {}  # deepcopy takes these for the block's tensors: the rest of the module is copied as usual
+    with torch.no_grad():
+        for t in tensors:
+            if id(t) in memo:
+                continue
+            d = t.detach().to(device, copy=True)
+            memo[id(t)] = nn.Parameter(d, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else d
+    return copy.deepcopy(block, memo)
 
 
 def _has_anywidget() -> bool:
@@ -93,13 +125,17 @@ class AlphaExplorer:
     (20 → 21 points; the slider steps by 1/n_grid); max_tokens: token sample of the token-wise
     groups; n_seq: calibration sequences kept for the attention group; max_samples: calibration
     samples used (None: all); symmetric: the grid of QuantConfig; params: praq parameters;
-    cache: the diagnostics cache (True: the default one).
+    cache: the diagnostics cache (True: the default one). device: where the sampled block, its
+    inputs and every update are computed (default: where the model's first parameter lives); the
+    model itself is never moved. keep_layers: how many opened layers keep their block (and the
+    runners built on it) on the device; an older one is copied there again when reopened.
     """
 
     def __init__(self, model: nn.Module, calibration, layer: int = 0, group: str | None = None, metric: str = "l2",
                  bits: int = 4, group_size: int = 128, alpha: float = 0.5, n_grid: int = 20, max_tokens: int = 512,
                  n_seq: int = 2, max_samples: int | None = None, symmetric: bool = False, params: dict | None = None,
-                 device=None, model_name: str | None = None, cache=True, widget: bool | None = None):
+                 device=None, model_name: str | None = None, cache=True, widget: bool | None = None,
+                 keep_layers: int = 2):
         import ipywidgets as W
 
         self.model = model
@@ -108,7 +144,8 @@ class AlphaExplorer:
         self.attn = attn_shape(model.config)
         self.blocks = blocks(model, self.spec)
         self.device = D.model_device(model, device)
-        model.to(self.device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         model.eval()
         self.calib = D.limit_calibration(calibration, max_samples)
         self.n_grid = int(n_grid)
@@ -121,6 +158,10 @@ class AlphaExplorer:
         self._samples: dict[int, LayerSample] = {}
         self._curves: dict[tuple, GroupSearch] = {}
         self._runners: dict[tuple, tuple] = {}
+        self.keep_layers = int(keep_layers)
+        if self.keep_layers < 1:
+            raise AwqnbError(f"keep_layers={keep_layers} must be at least 1.")
+        self._on: OrderedDict[int, nn.Module] = OrderedDict()  # layer → its block on the device
         self.last_update_s = float("nan")
         self.last_curve_s = float("nan")
         self.history: list[dict] = []
@@ -192,6 +233,7 @@ class AlphaExplorer:
         spec = self.spec
         sal = salience_table(self.model, self.calib, layers=[layer], device=self.device, params=self.params,
                                cache=self.cache, model_name=self.model_name)
+        t_sal = time.perf_counter() - t0
         # the token sample comes from the first samples only: enough for 4·max_tokens tokens
         # (and the n_seq attention sequences), taken evenly with a stride
         samples, total = [], 0
@@ -225,7 +267,7 @@ class AlphaExplorer:
                 state["chunk"] = i
                 step.forward(sink, sorted(group_at), chunks=[i], keep_outputs=False)
                 state["offset"] += ids.numel()
-        smp = LayerSample(layer, salience=sal)
+        smp = LayerSample(layer, salience=sal, salience_seconds=t_sal)
         for g in spec.groups:
             if g.inspect_kind == "attention":
                 smp.xs[g.name] = [attn_x[g.name]]
@@ -240,12 +282,27 @@ class AlphaExplorer:
         log.info("alpha explorer: layer %d sampled in %.2f s (%s tokens)", layer, smp.seconds, smp.n_tok)
         return smp
 
+    def block(self, layer: int) -> nn.Module:
+        """Block `layer` on the device, where the curves and slider moves compute: the model's own
+        block when the model lives there, else a copy (`device_block`) kept for the last
+        `keep_layers` layers used; an evicted layer's runners go with its block."""
+        if layer in self._on:
+            self._on.move_to_end(layer)
+            return self._on[layer]
+        b = device_block(self.blocks[layer], self.device)
+        self._on[layer] = b
+        while len(self._on) > self.keep_layers:
+            old, _ = self._on.popitem(last=False)
+            for key in [k for k in self._runners if k[0] == old]:
+                del self._runners[key]
+        return b
+
     def _runner(self, layer: int, group: str):
         key = (layer, group)
         if key not in self._runners:
             smp = self.layer_sample(layer)
             g = self._group(group)
-            runner = InspectRunner(self.blocks[layer], g, smp.xs[group], smp.kwargs[group])
+            runner = InspectRunner(self.block(layer), g, smp.xs[group], smp.kwargs[group])
             self._runners[key] = (runner, runner.outputs())
         return self._runners[key]
 
@@ -273,7 +330,7 @@ class AlphaExplorer:
         if key not in self._curves:
             runner, _ = self._runner(layer, group)
             g = self._group(group)
-            self._curves[key] = search_group(self.blocks[layer], g, self.salience(layer, group, metric), runner, q,
+            self._curves[key] = search_group(self.block(layer), g, self.salience(layer, group, metric), runner, q,
                                              SearchConfig(n_grid=self.n_grid), self.attn)
         return self._curves[key]
 
@@ -299,7 +356,7 @@ class AlphaExplorer:
         q = QuantConfig(s["bits"], s["group_size"], self.symmetric)
         runner, ref = self._runner(layer, group)
         sp, s_full = self.scales(alpha, layer, group, s["metric"])
-        ws = [get_module(self.blocks[layer], n).weight.data for n in g.layers]
+        ws = [get_module(self.block(layer), n).weight.data for n in g.layers]
         wq = [scaled_fake_quant(w, s_full.to(w.device), q) for w in ws]
         loss = runner.loss(wq, ref)
         err = sum((w.double() - v.double()).pow(2).sum(0) for w, v in zip(ws, wq)) * self._ex2(layer, group)
@@ -408,8 +465,8 @@ class AlphaExplorer:
         for a in alphas:
             w.value = a if w.value != a else (a + w.step if a + w.step <= 1 else a - w.step)
             times.append(self.last_update_s)
-        return {"mean_s": sum(times) / len(times), "max_s": max(times), "per_alpha_s": times,
-                "curve_s": self.last_curve_s}
+        return {"mean_s": sum(times) / len(times), "median_s": statistics.median(times), "max_s": max(times),
+                "per_alpha_s": times, "curve_s": self.last_curve_s}
 
 
 class _nullctx:
