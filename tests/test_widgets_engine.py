@@ -149,9 +149,13 @@ def test_cuda_model_on_the_cpu_equals_model_on_the_gpu(tiny):
     import copy
 
     model, _, calib = tiny["tiny-random-llama"]
-    before = _state(model)
+    home = {n: (t.device, t.dtype) for n, t in model.state_dict().items()}
+    values = {n: t.clone() for n, t in model.state_dict().items()}
     ex = AlphaExplorer(model, calib, layer=1, device="cuda:0", **KW)
-    assert _state(model) == before and all(t.device.type == "cuda" for t in ex.block(1).parameters())
+    # an onloaded block comes home as equal copies (new storage): devices, dtypes and values are what count
+    assert {n: (t.device, t.dtype) for n, t in model.state_dict().items()} == home
+    assert all(torch.equal(t, values[n]) for n, t in model.state_dict().items())
+    assert all(t.device.type == "cuda" for t in ex.block(1).parameters())
     whole = copy.deepcopy(model).to("cuda:0")  # the old path: the whole model on the device
     old = AlphaExplorer(whole, calib, layer=1, device="cuda:0", **KW)
     a, b = _values(ex, 1), _values(old, 1)
@@ -163,3 +167,24 @@ def test_cuda_model_on_the_cpu_equals_model_on_the_gpu(tiny):
                 assert x == pytest.approx(y, rel=1e-5)
             else:
                 assert x == pytest.approx(y, rel=1e-5)
+
+
+def test_widgets_latency_bench_runs_on_the_cpu(tmp_path):
+    """bench/widgets_latency.py as a script on a tiny model: its JSON holds the build time, every
+    slider move (≥ 3) and their median, and says the model stayed where it was loaded."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "bench" / "widgets_latency.py"), "--model", "tiny-random-llama",
+                        "--layer", "1", "--device", "cpu", "--n-calib", "2", "--calib-seqlen", "64",
+                        "--max-tokens", "32", "--n-grid", "4", "--groups", "gate_up,down", "--alphas", "0,0.5,1",
+                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec = json.loads((tmp_path / "widgets_latency.json").read_text())
+    assert rec["build_s"] > 0 and rec["model_left_in_place"] is True and list(rec["groups"]) == ["gate_up", "down"]
+    for r in rec["groups"].values():
+        assert len(r["move_s"]) == 3 and r["move_median_s"] == sorted(r["move_s"])[1]
+    assert (tmp_path / "command.txt").is_file() and "median" in p.stdout
