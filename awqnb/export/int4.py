@@ -29,6 +29,15 @@ to `dequant`: the same 4-bit codes kept nibble-packed, dequantized at every call
 load says how many and why). 8-bit linears of a mixed-precision plan do not fit 4 bits: they are
 dequantized once at load and stay dense nn.Linear (counted in `int4_summary`).
 
+Prefill (rows M > `prefill_rows`, default PREFILL_ROWS = 128; a module attribute and a load_int4
+argument, None = never): the 4-bit kernels lose to bf16 there (gemlite's GEMM 3–3.5× bf16's time at
+M = 2048 on an H200), so the linear's one packed copy (gemlite's W_q/scales/zeros, or the nibbles) is
+dequantized to a bf16 weight by ONE fused kernel — inductor's, from torch.compile of the unpack /
+shift / mask / subtract-zero / scale ops, compiled once per (shape, dtype) on the devices in
+COMPILE_DEVICES (eager ops elsewhere, or where compiling fails: one log line) — and F.linear (cuBLAS)
+runs with it; the weight is freed after the call. torch's int4pack layout (tiled) is not read back:
+its linears keep their kernel at every M.
+
 The packed layout read here is compressed-tensors' `pack-quantized` (awqnb.export.packed):
 `weight_packed` int32 [N, ⌈K·b/32⌉] (element i at bit i·b of its row, stored as q_ct + 2^(b−1)),
 `weight_scale` [N, G], `weight_zero_point` int32 packed along dim 0 [⌈N·b/32⌉, G] (asymmetric
@@ -58,6 +67,13 @@ KERNELS = ("auto", "gemlite", "torch", "dequant")
 # times s, so the product equals the dequantized bf16 weight's to bf16 rounding.
 GEMLITE_FMA = False
 _GEMLITE: dict = {}  # the gemlite import, tried once per process: {"mod", "why", "config", "warned"}
+# rows above which forward dequantizes to a dense weight and runs cuBLAS (gemlite / dequant linears)
+PREFILL_ROWS = 128
+# devices where that dequantization is one torch.compile'd kernel (a CPU compile takes seconds per
+# shape and needs a C++ compiler; there the same ops run eagerly)
+COMPILE_DEVICES = ("cuda",)
+_COMPILED: dict = {}  # (layout, shapes, dtype, device, group) → compiled function
+_COMPILE_STATE: dict = {"broken": None}  # why compiling failed (then eager ops, one log line)
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
@@ -87,6 +103,60 @@ def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> 
         raise AwqnbError(f"packed codes hold {out.shape[1]} values per row, fewer than the {length} the shape "
                          "needs; the checkpoint is damaged: re-export it with `awqnb quantize --format packed`.")
     return out.transpose(0, 1).contiguous() if dim == 0 else out
+
+
+# --- dense weights from the packed layouts (the prefill path) -------------------------------
+
+def gemlite_dense(w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int,
+                  fma: bool = False) -> torch.Tensor:
+    """Wᵀ [K, N] in scales' dtype from gemlite's 4-bit layout: w_q int32 [K/8, N], code k of column
+    n at bits 4·(k % 8) of word k // 8 (packed over K, packing_bitwidth 32, elements_per_sample 8);
+    scales, zeros [K/group, N]; W = (q − zeros)·scales, or q·scales + zeros in fma mode. [K, N] is
+    the layout's own order (reads and writes coalesced); `.t()` is the [N, K] weight F.linear takes."""
+    kw, n = w_q.shape
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=w_q.device)
+    q = ((w_q.unsqueeze(1) >> shifts.view(1, 8, 1)) & 15).reshape(kw * 8, n).to(scales.dtype)
+    s = scales.unsqueeze(1).expand(-1, group, -1).reshape(kw * 8, n)
+    z = zeros.unsqueeze(1).expand(-1, group, -1).reshape(kw * 8, n)
+    return q * s + z if fma else (q - z) * s
+
+
+def nibble_dense(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, k: int) -> torch.Tensor:
+    """W [N, K] in scale's dtype from awqnb's nibbles: codes uint8 [N, ⌈K/2⌉], even k in the low
+    nibble; scale, zero [N, G] over groups of `group` (the last may be shorter); W = (q − zero)·scale."""
+    n, g = scale.shape
+    q = torch.stack([codes & 15, codes >> 4], -1).reshape(n, -1)[:, :k].to(scale.dtype)
+    s = scale.unsqueeze(-1).expand(n, g, group).reshape(n, g * group)[:, :k]
+    z = zero.unsqueeze(-1).expand(n, g, group).reshape(n, g * group)[:, :k]
+    return (q - z) * s
+
+
+def fused(fn, *args, use_compile: bool | None = None, **static):
+    """fn(*args, **static) as one inductor kernel: torch.compile'd once per (fn, shapes, dtypes,
+    device, static args), dynamic=False. use_compile None: on the devices of COMPILE_DEVICES. A
+    compile that fails logs one line per process and every later call runs the eager ops."""
+    dev = args[0].device
+    if use_compile is None:
+        use_compile = dev.type in COMPILE_DEVICES
+    if not use_compile or _COMPILE_STATE["broken"]:
+        return fn(*args, **static)
+    key = (fn.__name__, tuple((tuple(a.shape), a.dtype) for a in args), str(dev), tuple(sorted(static.items())))
+    c = _COMPILED.get(key)
+    if c is None:
+        # dynamo keeps compiled graphs per code object and recompiles one at most 8 times; a copy
+        # of fn's code per key keeps every shape compiled once, whatever the model's count of shapes
+        name = f"{fn.__name__}_{len(_COMPILED)}"
+        own = type(fn)(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__)
+        c = _COMPILED[key] = torch.compile(own, dynamic=False, fullgraph=True)
+    try:
+        return c(*args, **static)
+    except Exception as e:  # noqa: BLE001 - no Triton, no C++ compiler, an inductor bug: eager ops still work
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        _COMPILE_STATE["broken"] = why
+        _COMPILED.pop(key, None)
+        log.warning("INT4 prefill: torch.compile of the fused dequantization failed (%s); dequantizing with "
+                    "eager ops from now on (slower, more memory)", why)
+        return fn(*args, **static)
 
 
 # --- the module -----------------------------------------------------------------------------
@@ -219,7 +289,11 @@ def _expand(t: torch.Tensor, group: int, k: int) -> torch.Tensor:
 class Int4Linear(nn.Module):
     """y = x Wᵀ + b with W = (q − z)·s held as 4-bit codes: on gemlite's Triton kernels (`kernel` =
     'gemlite', CUDA), on torch's int4 kernel ('torch'), or nibble-packed and dequantized at each
-    call ('dequant', the fallback). One packed copy, no dense weight. Build it with `from_codes`."""
+    call ('dequant', the fallback). One packed copy, no dense weight. Build it with `from_codes`.
+    Above `prefill_rows` rows (gemlite / dequant), forward dequantizes that copy with one fused
+    kernel and runs F.linear instead (module docstring); None: never."""
+
+    prefill_rows: int | None = PREFILL_ROWS
 
     def __init__(self, in_features: int, out_features: int, group_size: int, kernel: str,
                  layout: str, dtype: torch.dtype):
@@ -307,17 +381,39 @@ class Int4Linear(nn.Module):
     @torch.no_grad()
     def dequantized_weight(self) -> torch.Tensor:
         """The dense W [N, K] in float32 (for tests and checks: it materialises the weight)."""
-        if self.kernel in ("torch", "gemlite"):
-            eye = torch.eye(self.in_features, device=self._device(), dtype=self.dtype)
-            return self._mm(eye).float().t().contiguous()
-        return self._dense(torch.float32)
+        if self.prefill_layout() is not None:
+            return self._dense(torch.float32, use_compile=False)
+        eye = torch.eye(self.in_features, device=self._device(), dtype=self.dtype)
+        return self._mm(eye).float().t().contiguous()
 
-    def _dense(self, dtype: torch.dtype) -> torch.Tensor:
-        c = self.codes
-        q = torch.stack([c & 15, c >> 4], -1).reshape(c.shape[0], -1)[:, :self.in_features].to(dtype)
-        s = _expand(self.scale.to(dtype), self.group_size, self.in_features)
-        z = _expand(self.zero.to(dtype), self.group_size, self.in_features)
-        return (q - z) * s
+    def prefill_layout(self) -> str | None:
+        """The packed layout the prefill path reads ('gemlite' or 'nibbles'), None if it cannot
+        (torch's tiled int4pack, a gemlite mode other than (q − z)·s or q·s + z)."""
+        if self.kernel == "dequant":
+            return "nibbles"
+        if self.kernel == "gemlite":
+            gl = self.gl
+            ok = (gl.W_q.dtype == torch.int32 and tuple(gl.W_q.shape) == (self.in_features // 8, self.out_features)
+                  and getattr(gl, "elements_per_sample", None) == 8 and getattr(gl, "W_group_mode", None) in (3, 4)
+                  and tuple(gl.scales.shape) == tuple(gl.zeros.shape) == (self.in_features // self.kernel_group,
+                                                                          self.out_features))
+            return "gemlite" if ok else None
+        return None
+
+    @torch.no_grad()
+    def prefill_weight(self) -> torch.Tensor:
+        """W [N, K] in the module's dtype (for gemlite a transposed view of a contiguous [K, N]),
+        dequantized from the one packed copy by the fused kernel; a temporary of the caller's."""
+        return self._dense(self.dtype)
+
+    def _dense(self, dtype: torch.dtype, use_compile: bool | None = None) -> torch.Tensor:
+        if self.kernel == "gemlite":
+            gl = self.gl
+            w_t = fused(gemlite_dense, gl.W_q, gl.scales.to(dtype), gl.zeros.to(dtype), use_compile=use_compile,
+                        group=self.kernel_group, fma=gl.W_group_mode == 4)
+            return w_t.t()
+        return fused(nibble_dense, self.codes, self.scale.to(dtype), self.zero.to(dtype), use_compile=use_compile,
+                     group=self.group_size, k=self.in_features)
 
     def _device(self) -> torch.device:
         return self.gl.W_q.device if self.kernel == "gemlite" else self.packed.device
@@ -332,13 +428,17 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dt = x.shape, x.dtype
+        rows = x.numel() // self.in_features
+        if self.prefill_rows is not None and rows > self.prefill_rows and self.prefill_layout() is not None:
+            w = self.prefill_weight()  # one fused dequantization, then cuBLAS
+            return F.linear(x.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype)).to(dt)
         if self.kernel in ("torch", "gemlite"):
             x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
             y = self._mm(x2).reshape(*shape[:-1], self.out_features)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y.to(dt)
-        w = self._dense(self.scale.dtype)
+        w = self._dense(self.scale.dtype, use_compile=False)  # the per-call fallback: eager ops
         return F.linear(x.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype)).to(dt)
 
     def nbytes(self) -> int:
@@ -432,7 +532,8 @@ def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def load_int4(path: str | Path, device="cpu", dtype=None, kernel: str = "auto"):
+def load_int4(path: str | Path, device="cpu", dtype=None, kernel: str = "auto",
+              prefill_rows: int | None = PREFILL_ROWS):
     """(model, tokenizer or None if the directory has none) of an awqnb packed directory with its
     ≤4-bit linears as Int4Linear.
 
@@ -440,7 +541,9 @@ def load_int4(path: str | Path, device="cpu", dtype=None, kernel: str = "auto"):
     `device` (never as a dense weight), every other tensor is read from the safetensors files and
     cast to `dtype` (None: the config's dtype; always bfloat16 on CUDA, the kernel's dtype). Linears
     a plan keeps at 8 bits are dequantized to dense nn.Linear; see `int4_summary(model)`.
-    kernel: 'auto' | 'gemlite' | 'torch' | 'dequant', for every ≤4-bit linear (Int4Linear.from_codes)."""
+    kernel: 'auto' | 'gemlite' | 'torch' | 'dequant', for every ≤4-bit linear (Int4Linear.from_codes).
+    prefill_rows: above this many rows a gemlite / dequant linear dequantizes its codes with one
+    fused kernel and runs F.linear (None: never); a packed lm_head is an Int4Linear like the rest."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -455,6 +558,9 @@ def load_int4(path: str | Path, device="cpu", dtype=None, kernel: str = "auto"):
     device = resolve_device(device)
     if kernel not in KERNELS + ("tinygemm",):
         raise AwqnbError(f"kernel={kernel!r} is unknown; use one of {', '.join(KERNELS)}.")
+    if prefill_rows is not None and (not isinstance(prefill_rows, int) or prefill_rows < 0):
+        raise AwqnbError(f"prefill_rows={prefill_rows!r} must be a row count ≥ 0, or None to keep the 4-bit kernel "
+                         "at every batch size.")
     dtype = _resolve_dtype(p, device, dtype)
     files = checkpoint.tensor_files(p)
     packed_names = sorted({k.rsplit(".", 1)[0] for k in files if k.endswith(".weight_packed")})
@@ -494,6 +600,7 @@ def load_int4(path: str | Path, device="cpu", dtype=None, kernel: str = "auto"):
             off = 8  # signed compressed-tensors codes → the kernel's [0, 15]
             mod = Int4Linear.from_codes(q + off, scale, None if z is None else z + off, gs, bias, dtype, device,
                                         kernel=kernel)
+            mod.prefill_rows = prefill_rows
             summary["int4"] += 1
             summary[mod.kernel] += 1
             if mod.refusal and mod.kernel == "dequant":
@@ -550,6 +657,9 @@ def int4_summary(model: nn.Module) -> dict:
         "gemlite": sum(m.kernel == "gemlite" for m in mods),
         "torch": sum(m.kernel == "torch" for m in mods),
         "dequant": sum(m.kernel == "dequant" for m in mods),
+        # linears that switch to the fused dequantization + F.linear above their prefill_rows
+        "prefill_dequant": sum(m.prefill_rows is not None and m.prefill_layout() is not None for m in mods),
+        "prefill_rows": sorted({m.prefill_rows for m in mods if m.prefill_rows is not None}),
         "dense_linears": len(dense),
         "int4_bytes": sum(m.nbytes() for m in mods),
         "dense_equivalent_bytes": sum(m.in_features * m.out_features * torch.finfo(m.dtype).bits // 8 for m in mods),
