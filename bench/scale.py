@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--llmc", default="", help="llm-compressor methods to run beside: awq, gptq")
     p.add_argument("--llmc-layers", type=int, default=4)
     p.add_argument("--llmc-shapes", default="", help="shapes for llm-compressor (default: the first)")
+    p.add_argument("--gptq-graph", choices=("on", "off"), default="on",
+                   help="GPTQ's column loop as a CUDA graph (awqnb's default on a GPU) or eager")
     p.add_argument("--repeats", type=int, default=3, help="runs per row; the row is the median, all shown")
     p.add_argument("--no-copy", action="store_true",
                    help="quantize the built model itself, once (a host that cannot hold two copies)")
@@ -179,6 +181,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("awqnb").setLevel(logging.WARNING)
+    from awqnb.quant.methods import gptq as gptq_mod
+    gptq_mod.CUDA_GRAPH = args.gptq_graph == "on"
     out = write_run_info(args.out or run_dir("scale", args.shapes.replace(",", "-"), args.device), args.device)
     device = torch.device(args.device)
     rows = []
@@ -187,7 +191,8 @@ def main(argv=None) -> int:
         prov = {"argv": sys.argv, "versions": versions(), "device": str(device),
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 "calibration": f"{args.n_calib} x {args.seqlen} random token ids, seed {args.seed}",
-                "storage_dtype": "bfloat16 on the CPU (model), blocks onloaded one at a time"}
+                "storage_dtype": "bfloat16 on the CPU (model), blocks onloaded one at a time",
+                "gptq_column_loop": "cuda graph" if args.gptq_graph == "on" else "eager"}
         (out / "results.json").write_text(json.dumps({"provenance": prov, "rows": rows}, indent=1))
 
     offload_shapes = set(filter(None, args.offload_activations.split(",")))

@@ -165,9 +165,13 @@ def gptq_factor(h: torch.Tensor, damp_percent: float = 0.01, act_order: bool = T
     return GPTQFactor(torch.eye(ci, device=h.device, dtype=torch.float32), perm, damp, True, n_dead)
 
 
+# The column loop of a full block as a CUDA graph (static groups on CUDA), unless switched off here.
+CUDA_GRAPH = True
+
+
 @torch.no_grad()
 def gptq_round(w: torch.Tensor, f: GPTQFactor, cfg: QuantConfig, block_size: int = 128,
-               static_groups: bool = True, cuda_graph: bool = False) -> GPTQResult:
+               static_groups: bool = True, cuda_graph: bool | None = None) -> GPTQResult:
     """The column loop: GPTQ-round `w: [co, ci]` with the factor of its Hessian (`gptq_factor`).
 
     Per column only the arithmetic of the algorithm runs (7 tensor ops, no view created, no host
@@ -177,8 +181,9 @@ def gptq_round(w: torch.Tensor, f: GPTQFactor, cfg: QuantConfig, block_size: int
 
     cuda_graph (CUDA, static groups): the column loop of a full block is recorded once as a CUDA
     graph and replayed per block, so the GPU is not left waiting for Python between the tiny
-    per-column kernels; the same kernels on the same values, so the same codes. Experimental:
-    off unless asked for (bench/probes/gptq_layer.py compares it with the eager loop)."""
+    per-column kernels; the same kernels on the same values, so the same codes
+    (bench/probes/gptq_layer.py compares it with the eager loop). None: `CUDA_GRAPH`. One graph
+    per (block size, rows, device) is kept and reused by every later linear of that shape."""
     co, ci = w.shape
     dev = w.device
     g = effective_group_size(ci, cfg.group_size)
@@ -208,8 +213,13 @@ def gptq_round(w: torch.Tensor, f: GPTQFactor, cfg: QuantConfig, block_size: int
     ebuf = torch.empty(min(ci, block_size), co, device=dev)
     loss_rows = torch.zeros(co, device=dev)
     graph = None
+    if cuda_graph is None:
+        cuda_graph = CUDA_GRAPH
     if cuda_graph and static_groups and dev.type == "cuda" and ci >= block_size:
-        graph = _BlockGraph(block_size, co, dev)
+        key = (block_size, co, dev)
+        graph = _GRAPHS.get(key)
+        if graph is None:
+            graph = _GRAPHS[key] = _BlockGraph(block_size, co, dev)
     for i1 in range(0, ci, block_size):
         i2 = min(i1 + block_size, ci)
         cnt = i2 - i1
@@ -248,6 +258,9 @@ def gptq_round(w: torch.Tensor, f: GPTQFactor, cfg: QuantConfig, block_size: int
         Qt = Qt.index_select(0, torch.argsort(perm).to(dev))
     return GPTQResult(Qt.T.contiguous(), st.T.contiguous(), zt.T.contiguous(), loss_rows / 2, f.damp,
                       f.fallback, f.n_dead)
+
+
+_GRAPHS: dict = {}  # (block size, rows, device) → _BlockGraph: a few MB each, captured once
 
 
 class _BlockGraph:
@@ -333,7 +346,8 @@ def _start_group(idx, Wt, W1, E1, U, i1, i, s_g, z_g, lz_g, hz_g, lo, hi, cfg) -
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig, damp_percent: float = 0.01,
-                  block_size: int = 128, act_order: bool = True, static_groups: bool = True) -> GPTQResult:
+                  block_size: int = 128, act_order: bool = True, static_groups: bool = True,
+                  cuda_graph: bool | None = None) -> GPTQResult:
     """GPTQ-round `w: [co, ci]` against the Hessian `h: [ci, ci]` (2·XᵀX/n) on awqnb's grid.
 
     Everything runs on w's device in float32; see the module docstring for the algorithm."""
@@ -343,7 +357,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: QuantConfig, damp_perce
     if block_size < 1:
         raise AwqnbError(f"block_size={block_size} must be >= 1.")
     f = gptq_factor(h.to(w.device), damp_percent, act_order)
-    return gptq_round(w, f, cfg, block_size, static_groups)
+    return gptq_round(w, f, cfg, block_size, static_groups, cuda_graph)
 
 
 # -- replay record --------------------------------------------------------------------------
