@@ -6,9 +6,16 @@ Steps (each writes OUT/deploy.json and OUT/deploy.md again, so a cut run keeps w
      128256; --shape tiny: the same family at a CPU size) random-initialised directly on --device in
      bf16 (values do not change speed or memory). Measured: memory after load, prefill, decode.
   2. The same model quantized in place with rtn (W4 asymmetric, --group-size 128; calibration-free:
-     the codes' values do not change speed) and saved packed with awqnb's exporter into a temp dir;
-     the bf16 model is freed.
-  3. For each --kernels (gemlite, torch): `load_int4(dir, device, kernel=...)`, the same measurements.
+     the codes' values do not change speed; lm_head too when --lm-head has 'quantize') and saved
+     packed with awqnb's exporter into a temp dir — once with the lm_head kept bf16 ('keep'), once with
+     it packed ('quantize', written with allow_unservable=True: vLLM does not serve a packed lm_head,
+     only awqnb's own runtime and transformers load it); the bf16 model is freed.
+  3. For each --kernels (gemlite, torch): `load_int4(dir, device, kernel=..., prefill_rows=...)` of the
+     'keep' export, the same measurements; the 'quantize' export runs on the first kernel that loads
+     (its point is the memory; its speed differs only in the lm_head's matmul). The bf16 model is
+     measured once for both. A gemlite / dequant linear runs its 4-bit kernel up to --prefill-rows
+     rows (128) and above that dequantizes its one packed copy with one torch.compile'd kernel and
+     runs F.linear (cuBLAS); the compile happens in the warm-up calls (not timed).
 Measurements (median of --repeats, every repeat kept):
   memory     torch.cuda.memory_allocated after load (less what was allocated before it), and the bytes
              of the quantizable linears (bf16 weights, or the Int4Linear modules' codes + scales + zeros)
@@ -23,7 +30,7 @@ Measurements (median of --repeats, every repeat kept):
 Targets (reported, pass/fail): memory after load ≤ 0.35× bf16; decode at batch 1 ≥ 1.6× bf16's
 tokens/s; no batch where INT4 is slower than bf16 by more than 10% (each of eager and graph).
 
-  H200 (< 6 min):  python bench/deploy.py --shape 8b --device cuda:0 --out bench/results/deploy/<dir>
+  H200 (< 4 min):  python bench/deploy.py --shape 8b --device cuda:0 --out bench/results/deploy/<dir>
   CPU smoke test:  python bench/deploy.py --shape tiny --device cpu --out /tmp/deploy_smoke
                    (CPU times of a tiny model: they check the script, they say nothing about a GPU)
 Failures of one kernel (gemlite not installed, say) are recorded with one line and the run goes on.
@@ -31,6 +38,8 @@ Failures of one kernel (gemlite not installed, say) are recorded with one line a
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import gc
 import json
 import logging
@@ -65,6 +74,9 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096, tie_word_embeddings=False),
 }
 SHAPE_NAMES = {"8b": "Llama-3-8B shape (random)", "tiny": "tiny Llama (random, CPU smoke test)"}
+HEAD_NOTE = ("The 4-bit lm_head variant is for awqnb's own runtime (load_int4) only: vLLM does not serve a packed "
+             "lm_head (its compressed-tensors path quantizes linear layers, never lm_head), so the export needs "
+             "allow_unservable=True; the 'keep' variant (bf16 lm_head) is what vLLM can load.")
 
 
 def sync(device):
@@ -267,6 +279,33 @@ def measure(model, name: str, device, dtype, args, vocab: int, rec: dict, write)
         write()
 
 
+@torch.no_grad()
+def head_check(head, device, batches: list[int]) -> dict:
+    """A packed lm_head's output at each decode batch (its kernel as chosen for that M: on gemlite
+    perhaps a borrowed tuned config) against the float32 product with its dequantized weight:
+    relative error (bf16 rounding ≈ 3e-3; a wrong layout or config ≈ 1)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(max(batches), head.in_features, generator=g).to(device, torch.bfloat16)
+    ref = x.float() @ head.dequantized_weight().t()
+    out = {}
+    for b in batches:
+        y = head(x[:b]).float()
+        out[f"b{b}_rel_err"] = float((y - ref[:b]).norm() / ref[:b].norm())
+    del ref
+    free(device)
+    return out
+
+
+def prefill_compile_state(device) -> str:
+    """How the INT4 prefill path's dequantization ran in this process."""
+    st = int4.compile_status()
+    if st["failed"]:
+        return f"eager ops (torch.compile failed: {st['failed']})"
+    if device.type not in st["devices"]:
+        return f"eager ops (compiled on {', '.join(st['devices'])} only)"
+    return f"one torch.compile'd kernel per shape ({st['compiled']} compiled)"
+
+
 def rows(doc: dict) -> list[dict]:
     """One row per (variant, metric): shape, method, bits, group size, kernel, device, dtype, value,
     ratio to bf16."""
@@ -280,6 +319,7 @@ def rows(doc: dict) -> list[dict]:
 
     metrics = [("memory after load (bytes)", ("memory", "allocated_after_load"), "lower"),
                ("quantizable linears (bytes)", ("memory", "linear_bytes"), "lower"),
+               ("lm_head (bytes)", ("memory", "lm_head_bytes"), "lower"),
                (f"prefill 1×{doc['args']['prefill_tokens']} (tokens/s)", ("prefill", "tokens_per_s"), "higher")]
     for b in doc["args"]["batches"]:
         for mode in ("eager", "graph"):
@@ -293,7 +333,7 @@ def rows(doc: dict) -> list[dict]:
             note = None
             if x is None and len(path) == 4:
                 note = val(v, path[:3] + ("failed",)) or val(v, path[:3] + ("skipped",))
-            out.append({"shape": doc["shape_name"], "method": v["method"], "bits": v["bits"],
+            out.append({"variant": vname, "shape": doc["shape_name"], "method": v["method"], "bits": v["bits"],
                         "group_size": v["group_size"], "kernel": v["kernel"], "device": doc["device_name"],
                         "dtype": doc["dtype"], "metric": label, "value": x,
                         "ratio_to_bf16": (x / b0) if (x is not None and b0) else None, "note": note})
@@ -348,7 +388,12 @@ def markdown(doc: dict) -> str:
              f"torch {doc['torch']}, transformers {doc['transformers']}, gemlite {doc.get('gemlite') or 'absent'} "
              f"(autotune config: {doc.get('gemlite_config')}); dtype {doc['dtype']}; median of {doc['args']['repeats']} "
              f"repeats; decode: {doc['args']['decode_steps']} steps after a {doc['args']['prompt_len']}-token prompt, "
-             "StaticCache; 'eager' = step launched from Python, 'graph' = the same step replayed from a CUDA graph."]
+             "StaticCache; 'eager' = step launched from Python, 'graph' = the same step replayed from a CUDA graph. "
+             f"INT4 prefill path: above {doc['args'].get('prefill_rows')} rows a gemlite linear dequantizes its packed "
+             "copy with one torch.compile'd kernel and runs F.linear (cuBLAS); torch's kernel keeps its own at every M "
+             f"(fused dequantization: {doc.get('prefill_compile') or 'not run'})."]
+    if any(v.get("lm_head") == "quantize" for v in doc["variants"].values()):
+        lines += ["", f"**{HEAD_NOTE}**"]
     if doc["smoke_test"]:
         lines += ["", "**CPU smoke test of a tiny model: CPU times, they say nothing about a GPU.**"]
     lines += ["", "| shape | method | bits | group | kernel | device | dtype | metric | value | × bf16 | repeats / note |",
@@ -366,6 +411,10 @@ def markdown(doc: dict) -> str:
         for vname, x in t.items():
             lines.append(f"- **{vname}**: " + ", ".join(
                 f"{k} = {v:.3f}" if isinstance(v, float) else f"{k}: {'PASS' if v else 'FAIL'}" for k, v in x.items()))
+    checks = {k: v["lm_head_check"] for k, v in doc["variants"].items() if v.get("lm_head_check")}
+    if checks:
+        lines += ["", "Packed lm_head vs its dequantized float32 product (relative error per decode batch): " +
+                  "; ".join(f"{k}: " + ", ".join(f"{b} {e:.1e}" for b, e in c.items()) for k, c in checks.items())]
     errs = {k: v["error"] for k, v in doc["variants"].items() if v.get("error")}
     if errs:
         lines += ["", "## Not measured", ""] + [f"- {k}: {v}" for k, v in errs.items()]
@@ -375,7 +424,7 @@ def markdown(doc: dict) -> str:
 
 def reps_of(doc: dict, r: dict) -> str:
     """The repeats behind a tokens/s row, as a short list."""
-    v = next((x for x in doc["variants"].values() if x["kernel"] == r["kernel"]), None)
+    v = doc["variants"].get(r["variant"])
     if v is None or "tokens/s" not in r["metric"]:
         return ""
     if r["metric"].startswith("prefill"):
@@ -392,6 +441,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--kernels", default="gemlite,torch", help="INT4 kernels to load with, comma-separated")
+    ap.add_argument("--lm-head", default="keep,quantize",
+                    help="'keep' (bf16 lm_head, what vLLM serves), 'quantize' (a packed 4-bit lm_head: awqnb's runtime "
+                         "only, vLLM does not serve it), or both comma-separated (the default)")
+    ap.add_argument("--prefill-rows", default=str(int4.PREFILL_ROWS),
+                    help="rows above which an INT4 linear dequantizes (one compiled kernel) and runs cuBLAS; 'none': never")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prefill-tokens", type=int, default=2048)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -402,6 +456,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",") if b]
     kernels = [k for k in args.kernels.split(",") if k]
+    heads = [h for h in args.lm_head.split(",") if h]
+    if not heads or any(h not in ("keep", "quantize") for h in heads):
+        sys.stderr.write(f"deploy: --lm-head {args.lm_head!r}: use keep, quantize, or keep,quantize\n")
+        return 2
+    try:
+        args.prefill_rows = None if args.prefill_rows.lower() == "none" else int(args.prefill_rows)
+    except ValueError:
+        sys.stderr.write(f"deploy: --prefill-rows {args.prefill_rows!r}: a row count, or none\n")
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -423,7 +486,9 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "transformers": transformers.__version__,
            "gemlite": getattr(gl, "__version__", None), "gemlite_import": gl_why,
            "gemlite_config": int4.gemlite_config(device) if gl is not None else None,
-           "args": {k: v for k, v in vars(args).items() if k not in ("out", "work")} | {"kernels": kernels},
+           "args": {k: v for k, v in vars(args).items() if k not in ("out", "work")} | {"kernels": kernels,
+                                                                                        "lm_head": heads},
+           "lm_head_note": HEAD_NOTE if "quantize" in heads else None,
            "command": "python " + " ".join(sys.argv if argv is None else ["bench/deploy.py", *argv]),
            "variants": {}, "seconds": {}}
     t_all = time.perf_counter()
@@ -445,60 +510,91 @@ def main(argv=None) -> int:
     vocab = model.config.vocab_size
     cfg = MethodConfig("rtn", QuantConfig(4, args.group_size), SearchConfig(), calib_batch_size=16)
     names = list(export.quantized_linears(model, cfg))
-    rec = doc["variants"]["bf16"] = {"method": "bf16", "bits": 16, "group_size": None, "kernel": "bf16 F.linear"}
+    head_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    rec = doc["variants"]["bf16"] = {"method": "bf16", "bits": 16, "group_size": None, "kernel": "bf16 F.linear",
+                                     "lm_head": "bf16"}
     rec["memory"] = {"allocated_after_load": None if base is None or device.type != "cuda" else allocated(device) - base,
-                     "linear_bytes": linear_bytes(model, names), "linears": len(names)}
+                     "linear_bytes": linear_bytes(model, names), "linears": len(names),
+                     "lm_head_bytes": linear_bytes(model, [head_name])}
     write()
     t0 = time.perf_counter()
     measure(model, "bf16", device, dtype, args, vocab, rec, write)
     doc["seconds"]["measure_bf16"] = time.perf_counter() - t0
 
-    # 2. quantize (rtn) and save packed
+    # 2. quantize (rtn; lm_head too when a variant packs it) and save packed, once per lm_head mode
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="awqnb_deploy_"))
-    d = work / f"{args.shape}_rtn_w4_g{args.group_size}"
+    cfg_q = dataclasses.replace(cfg, lm_head="quantize")
     t0 = time.perf_counter()
-    res = pipeline.quantize(model, cfg, None, device=device, model_name=args.shape, progress=False)
+    res = pipeline.quantize(model, cfg_q if "quantize" in heads else cfg, None, device=device,
+                            model_name=args.shape, progress=False)
     doc["seconds"]["quantize_rtn"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    export.save_packed(model, None, d, cfg, res.metadata(), overwrite=True, dtype=dtype)
-    doc["seconds"]["save_packed"] = time.perf_counter() - t0
-    doc["packed_file_bytes"] = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    dirs = {}
+    for h in heads:
+        hcfg = cfg_q if h == "quantize" else cfg
+        meta = copy.deepcopy(res.metadata())
+        meta.setdefault("config", {})["lm_head"] = hcfg.lm_head  # what this directory holds
+        dirs[h] = work / f"{args.shape}_rtn_w4_g{args.group_size}_{'headq' if h == 'quantize' else 'headbf16'}"
+        t0 = time.perf_counter()
+        # keep: the lm_head saved dense (its rounded values: speed and memory do not depend on them)
+        export.save_packed(model, None, dirs[h], hcfg, meta, overwrite=True, dtype=dtype,
+                           allow_unservable=h == "quantize")
+        doc["seconds"][f"save_packed_{h}"] = time.perf_counter() - t0
+        doc.setdefault("packed_file_bytes", {})[h] = sum(f.stat().st_size for f in dirs[h].glob("*.safetensors"))
     del model, res
     free(device)
     write()
 
-    # 3. INT4, one kernel at a time
+    # 3. INT4, one variant at a time: each kernel on the bf16-head export, the packed head on the first that loads
+    plan = []
+    for k in kernels:
+        if "keep" in heads:
+            plan.append((k, "keep"))
+        if "quantize" in heads:
+            plan.append((k, "quantize"))
+    head_done = False
     try:
-        for k in kernels:
-            rec = doc["variants"][f"int4_{k}"] = {"method": "rtn", "bits": 4, "group_size": args.group_size, "kernel": k}
+        for k, h in plan:
+            if h == "quantize" and head_done:
+                continue
+            vname = f"int4_{k}" + ("_headq" if h == "quantize" else "")
+            rec = doc["variants"][vname] = {
+                "method": "rtn", "bits": 4, "group_size": args.group_size, "lm_head": h,
+                "kernel": k + (" + 4-bit lm_head (vLLM: not served)" if h == "quantize" else "")}
             t0 = time.perf_counter()
             base = allocated(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                m4, _ = int4.load_int4(d, device=device, dtype=dtype, kernel=k)
+                m4, _ = int4.load_int4(dirs[h], device=device, dtype=dtype, kernel=k, prefill_rows=args.prefill_rows)
             except Exception as e:  # noqa: BLE001 - e.g. gemlite missing: one line, the next kernel runs
                 rec["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-                log.warning("int4 %s: not loaded: %s", k, rec["error"])
+                log.warning("int4 %s: not loaded: %s", vname, rec["error"])
                 write()
                 continue
+            head_done = head_done or h == "quantize"
             sync(device)
-            doc["seconds"][f"load_int4_{k}"] = time.perf_counter() - t0
+            doc["seconds"][f"load_{vname}"] = time.perf_counter() - t0
             gc.collect()  # the loader's temporaries (codes unpacked per linear) are not counted as the model
             s = int4.int4_summary(m4)
             rec["int4_summary"] = s
+            head = m4.get_output_embeddings()
+            rec["lm_head_module"] = f"{type(head).__name__}" + (f" ({head.kernel})" if hasattr(head, "kernel") else "")
             rec["memory"] = {"allocated_after_load": None if base is None else allocated(device) - base,
                              "peak_during_load": None if base is None else torch.cuda.max_memory_allocated(device) - base,
-                             "linear_bytes": linear_bytes(m4, names), "linears": len(names)}
+                             "linear_bytes": linear_bytes(m4, names), "linears": len(names),
+                             "lm_head_bytes": linear_bytes(m4, [head_name])}
+            if isinstance(head, int4.Int4Linear):
+                rec["lm_head_check"] = head_check(head, device, args.batches)
             write()
             t0 = time.perf_counter()
             try:
-                measure(m4, f"int4 {k}", device, dtype, args, vocab, rec, write)
+                measure(m4, f"int4 {vname}", device, dtype, args, vocab, rec, write)
             except Exception as e:  # noqa: BLE001 - keep what was measured, say what broke
                 rec["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
                 rec["traceback"] = traceback.format_exc()[-2000:]
-                log.warning("int4 %s: measurement failed: %s", k, rec["error"])
-            doc["seconds"][f"measure_int4_{k}"] = time.perf_counter() - t0
+                log.warning("int4 %s: measurement failed: %s", vname, rec["error"])
+            doc["seconds"][f"measure_{vname}"] = time.perf_counter() - t0
+            doc["prefill_compile"] = prefill_compile_state(device)
             del m4
             free(device)
             write()

@@ -221,3 +221,39 @@ def test_gemlite_prefill_on_cuda_reads_gemlite_packing(n, k, gs):
     assert torch.equal(w.cpu(), _dense_bf16(q, s, z, k if gs == -1 else gs))
     x = torch.randn(256, k, device="cuda").bfloat16()
     assert torch.equal(mod(x), F.linear(x, w))
+
+
+def test_gemlite_borrows_the_nearest_tuned_config_for_an_untuned_shape(monkeypatch):
+    """A shape missing from gemlite's autotune file (an lm_head's N) takes, per matmul type and M
+    bucket, the configs of the nearest tuned N with the same K and group; tuned shapes and other
+    K / groups are left alone; once per shape. (A stand-in `gemlite.core`: gemlite needs CUDA.)"""
+    import sys
+    import types
+
+    def sig(m, n, k, g):
+        return str((m, n, k, g, 8, 104))
+
+    cache = {"GEMV_REVSPLITK": {sig(1, 14336, 4096, 128): {"BLOCK_SIZE_N": 256}, sig(1, 4096, 4096, 128): {"x": 1}},
+             "GEMM_SPLITK": {sig(8, 14336, 4096, 128): {"BLOCK_SIZE_N": 64}, sig(8, 28672, 4096, 128): {"y": 2},
+                             sig(8, 14336, 4096, 64): {"z": 3}},
+             "GEMM": {sig(2048, 128256, 4096, 128): {"tuned": True}}}
+    core = types.ModuleType("gemlite.core")
+    core.GEMLITE_TRITON_CONFIG_CACHE = cache
+    pkg = types.ModuleType("gemlite")
+    pkg.core = core
+    monkeypatch.setitem(sys.modules, "gemlite", pkg)
+    monkeypatch.setitem(sys.modules, "gemlite.core", core)
+    monkeypatch.setattr(int4, "_GEMLITE", {})
+    assert int4.gemlite_borrow_config(128256, 4096, 128) == {"GEMV_REVSPLITK": 14336, "GEMM_SPLITK": 28672}
+    assert cache["GEMV_REVSPLITK"][sig(1, 128256, 4096, 128)] == {"BLOCK_SIZE_N": 256}  # 14336 nearer than 4096
+    assert cache["GEMM_SPLITK"][sig(8, 128256, 4096, 128)] == {"y": 2}  # 28672 nearer than 14336
+    assert sig(8, 128256, 4096, 64) not in cache["GEMM_SPLITK"]  # another group is not this shape's
+    assert cache["GEMM"] == {sig(2048, 128256, 4096, 128): {"tuned": True}}  # tuned already: untouched
+    cache["GEMV_REVSPLITK"][sig(1, 128256, 4096, 128)]["BLOCK_SIZE_N"] = 512
+    assert cache["GEMV_REVSPLITK"][sig(1, 14336, 4096, 128)] == {"BLOCK_SIZE_N": 256}  # a copy, not shared
+    cache["GEMV_REVSPLITK"].pop(sig(1, 128256, 4096, 128))
+    int4.gemlite_borrow_config(128256, 4096, 128)  # once per shape: not redone
+    assert sig(1, 128256, 4096, 128) not in cache["GEMV_REVSPLITK"]
+    assert int4.gemlite_borrow_config(4096, 11008, 128) == {}  # no config for this K
+    monkeypatch.setattr(int4, "GEMLITE_BORROW", False)
+    assert int4.gemlite_borrow_config(1024, 4096, 128) == {} and sig(8, 1024, 4096, 128) not in cache["GEMM_SPLITK"]

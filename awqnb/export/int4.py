@@ -22,7 +22,8 @@ gemlite (0.6, HQQ's convention W ≈ (W_q − zeros)·scales, i.e. awqnb's (q �
 [N, K] into int32 [K/8, N] with bf16 scales and zeros [K/g, N] (it stores −z·s: "fma mode"); it
 needs K % 32 == 0, K % g == 0, g ≥ 16, bf16/fp16. Its autotune configs ship per GPU name; a GPU
 whose name matches none (an H200 is 'nvidia_h200') would autotune on first use, so on sm_90 the
-H100 file is loaded (one log line says so).
+H100 file is loaded (one log line says so); a shape the file lacks (an lm_head's N) takes the tuned
+configs of the nearest N with its K and group (`gemlite_borrow_config`) instead of autotuning.
 
 Shapes or groups torch's kernel refuses (g16, N not a multiple of 16, bf16-less CUDA dtypes) fall back
 to `dequant`: the same 4-bit codes kept nibble-packed, dequantized at every call (one log line per
@@ -45,8 +46,11 @@ only), `weight_shape` [N, K]; codes are unpacked here (no compressed-tensors imp
 """
 from __future__ import annotations
 
+import ast
+import copy
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -66,6 +70,7 @@ KERNELS = ("auto", "gemlite", "torch", "dequant")
 # but that rounding (up to 2⁻⁹·15·s) is several times a bf16 weight's. Off: (q − z)·s, exact integers
 # times s, so the product equals the dequantized bf16 weight's to bf16 rounding.
 GEMLITE_FMA = False
+GEMLITE_BORROW = True  # shapes missing from gemlite's autotune file take a tuned neighbour's configs
 _GEMLITE: dict = {}  # the gemlite import, tried once per process: {"mod", "why", "config", "warned"}
 # rows above which forward dequantizes to a dense weight and runs cuBLAS (gemlite / dequant linears)
 PREFILL_ROWS = 128
@@ -159,6 +164,12 @@ def fused(fn, *args, use_compile: bool | None = None, **static):
         return fn(*args, **static)
 
 
+def compile_status() -> dict:
+    """How the prefill dequantization runs in this process: the devices it is compiled on, the count
+    of (shape, dtype) kernels compiled so far, and why compiling failed (None: it has not)."""
+    return {"devices": list(COMPILE_DEVICES), "compiled": len(_COMPILED), "failed": _COMPILE_STATE["broken"]}
+
+
 # --- the module -----------------------------------------------------------------------------
 
 def kernel_group(k: int, group_size: int) -> int | None:
@@ -222,6 +233,47 @@ def gemlite_config(device: torch.device) -> str | None:
                          torch.cuda.get_device_name(device), h100.name)
         _GEMLITE["config"] = found
     return _GEMLITE.get("config")
+
+
+def gemlite_borrow_config(n: int, k: int, group: int) -> dict[str, int]:
+    """gemlite's autotune file holds configs per (M bucket, N, K, group, …); a shape it lacks (an
+    lm_head's N = 128256, say) is autotuned at the first call of each M bucket (≈ 20 Triton
+    compiles each). Where configs exist for the same K and group at other N, the nearest such
+    N's (by ratio) are copied for this N (tile sizes suit any N of that size; gemlite recomputes
+    its EVEN_N flag). Returns {matmul type: donor N} ({}: nothing borrowed); off with
+    GEMLITE_BORROW = False."""
+    if not GEMLITE_BORROW:
+        return {}
+    done = _GEMLITE.setdefault("borrowed", {})  # once per shape: a load makes hundreds of linears
+    if (n, k, group) in done:
+        return done[(n, k, group)]
+    from gemlite import core as gl_core
+
+    cache = getattr(gl_core, "GEMLITE_TRITON_CONFIG_CACHE", None)  # rebound by load_config: read it now
+    donors = {}
+    for typ, entries in (cache or {}).items():
+        if not isinstance(entries, dict):
+            continue
+        keys = {}
+        for key in entries:  # gemlite's signature: str((M bucket, N, K, group, elements_per_sample, type_id))
+            try:
+                t = ast.literal_eval(key)
+            except (ValueError, SyntaxError):
+                continue
+            if isinstance(t, tuple) and len(t) == 6 and t[2] == k and t[3] == group:
+                keys[key] = t
+        if not keys or any(t[1] == n for t in keys.values()):
+            continue  # nothing for this K and group, or this shape is tuned already
+        dn = min({t[1] for t in keys.values()}, key=lambda x: abs(math.log(x / n)))
+        for key, t in keys.items():
+            if t[1] == dn:
+                entries.setdefault(str((t[0], n) + t[2:]), copy.deepcopy(entries[key]))
+        donors[typ] = dn
+    done[(n, k, group)] = donors
+    if donors:
+        log.info("gemlite: no tuned config for N=%d, K=%d, group %d; using those of %s (no autotune at first use)",
+                 n, k, group, ", ".join(f"N={d} for {t}" for t, d in donors.items()))
+    return donors
 
 
 def gemlite_group(k: int, group_size: int) -> int | None:
@@ -332,6 +384,7 @@ class Int4Linear(nn.Module):
             gemlite_config(device)
             g = gemlite_group(k, gs)
             mod.kernel_group = g
+            gemlite_borrow_config(n, k, g)
             reps = gs // g if gs != k else k // g
             gdt = gl.DType.BF16 if dtype == torch.bfloat16 else gl.DType.FP16
             lin = gl.GemLiteLinear(4, group_size=g, in_features=k, out_features=n, input_dtype=gdt, output_dtype=gdt)
@@ -409,8 +462,9 @@ class Int4Linear(nn.Module):
     def _dense(self, dtype: torch.dtype, use_compile: bool | None = None) -> torch.Tensor:
         if self.kernel == "gemlite":
             gl = self.gl
-            w_t = fused(gemlite_dense, gl.W_q, gl.scales.to(dtype), gl.zeros.to(dtype), use_compile=use_compile,
-                        group=self.kernel_group, fma=gl.W_group_mode == 4)
+            # detach: plain tensors in, not gemlite's Parameters (nothing for dynamo to guard by identity)
+            w_t = fused(gemlite_dense, gl.W_q.detach(), gl.scales.detach().to(dtype), gl.zeros.detach().to(dtype),
+                        use_compile=use_compile, group=self.kernel_group, fma=gl.W_group_mode == 4)
             return w_t.t()
         return fused(nibble_dense, self.codes, self.scale.to(dtype), self.zero.to(dtype), use_compile=use_compile,
                      group=self.group_size, k=self.in_features)

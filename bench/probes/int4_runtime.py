@@ -8,7 +8,15 @@ rows of x ~ N(0, 1) in bf16. Implementations per (shape, M):
     gemlite   Int4Linear on gemlite's Triton kernels (GEMV_REVSPLITK M ≤ 4, GEMM_SPLITK ≤ 64, GEMM
               above), (q − z)·s mode; skipped with the reason recorded when gemlite is not importable
     gemlite_fma  (--fma only) gemlite's default fma mode, q·s + (−z·s), for its speed/precision cost
-    dequant   Int4Linear's fallback: nibble codes dequantized to bf16 at every call, then a bf16 matmul
+    dequant   Int4Linear's fallback: nibble codes dequantized to bf16 at every call by unfused eager
+              ops, then a bf16 matmul
+    dequant+mm  Int4Linear's prefill path (what it runs above `prefill_rows`, 128 by default) at every
+              M: gemlite's packed copy (the nibbles where gemlite is absent) dequantized to bf16 by
+              ONE torch.compile'd kernel, then F.linear (cuBLAS); the compile happens at the first
+              call (warm-up, not timed; its seconds are recorded per shape as `compile_s`), and the
+              dequantization alone is timed per shape (`dequant_only_ms`). On the CPU smoke test the
+              dequantization runs as eager ops (awqnb compiles it on CUDA only).
+The 4-bit columns (torch, gemlite, dequant) are their kernels at every M (prefill_rows None).
 Correctness: relative error ‖y − y_ref‖/‖y_ref‖ against the float32 product of the same codes (y_ref =
 x·Wᵀ, the dequantized product), and against the bf16 linear's output. Timing: CUDA events around
 `iters` back-to-back calls (iters chosen for ~15 ms a repeat), 3 repeats, median; every repeat is
@@ -16,10 +24,10 @@ kept; on CUDA also the same calls captured in a CUDA graph and replayed (`graph_
 time without Python's launch overhead, which dominates eager calls at small M). The weights are
 not flushed from L2 between calls (a 4096×4096 bf16 weight, 32 MiB, fits the H200's L2). gemlite's autotune config: an H200 matches none of its shipped GPU names, so the H100
 file is loaded (recorded as `gemlite_config`); the first call per (M bucket, shape) still compiles
-the Triton kernel (warm-up, not timed). A time budget (--budget-s, 80 s) stops the loop early, and
+the Triton kernel (warm-up, not timed). A time budget (--budget-s, 45 s: the run stays under 60 s) stops the loop early, and
 the JSON + markdown are rewritten after every (shape, M): a cut run keeps what it finished.
 
-  python bench/probes/int4_runtime.py --out DIR        # the H200: DIR/int4_runtime.{json,md}, < 90 s
+  python bench/probes/int4_runtime.py --out DIR        # the H200: DIR/int4_runtime.{json,md}, < 60 s
   python bench/probes/int4_runtime.py --cpu --small    # CPU smoke test: shapes / 16; its times are CPU
                                                        # times of tiny shapes and say nothing about the GPU
 
@@ -178,6 +186,14 @@ def markdown(doc: dict) -> str:
                 g = r.get("graph_ms_median")
                 row.append("—" if g is None else f"{g:.4f} ({g / b:.2f}×)" if b else f"{g:.4f}")
             lines.append("| " + " | ".join(row) + " |")
+    pre = [r for r in doc.get("memory", []) if "dequant_only_ms" in r]
+    if pre:
+        lines += ["", "dequant+mm = Int4Linear's prefill path at every M (compile excluded). Its dequantization alone "
+                  "(reading the '" + pre[0]["prefill_layout"] + "' copy, " +
+                  ("one torch.compile'd kernel" if pre[0]["compiled"] else
+                   f"eager ops{': compile failed: ' + pre[0]['compile_failed'] if pre[0]['compile_failed'] else ''}") +
+                  "): " + ", ".join(f"{r['shape']} {r['dequant_only_ms']:.4f} ms (first call {r['compile_s']:.1f} s)"
+                                    for r in pre) + "."]
     if doc.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in doc["skipped"].items())]
     if doc.get("cut"):
@@ -185,7 +201,7 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-IMPL_ORDER = ["bf16", "torch", "gemlite", "gemlite_fma", "dequant"]
+IMPL_ORDER = ["bf16", "torch", "gemlite", "gemlite_fma", "dequant", "dequant+mm"]
 
 
 def build_impls(q, s, z, w, device, want: list[str], skipped: dict) -> tuple[dict, dict]:
@@ -198,10 +214,13 @@ def build_impls(q, s, z, w, device, want: list[str], skipped: dict) -> tuple[dic
     impls["bf16"] = lin
     for name in want:
         kernel = "gemlite" if name.startswith("gemlite") else name
+        if name == "dequant+mm":  # the prefill path reads gemlite's copy where gemlite runs
+            kernel = "dequant" if device.type != "cuda" or "gemlite" in skipped else "gemlite"
         int4.GEMLITE_FMA = name == "gemlite_fma"
         t0 = time.perf_counter()
         try:
             impls[name] = Int4Linear.from_codes(q, s, z, GROUP, dtype=torch.bfloat16, device=device, kernel=kernel)
+            impls[name].prefill_rows = 0 if name == "dequant+mm" else None  # each column one path at every M
         except Exception as e:  # noqa: BLE001 - record why (gemlite absent, shape refused) and go on
             skipped.setdefault(name, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
             continue
@@ -213,13 +232,28 @@ def build_impls(q, s, z, w, device, want: list[str], skipped: dict) -> tuple[dic
     return impls, pack_s
 
 
+def prefill_path(clock: Clock, mod) -> dict:
+    """The prefill path's dequantization alone: which copy it reads, whether it runs compiled, the
+    first call's seconds (the compile), then its median ms (CUDA events / perf_counter)."""
+    t0 = time.perf_counter()
+    w = mod.prefill_weight()
+    clock.sync()
+    st = int4.compile_status()
+    out = {"prefill_layout": mod.prefill_layout(), "compile_s": time.perf_counter() - t0,
+           "compiled": w.device.type in st["devices"] and st["failed"] is None,
+           "compile_failed": st["failed"], "dequant_weight_shape": list(w.shape)}
+    del w
+    out["dequant_only_ms"] = time_impl(clock, mod.prefill_weight)["ms_median"]
+    return out
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (a smoke test of this script)")
     ap.add_argument("--small", action="store_true", help="shapes divided by 16 (K 256 / 896, still g128)")
     ap.add_argument("--fma", action="store_true", help="also time gemlite's fma mode (more Triton compiles)")
-    ap.add_argument("--budget-s", type=float, default=80.0, help="stop starting new (shape, M) cells after this")
+    ap.add_argument("--budget-s", type=float, default=45.0, help="stop starting new (shape, M) cells after this")
     ap.add_argument("--out", default=os.environ.get("OUT") or ".", help="directory for int4_runtime.{json,md} (default $OUT)")
     args = ap.parse_args(argv)
     if not args.cpu and not torch.cuda.is_available():
@@ -232,7 +266,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     dest, dest_md = out / "int4_runtime.json", out / "int4_runtime.md"
     t_start = time.perf_counter()
-    want = ["torch"] + ([] if args.cpu else ["gemlite"] + (["gemlite_fma"] if args.fma else [])) + ["dequant"]
+    want = (["torch"] + ([] if args.cpu else ["gemlite"] + (["gemlite_fma"] if args.fma else [])) + ["dequant"]
+            + ["dequant+mm"])
     gl, gl_why = (None, "CPU run: gemlite is CUDA only") if args.cpu else int4.gemlite_import()
     doc = {
         "what": "Int4Linear kernels (torch int4pack, gemlite, dequant per call) vs bf16 nn.Linear, random W4 g128 "
@@ -274,6 +309,9 @@ def main(argv=None) -> int:
         impls, pack_s = build_impls(q, s, z, w, device, [x for x in want if x not in doc["skipped"]], doc["skipped"])
         doc["memory"].append({"shape": nm, "bf16_bytes": n * k * 2, "pack_seconds": pack_s,
                               **{f"{name}_bytes": mod.nbytes() for name, mod in impls.items() if name != "bf16"}})
+        if "dequant+mm" in impls:
+            doc["memory"][-1].update(prefill_path(clock, impls["dequant+mm"]))
+            write()
         del q
         for m in ROWS:
             if time.perf_counter() - t_start > args.budget_s:
