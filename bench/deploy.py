@@ -605,6 +605,8 @@ def main(argv=None) -> int:
     print(f"wrote {out / 'deploy.json'} and deploy.md ({doc['seconds']['total']:.0f} s)")
     for v, t in doc["targets"].items():
         print(v, json.dumps(t))
+    if doc.get("lm_head_note"):
+        print(doc["lm_head_note"])
     return 0
 
 

@@ -217,7 +217,8 @@ def test_gemlite_prefill_on_cuda_reads_gemlite_packing(n, k, gs):
     mod = int4.Int4Linear.from_codes(q, s.float(), z, gs, dtype=torch.bfloat16, device="cuda", kernel="gemlite")
     assert mod.prefill_layout() == "gemlite"
     w = mod.prefill_weight()
-    assert int4._COMPILE_STATE["broken"] is None
+    st = int4.compile_status()
+    assert st["failed"] is None and st["compiled"] >= 1, st  # one Triton kernel from inductor, not eager ops
     assert torch.equal(w.cpu(), _dense_bf16(q, s, z, k if gs == -1 else gs))
     x = torch.randn(256, k, device="cuda").bfloat16()
     assert torch.equal(mod(x), F.linear(x, w))
