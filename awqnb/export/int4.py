@@ -718,3 +718,71 @@ def int4_summary(model: nn.Module) -> dict:
         "int4_bytes": sum(m.nbytes() for m in mods),
         "dense_equivalent_bytes": sum(m.in_features * m.out_features * torch.finfo(m.dtype).bits // 8 for m in mods),
     }
+
+
+# --- evaluation entry point: the runtime a model path gets ------------------------------------
+
+RUNTIMES = ("auto", "int4", "dense")
+
+
+def resolve_runtime(path: str | Path, runtime: str = "auto") -> tuple[str, str]:
+    """('int4' | 'dense', why) for evaluating `path` (an alias, a directory, a .gguf file, a Hub id).
+
+    auto: int4 for a packed directory (compressed-tensors pack-quantized, awqnb's packed export),
+    dense otherwise; int4: a packed directory or one clear line; dense: always dense (packed weights
+    decoded at load by transformers)."""
+    if runtime not in RUNTIMES:
+        raise AwqnbError(f"runtime={runtime!r} is unknown; use one of {', '.join(RUNTIMES)}.")
+    p = Path(str(path)).expanduser()
+    qc = None
+    if p.is_dir() and (p / "config.json").is_file():
+        qc = checkpoint.read_records(p)[1]  # a malformed config.json: one line
+    packed = checkpoint.is_compressed(qc) and qc.get("format") == "pack-quantized"
+    if runtime == "dense":
+        return "dense", "runtime dense asked for" + (" (packed weights decoded at load)" if packed else "")
+    if packed:
+        return "int4", f"a packed directory, runtime {runtime}"
+    if runtime == "int4":
+        raise AwqnbError(f"{path} is not a packed checkpoint (compressed-tensors pack-quantized), which the INT4 "
+                         "runtime needs: use runtime dense (`awqnb eval --runtime dense`), or export one with "
+                         "`awqnb quantize --format packed`.")
+    return "dense", "not a packed directory"
+
+
+def load_for_eval(path: str | Path, device="cpu", runtime: str = "auto", kernel: str = "auto",
+                  dtype=None, dense_device=None):
+    """(model, tokenizer, provenance) of a model to evaluate, on the runtime `resolve_runtime` picks.
+
+    int4: `load_int4(path, device, dtype, kernel)` (Int4Linear modules, no dense copy); dense:
+    `awqnb.model.loading.load_model(path)` on `dense_device` (default `device`), in `dtype` (None: the
+    checkpoint's). provenance: {'runtime': 'int4' | 'dense', 'requested', 'why', 'kernel' (the
+    kernel asked for; None when dense), 'int4': `int4_summary(model)` (None when dense), 'device'}.
+    `runtime_words(provenance)` says it in one line for a report."""
+    from awqnb.model.loading import load_model
+
+    which, why = resolve_runtime(path, runtime)
+    if which == "int4":
+        model, tok = load_int4(path, device=device, dtype=dtype, kernel=kernel)
+        summary, dev = int4_summary(model), resolve_device(device)
+    else:
+        dev = resolve_device(dense_device if dense_device is not None else device)
+        model, tok = load_model(str(path), device=dev, dtype="auto" if dtype is None else dtype)
+        summary, kernel = None, None
+    prov = {"runtime": which, "requested": runtime, "why": why, "kernel": kernel, "int4": summary,
+            "device": str(dev)}
+    return model, tok, prov
+
+
+def runtime_words(prov: dict) -> str:
+    """One line (Markdown) saying which runtime and kernels a `load_for_eval` model runs on."""
+    s = prov.get("int4")
+    if prov.get("runtime") != "int4" or not s:
+        return f"**Runtime: dense** ({prov.get('why', '')}): every linear a dense weight, on {prov.get('device')}."
+    mb = 1024 ** 2
+    kernels = ", ".join(f"{s[k]} on {k}" for k in ("gemlite", "torch", "dequant") if s[k])
+    prefill = (f"; above {', '.join(map(str, s['prefill_rows']))} rows {s['prefill_dequant']} of them dequantize "
+               "once per call and run F.linear" if s["prefill_dequant"] else "")
+    return (f"**Runtime: INT4** ({prov.get('why', '')}; kernel asked: {prov.get('kernel')}) on {prov.get('device')}: "
+            f"{s['int4_linears']} linears as Int4Linear ({kernels or 'none'}; 'torch' is torch's int4 kernel, "
+            f"'dequant' dequantizes at every call){prefill}; they hold {s['int4_bytes'] / mb:.2f} MiB against "
+            f"{s['dense_equivalent_bytes'] / mb:.2f} MiB as dense weights; {s['dense_linears']} linear(s) stay dense (e.g. an FP lm_head).")
