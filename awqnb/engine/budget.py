@@ -24,7 +24,8 @@ One engine walk (`awqnb.engine.walk`) holds on the compute device, at its peak,
 
 It is an estimate from shapes, not a bound. For the settings of the H200 peaks measured in
 bench/README.md's scale table (awq, bf16, 128 × 512 calibration, batch 16: Llama-3-8B 8.04 GB,
-70B 19.11 GB, 70B offloaded 8.79 GB) it computes 8.34, 20.03 and 10.17 GB, a little above each; a
+70B 19.11 GB, 70B offloaded 8.79 GB, before prefetch) it computed 8.34, 20.03 and 10.17 GB, a little above
+each; the prefetched block adds 0.44 GB at 8B and 1.71 GB at 70B (8B awq with prefetch: 8.17 GB measured); a
 method that holds more (awq_dh: 10.57 GB measured at 8B) can pass the check and still run out of
 memory during the walk, where the engine's one-line out-of-memory error takes over.
 
