@@ -725,14 +725,16 @@ def int4_summary(model: nn.Module) -> dict:
 RUNTIMES = ("auto", "int4", "dense")
 
 
-def resolve_runtime(path: str | Path, runtime: str = "auto") -> tuple[str, str]:
+def resolve_runtime(path: str | Path, runtime: str = "auto", kernel: str = "auto") -> tuple[str, str]:
     """('int4' | 'dense', why) for evaluating `path` (an alias, a directory, a .gguf file, a Hub id).
 
     auto: int4 for a packed directory (compressed-tensors pack-quantized, awqnb's packed export),
     dense otherwise; int4: a packed directory or one clear line; dense: always dense (packed weights
-    decoded at load by transformers)."""
+    decoded at load by transformers). An unknown runtime or kernel is one line, before any loading."""
     if runtime not in RUNTIMES:
         raise AwqnbError(f"runtime={runtime!r} is unknown; use one of {', '.join(RUNTIMES)}.")
+    if kernel not in KERNELS:
+        raise AwqnbError(f"int4 kernel={kernel!r} is unknown; use one of {', '.join(KERNELS)}.")
     p = Path(str(path)).expanduser()
     qc = None
     if p.is_dir() and (p / "config.json").is_file():
@@ -760,7 +762,7 @@ def load_for_eval(path: str | Path, device="cpu", runtime: str = "auto", kernel:
     `runtime_words(provenance)` says it in one line for a report."""
     from awqnb.model.loading import load_model
 
-    which, why = resolve_runtime(path, runtime)
+    which, why = resolve_runtime(path, runtime, kernel)
     if which == "int4":
         model, tok = load_int4(path, device=device, dtype=dtype, kernel=kernel)
         summary, dev = int4_summary(model), resolve_device(device)
@@ -785,4 +787,5 @@ def runtime_words(prov: dict) -> str:
     return (f"**Runtime: INT4** ({prov.get('why', '')}; kernel asked: {prov.get('kernel')}) on {prov.get('device')}: "
             f"{s['int4_linears']} linears as Int4Linear ({kernels or 'none'}; 'torch' is torch's int4 kernel, "
             f"'dequant' dequantizes at every call){prefill}; they hold {s['int4_bytes'] / mb:.2f} MiB against "
-            f"{s['dense_equivalent_bytes'] / mb:.2f} MiB as dense weights; {s['dense_linears']} linear(s) stay dense (e.g. an FP lm_head).")
+            f"{s['dense_equivalent_bytes'] / mb:.2f} MiB as dense weights; {s['dense_linears']} linear(s) stay dense "
+            "(an FP lm_head, a plan's 8-bit linears).")
