@@ -4,9 +4,11 @@ atomically, never pickled: a cache directory can be shared, and reading it must 
 reads its statistics instead of recomputing them.
 
 The disk location is `$AWQNB_DIAG_CACHE` when set (tests point it at a temporary directory).
-The key never trusts names alone: `weights_fingerprint` hashes the config and every parameter's
-Σw and Σw² (a model quantized in place, or re-initialised, gets a new key), `calibration_key`
-hashes the token ids next to `Calibration.to_dict()`.
+The key never trusts names alone: `weights_fingerprint` hashes the config and, per parameter and
+buffer, its shape, dtype and the bytes of a fixed strided sample of its values (a model quantized in
+place, folded, or re-initialised gets a new key; a few thousand values per tensor, so keying an 8B or
+70B model reads megabytes, not the model), `calibration_key` hashes the token ids next to
+`Calibration.to_dict()`.
 """
 from __future__ import annotations
 
@@ -32,24 +34,56 @@ log = logging.getLogger(__name__)
 DIAG_VERSION = 1  # bump when a frame's definition changes: old cache entries are then ignored
 
 
+FINGERPRINT_SAMPLE = 4096  # values hashed per tensor: all of a smaller one
+
+
+def _sample_step(numel: int, last: int, n: int) -> int:
+    """The stride of the sample: about numel / n, made coprime with the last dimension so the
+    samples walk across every column, not down one (a row length dividing the stride would
+    sample column 0 of each row only)."""
+    step = max(1, numel // n)
+    while step > 1 and math.gcd(step, max(last, 1)) != 1:
+        step += 1
+    return step
+
+
+def _tensor_bytes(t: torch.Tensor, n: int = FINGERPRINT_SAMPLE) -> bytes:
+    """The raw bytes of every `step`-th element of `t` (flattened), at most n of them: exact for
+    the dtype (no float conversion), the same in every process."""
+    flat = t.detach().reshape(-1)  # a view of a contiguous tensor: nothing is copied but the sample
+    step = _sample_step(flat.numel(), t.shape[-1] if t.dim() else 1, n)
+    s = flat[::step][:n].contiguous().cpu()
+    try:
+        return s.view(torch.uint8).numpy().tobytes()
+    except (RuntimeError, TypeError):  # a dtype or tensor subclass with no byte view: its values
+        return s.to(torch.float64).numpy().tobytes()
+
+
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha1 of the config and, per parameter, its name, shape, dtype, Σw and Σw² (float64, in
-    chunks of 2^20 elements: no full-size copy). Changes when any weight changes (a model
-    quantized in place gets a new fingerprint)."""
+    """sha1 of the config and, per parameter and buffer, its name, shape, dtype and the bytes of a
+    fixed strided sample of at most `FINGERPRINT_SAMPLE` values (`_tensor_bytes`).
+
+    Cost: O(FINGERPRINT_SAMPLE) per tensor, whatever the model's size. Sound for what changes
+    weights here: quantizing a block, a fold (norm weights or rows/columns scaled), a plan or a
+    re-initialisation rewrites whole tensors or whole rows/columns, so sampled values change. A
+    tensor of at most FINGERPRINT_SAMPLE elements is hashed whole; in a larger one, an edit of
+    only unsampled elements (a single hand-edited weight off the sample) does NOT change the key,
+    and a cached result for the old weights would be returned: clear the cache (or pass
+    cache=False) after such an edit. Stable across calls and processes (no id(), no randomness)."""
     h = hashlib.sha1()
     try:
         h.update(model.config.to_json_string(use_diff=True).encode())
     except Exception:  # noqa: BLE001  a config without JSON: its repr
         h.update(repr(model.config).encode())
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            s1 = s2 = 0.0
-            for c in flat.split(1 << 20):
-                c = c.double()
-                s1 += float(c.sum())
-                s2 += float(c.pow(2).sum())
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{s1:.10e}:{s2:.10e};".encode())
+        for name, t in tensors:
+            if t.is_meta:
+                raise AwqnbError(f"{name} is on the meta device (not loaded): there are no weights to key the "
+                                 "diagnostics cache by; load the model, or pass cache=False.")
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:".encode())
+            h.update(_tensor_bytes(t))
+            h.update(b";")
     return h.hexdigest()[:16]
 
 
