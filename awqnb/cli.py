@@ -259,22 +259,20 @@ def cmd_eval(args) -> int:
     device = devices.resolve_device(args.device)
     local = Path(args.model).expanduser()
     records = checkpoint.read_records(local) if local.is_dir() else None  # malformed files: one line
-    if args.runtime == "int4":
-        from awqnb.export import int4
+    from awqnb.export import int4
 
-        if not export.is_packed(args.model):
-            raise AwqnbError(f"--runtime int4 runs packed directories only (compressed-tensors pack-quantized); "
-                             f"{args.model} is not a packed checkpoint: use --runtime dense.")
-        model, tok = int4.load_int4(args.model, device=device, kernel=args.int4_kernel)
+    runtime = int4.resolve_runtime(args.model, args.runtime, args.int4_kernel)[0]  # auto: int4 for a packed dir
+    if runtime == "int4":
+        model, tok, prov = int4.load_for_eval(args.model, device=device, runtime="int4", kernel=args.int4_kernel)
         load_on, why = device, "the int4 runtime loads onto the device"
     else:
         if export.is_packed(args.model):
             checkpoint.require_compressed_tensors()  # a clear message instead of transformers' ImportError
         load_on, why = _eval_load_device(args.model, device)
         model, tok = loading.load_model(args.model, device=load_on)
-    meta = {"model": args.model, "method": "fp", "runtime": args.runtime}
-    if args.runtime == "int4":
-        meta["int4"] = int4.int4_summary(model)
+    meta = {"model": args.model, "method": "fp", "runtime": runtime}
+    if runtime == "int4":
+        meta["int4"] = prov["int4"]
     if records is not None and (records[1] or records[2]):
         from awqnb.api import detect_quantization
 
@@ -312,7 +310,7 @@ def cmd_eval(args) -> int:
         res.to_json(args.json)
     src = f" (sha256 {info['sha256'][:12]})" if info else ""
     sys.stdout.write(f"{meta['model']} [{meta['method']}] {res.dataset}{src} {res.protocol} ppl seqlen={res.seqlen} "
-                     f"units={res.n_units} runtime={args.runtime}: {res.ppl:.4f}\n")  # the number last: scripts split it off
+                     f"units={res.n_units} runtime={runtime}: {res.ppl:.4f}\n")  # the number last: scripts split it off
     return 0
 
 
@@ -482,8 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-samples", type=int, default=2000, help="texts evaluated under the sample protocol")
     e.add_argument("--device", default="auto", help="auto (cuda:0 if present, else cpu), cpu, cuda:N")
     e.add_argument("--json", default=None, help="write the result (with per-window NLL) here (default: none)")
-    e.add_argument("--runtime", choices=["dense", "int4"], default="dense",
-                   help="dense: packed weights dequantized at load (transformers); int4: a packed directory's "
+    e.add_argument("--runtime", choices=["dense", "int4", "auto"], default="dense",
+                   help="dense: packed weights dequantized at load (transformers); auto: int4 for a packed "
+                        "directory, else dense; int4: a packed directory's "
                         "<=4-bit linears on torch's int4 kernel, no dense copy (awqnb.export.int4; bfloat16 on "
                         "CUDA). Same perplexity to rounding; default dense: perplexity is a prefill workload, "
                         "where that kernel is slower than bf16 beyond a few rows")

@@ -117,3 +117,21 @@ def test_committed_report_notebook_has_the_runtime_parameters_and_no_outputs():
     assert all(not c.outputs and c.execution_count is None for c in nb.cells if c.cell_type == "code")
     params = notebook_run.notebook_parameters(path)
     assert params["runtime"] == "\"auto\"" and params["int4_kernel"] == "\"auto\""
+
+
+def test_cli_eval_runtime_auto_picks_int4_for_a_packed_directory(packed, tmp_path, capsys):
+    """`awqnb eval --runtime auto`: the INT4 runtime on a packed directory (named in stdout and JSON), dense
+    on an alias."""
+    from awqnb.cli import main
+
+    _, _, d = packed
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    base = ["eval", "--dataset", str(text), "--seqlen", "64", "--max-windows", "2", "--device", "cpu",
+            "--runtime", "auto"]
+    assert main(base + ["--model", str(d), "--json", str(tmp_path / "a.json")]) == 0
+    assert "runtime=int4: " in capsys.readouterr().out
+    meta = json.loads((tmp_path / "a.json").read_text())["meta"]
+    assert meta["runtime"] == "int4" and meta["int4"]["int4_linears"] == 14
+    assert main(base + ["--model", "tiny-random-llama"]) == 0
+    assert "runtime=dense: " in capsys.readouterr().out
