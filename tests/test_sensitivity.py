@@ -74,6 +74,34 @@ def test_all_effective_weights_reproduce_the_quantized_model(quantized, name):
     assert (b - c).abs().max() > 100 * (a - b).abs().max()  # the quantization is visible at that scale
 
 
+@pytest.mark.parametrize("cdtype", [torch.float32, torch.bfloat16])
+def test_reference_keeps_wq_in_the_models_dtype_and_forms_weff_exactly(tiny, cdtype):
+    """A bf16 model's Reference holds W_q in bf16 (half a float32 copy) plus the folded scales, and
+    forms W_eff from them bit for bit as `effective_weights` (float32) cast to the compute dtype —
+    the old float32 copies — from the (model, result) pair and from a replayed QuantResult alike."""
+    from awqnb.analysis.scales import effective_weights
+
+    fp = copy.deepcopy(tiny["tiny-random-llama"][0]).to(torch.bfloat16)
+    q = copy.deepcopy(fp)
+    res = pipeline.quantize(q, _cfg(), tiny["tiny-random-llama"][2], progress=False)
+    assert any(r.groups for r in res.layers)  # folded scales: W_eff ≠ W_q, the division is tested
+    for ref in (S.reference(fp, None, result=(q, res), dtype=cdtype), S.reference(fp, None, result=res, dtype=cdtype)):
+        for j in range(len(res.layers)):
+            old = {n: w.to("cpu", cdtype) for n, w in effective_weights(q, res, j, device="cpu").items()}
+            assert all(w.dtype == torch.bfloat16 for w in ref.wq[j].values())
+            new = ref.weff[j]
+            assert new.keys() == old.keys()
+            for n in old:
+                assert new[n].dtype == cdtype and torch.equal(new[n], old[n]), (j, n)
+                assert torch.equal(ref.weights(j, "cpu", torch.float32)[n], effective_weights(q, res, j, "cpu")[n])
+    # the pair's weights are copied: editing the quantized model later does not edit the Reference
+    ref = S.reference(fp, None, result=(q, res))
+    before = ref.weff[0]["mlp.down_proj"].clone()
+    with torch.no_grad():
+        q.model.layers[0].mlp.down_proj.weight.add_(1.0)
+    assert torch.equal(ref.weff[0]["mlp.down_proj"], before)
+
+
 @pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gemma3"])
 def test_variants_from_cached_prefixes_equal_full_forwards(quantized, frames, name):
     """A row of the frame (computed from cached hidden states, blocks i..L only) equals KL / ppl of

@@ -37,6 +37,7 @@ import hashlib
 import logging
 import math
 import time
+from collections import abc
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from awqnb.analysis.diagnostics import check_layers, model_device, model_label, with_own_block
-from awqnb.analysis.scales import effective_weights, scales_fingerprint
+from awqnb.analysis.scales import scale_maps, scales_fingerprint
 from awqnb.analysis.evaluate import base_and_head, check_positive
 from awqnb.analysis.statcache import cached_or_compute, calibration_key, weights_fingerprint, resolve_cache
 from awqnb.core.devices import sync
@@ -119,29 +120,84 @@ def _check_modes(modes) -> list[str]:
 
 # --- the quantized model in the FP basis ----------------------------------------------------
 
+def _effective(w: torch.Tensor, col: torch.Tensor | None, row: torch.Tensor | None, device) -> torch.Tensor:
+    """W_eff = diag(row) · W_q · diag(col)^-1 on `device`, by the same float32 operations in the
+    same order as `scales.effective_weights` (so the same values, bit for bit)."""
+    w = w.to(device).float()
+    if col is not None:
+        w = w / col.to(device)[None, :]
+    if row is not None:
+        w = w * row.to(device)[:, None]
+    return w
+
+
 @dataclass
 class Reference:
     """A quantization of the model, in the FP model's basis.
 
-    weff[layer][linear]: `[co, ci]` W_eff on the CPU in `dtype` (every block linear); head: the
-    quantized lm_head weight `[V, H]` when the run quantized it, else None; result: the QuantResult.
+    Kept compact: wq[layer][linear] is the quantized weight W_q `[co, ci]` on the CPU as the
+    quantized model holds it (its dtype: bf16 for a bf16 model, half of a float32 copy — 16 GB,
+    not 32, at 8B), cols / rows the scales folded into its input columns / output rows. W_eff is
+    formed on demand on the device that uses it (`weights`), exactly as the float32 copies were.
+    weff[layer][linear]: W_eff on the CPU in `dtype`, computed at each access (a read-only view,
+    for tests and `swap_effective`). head: the quantized lm_head weight `[V, H]` in its own dtype
+    when the run quantized it, else None; result: the QuantResult; dtype: the compute dtype.
     """
 
     result: Any
-    weff: dict[int, dict[str, torch.Tensor]]
+    wq: dict[int, dict[str, torch.Tensor]]
+    cols: dict[int, dict[str, torch.Tensor]]
+    rows: dict[int, dict[str, torch.Tensor]]
+    dtype: torch.dtype = torch.float32
     head: torch.Tensor | None = None
+
+    def weights(self, j: int, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Block j's W_eff per linear on `device` in `dtype` (default: the compute dtype)."""
+        dt = dtype or self.dtype
+        return {n: _effective(w, self.cols[j].get(n), self.rows[j].get(n), device).to(dt)
+                for n, w in self.wq[j].items()}
+
+    @property
+    def weff(self) -> Mapping[int, dict[str, torch.Tensor]]:
+        return _WeffView(self)
+
+
+class _WeffView(abc.Mapping):
+    """layer → linear → W_eff on the CPU in the Reference's dtype, formed at each access."""
+
+    def __init__(self, ref: Reference):
+        self._ref = ref
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        return self._ref.weights(j)
+
+    def __iter__(self):
+        return iter(self._ref.wq)
+
+    def __len__(self) -> int:
+        return len(self._ref.wq)
+
+
+def _compact(qmodel: nn.Module, res, j: int, spec: ArchSpec, attn, copy_weights: bool) -> tuple[dict, dict, dict]:
+    """(W_q per linear on the CPU, input-column scales, output-row scales) of block j of a
+    quantized model; W_q copied when the caller's model could change later, else shared."""
+    block = blocks(qmodel, spec)[j]
+    wq = {n: get_module(block, n).weight.data.detach().to("cpu", copy=copy_weights) for n in spec.linears}
+    cols, rows = scale_maps(res, j, spec, attn)
+    return wq, {n: c.to("cpu") for n, c in cols.items()}, {n: r.to("cpu") for n, r in rows.items()}
 
 
 def reference(model: nn.Module, cfg: MethodConfig | None, calibration=None, *, device=None, result=None,
               dtype=torch.float32, model_name: str | None = None, progress: bool = False) -> Reference:
     """Quantize a copy of `model` with `cfg` (or take `result`: a QuantResult, replayed block by
     block as `pipeline.apply` does, each on its own copy of that one block, or a `(quantized model,
-    QuantResult)` pair) and return every linear's W_eff."""
+    QuantResult)` pair) and return every linear's W_q and folded scales (`Reference`)."""
     dev = model_device(model, device)
     if isinstance(result, QuantResult):
         return _replayed_reference(model, result, dev, dtype)
     if isinstance(result, (tuple, list)) and len(result) == 2:
         qmodel, res = result
+        own = False  # the caller's model: its weights are copied, not shared
     elif result is None:
         if cfg is None:
             raise AwqnbError("pass a MethodConfig or a result to compare against.")
@@ -149,15 +205,17 @@ def reference(model: nn.Module, cfg: MethodConfig | None, calibration=None, *, d
         qmodel = copy.deepcopy(model)
         res = quantize(qmodel, cfg, calibration, device=dev, model_name=model_label(model, model_name),
                        progress=progress)
+        own = True  # our copy: its quantized weights are kept as they are, the rest freed with it
     else:
         raise AwqnbError("result must be a QuantResult or a (quantized model, QuantResult) pair.")
-    n = len(blocks(model, resolve_spec(model)))
-    weff = {j: {k: v.to("cpu", dtype) for k, v in effective_weights(qmodel, res, j, device="cpu").items()}
-            for j in range(n)}
-    head = None
+    spec = resolve_spec(model)
+    attn = attn_shape(qmodel.config)
+    ref = Reference(res, {}, {}, {}, dtype)
+    for j in range(len(blocks(model, spec))):
+        ref.wq[j], ref.cols[j], ref.rows[j] = _compact(qmodel, res, j, spec, attn, copy_weights=not own)
     if res.config.lm_head == "quantize":
-        head = qmodel.get_output_embeddings().weight.data.detach().to("cpu", dtype).clone()
-    return Reference(res, weff, head)
+        ref.head = qmodel.get_output_embeddings().weight.data.detach().to("cpu", copy=True)
+    return ref
 
 
 @torch.no_grad()
@@ -174,20 +232,20 @@ def _replayed_reference(model: nn.Module, res: QuantResult, dev, dtype) -> Refer
         raise AwqnbError(f"this result has {len(res.layers)} blocks but the model has {n}.")
     method = get_method(cfg.method)(cfg)
     attn = attn_shape(model.config)
-    weff = {}
+    ref = Reference(res, {}, {}, {}, dtype)
     for rec in res.layers:
         own = with_own_block(model, rec.index)
         block = blocks(own, spec)[rec.index]
         keep_block_norms_fp32(block, spec)
         apply_block(block, rec, res, spec, attn, method, dev)
-        weff[rec.index] = {k: v.to("cpu", dtype) for k, v in
-                           effective_weights(own, res, rec.index, device="cpu").items()}
+        # the block copy is ours: its quantized weights are kept, the rest of it freed
+        j = rec.index
+        ref.wq[j], ref.cols[j], ref.rows[j] = _compact(own, res, j, spec, attn, copy_weights=False)
         del own, block
-    head = None
     if cfg.lm_head == "quantize":
         w = model.get_output_embeddings().weight.data.detach().clone()
-        head = round_head(w, cfg).to("cpu", dtype)
-    return Reference(res, weff, head)
+        ref.head = round_head(w, cfg).to("cpu")
+    return ref
 
 
 @torch.no_grad()
@@ -199,10 +257,14 @@ def swap_effective(model: nn.Module, weights: Mapping[int, Mapping[str, torch.Te
     fams = family_linears(spec)
     bl = blocks(model, spec)
     pairs = [(j, f) for j in weights for f in fams] if which is None else list(which)
+    per_layer: dict[int, list[str]] = {}
     for j, f in pairs:
-        for name in fams[f]:
+        per_layer.setdefault(j, []).extend(fams[f])
+    for j, names in per_layer.items():
+        wj = weights[j]  # once per layer: a Reference's weff forms the whole block at each access
+        for name in names:
             lin = get_module(bl[j], name)
-            lin.weight.data.copy_(weights[j][name].to(lin.weight.device, lin.weight.dtype))
+            lin.weight.data.copy_(wj[name].to(lin.weight.device, lin.weight.dtype))
     return model
 
 
@@ -253,7 +315,8 @@ class EvalSlice:
         self.times: dict[str, float] = {}
 
     def qweights(self, j: int) -> dict[str, torch.Tensor]:
-        return {n: w.to(self.dev, self.dtype, non_blocking=True) for n, w in self.ref.weff[j].items()}
+        """Block j's W_eff on the device in the compute dtype (formed there from the bf16 W_q)."""
+        return self.ref.weights(j, self.dev, self.dtype)
 
     def run(self, j: int, hs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Block j (on the device, whatever weights it points at now) on every chunk."""
@@ -279,9 +342,9 @@ class EvalSlice:
                 self.h_q.append(step.hidden)
             self.kw.append(step.kwargs)
             sink, points = None, ()
+            qw = self.qweights(j)
             if j in want:
-                dws = {n: get_module(block, n).weight.data.float() - w.to(self.dev, torch.float32)
-                       for n, w in self.ref.weff[j].items()}
+                dws = {n: get_module(block, n).weight.data.float() - w.to(torch.float32) for n, w in qw.items()}
                 points = self.spec.linears
                 for n in points:
                     acc[(j, n)] = [torch.zeros((), dtype=torch.float64, device=self.dev) for _ in range(2)]
@@ -293,8 +356,9 @@ class EvalSlice:
 
             out = step.forward(sink, points, with_output=True)
             self.h_fp.append(out)
-            with _swapped(block, self.qweights(j)):
+            with _swapped(block, qw):
                 self.h_q.append(self.run(j, self.h_q[j]))
+            del qw
             step.next_hidden = out
         self.times["prefixes_s"] = sync(self.dev) - t
         return {k: (float(v[0]), float(v[1])) for k, v in acc.items()}
