@@ -74,6 +74,15 @@ def test_committed_notebook_is_clean(name):
     assert "output_dir" in notebook_run.notebook_parameters(NOTEBOOK_DIR / f"{name}.ipynb")
 
 
+def test_alpha_explorer_leaves_the_model_where_it_was_loaded():
+    """The explorer evaluates nothing: no whole-model move to the device (a 70B model need not fit),
+    the salience walk takes one block at a time and only the inspected block is copied (widgets.py)."""
+    nb = nbformat.read(NOTEBOOK_DIR / "alpha_explorer.ipynb", as_version=4)
+    src = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "fp_model.to(" not in src and "eval_placement" not in src
+    assert "AlphaExplorer(fp_model" in src and "device=dev" in src
+
+
 def test_layer_deep_dive_records_one_layer(runs):
     d, rec, m = _ok(runs, "deep_dive")
     assert rec["parameters"]["LAYER"] == 1 and rec["parameters"]["methods"] == ["rtn", "awq", "awq_sh"]
