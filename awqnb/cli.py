@@ -263,7 +263,8 @@ def cmd_eval(args) -> int:
 
     runtime = int4.resolve_runtime(args.model, args.runtime, args.int4_kernel)[0]  # auto: int4 for a packed dir
     if runtime == "int4":
-        model, tok, prov = int4.load_for_eval(args.model, device=device, runtime="int4", kernel=args.int4_kernel)
+        model, tok, prov = int4.load_for_eval(args.model, device=device, runtime=args.runtime,
+                                              kernel=args.int4_kernel)
         load_on, why = device, "the int4 runtime loads onto the device"
     else:
         if export.is_packed(args.model):

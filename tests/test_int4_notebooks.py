@@ -19,6 +19,7 @@ from awqnb.quant import pipeline
 from awqnb.quant.method_config import MethodConfig
 from awqnb.workbench import notebook_run, report
 
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 TEXT = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest structure "
         "in Paris. Its base is square, measuring 125 metres on each side. During its construction, the Eiffel "
         "Tower surpassed the Washington Monument to become the tallest man-made structure in the world. ") * 12
@@ -98,7 +99,8 @@ def test_model_report_on_a_packed_directory_says_int4_and_matches_dense(packed, 
     assert rec["state"] == "ok", rec["error"]
     doc = report.read_metrics(run)
     rt = doc["runtime"]
-    assert rt["runtime"] == "int4" and rt["kernel"] == "auto" and rt["int4"]["int4_linears"] == 14
+    assert rt["runtime"] == "int4" and rt["requested"] == "auto" and rt["kernel"] == "auto"
+    assert rt["int4"]["int4_linears"] == 14
     assert rt["int4"]["torch"] == 14 and doc["parameters"]["runtime"] == "auto"
     rows = {r["method"]: r for r in rt["results"]}
     assert set(rows) == {"fp", "fp (int4 runtime)"} and rows["fp (int4 runtime)"]["units"] == 2
@@ -111,12 +113,21 @@ def test_model_report_on_a_packed_directory_says_int4_and_matches_dense(packed, 
     assert "**Runtime: INT4**" in shown and "14 on torch" in shown
 
 
-def test_committed_report_notebook_has_the_runtime_parameters_and_no_outputs():
-    path = Path(__file__).resolve().parents[1] / "notebooks" / "model_report.ipynb"
-    nb = nbformat.read(path, as_version=4)
+@pytest.mark.parametrize("name", ["model_report", "compare_methods"])
+def test_committed_notebooks_have_the_runtime_parameters_and_no_outputs(name):
+    """Both evaluating notebooks take runtime / int4_kernel and run the same INT4 cell (model_report's
+    run above covers compare_methods' too, which differs only in the progress line)."""
+    nbs = {n: nbformat.read(NOTEBOOKS / f"{n}.ipynb", as_version=4) for n in ("model_report", name)}
+    nb = nbs[name]
     assert all(not c.outputs and c.execution_count is None for c in nb.cells if c.cell_type == "code")
-    params = notebook_run.notebook_parameters(path)
-    assert params["runtime"] == "\"auto\"" and params["int4_kernel"] == "\"auto\""
+    params = notebook_run.notebook_parameters(NOTEBOOKS / f"{name}.ipynb")
+    assert params["runtime"] == '"auto"' and params["int4_kernel"] == '"auto"'
+
+    def cell(n):
+        src = next(c.source for c in nbs[n].cells if c.get("id") == "int4-runtime")
+        return [ln for ln in src.splitlines() if "progress.stage(" not in ln]
+
+    assert cell(name) == cell("model_report") and "int4.load_for_eval(model, dev, runtime=runtime" in "\n".join(cell(name))
 
 
 def test_cli_eval_runtime_auto_picks_int4_for_a_packed_directory(packed, tmp_path, capsys):
