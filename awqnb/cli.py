@@ -481,12 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n-samples", type=int, default=2000, help="texts evaluated under the sample protocol")
     e.add_argument("--device", default="auto", help="auto (cuda:0 if present, else cpu), cpu, cuda:N")
     e.add_argument("--json", default=None, help="write the result (with per-window NLL) here (default: none)")
-    e.add_argument("--runtime", choices=["dense", "int4", "auto"], default="dense",
-                   help="dense: packed weights dequantized at load (transformers); auto: int4 for a packed "
-                        "directory, else dense; int4: a packed directory's "
-                        "<=4-bit linears on torch's int4 kernel, no dense copy (awqnb.export.int4; bfloat16 on "
-                        "CUDA). Same perplexity to rounding; default dense: perplexity is a prefill workload, "
-                        "where that kernel is slower than bf16 beyond a few rows")
+    e.add_argument("--runtime", choices=["dense", "int4", "auto"], default="auto",
+                   help="auto (default): int4 for a packed directory, else dense; int4: a packed directory's "
+                        "<=4-bit linears as Int4Linear on a 4-bit kernel, no dense copy (awqnb.export.int4); "
+                        "dense: packed weights dequantized at load (transformers). Same perplexity to rounding")
     e.add_argument("--int4-kernel", choices=["auto", "gemlite", "torch", "dequant"], default="auto",
                    help="with --runtime int4: auto (gemlite on CUDA if installed, else torch's int4 kernel), "
                         "gemlite (pip install gemlite; CUDA), torch, dequant (per call)")

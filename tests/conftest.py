@@ -1,4 +1,5 @@
 """Fixtures shared by several test modules."""
+import copy
 import contextlib
 import io
 import os
@@ -42,6 +43,17 @@ def tiny():
     for name in TINY:
         model, tok = load_model(name)
         out[name] = (model, tok, load_calibration(tok, "wikitext2", n_calib=4, seqlen=64, seed=0))
+    return out
+
+
+def quantize_each(tiny, cfg):
+    """Per tiny model: (fp model, calibration, a quantized copy, its QuantResult) under `cfg`."""
+    from awqnb.quant import pipeline
+
+    out = {}
+    for name, (fp, _tok, calib) in tiny.items():
+        q = copy.deepcopy(fp)
+        out[name] = (fp, calib, q, pipeline.quantize(q, cfg, calib, progress=False))
     return out
 
 

@@ -28,7 +28,7 @@ from awqnb.model.arch import blocks, get_module, resolve_spec
 from awqnb.quant import pipeline
 from awqnb.quant.method_config import MethodConfig
 
-from conftest import TINY  # noqa: E402
+from conftest import TINY  # noqa: E402, quantize_each
 
 Q = QuantConfig(4, 32)
 SEQ, NWIN = 40, 2  # > the tiny Gemma's sliding window of 32
@@ -142,12 +142,7 @@ def _same_state(model, before):
 @pytest.fixture(scope="module")
 def runs(tiny):
     """Per tiny model: (fp model, calibration, awq-quantized copy, QuantResult)."""
-    out = {}
-    for name, (fp, _tok, calib) in tiny.items():
-        q = copy.deepcopy(fp)
-        res = pipeline.quantize(q, _cfg(), calib, progress=False)
-        out[name] = (fp, calib, q, res)
-    return out
+    return quantize_each(tiny, _cfg())
 
 
 # --- the guard can fail ------------------------------------------------------------------------

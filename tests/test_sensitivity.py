@@ -16,6 +16,8 @@ from awqnb.core.errors import AwqnbError
 from awqnb.quant.plan import Plan
 from awqnb.analysis.statcache import DiagnosticsCache
 
+from conftest import quantize_each  # noqa: E402
+
 FAST = SearchConfig(n_grid=4)
 SEQ, NWIN = 40, 2  # > the tiny Gemma's sliding window of 32
 
@@ -35,12 +37,7 @@ def _windows():
 @pytest.fixture(scope="module")
 def quantized(tiny):
     """Per tiny model: (fp model, calibration, quantized copy, QuantResult) of awq W4 g32."""
-    out = {}
-    for name, (fp, tok, calib) in tiny.items():
-        q = copy.deepcopy(fp)
-        res = pipeline.quantize(q, _cfg(), calib, progress=False)
-        out[name] = (fp, calib, q, res)
-    return out
+    return quantize_each(tiny, _cfg())
 
 
 @pytest.fixture(scope="module")
