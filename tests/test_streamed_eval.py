@@ -50,9 +50,9 @@ def one_block_at_a_time(monkeypatch):
     real = W.onloaded
     live, peak = [0], [0]
 
-    def counting(module, device, dtype=None, writes=False):
+    def counting(module, device, dtype=None, writes=False, prefetch=None):
         is_block = hasattr(module, "self_attn")
-        cm = real(module, device, dtype, writes)
+        cm = real(module, device, dtype, writes, prefetch)
 
         class Ctx:
             def __enter__(self):
