@@ -28,7 +28,7 @@ from awqnb.model.arch import blocks, get_module, resolve_spec
 from awqnb.quant import pipeline
 from awqnb.quant.method_config import MethodConfig
 
-from conftest import TINY  # noqa: E402, quantize_each
+from conftest import TINY, quantize_each  # noqa: E402
 
 Q = QuantConfig(4, 32)
 SEQ, NWIN = 40, 2  # > the tiny Gemma's sliding window of 32
