@@ -181,11 +181,14 @@ def _free(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _evaluate(model: nn.Module, sets: Sequence[EvalSet], tokenizer, dev: torch.device, eval_dtype, meta: dict,
-              progress: bool) -> dict[str, PerplexityResult]:
-    # the whole model moves to the device only when it fits there (evaluate.eval_placement); else
-    # it stays where it was loaded and is streamed block by block (a 70B model on one GPU)
-    how = eval_placement(model, dev, eval_dtype)
+def evaluate_sets(model: nn.Module, sets: Sequence[EvalSet], tokenizer, dev: torch.device, eval_dtype=None,
+                  meta: dict | None = None, progress: bool = False,
+                  placement: str | None = None) -> dict[str, PerplexityResult]:
+    """Each set scored on `model` as `run_comparison` scores it (its protocol, batch sizes and
+    meta). placement: None = `eval_placement`'s choice (the whole model moves to the device only
+    when it fits; else it stays where it was loaded and is streamed block by block); 'whole' for a
+    model already on `dev` (an INT4-runtime load)."""
+    how = placement or eval_placement(model, dev, eval_dtype)
     if how == "whole":
         model.to(dev)  # cast after the move: faster on the device, the same numbers
     if eval_dtype is not None:
@@ -202,7 +205,7 @@ def _evaluate(model: nn.Module, sets: Sequence[EvalSet], tokenizer, dev: torch.d
                 raise AwqnbError(f"sample perplexity on {es.name} needs the tokenizer; pass tokenizer=.")
             r = sample_perplexity(model, tokenizer, es.data, max_length=es.seqlen, device=dev, dataset=es.name,
                                   batch_size=es.batch_size or (32 if gpu else 8), progress=progress, placement=how)
-        r.meta.update(meta)
+        r.meta.update(meta or {})
         if es.source:
             r.meta["data_file"] = es.source
         out[es.name] = r
@@ -404,7 +407,7 @@ def run_comparison(model: nn.Module, methods, *, tokenizer=None, seeds=DEFAULT_S
             if dev.type == "cuda" and spec.kind != "fp":
                 rec.peak_mem_gb = torch.cuda.max_memory_allocated(dev) / 1e9  # GB = 10⁹ bytes (as the pipeline, bench/scale.py)
             meta.update(calibration=rec.calibration, config=rec.config, quant_seconds=rec.quantize_s)
-            rec.results = _evaluate(qmodel, sets, tokenizer, dev, eval_dtype, meta, progress=False)
+            rec.results = evaluate_sets(qmodel, sets, tokenizer, dev, eval_dtype, meta, progress=False)
         finally:
             del qmodel
             _free(dev)
