@@ -65,14 +65,19 @@ def effective_weights(qmodel: nn.Module, result, layer: int, device=None) -> dic
     out = {}
     for name in spec.linears:
         w = get_module(block, name).weight.data
-        dev = torch.device(device) if device is not None else w.device
-        w = w.to(dev).float()
-        if name in cols:
-            w = w / cols[name].to(dev)[None, :]
-        if name in rows:
-            w = w * rows[name].to(dev)[:, None]
-        out[name] = w
+        out[name] = effective_weight(w, cols.get(name), rows.get(name), device if device is not None else w.device)
     return out
+
+
+def effective_weight(w: torch.Tensor, col: torch.Tensor | None, row: torch.Tensor | None, device) -> torch.Tensor:
+    """One linear's W_eff = diag(row) · W_q · diag(col)^-1 (float32, on `device`); None: no scale there."""
+    dev = torch.device(device)
+    w = w.to(dev).float()
+    if col is not None:
+        w = w / col.to(dev)[None, :]
+    if row is not None:
+        w = w * row.to(dev)[:, None]
+    return w
 
 
 def scales_fingerprint(result) -> str:

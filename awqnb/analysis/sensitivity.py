@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from awqnb.analysis.diagnostics import check_layers, model_device, model_label, with_own_block
-from awqnb.analysis.scales import scale_maps, scales_fingerprint
+from awqnb.analysis.scales import effective_weight, scale_maps, scales_fingerprint
 from awqnb.analysis.evaluate import base_and_head, check_positive
 from awqnb.analysis.statcache import cached_or_compute, calibration_key, weights_fingerprint, resolve_cache
 from awqnb.core.devices import sync
@@ -120,17 +120,6 @@ def _check_modes(modes) -> list[str]:
 
 # --- the quantized model in the FP basis ----------------------------------------------------
 
-def _effective(w: torch.Tensor, col: torch.Tensor | None, row: torch.Tensor | None, device) -> torch.Tensor:
-    """W_eff = diag(row) · W_q · diag(col)^-1 on `device`, by the same float32 operations in the
-    same order as `scales.effective_weights` (so the same values, bit for bit)."""
-    w = w.to(device).float()
-    if col is not None:
-        w = w / col.to(device)[None, :]
-    if row is not None:
-        w = w * row.to(device)[:, None]
-    return w
-
-
 @dataclass
 class Reference:
     """A quantization of the model, in the FP model's basis.
@@ -154,7 +143,7 @@ class Reference:
     def weights(self, j: int, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Block j's W_eff per linear on `device` in `dtype` (default: the compute dtype)."""
         dt = dtype or self.dtype
-        return {n: _effective(w, self.cols[j].get(n), self.rows[j].get(n), device).to(dt)
+        return {n: effective_weight(w, self.cols[j].get(n), self.rows[j].get(n), device).to(dt)
                 for n, w in self.wq[j].items()}
 
     @property
