@@ -4,14 +4,18 @@ Builds random-initialised models in memory from real configs (timing does not de
 weights' values), stored in bf16 on the CPU, and quantizes them with the block engine (each block
 onloaded to the GPU in turn). Where llm-compressor is importable, its AWQ (AWQModifier +
 QuantizationModifier W4A16_ASYM) runs on the same shape with the same calibration token ids,
-on `--llmc-layers` layers (its cost per layer is constant), and the ratio is per layer. Every row is
-the median of `--repeats` runs in this process (each on a fresh copy of the built model), all shown.
+on `--llmc-layers` layers (its cost per layer is constant), and the ratio is per layer. `--peers`
+runs the peers of `awqnb.compare.reference` (AutoRound `ar`, `ar@iters=…`, HQQ `hqq`) the same way, on
+`--peer-layers` layers of the first shape, the whole model on the device (as those tools run it).
+Every row is the median of `--repeats` runs in this process (each on a fresh copy of the built
+model), all shown.
 
 Shapes: llama3-8b, qwen2.5-7b, llama3-70b (any with `:N` for N layers, e.g. llama3-70b:4), tiny
 (CPU smoke run). Calibration: `--n-calib` random token sequences of `--seqlen`, seed `--seed`.
 
   python bench/scale.py --shapes llama3-8b,llama3-70b:4,llama3-70b:8 --methods awq,awq_dh \
       --group-size 128 --device cuda:0 --llmc awq
+  python bench/scale.py --shapes llama3-8b:4 --methods awq_gptq --peers ar --peer-layers 4
 Writes results.json (provenance + every row) and summary.md.
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from awqnb.quant import pipeline
 from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.core.errors import AwqnbError
 from awqnb.model.data import Calibration
 from awqnb.model.provenance import versions
 
@@ -155,6 +160,23 @@ def run_llmc(model, cfg, which: str, calib: Calibration, device) -> dict:
             "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9 if cuda else None}
 
 
+def run_peer(model, cfg, name: str, gs: int, calib: Calibration, device, seed: int) -> dict:
+    """One peer of `awqnb.compare.reference` on `model` (moved to `device` whole, as it runs in a
+    comparison); its own timing (quantization only, imports and the move excluded)."""
+    from awqnb.compare import reference
+
+    why = reference.refusal(name)
+    if why:
+        raise ImportError(why)
+    info = reference.quantize_reference(model, name, calibration=calib, bits=4, group_size=gs, device=device,
+                                        seed=seed)
+    n = cfg.num_hidden_layers
+    return {"tool": info["tool"], "version": info.get("version"), "method": name, "params": info.get("params"),
+            "layers": n, "total_s": info["seconds"], "s_per_layer": info["seconds"] / n,
+            "peak_gpu_gb": info.get("peak_gpu_gb"),
+            "peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None}
+
+
 from _common import run_dir, write_run_info  # noqa: E402 — bench/ is on sys.path when run as a script
 
 
@@ -172,6 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--llmc", default="", help="llm-compressor methods to run beside: awq, gptq")
     p.add_argument("--llmc-layers", type=int, default=4)
     p.add_argument("--llmc-shapes", default="", help="shapes for llm-compressor (default: the first)")
+    p.add_argument("--peers", default="",
+                   help="awqnb.compare.reference peers to run beside (comma list): ar, ar@iters=N, hqq")
+    p.add_argument("--peer-layers", type=int, default=4, help="layers of the first shape the peers run on")
     p.add_argument("--gptq-graph", choices=("on", "off"), default="on",
                    help="GPTQ's column loop as a CUDA graph (awqnb's default on a GPU) or eager")
     p.add_argument("--repeats", type=int, default=3, help="runs per row; the row is the median, all shown")
@@ -254,11 +279,31 @@ def main(argv=None) -> int:
             log.info("%s", row)
             gc.collect()
             save()
+    peer_shape = args.shapes.split(",")[0].split(":")[0]
+    for name in filter(None, args.peers.split(",")):
+        try:
+            def once():
+                model, cfg = build(peer_shape, args.peer_layers, torch.bfloat16)
+                calib = calibration(cfg.vocab_size, args.n_calib, args.seqlen, args.seed)
+                r = run_peer(model, cfg, name, args.group_size, calib, device, args.seed)
+                log.info("  repeat: %.1f s, peak %.2f GB", r["total_s"], r.get("peak_gpu_gb") or 0)
+                del model
+                return r
+            row = repeated(once, args.repeats)
+        except (ImportError, AwqnbError) as e:
+            log.warning("%s skipped: %s", name, e)
+            continue
+        row.update(shape=f"{peer_shape}:{args.peer_layers}", group_size=args.group_size)
+        rows.append(row)
+        log.info("%s", row)
+        gc.collect()
+        save()
     # ratios: llm-compressor's s/layer for the same method (awq_gptq: its gptq) over awqnb's, same base shape
     ref = {(r["shape"].split(":")[0], r["method"]): r for r in rows if r["tool"] == "llm-compressor"}
     lines = ["| shape | tool | method | layers | s/layer (median) | total s (median) | repeats: total s | "
-             "peak GPU GB | llm-compressor s/layer ÷ this (its layers) |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|"]
+             "peak GPU GB | llm-compressor s/layer ÷ this (its layers) | peers' s/layer ÷ this (their layers) |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---|"]
+    peers = [r for r in rows if r["tool"] not in ("awqnb", "llm-compressor")]
     for r in rows:
         peer = "gptq" if r["method"] in ("gptq", "awq_gptq") else "awq"
         base_ref = ref.get((r["shape"].split(":")[0], peer))
@@ -266,8 +311,12 @@ def main(argv=None) -> int:
                  if base_ref and r["tool"] == "awqnb" else "–")
         lab = r["method"] + (" (offload acts)" if r.get("offload_activations") else "")
         reps = ", ".join(f"{x:.1f}" for x in r.get("repeats_total_s", [r["total_s"]]))
-        lines.append(f"| {r['shape']} | {r['tool']} | {lab} | {r['layers']} | {r['s_per_layer']:.2f} | "
-                     f"{r['total_s']:.1f} | {reps} | {r.get('peak_gpu_gb') or 0:.2f} | {ratio} |")
+        pr = ("; ".join(f"{q['method']} {q['s_per_layer'] / r['s_per_layer']:.2f}× ({q['layers']} layers)"
+                        for q in peers if q["shape"].split(":")[0] == r["shape"].split(":")[0])
+              if r["tool"] == "awqnb" else "") or "–"
+        tool = r["tool"] + (f" {r['version']}" if r.get("version") else "")
+        lines.append(f"| {r['shape']} | {tool} | {lab} | {r['layers']} | {r['s_per_layer']:.2f} | "
+                     f"{r['total_s']:.1f} | {reps} | {r.get('peak_gpu_gb') or 0:.2f} | {ratio} | {pr} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     save()
     sys.stdout.write("\n".join(lines) + "\n")
