@@ -193,6 +193,42 @@ def test_packed_export_of_a_peer_where_its_grid_matches(gemma, quantized, tmp_pa
     assert "\n" not in str(e.value) and not (tmp_path / "hqq").exists()
 
 
+@needs_ar
+def test_autoround_after_awqnbs_scales(gemma):
+    """ar@prescale=awq: awqnb's awq search runs on AutoRound's calibration ids and its scales and
+    clip ranges are folded into the model before AutoRound rounds it. With AutoRound's plain RTN
+    (iters=0, disable_opt_rtn) the result is awqnb's `awq` on the same ids and seed: every tensor
+    the scales fold into (the norms) exactly awqnb's, and the linears' codes the same but for ties
+    of AutoRound's float16 scale (≥ 99% of codes per linear); without prescale the norms are the FP
+    model's."""
+    from awqnb.core.config import SearchConfig
+    from awqnb.quant import pipeline
+    from awqnb.quant.method_config import MethodConfig
+
+    model, tok, _ = gemma
+    cal = random_calibration(model.config.vocab_size)(3)
+    got = {}
+    for spec in ("ar@iters=0,disable_opt_rtn=true", "ar@iters=0,disable_opt_rtn=true,prescale=awq"):
+        m = copy.deepcopy(model)
+        got[spec] = (m, reference.quantize_reference(m, spec, cal, tok, 4, 32, False, device="cpu", seed=3))
+    m_pre, info = got["ar@iters=0,disable_opt_rtn=true,prescale=awq"]
+    assert info["prescale"] == "awq" and info["prescale_groups"] > 0 and info["prescale_s"] > 0
+    assert info["on_awqnb_grid"] and info["params"]["prescale"] == "awq"
+    awq = copy.deepcopy(model)
+    pipeline.quantize(awq, MethodConfig("awq", Q, SearchConfig(), seed=3), cal, device="cpu", progress=False)
+    pre, ref, fp = dict(m_pre.named_parameters()), dict(awq.named_parameters()), dict(model.named_parameters())
+    plain = dict(got["ar@iters=0,disable_opt_rtn=true"][0].named_parameters())
+    lin = {f"{n}.weight" for n, _ in reference.block_linears(m_pre)}
+    others = [k for k in pre if k not in lin]
+    assert all(torch.equal(pre[k], ref[k]) for k in others)
+    assert all(torch.equal(plain[k], fp[k]) for k in others)
+    folded = [k for k in others if not torch.equal(pre[k], fp[k])]
+    assert any("layernorm" in k for k in folded), folded
+    for k in lin:
+        same = (recover_codes(pre[k], Q, k).q == recover_codes(ref[k], Q, k).q).float().mean()
+        assert same >= 0.99, (k, float(same))
+
+
 @pytest.mark.parametrize("spec,msg", [
     ("ar@nonsense=1", "ar has no parameter 'nonsense'"),
     ("ar@bits=3", "bits is set by the comparison"),
@@ -203,6 +239,8 @@ def test_packed_export_of_a_peer_where_its_grid_matches(gemma, quantized, tmp_pa
     ("hqq@axis=2", "axis=2 must be 0 or 1"),
     ("hqq@nbits=3", "nbits is set by the comparison"),
     ("hqq@optimize=1", "optimize=1 is not a bool"),
+    ("ar@prescale=rtn", "prescale=rtn is not an awqnb method with a scaler"),
+    ("ar@prescale=3", "prescale=3 is not a str"),
 ])
 def test_bad_peer_parameters_are_one_line(spec, msg, gemma):
     """Checked when the spec is read (the package need not be installed), and by the runner before

@@ -31,13 +31,16 @@ in the model's dtype, every other tensor as it was. AutoRound: its codes q = rou
 its recorded per-group scale (float16) and integer zero point, written as (q − zp)·s (what its
 packed export computes); it tunes in bfloat16 on a CPU (its `amp`), and the tensors it only cast are
 given back their original values. HQQ: `Quantizer.quantize` with HQQ's own per-linear settings
-(`hqq_base_quant_config`), dequantized in float32. AutoRound's grid is awqnb's (integer zero point);
+(`hqq_base_quant_config`), dequantized in float32. `ar@prescale=<awqnb method>` (e.g. `ar@prescale=awq`) is a composition: awqnb's method runs first on a
+copy with the same calibration ids, its recorded scales and clip ranges are folded into the model
+unrounded, and AutoRound rounds that (the time of both counted). AutoRound's grid is awqnb's (integer zero point);
 HQQ's optimised zero point is a float, so its weights are off awqnb's grid unless `optimize=false`
 (`on_grid` says which, and the packed exporter refuses them with its one line).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import logging
 import tempfile
@@ -49,13 +52,15 @@ import torch
 from torch import nn
 
 from awqnb.core.codes import grid_of
-from awqnb.core.config import QuantConfig, parse_value
+from awqnb.core.config import QuantConfig, SearchConfig, parse_value
 from awqnb.core.errors import AwqnbError
 from awqnb.core.primitives import expand_groups
 from awqnb.engine.walk import BlockEngine
-from awqnb.model.arch import blocks, get_module, resolve_spec
-from awqnb.model.data import calibration_samples
+from awqnb.model.arch import attn_shape, blocks, get_module, resolve_spec
+from awqnb.model.data import Calibration, calibration_samples
+from awqnb.quant import pipeline
 from awqnb.quant.method_config import MethodConfig
+from awqnb.quant.methods.awq import replay_scales
 from awqnb.quant.pipeline import LayerRecord, QuantResult
 
 log = logging.getLogger(__name__)
@@ -101,7 +106,10 @@ AR_PARAMS = {
     "enable_alg_ext": bool,
     # its RTN's (iters = 0)
     "disable_opt_rtn": bool,
+    # awqnb's, not AutoRound's: an awqnb method whose scaler (scale search and fold, clip) runs first
+    "prescale": str,
 }
+AR_OWN = ("prescale",)  # keys awqnb consumes, not passed to AutoRound
 AR_TUNING_ONLY = ("lr", "minmax_lr", "momentum", "enable_minmax_tuning", "enable_quanted_input",
                   "enable_norm_bias_tuning", "not_use_best_mse", "dynamic_max_gap", "nblocks", "enable_alg_ext")
 AR_DEFAULT_ITERS = 200
@@ -168,12 +176,12 @@ def check_params(name: str, params) -> dict:
                     else "none (only n_calib, calib_seqlen, calib_dataset)")
             raise AwqnbError(f"method spec {name!r}: {base} has no parameter {k!r}; its parameters are {have}.")
         want = allowed[k]
-        ok = (isinstance(v, bool) if want is bool else
+        ok = (isinstance(v, str) if want is str else isinstance(v, bool) if want is bool else
               isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else
               isinstance(v, int) and not isinstance(v, bool))
         if not ok:
             raise AwqnbError(f"method spec {name!r}: {k}={v} is not {'an' if want is int else 'a'} {want.__name__}; "
-                             f"give e.g. {k}={ {bool: 'true', int: 1, float: 0.005}[want] }.")
+                             f"give e.g. {k}={ {bool: 'true', int: 1, float: 0.005, str: 'awq'}[want] }.")
     if base == "ar":
         iters = params.get("iters", AR_DEFAULT_ITERS)
         if iters < 0:
@@ -185,12 +193,27 @@ def check_params(name: str, params) -> dict:
         if iters == 0 and tuning:
             raise AwqnbError(f"method spec {name!r}: AutoRound uses {', '.join(tuning)} only when it tunes "
                              "(iters > 0); drop them or set iters.")
+        if "prescale" in params:
+            _prescale_method(name, params["prescale"])
         if iters > 0 and "disable_opt_rtn" in params:
             raise AwqnbError(f"method spec {name!r}: disable_opt_rtn only acts in AutoRound's RTN mode (iters=0).")
     if base == "hqq" and params.get("axis", 1) not in (0, 1):
         raise AwqnbError(f"method spec {name!r}: axis={params['axis']} must be 0 or 1 (1: groups along a row, "
                          "as awqnb's).")
     return params
+
+
+def _prescale_method(spec: str, method: str):
+    """The awqnb method class `ar@prescale=<method>` runs first; AwqnbError (one line) unless it is
+    registered and has a scaler."""
+    from awqnb.quant.methods import REGISTRY
+
+    cls = REGISTRY.get(method)
+    if cls is None or cls.scaler_step is None:
+        have = sorted(n for n, c in REGISTRY.items() if c.scaler_step is not None)
+        raise AwqnbError(f"method spec {spec!r}: prescale={method} is not an awqnb method with a scaler; "
+                         f"use one of {', '.join(have)}.")
+    return cls
 
 
 def split_name(name: str) -> tuple[str, dict]:
@@ -480,6 +503,8 @@ def _autoround(model, lins, ids, tokenizer, bits, group_size, symmetric, dev, pa
         raise AwqnbError(f"AutoRound would leave {len(odd)} of {len(lins)} block linears in full precision (e.g. "
                          f"{odd[0]}: sides not multiples of 32); the comparison needs every linear at W{bits}, "
                          "so ar is not comparable on this model.")
+    kw = dict(params)
+    pre = _prescale(model, kw.pop("prescale"), ids, bits, group_size, symmetric, dev, seed) if "prescale" in kw else {}
     quantized = {id(m) for _, m in lins}
     # every tensor but the block linears' weights: AutoRound casts them to its tuning dtype
     orig = {k: t.detach().to("cpu", copy=True) for k, t in _tensors(model) if id(_owner(model, k)) not in quantized
@@ -487,7 +512,6 @@ def _autoround(model, lins, ids, tokenizer, bits, group_size, symmetric, dev, pa
     dtypes = {k: t.dtype for k, t in _tensors(model)}
     attrs = {n: set(vars(m)) for n, m in model.named_modules()}
     cfg_dtype = getattr(model.config, "dtype", None)
-    kw = dict(params)
     iters = kw.pop("iters", AR_DEFAULT_ITERS)
     kw.setdefault("batch_size", min(8, len(ids)))  # AutoRound's default 8, at most the samples there are
     data = [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids]
@@ -518,7 +542,32 @@ def _autoround(model, lins, ids, tokenizer, bits, group_size, symmetric, dev, pa
             delattr(m, a)
     if cfg_dtype is not None:
         model.config.dtype = cfg_dtype
-    return {"linears": len(lins), "iters": iters, "restored": restored, "tuned_other": tuned}
+    return {"linears": len(lins), "iters": iters, "restored": restored, "tuned_other": tuned, **pre}
+
+
+def _prescale(model, method: str, ids, bits, group_size, symmetric, dev, seed) -> dict:
+    """`ar@prescale=<method>`: awqnb's `method` runs on a copy of `model` with AutoRound's
+    calibration ids (its scale search, fold and clip, block by block with quantized propagation, as
+    in awqnb's own run); its recorded scales and clip ranges are then folded into `model` itself,
+    left unrounded (`pipeline.apply` without the rounding), for AutoRound to round."""
+    _prescale_method(f"ar@prescale={method}", method)
+    n, seqlen = len(ids), int(ids[0].shape[1])
+    calib = Calibration("peer-ids", n, seqlen, int(seed), "AutoRound's calibration token ids",
+                        [x.reshape(-1) for x in ids])
+    cfg = MethodConfig(method, QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric), SearchConfig(),
+                       seed=int(seed))
+    t0 = time.perf_counter()
+    res = pipeline.quantize(copy.deepcopy(model), cfg, calib, device=dev, progress=False)
+    spec = resolve_spec(model)
+    attn = attn_shape(model.config)
+    pipeline.keep_offset_norms_fp32(model, spec)
+    bl = blocks(model, spec)
+    with torch.no_grad():
+        for rec in res.layers:
+            replay_scales(bl[rec.index], rec, spec, attn, cfg.quant)
+    alphas = [float(g.best_alpha) for rec in res.layers for g in rec.groups.values()]
+    return {"prescale": method, "prescale_s": time.perf_counter() - t0, "prescale_groups": len(alphas),
+            "prescale_alpha_mean": sum(alphas) / len(alphas) if alphas else None}
 
 
 def _tensors(model: nn.Module):
