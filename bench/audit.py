@@ -46,6 +46,8 @@ COMPARISONS = {  # key → comparison JSON (every per-window NLL)
     "gemma5": "quality/2026-12-03_h200_gemma3-270m_g64_5seeds/comparison_g64.json",
     # the compositions added with the step registry (praq_gptq, awq_gptq_reflip), same seeds 42–46
     "smol_comp": "quality/2026-12-03_h200_smollm2-135m_g64_compositions/comparison_g64.json",
+    # the peers (AutoRound, HQQ) beside awq_gptq, and ar@prescale=awq (2026-12-04, two calls merged)
+    "smol_peers": "quality/2026-12-04_h200_smollm2-135m_g64_peers/comparison_g64.json",
 }
 MERGED = {"smol5c": ("smol5", "smol_comp")}  # key → the comparison keys merged into it
 RESULTS = {  # key → bench/quality.py results.json of one-seed runs (every per-window NLL)
@@ -155,7 +157,7 @@ def method_cells() -> dict[str, tuple[str, str]]:
     """Row key (the first cell of README's method table) → (SmolLM2 cell, Gemma cell), the figures
     recomputed here; the README's cells must carry the same numbers, verdict words and bold."""
     S, M, G, C4, G128, S128 = "smol5", "smol_more", "gemma5", "gemma_c4ag", "gemma_g128", "smol_g128"
-    SC = "smol5c"
+    SC, P = "smol5c", "smol_peers"
 
     def vs(key, a, b, ds="wikitext2"):  # a verdict that claims a difference is bold
         iv = judge(key, a, b, ds)
@@ -211,6 +213,13 @@ def method_cells() -> dict[str, tuple[str, str]]:
         "`awq_gptq_reflip`": (f"{ms(SC, 'awq_gptq_reflip')}, {vs(SC, 'awq_gptq_reflip', 'awq')}, "
                               f"{t(SC, 'awq_gptq_reflip')}; against `awq_gptq` {vs(SC, 'awq_gptq_reflip', 'awq_gptq')}",
                               "not run"),
+        "`ar`": (f"{ms(P, 'ar')}, against `awq_gptq` {vs(P, 'ar', 'awq_gptq')} (C4 {vs(P, 'ar', 'awq_gptq', 'c4')}), "
+                 f"{t(P, 'ar')}: {gap(P, 'ar')} of the RTN→FP gap", "not run"),
+        "`hqq`": (f"{ms(P, 'hqq')}, against `awq_gptq` {vs(P, 'hqq', 'awq_gptq')}, {t(P, 'hqq')}", "not run"),
+        "`ar@prescale=awq`": (f"{ms(P, 'ar@prescale=awq')}, against `ar` {vs(P, 'ar@prescale=awq', 'ar')} (C4 "
+                              f"{vs(P, 'ar@prescale=awq', 'ar', 'c4')}), against `awq_gptq` "
+                              f"{vs(P, 'ar@prescale=awq', 'awq_gptq')}, {t(P, 'ar@prescale=awq')}: "
+                              f"{gap(P, 'ar@prescale=awq')} of the RTN→FP gap", "not run"),
         "`full_<method>`": ("", ""),
     }
     return cells
