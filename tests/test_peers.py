@@ -308,3 +308,37 @@ def test_autoround_refuses_a_model_it_would_not_fully_quantize(tiny):
     with pytest.raises(AwqnbError, match=r"leave 4 of 14 block linears in full precision") as e:
         reference.quantize_reference(copy.deepcopy(model), "ar@iters=0", calib, tok, 4, 32)
     assert "\n" not in str(e.value)
+
+
+@needs_ar
+@needs_hqq
+def test_scale_bench_times_peers_beside_awqnb(tmp_path):
+    """bench/scale.py --peers: each peer a row of its own (tool, version, parameters, every repeat)
+    on --peer-layers layers of the shape, and awqnb's rows carry each peer's s/layer over theirs."""
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_scale", bench / "scale.py")
+        scale = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(scale)
+        assert scale.main(["--shapes", "tiny:2", "--methods", "rtn", "--peers", "ar@iters=1,hqq", "--peer-layers", "2",
+                           "--n-calib", "4", "--seqlen", "32", "--device", "cpu", "--repeats", "2",
+                           "--out", str(tmp_path)]) == 0
+    finally:
+        sys.path.remove(str(bench))
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    by = {r["method"]: r for r in rows}
+    assert by["rtn"]["tool"] == "awqnb" and by["rtn"]["layers"] == 2
+    ar, hqq = by["ar@iters=1"], by["hqq"]
+    assert ar["tool"] == "AutoRound" and ar["version"] == "0.16.1" and ar["params"] == {"iters": 1}
+    assert hqq["tool"] == "HQQ" and hqq["version"].startswith("0.2.8")
+    for r in (ar, hqq):
+        assert r["shape"] == "tiny:2" and r["layers"] == 2 and r["repeats"] == 2 and len(r["repeats_total_s"]) == 2
+        assert sorted(r["repeats_total_s"])[0] <= r["total_s"] <= sorted(r["repeats_total_s"])[-1]
+    summary = (tmp_path / "summary.md").read_text()
+    rtn_line = next(ln for ln in summary.splitlines() if "| awqnb | rtn |" in ln)
+    want = f"ar@iters=1 {ar['s_per_layer'] / by['rtn']['s_per_layer']:.2f}× (2 layers)"
+    assert want in rtn_line, rtn_line
