@@ -349,6 +349,15 @@ PUBLISHED = [
     ("bench", "Gemma g128", "gemma_g128", "awq_gptq", "llmc_gptq", "within noise"),
     ("bench", "SmolLM2 g128", "smol_g128", "awq", "gptq", "worse"),
     ("bench", "SmolLM2 g128", "smol_g128", "awq_gptq", "gptq", "better"),
+    # the peers on SmolLM2 g64 (2026-12-04; ar and awq_gptq seeds 42–44, ar@prescale=awq 42–46)
+    ("both", "SmolLM2 g64 peers", "smol_peers", "ar", "awq_gptq", "better"),
+    ("both", "SmolLM2 g64 peers C4", "smol_peers", "ar", "awq_gptq", "better", "c4"),
+    ("both", "SmolLM2 g64 peers", "smol_peers", "hqq", "awq_gptq", "worse"),
+    ("bench", "SmolLM2 g64 peers C4", "smol_peers", "hqq", "awq_gptq", "worse", "c4"),
+    ("both", "SmolLM2 g64 peers", "smol_peers", "ar@prescale=awq", "awq_gptq", "better"),
+    ("bench", "SmolLM2 g64 peers C4", "smol_peers", "ar@prescale=awq", "awq_gptq", "better", "c4"),
+    ("both", "SmolLM2 g64 peers", "smol_peers", "ar@prescale=awq", "ar", "within noise"),
+    ("both", "SmolLM2 g64 peers C4", "smol_peers", "ar@prescale=awq", "ar", "within noise", "c4"),
     # one seed, per-window data stored: CPU ReFlip runs and the first H200 runs' Gemma seed 42
     ("bench", "Gemma g64 CPU, 1 seed", "gemma_cpu", "awq_gqa", "awq_js", "within noise"),
     ("bench", "Gemma g64 CPU, 1 seed", "gemma_cpu", "awq_gqa@gqa_rope=false", "awq_js", "worse"),
