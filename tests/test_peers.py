@@ -337,7 +337,7 @@ def test_scale_bench_times_peers_beside_awqnb(tmp_path):
     assert hqq["tool"] == "HQQ" and hqq["version"].startswith("0.2.8")
     for r in (ar, hqq):
         assert r["shape"] == "tiny:2" and r["layers"] == 2 and r["repeats"] == 2 and len(r["repeats_total_s"]) == 2
-        assert sorted(r["repeats_total_s"])[0] <= r["total_s"] <= sorted(r["repeats_total_s"])[-1]
+        assert round(r["total_s"], 3) in r["repeats_total_s"]  # the row is one of its repeats (stored to ms)
     summary = (tmp_path / "summary.md").read_text()
     rtn_line = next(ln for ln in summary.splitlines() if "| awqnb | rtn |" in ln)
     want = f"ar@iters=1 {ar['s_per_layer'] / by['rtn']['s_per_layer']:.2f}× (2 layers)"
