@@ -94,6 +94,12 @@ def build(shape: str, n_layers: int | None, dtype: torch.dtype, seed: int = 0):
     return model, cfg
 
 
+def build_spec(spec: str, dtype: torch.dtype = torch.bfloat16):
+    """`build` from a shape spec 'llama3-8b' or 'llama3-70b:8' (N layers)."""
+    shape, _, nl = spec.partition(":")
+    return build(shape, int(nl) if nl else None, dtype)
+
+
 def calibration(vocab: int, n: int, seqlen: int, seed: int) -> Calibration:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (n, seqlen), generator=g)
@@ -237,9 +243,8 @@ def main(argv=None) -> int:
         return row
 
     for spec in args.shapes.split(","):
-        shape, _, nl = spec.partition(":")
         t0 = time.perf_counter()
-        base, cfg = build(shape, int(nl) if nl else None, torch.bfloat16)
+        base, cfg = build_spec(spec)
         build_s = time.perf_counter() - t0
         calib = calibration(cfg.vocab_size, args.n_calib, args.seqlen, args.seed)
         log.info("%s: %d layers built in %.1f s", spec, cfg.num_hidden_layers, build_s)
@@ -260,44 +265,36 @@ def main(argv=None) -> int:
                 save()
         del base
         gc.collect()
-    llmc_shapes = args.llmc_shapes.split(",") if args.llmc_shapes else [args.shapes.split(",")[0].split(":")[0]]
-    for which in filter(None, args.llmc.split(",")):
-        for shape in llmc_shapes:
-            try:
-                def once():
-                    model, cfg = build(shape, args.llmc_layers, torch.bfloat16)
-                    calib = calibration(cfg.vocab_size, args.n_calib, args.seqlen, args.seed)
-                    r = run_llmc(model, cfg, which, calib, device)
-                    log.info("  repeat: %.1f s, peak %.2f GB", r["total_s"], r.get("peak_gpu_gb") or 0)
-                    return r
-                row = repeated(once, args.repeats)
-            except ImportError as e:
-                log.warning("llm-compressor not available (%s): skipped", e)
-                break
-            row.update(shape=f"{shape}:{args.llmc_layers}", group_size=args.group_size)
-            rows.append(row)
-            log.info("%s", row)
-            gc.collect()
-            save()
-    peer_shape = args.shapes.split(",")[0].split(":")[0]
-    for name in filter(None, args.peers.split(",")):
+    def beside(label: str, shape: str, layers: int, run) -> bool:
+        """A reference tool's row: `run(model, cfg, calib)` on a fresh `shape` of `layers` layers per
+        repeat; False (logged) when the tool cannot run here."""
+        def once():
+            model, cfg = build(shape, layers, torch.bfloat16)
+            r = run(model, cfg, calibration(cfg.vocab_size, args.n_calib, args.seqlen, args.seed))
+            log.info("  repeat: %.1f s, peak %.2f GB", r["total_s"], r.get("peak_gpu_gb") or 0)
+            return r
         try:
-            def once():
-                model, cfg = build(peer_shape, args.peer_layers, torch.bfloat16)
-                calib = calibration(cfg.vocab_size, args.n_calib, args.seqlen, args.seed)
-                r = run_peer(model, cfg, name, args.group_size, calib, device, args.seed)
-                log.info("  repeat: %.1f s, peak %.2f GB", r["total_s"], r.get("peak_gpu_gb") or 0)
-                del model
-                return r
             row = repeated(once, args.repeats)
         except (ImportError, AwqnbError) as e:
-            log.warning("%s skipped: %s", name, e)
-            continue
-        row.update(shape=f"{peer_shape}:{args.peer_layers}", group_size=args.group_size)
+            log.warning("%s skipped: %s", label, e)
+            return False
+        row.update(shape=f"{shape}:{layers}", group_size=args.group_size)
         rows.append(row)
         log.info("%s", row)
         gc.collect()
         save()
+        return True
+
+    first = args.shapes.split(",")[0].split(":")[0]
+    llmc_shapes = args.llmc_shapes.split(",") if args.llmc_shapes else [first]
+    for which in filter(None, args.llmc.split(",")):
+        for shape in llmc_shapes:
+            if not beside(f"llm-compressor {which}", shape, args.llmc_layers,
+                          lambda m, cfg, calib: run_llmc(m, cfg, which, calib, device)):
+                break
+    for name in filter(None, args.peers.split(",")):
+        beside(name, first, args.peer_layers,
+               lambda m, cfg, calib: run_peer(m, cfg, name, args.group_size, calib, device, args.seed))
     # ratios: llm-compressor's s/layer for the same method (awq_gptq: its gptq) over awqnb's, same base shape
     ref = {(r["shape"].split(":")[0], r["method"]): r for r in rows if r["tool"] == "llm-compressor"}
     lines = ["| shape | tool | method | layers | s/layer (median) | total s (median) | repeats: total s | "

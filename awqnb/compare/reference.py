@@ -109,7 +109,6 @@ AR_PARAMS = {
     # awqnb's, not AutoRound's: an awqnb method whose scaler (scale search and fold, clip) runs first
     "prescale": str,
 }
-AR_OWN = ("prescale",)  # keys awqnb consumes, not passed to AutoRound
 AR_TUNING_ONLY = ("lr", "minmax_lr", "momentum", "enable_minmax_tuning", "enable_quanted_input",
                   "enable_norm_bias_tuning", "not_use_best_mse", "dynamic_max_gap", "nblocks", "enable_alg_ext")
 AR_DEFAULT_ITERS = 200
@@ -203,9 +202,8 @@ def check_params(name: str, params) -> dict:
     return params
 
 
-def _prescale_method(spec: str, method: str):
-    """The awqnb method class `ar@prescale=<method>` runs first; AwqnbError (one line) unless it is
-    registered and has a scaler."""
+def _prescale_method(spec: str, method: str) -> None:
+    """AwqnbError (one line) unless `ar@prescale=<method>` names a registered awqnb method with a scaler."""
     from awqnb.quant.methods import REGISTRY
 
     cls = REGISTRY.get(method)
@@ -213,7 +211,6 @@ def _prescale_method(spec: str, method: str):
         have = sorted(n for n, c in REGISTRY.items() if c.scaler_step is not None)
         raise AwqnbError(f"method spec {spec!r}: prescale={method} is not an awqnb method with a scaler; "
                          f"use one of {', '.join(have)}.")
-    return cls
 
 
 def split_name(name: str) -> tuple[str, dict]:
@@ -549,8 +546,8 @@ def _prescale(model, method: str, ids, bits, group_size, symmetric, dev, seed) -
     """`ar@prescale=<method>`: awqnb's `method` runs on a copy of `model` with AutoRound's
     calibration ids (its scale search, fold and clip, block by block with quantized propagation, as
     in awqnb's own run); its recorded scales and clip ranges are then folded into `model` itself,
-    left unrounded (`pipeline.apply` without the rounding), for AutoRound to round."""
-    _prescale_method(f"ar@prescale={method}", method)
+    left unrounded (`pipeline.apply` without the rounding), for AutoRound to round. `method` was
+    checked with the spec (`check_params`)."""
     n, seqlen = len(ids), int(ids[0].shape[1])
     calib = Calibration("peer-ids", n, seqlen, int(seed), "AutoRound's calibration token ids",
                         [x.reshape(-1) for x in ids])

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from awqnb.core.config import QuantConfig, SearchConfig  # noqa: E402
 from awqnb.quant import pipeline  # noqa: E402
 from awqnb.quant.method_config import MethodConfig  # noqa: E402
-from scale import build, calibration  # noqa: E402
+from scale import build_spec, calibration  # noqa: E402
 
 
 def _table(events, key: str, top: int) -> list[dict]:
@@ -43,8 +43,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--out", default=".")
     args = p.parse_args()
-    shape, _, nl = args.shape.partition(":")
-    base, cfg = build(shape, int(nl) if nl else None, torch.bfloat16)
+    base, cfg = build_spec(args.shape)
     calib = calibration(cfg.vocab_size, args.n_calib, 512, 42)
     qcfg = MethodConfig(args.method, QuantConfig(4, 128), SearchConfig(), calib_batch_size=16)
     dev = torch.device(args.device)

@@ -23,7 +23,7 @@ import awqnb.engine.walk as walk  # noqa: E402
 from awqnb.core.config import QuantConfig, SearchConfig  # noqa: E402
 from awqnb.quant import pipeline  # noqa: E402
 from awqnb.quant.method_config import MethodConfig  # noqa: E402
-from scale import build, calibration  # noqa: E402
+from scale import build_spec, calibration  # noqa: E402
 
 
 def main() -> int:
@@ -34,8 +34,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--out", default=".")
     args = p.parse_args()
-    shape, _, nl = args.shape.partition(":")
-    base, cfg = build(shape, int(nl) if nl else None, torch.bfloat16)
+    base, cfg = build_spec(args.shape)
     calib = calibration(cfg.vocab_size, args.n_calib, 512, 42)
     orig = walk.BlockEngine.__init__
     rows = []
