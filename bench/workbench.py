@@ -11,6 +11,11 @@ is skipped when that file exists, so a run stopped midway — a GPU machine take
   alpha       the α explorer through the widgets' API (as bench/widgets_latency.py): time to build
               `AlphaExplorer` on layer 28 (cold diagnostics cache), then per MLP group (gate_up, down)
               the curve time and the slider moves of `AlphaExplorer.timings()`.
+  walk        not in the default steps: the two block walks whose memory must not grow with depth, in
+              this process with the model loaded on the CPU: WikiText-2 token perplexity streamed block
+              by block (placement 'stream', forced even where the whole model would fit, `--eval-windows`)
+              and the sensitivity pass of `rtn` (the report's settings: 8 windows × 512, float32, no
+              cache). Run it on two depths of a shape (llama3-70b:2 and :4) and compare the peaks.
 
 Where the time goes inside a notebook: the kernel gets an IPython startup file (through `$IPYTHONDIR`,
 no library change) that records each cell's wall time and peak GPU memory, and, from the library's
@@ -47,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import environment, run_dir, write_run_info  # noqa: E402
 
 STEPS = ("report", "deep28", "deepsens", "alpha")
+ALL_STEPS = STEPS + ("walk",)
 CELL_LOG_ENV = "AWQNB_BENCH_CELL_LOG"
 
 # The smallest slices that still run every section (CPU smoke test on a tiny random model).
@@ -326,6 +332,61 @@ def alpha_step(args, params: dict) -> dict:
     return rec
 
 
+def walk_step(args, params: dict) -> dict:
+    """Streamed evaluation and the sensitivity pass on the model as loaded (on the CPU): time and peak."""
+    import torch
+
+    from awqnb.analysis.evaluate import token_perplexity
+    from awqnb.analysis.sensitivity import sensitivity
+    from awqnb.compare.claims import method_configs
+    from awqnb.core.config import QuantConfig, SearchConfig
+    from awqnb.model.data import load_calibration, load_eval_tokens, ranking_tokens
+    from awqnb.model.devices import resolve_device
+    from awqnb.model.loading import load_model
+
+    dev = resolve_device(args.device)
+    cuda = dev.type == "cuda"
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return out, time.perf_counter() - t0, (torch.cuda.max_memory_allocated(dev) / 1e9 if cuda else None)
+
+    t0 = time.perf_counter()
+    model, tok = load_model(str(args.model_dir))
+    tokens = load_eval_tokens(tok, "wikitext2")
+    calib = load_calibration(tok, "wikitext2", n_calib=params["n_calib"], seqlen=params["calib_seqlen"], seed=42)
+    rank, slice_name = ranking_tokens(tok, "wikitext2", n_windows=params["sens_windows"], seqlen=params["sens_seqlen"],
+                                      calib_dataset="wikitext2")
+    load_s = time.perf_counter() - t0
+    where = sorted({str(p.device) for p in model.parameters()})
+    ppl, eval_s, eval_peak = timed(lambda: token_perplexity(model, tokens, seqlen=params["eval_seqlen"],
+                                                            max_windows=params["eval_windows"], device=dev,
+                                                            placement="stream", progress=False))
+    cfg = method_configs(["rtn"], None, QuantConfig(bits=4, group_size=128), SearchConfig())["rtn"]
+    sens, sens_s, sens_peak = timed(lambda: sensitivity(model, cfg, calib, rank, device=dev, seqlen=params["sens_seqlen"],
+                                                        n_windows=params["sens_windows"], progress=False, cache=False,
+                                                        model_name=str(args.model_dir), slice_name=slice_name))
+    n_layers = model.config.num_hidden_layers
+    rec = {"step": "walk", "device": str(dev), "model_on": where, "num_hidden_layers": n_layers, "params": params,
+           "load_s": load_s, "eval": {"ppl": ppl.ppl, "windows": len(ppl.nll), "tokens": sum(ppl.n_tokens),
+                                      "placement": ppl.meta.get("placement"), "seconds": eval_s, "peak_gb": eval_peak},
+           "sensitivity": {"method": "rtn w4 g128", "rows": len(sens), "slice": slice_name, "seconds": sens_s,
+                           "peak_gb": sens_peak, "dtype": "float32"}}
+    rec["wall_s"] = load_s + eval_s + sens_s
+    rec["sections"] = [{"section": "load model (CPU) + data", "seconds": load_s, "peak_gb": None},
+                       {"section": f"evaluate WikiText-2 streamed ({n_layers} layers, {rec['eval']['windows']} windows)",
+                        "seconds": eval_s, "peak_gb": eval_peak},
+                       {"section": f"sensitivity pass rtn ({n_layers} layers, {len(sens)} rows)", "seconds": sens_s,
+                        "peak_gb": sens_peak}]
+    return rec
+
+
 def table(results: dict) -> str:
     lines = ["| step | section | seconds | peak GPU GB |", "|---|---|---:|---:|"]
     for step, rec in results.items():
@@ -349,7 +410,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", required=True, type=Path, help="an HF directory (bench/make_shaped_model.py's)")
     ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(ALL_STEPS)}")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="soft limit: no new step starts after this many seconds (a running one finishes)")
     ap.add_argument("--out", type=Path, default=None, help="results directory (default bench/results/workbench/...)")
@@ -363,9 +424,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="the smallest slices (CPU smoke test on a tiny model)")
     args = ap.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
-    bad = [s for s in steps if s not in STEPS]
+    bad = [s for s in steps if s not in ALL_STEPS]
     if bad:
-        ap.error(f"unknown step(s) {bad}; use {', '.join(STEPS)}")
+        ap.error(f"unknown step(s) {bad}; use {', '.join(ALL_STEPS)}")
     if not (args.model_dir / "config.json").is_file():
         ap.error(f"{args.model_dir} has no config.json: write one with bench/make_shaped_model.py")
     out = args.out or run_dir("workbench", args.model_dir.name, args.device, "smoke" if args.smoke else None)
@@ -390,10 +451,13 @@ def main(argv=None) -> int:
     report_p = dict(SEEDS=args.seeds, SENSITIVITY=True, eval_windows=args.eval_windows, device=args.device)
     deep_p = dict(device=args.device)
     alpha_p = dict(n_calib=16, calib_seqlen=512, n_grid=20, max_tokens=512, n_seq=2)  # the notebook's defaults
+    walk_p = dict(eval_seqlen=2048, eval_windows=args.eval_windows, n_calib=128, calib_seqlen=512, sens_windows=8,
+                  sens_seqlen=512)  # the report's
     if args.smoke:
         report_p.update(SMOKE_REPORT)
         deep_p.update(SMOKE_DEEP)
         alpha_p.update(SMOKE_ALPHA)
+        walk_p.update(eval_seqlen=128, eval_windows=1, n_calib=2, calib_seqlen=64, sens_windows=1, sens_seqlen=64)
     if args.eval_windows is not None:
         report_p["eval_windows"] = args.eval_windows
     report_p.update(parse_kv(args.report_param))
@@ -401,7 +465,7 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     results = {}
-    for step in STEPS:
+    for step in ALL_STEPS:
         path = out / f"{step}.json"
         if path.is_file():
             results[step] = json.loads(path.read_text())
@@ -420,6 +484,8 @@ def main(argv=None) -> int:
         elif step in ("deep28", "deepsens"):
             layer = args.layer if step == "deep28" else "most_sensitive"
             rec = run_cli(step, args, "layer_deep_dive", args.methods, {**deep_p, "LAYER": layer}, work)
+        elif step == "walk":
+            rec = walk_step(args, walk_p)
         else:
             rec = alpha_step(args, alpha_p)
         rec["smoke"] = args.smoke
