@@ -276,3 +276,19 @@ def test_seed_claims_pairs_labels_by_config_and_gives_verdicts():
         assert claims.loc[c, "verdict"] == "not run"
     with pytest.raises(AwqnbError, match="variant 'x'"):
         compare.method_configs([], {"x": {"salience": "l1"}}, Q, SEARCH)
+
+
+def test_residual_stats_of_a_linear_past_2_24_weights():
+    """An 8B MLP linear has 14336 × 4096 weights: float32 sample positions reached one past the end
+    (a CUDA device-side assert in the layer deep dive on the H200). 4097 × 4096 is the smallest such
+    shape kept here; the old positions fail the same way on the CPU."""
+    n = 4097 * 4096
+    assert int(torch.linspace(0, n - 1, 1 << 20).long().max()) == n  # the old float32 positions
+    idx = layer_error.sample_positions(n, 1 << 20)
+    assert int(idx.min()) == 0 and int(idx.max()) == n - 1 and idx.numel() == 1 << 20
+    assert bool((idx[1:] >= idx[:-1]).all())
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4097, 4096, generator=g)
+    r = torch.rand(4097, 4096, generator=g) - 0.5
+    st = layer_error._residual_stats(w, r, None)
+    assert st["max_abs"] <= 0.5 and 0.2 < st["abs_q50"] < 0.3  # |U(-½, ½)|: median ¼

@@ -37,11 +37,17 @@ def _quant(cfg) -> QuantConfig:
     raise AwqnbError(f"expected a QuantConfig or MethodConfig, got {type(cfg).__name__}.")
 
 
+def sample_positions(n: int, k: int, device=None) -> torch.Tensor:
+    """k evenly spread indices into range(n), in float64: float32 rounds n − 1 up to n once n > 2**24
+    (every MLP linear of a 7–8B model), one past the end."""
+    return torch.linspace(0, n - 1, k, dtype=torch.float64, device=device).long().clamp_(0, n - 1)
+
+
 def _residual_stats(w: torch.Tensor, r: torch.Tensor, step: torch.Tensor | None) -> dict:
     a = r.abs().reshape(-1).float()
     n = a.numel()
     k = min(n, 1 << 20)
-    sample = a if n <= k else a[torch.linspace(0, n - 1, k, device=a.device).long()]
+    sample = a if n <= k else a[sample_positions(n, k, a.device)]
     qs = torch.quantile(sample, torch.tensor(QUANTILES, device=a.device)).tolist()
     d = {"rel_err": float(r.double().norm() / w.double().norm().clamp(min=1e-30)),
          "mse": float(r.double().pow(2).mean()), "mean_abs": float(a.double().mean()), "max_abs": float(a.max())}

@@ -271,7 +271,7 @@ def even_positions(T: int, n: int, device) -> torch.Tensor:
     """At most `n` evenly spread positions in `range(T)` (all of them when n ≥ T)."""
     if n >= T:
         return torch.arange(T, device=device)
-    return torch.linspace(0, T - 1, n, device=device).round().long().unique()
+    return torch.linspace(0, T - 1, n, device=device).round().long().clamp_(max=T - 1).unique()  # float32: T > 2**24
 
 
 def input_moments(ctx: BlockContext, key: str, max_tokens_per_sample: int = 0):
