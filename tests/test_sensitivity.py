@@ -440,3 +440,55 @@ def test_plans_ranked_on_one_slice_are_scored_on_another_and_the_record_names_bo
     src = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     assert "sensitivity_record(" in src and "ranking_tokens(" in src and "slice_name=rank_slice" in src
     assert "slice_name=score_slice" in src and "sensitivity=sens_metrics" in src
+
+
+@pytest.mark.parametrize("name", ["tiny-random-llama", "tiny-random-gemma3"])
+def test_prefixes_kept_on_the_host_give_the_same_frame(quantized, frames, name, monkeypatch):
+    """Prefixes moved off the device (on a GPU: when they would take more than SENS_PREFIX_BYTES;
+    forced here) and read back one at a time give the very same frame, with a state cap of one
+    start layer per group (more groups, more block walks)."""
+    fp, calib, q, res = quantized[name]
+    monkeypatch.setattr(S, "_prefixes_on_host", lambda dev, offload, nbytes: nbytes > 0)
+    seen = []
+    keep = S.EvalSlice.keep
+    monkeypatch.setattr(S.EvalSlice, "keep",
+                        lambda self, hs: seen.extend(keep(self, hs)) or seen[len(seen) - len(hs):])
+    df = S.sensitivity(fp, None, calib, _tokens(), seqlen=SEQ, n_windows=NWIN, result=(q, res), progress=False,
+                       cache=False, max_states=8)
+    assert seen and all(h.device.type == "cpu" and h.data_ptr() for h in seen)
+    want = frames[name]
+    assert df[["layer", "family", "mode"]].equals(want[["layer", "family", "mode"]])
+    assert torch.equal(torch.tensor(df.kl.values), torch.tensor(want.kl.values))
+    assert torch.equal(torch.tensor(df.ppl.values), torch.tensor(want.ppl.values))
+
+
+def test_the_passes_gpu_caches_are_bounded_whatever_the_depth(monkeypatch):
+    """On a GPU with room to spare (simulated: 140 GB free), the hybrid states held at once are
+    capped at SENS_STATES_BYTES and the prefixes of a deep model go to the host; the refusal
+    estimate counts them the same way, so it is flat in depth once the prefixes leave the GPU."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from awqnb.engine import budget
+
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (140 * 10**9, 150 * 10**9))
+    one = 8 * 512 * 8192 * 4  # a 70B-wide float32 state of 8 × 512 tokens: 134 MB
+    state = SimpleNamespace(numel=lambda: one // 4, element_size=lambda: 4)
+    sl = SimpleNamespace(h_fp=[[state]], dev=dev, engine=SimpleNamespace(offload=False))
+    ms = S._max_states(sl, None)
+    assert ms * one <= budget.SENS_STATES_BYTES < (ms + 1) * one
+    assert not S._prefixes_on_host(dev, False, budget.SENS_PREFIX_BYTES)
+    assert S._prefixes_on_host(dev, False, budget.SENS_PREFIX_BYTES + 1)
+    assert not S._prefixes_on_host(dev, True, 10**12) and not S._prefixes_on_host(torch.device("cpu"), False, 10**12)
+
+    def est(layers):
+        cfg = LlamaConfig(vocab_size=128, hidden_size=8192, intermediate_size=64, num_hidden_layers=layers,
+                          num_attention_heads=64, num_key_value_heads=8)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        return budget.sensitivity_estimate(model, "cuda:0", torch.float32, 8, 512, 8, False, 2048).parts["cached states"]
+
+    assert est(2) == (2 * 2 + 1 + 8) * one  # shallow: the prefixes stay on the GPU
+    assert est(40) == est(80) == (2 + 8) * one  # deep: two of them at a time

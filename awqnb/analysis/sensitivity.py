@@ -53,7 +53,7 @@ from awqnb.core.devices import sync
 from awqnb.core.dtypes import dtype_name, parse_dtype
 from awqnb.core.errors import AwqnbError
 from awqnb.core.progress import tqdm
-from awqnb.engine.budget import check_sensitivity
+from awqnb.engine.budget import SENS_PREFIX_BYTES, SENS_STATES_BYTES, check_sensitivity
 from awqnb.engine.capture import block_output
 from awqnb.engine.walk import BlockEngine
 from awqnb.model.arch import ArchSpec, attn_shape, blocks, get_module, resolve_spec
@@ -302,10 +302,26 @@ class EvalSlice:
         self.h_fp: list[list[torch.Tensor]] = []
         self.h_q: list[list[torch.Tensor]] = []
         self.times: dict[str, float] = {}
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        state = windows.numel() * cfg.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+        self.prefix_bytes = (2 * self.L + 1) * state
+        self.prefixes_on_host = _prefixes_on_host(self.dev, self.engine.offload, self.prefix_bytes)
 
     def qweights(self, j: int) -> dict[str, torch.Tensor]:
         """Block j's W_eff on the device in the compute dtype (formed there from the bf16 W_q)."""
         return self.ref.weights(j, self.dev, self.dtype)
+
+    def keep(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A prefix as cached: where the engine keeps it, or in pinned CPU memory when all the
+        prefixes would take more than SENS_PREFIX_BYTES of the GPU (read back one at a time)."""
+        if not self.prefixes_on_host:
+            return hs
+        out = []
+        for h in hs:
+            host = torch.empty(h.shape, dtype=h.dtype, pin_memory=h.is_cuda)
+            host.copy_(h, non_blocking=h.is_cuda)
+            out.append(host)
+        return out
 
     def run(self, j: int, hs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Block j (on the device, whatever weights it points at now) on every chunk."""
@@ -327,8 +343,8 @@ class EvalSlice:
         for step in self.engine.walk():
             j, block = step.index, step.block
             if j == 0:
-                self.h_fp.append(step.hidden)
-                self.h_q.append(step.hidden)
+                self.h_fp.append(self.keep(step.hidden))
+                self.h_q.append(self.h_fp[0])
             self.kw.append(step.kwargs)
             sink, points = None, ()
             qw = self.qweights(j)
@@ -344,9 +360,9 @@ class EvalSlice:
                     acc[(j, name)][1] += out.reshape(-1, out.shape[-1]).double().pow(2).sum()
 
             out = step.forward(sink, points, with_output=True)
-            self.h_fp.append(out)
+            self.h_fp.append(self.keep(out))
             with _swapped(block, qw):
-                self.h_q.append(self.run(j, self.h_q[j]))
+                self.h_q.append(self.keep(self.run(j, self.h_q[j])))
             del qw
             step.next_hidden = out
         self.times["prefixes_s"] = sync(self.dev) - t
@@ -477,9 +493,16 @@ class EvalSlice:
             return self.score(hs, quant_head=True)
 
 
+def _prefixes_on_host(dev: torch.device, offload: bool, nbytes: int) -> bool:
+    """Whether the cached prefixes (`nbytes` in all) go to pinned CPU memory: on a GPU, unless the
+    engine already offloads every activation, when they would take more than SENS_PREFIX_BYTES."""
+    return dev.type == "cuda" and not offload and nbytes > SENS_PREFIX_BYTES
+
+
 def _max_states(sl: EvalSlice, max_states: int | None) -> int:
-    """Hidden states `[n_tok, H]` held at once by the variant walk: given, or ~40% of the free GPU
-    memory (4 GiB elsewhere) divided by one state's bytes."""
+    """Hidden states `[n_tok, H]` held at once by the variant walk: given, or the smaller of ~40% of
+    the free GPU memory and SENS_STATES_BYTES (4 GiB elsewhere) divided by one state's bytes. The
+    cap keeps the pass's peak from growing with depth (more start layers only make more groups)."""
     if max_states is not None:
         if max_states < 1:
             raise AwqnbError(f"max_states={max_states} must be at least 1.")
@@ -487,7 +510,7 @@ def _max_states(sl: EvalSlice, max_states: int | None) -> int:
     one = sum(h.numel() * h.element_size() for h in sl.h_fp[0])
     if sl.dev.type == "cuda" and not sl.engine.offload:
         free, _ = torch.cuda.mem_get_info(sl.dev)
-        budget = 0.4 * free
+        budget = min(0.4 * free, SENS_STATES_BYTES)
     else:
         budget = 4 * 2**30
     return max(1, int(budget // max(one, 1)))

@@ -54,6 +54,11 @@ from awqnb.model.data import calibration_samples
 log = logging.getLogger(__name__)
 
 GB = 1e9
+# The sensitivity pass's caches on a GPU, bounded whatever the depth (`awqnb.analysis.sensitivity`):
+# the hybrid states held at once, and the cached prefixes (FP and quantized states entering every
+# block) kept there; prefixes beyond this go to pinned CPU memory.
+SENS_STATES_BYTES = 6 * 2**30
+SENS_PREFIX_BYTES = 4 * 2**30
 QUANTIZE_FIXES = ("pass --offload-activations (offload_activations=True), a smaller --calib-batch-size "
                   "or fewer calibration samples (--n-calib)")
 SENSITIVITY_FIXES = ("pass offload_activations=True, fewer windows (n_windows, the report's SENS_WINDOWS) or a "
@@ -215,7 +220,8 @@ def sensitivity_estimate(model: nn.Module, device, dtype: torch.dtype, n_windows
                          batch_size: int, offload: bool, logit_rows: int, n_variants: int = 8) -> Estimate:
     """The sensitivity pass (`awqnb.analysis.sensitivity`): two copies of a block's weights (its
     own and the quantized ones swapped in), the cached FP and quantized hidden states entering
-    every block (2·L + 1 states of n_windows × seqlen × H; this part grows with depth), the FP
+    every block (2·L + 1 states of n_windows × seqlen × H, kept on the GPU only up to
+    SENS_PREFIX_BYTES, else in pinned CPU memory: bounded whatever the depth), the FP
     logits of the slice (positions × vocabulary, float32), at least one group of `n_variants`
     hybrid states, and per chunk the transients and `logit_rows` rows of logits (4 float32 copies).
     With `offload` the states and logits live in pinned CPU memory: one chunk of each on the device."""
@@ -226,8 +232,11 @@ def sensitivity_estimate(model: nn.Module, device, dtype: torch.dtype, n_windows
     rows = min(batch_size, n_windows)
     state = (rows if offload else n_windows) * seqlen * h * b
     positions = (rows if offload else n_windows) * (seqlen - 1)
+    prefixes = (2 * n_layers + 1) * state
+    if not offload and prefixes > SENS_PREFIX_BYTES:
+        prefixes = 2 * state  # on the CPU: the one being read and the one being written
     return Estimate({"block weights": 2 * block_weight_bytes(model, device, dtype),
-                     "cached states": (2 * n_layers + 1 + n_variants) * state,
+                     "cached states": prefixes + n_variants * state,
                      "FP logits": positions * vocab * 4,
                      "per-chunk transients": transient_bytes(model, rows, seqlen, dtype)
                      + 4 * min(logit_rows, rows * seqlen) * vocab * 4})
