@@ -72,3 +72,43 @@ def test_unknown_shape_is_one_clear_error(shaped, tmp_path):
     with pytest.raises(AwqnbError, match="unknown shape 'llama9'"):
         shaped.write_shaped_model("llama9", tmp_path / "x")
     assert shaped.main(["--shape", "llama9", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_tokenizer_from_a_saved_directory(shaped, tmp_path):
+    """--tokenizer DIR: a machine without the SmolLM2 GGUF (the GPU machine) writes the same model
+    from a tokenizer saved elsewhere; a directory without one is one clear line."""
+    from awqnb.core.errors import AwqnbError
+
+    shaped.base_tokenizer().save_pretrained(tmp_path / "tok")
+    tok = shaped.padded_tokenizer(49152 + 3, tmp_path / "tok")
+    assert len(tok) == 49152 + 3
+    text = "The same ids from the saved tokenizer."
+    assert tok(text).input_ids == shaped.padded_tokenizer(49152 + 3)(text).input_ids
+    assert shaped.main(["--shape", "tiny", "--layers", "1", "--out", str(tmp_path / "m"),
+                        "--tokenizer", str(tmp_path / "tok")]) == 0
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+    with pytest.raises(AwqnbError, match="no tokenizer_config.json"):
+        shaped.base_tokenizer(tmp_path)
+    assert shaped.main(["--shape", "tiny", "--out", str(tmp_path / "n"), "--tokenizer", str(tmp_path)]) == 2
+    assert not (tmp_path / "n").exists()
+
+
+def test_workbench_walk_step_on_a_shaped_directory(shaped, tmp_path):
+    """bench/workbench.py --steps walk (the 70B depth check), on CPU: streamed evaluation and the
+    sensitivity pass of the directory as loaded, each with its time; every (layer, family, mode)."""
+    import importlib.util
+
+    dest = tmp_path / "tiny-3L"
+    shaped.main(["--shape", "tiny", "--layers", "3", "--out", str(dest)])
+    spec = importlib.util.spec_from_file_location("workbench", BENCH / "workbench.py")
+    wb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wb)
+    out = tmp_path / "res"
+    assert wb.main(["--model-dir", str(dest), "--device", "cpu", "--smoke", "--steps", "walk", "--out", str(out),
+                    "--work-dir", str(tmp_path / "work")]) == 0
+    rec = json.loads((out / "walk.json").read_text())
+    assert rec["model_on"] == ["cpu"] and rec["num_hidden_layers"] == 3
+    assert rec["eval"]["placement"] == "stream"  # forced, though the model would fit
+    assert rec["eval"]["windows"] == 1 and rec["eval"]["ppl"] > 1 and rec["eval"]["seconds"] > 0
+    assert rec["sensitivity"]["rows"] == 3 * 4 * 2 and rec["sensitivity"]["seconds"] > 0
+    assert "walk | sensitivity pass rtn (3 layers, 24 rows)" in (out / "summary.md").read_text()
