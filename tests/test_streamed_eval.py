@@ -171,6 +171,28 @@ def test_placement_rule(models, monkeypatch):
     assert eval_placement(model, "cuda", torch.bfloat16) == "whole"
 
 
+def test_diagnostics_placement_keeps_only_small_models_on_the_gpu(models, monkeypatch):
+    """After the evaluation the report moves the FP model to the GPU for its diagnostics and the
+    sensitivity pass only when it takes at most DIAG_FRACTION of the GPU's total memory (an 8B model
+    on an H200 stays on the CPU and is streamed); never when evaluation itself would stream it."""
+    from types import SimpleNamespace
+
+    from awqnb.analysis.evaluate import diagnostics_placement
+
+    model, _ = models["tiny-random-llama"]
+    assert diagnostics_placement(model, "cpu") == "whole"
+    size = model_bytes(model)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d=None: (100 * size, 100 * size))
+    for total, want in ((int(size / evaluate.DIAG_FRACTION) + 1, "whole"), (int(size / evaluate.DIAG_FRACTION) - 1, "stream")):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d=None, t=total: SimpleNamespace(total_memory=t))
+        assert eval_placement(model, "cuda:0") == "whole"  # evaluation would take it whole either way
+        assert diagnostics_placement(model, "cuda:0") == want, total
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d=None: (size // 2, 100 * size))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d=None: SimpleNamespace(total_memory=100 * size))
+    assert diagnostics_placement(model, "cuda") == "stream"  # it does not fit at all
+
+
 def test_bad_placement_is_one_clear_error(models):
     model, _ = models["tiny-random-llama"]
     with pytest.raises(evaluate.AwqnbError, match="placement"):

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 PLACEMENTS = ("auto", "whole", "stream")
 WHOLE_FRACTION = 0.8  # of the GPU's free memory the weights may take for the whole-model path
+DIAG_FRACTION = 0.1  # of the GPU's total memory a model may take to stay there for the diagnostics
 STREAM_BUDGET = 16 << 30  # bytes of hidden states a streamed walk may hold on the device, at most
 
 
@@ -171,6 +172,26 @@ def eval_placement(model: nn.Module, device, dtype: torch.dtype | None = None) -
     there = sum(t.numel() * t.element_size() for t in tensors if t.device == dev)
     free, _ = torch.cuda.mem_get_info(dev)
     return "whole" if model_bytes(model, dtype) - there <= WHOLE_FRACTION * free else "stream"
+
+
+def diagnostics_placement(model: nn.Module, device) -> str:
+    """'whole' (move the model to `device` for the walks after an evaluation: diagnostics, the
+    sensitivity pass, its plans) or 'stream' (leave it where it was loaded). Whole where the model
+    already is, on the CPU, or when `eval_placement` says it fits and its weights take at most
+    DIAG_FRACTION of the GPU's total memory. Those walks prefetch each block on a side stream, so
+    streaming costs them little; a larger model held there leaves them too little (an 8B model held
+    through the sensitivity pass: 48 GB peak on the H200, and the pass refused on a 24 GB GPU)."""
+    if eval_placement(model, device) != "whole":
+        return "stream"
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "whole"
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if all(t.device == dev for t in list(model.parameters()) + list(model.buffers())):
+        return "whole"
+    total = torch.cuda.get_device_properties(dev).total_memory
+    return "whole" if model_bytes(model) <= DIAG_FRACTION * total else "stream"
 
 
 def _placement(model: nn.Module, dev: torch.device, placement: str) -> str:
