@@ -40,30 +40,34 @@ STRATEGIES = {"sensitivity": "kl", "kl": "kl", "recovery": "recovery", "density"
 # --- the kept weights ----------------------------------------------------------------------
 
 @torch.no_grad()
-def keep_weights(model: nn.Module, result, bits: int, layers: Iterable[int] | None = None,
-                 dtype=torch.float32) -> dict[int, dict[str, torch.Tensor]]:
-    """W_eff `[co, ci]` of every block linear kept at `bits` by a plan in the run `result`: the run's
+def keep_weight(model: nn.Module, result, bits: int, layer: int, name: str, dtype=torch.float32,
+                device=None) -> torch.Tensor:
+    """W_eff `[co, ci]` of one block linear kept at `bits` by a plan in the run `result`: the run's
     scales stay folded, the scaled weight is rounded to nearest at `bits` on the run's grid (what
     `pipeline.quantize` does to a planned family), mapped back to the FP basis:
-    `diag(s_row) · Q_bits(diag(s_row)^-1 · W · diag(s_col)) · diag(s_col)^-1`; bits 16 → W itself."""
+    `diag(s_row) · Q_bits(diag(s_row)^-1 · W · diag(s_col)) · diag(s_col)^-1`; bits 16 → W itself.
+    Computed in float32 on `device` (default the CPU), returned on the CPU in `dtype`."""
     spec = resolve_spec(model)
-    attn = attn_shape(model.config)
-    bl = blocks(model, spec)
-    q = dataclasses.replace(result.config.quant, bits=bits) if bits != FP_BITS else None
-    out = {}
-    for j in (range(len(bl)) if layers is None else layers):
-        cols, rows = scale_maps(result, j, spec, attn)
-        out[j] = {}
-        for name in spec.linears:
-            w = get_module(bl[j], name).weight.data.detach().to("cpu", torch.float32)
-            if q is not None:
-                c = cols.get(name)
-                r = rows.get(name)
-                ws = w * (c.cpu()[None, :] if c is not None else 1.0) / (r.cpu()[:, None] if r is not None else 1.0)
-                wq = fake_quant(ws, q)
-                w = wq * (r.cpu()[:, None] if r is not None else 1.0) / (c.cpu()[None, :] if c is not None else 1.0)
-            out[j][name] = w.to(dtype)
-    return out
+    cols, rows = scale_maps(result, layer, spec, attn_shape(model.config))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    w = get_module(blocks(model, spec)[layer], name).weight.data.detach().to(dev, torch.float32)
+    if bits != FP_BITS:
+        q = dataclasses.replace(result.config.quant, bits=bits)
+        c = cols.get(name)
+        r = rows.get(name)
+        c = c.to(dev)[None, :] if c is not None else 1.0
+        r = r.to(dev)[:, None] if r is not None else 1.0
+        w = fake_quant(w * c / r, q) * r / c
+    return w.to("cpu", dtype)
+
+
+def keep_weights(model: nn.Module, result, bits: int, layers: Iterable[int] | None = None,
+                 dtype=torch.float32, device=None) -> dict[int, dict[str, torch.Tensor]]:
+    """`keep_weight` of every block linear of `layers` (default all): layer → linear → W_eff."""
+    spec = resolve_spec(model)
+    n = len(blocks(model, spec))
+    return {j: {name: keep_weight(model, result, bits, j, name, dtype, device) for name in spec.linears}
+            for j in (range(n) if layers is None else layers)}
 
 
 # --- choosing a plan -----------------------------------------------------------------------
@@ -207,8 +211,7 @@ def pareto(model: nn.Module, cfg: MethodConfig | None, calibration, eval_tokens:
     sl = EvalSlice(model, windows, ref, dev, cdtype, batch_size, offload_activations, logit_rows, progress)
     sl.prefixes(())
     sl.fp_distribution()
-    layers = sorted({int(l) for l in frame["layer"]})
-    kw = keep_weights(model, ref.result, keep_bits, layers, cdtype)
+    kw: dict[tuple[int, str], torch.Tensor] = {}  # only the linears some plan keeps, formed on the device
     budgets = [("k", int(k)) for k in ks] + [("max_linears", int(m)) for m in max_linears]
     jobs = [(s, b) for s in strategies for b in budgets]
     rows = []
@@ -219,7 +222,9 @@ def pareto(model: nn.Module, cfg: MethodConfig | None, calibration, eval_tokens:
         w: dict[int, dict[str, torch.Tensor]] = {}
         for l, f, _ in plan.entries:
             for n in sl.fams[f]:
-                w.setdefault(l, {})[n] = kw[l][n]
+                if (l, n) not in kw:
+                    kw[(l, n)] = keep_weight(model, ref.result, keep_bits, l, n, cdtype, dev)
+                w.setdefault(l, {})[n] = kw[(l, n)]
         kl, ppl = sl.run_hybrid(w)
         rows.append({"strategy": s, "k": len(plan), "avg_bits": plan_avg_bits(frame, plan, base_bits), "ppl": ppl,
                      "kl": kl, "n_linears": plan_linears(frame, plan), "plan": plan.describe(),
