@@ -95,10 +95,10 @@ def base_tokenizer(path=None):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def padded_tokenizer(vocab: int, path=None):
-    """SmolLM2's tokenizer (`base_tokenizer(path)`) with reserved special tokens appended until
-    len(tokenizer) == vocab (unchanged when vocab is its own size)."""
-    tok = base_tokenizer(path)
+def padded_tokenizer(vocab: int, path=None, tok=None):
+    """SmolLM2's tokenizer (`tok`, else `base_tokenizer(path)`) with reserved special tokens appended
+    until len(tokenizer) == vocab (unchanged when vocab is its own size)."""
+    tok = tok if tok is not None else base_tokenizer(path)
     n_pad = vocab - len(tok)
     if n_pad < 0:
         raise AwqnbError(f"vocab {vocab} is smaller than the tokenizer's {len(tok)} tokens.")
@@ -186,9 +186,10 @@ def write_shaped_model(shape: str, dest: str | Path, *, layers: int | None = Non
     if dest.exists() and not overwrite:  # before minutes of drawing, not after
         raise AwqnbError(f"{dest} already exists; pass --overwrite or choose another --out.")
     cfg = shape_config(shape, layers)
-    n_tok_base = len(base_tokenizer(tokenizer))
+    tok = base_tokenizer(tokenizer)
+    n_tok_base = len(tok)
     cfg = shape_config(shape, layers, vocab=max(cfg.vocab_size, n_tok_base))
-    tok = padded_tokenizer(cfg.vocab_size, tokenizer)
+    tok = padded_tokenizer(cfg.vocab_size, tok=tok)
     cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
     cfg.pad_token_id = tok.pad_token_id
     cfg.dtype = dt

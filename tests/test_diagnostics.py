@@ -13,6 +13,7 @@ from awqnb.analysis import diagnostics as D, layer_error, layer_local, preactiva
 from awqnb.model.arch import attn_shape, blocks, get_module, resolve_spec
 from awqnb.quant.method_config import MethodConfig
 from awqnb.core.config import QuantConfig, SearchConfig
+from awqnb.quant.methods.rounding import even_positions
 from awqnb.core.errors import AwqnbError
 from awqnb.analysis.evaluate import PerplexityResult
 from awqnb.quant.importance import correlations, importance_vectors
@@ -280,13 +281,13 @@ def test_seed_claims_pairs_labels_by_config_and_gives_verdicts():
 
 def test_residual_stats_of_a_linear_past_2_24_weights():
     """An 8B MLP linear has 14336 × 4096 weights: float32 sample positions reached one past the end
-    (a CUDA device-side assert in the layer deep dive on the H200). 4097 × 4096 is the smallest such
-    shape kept here; the old positions fail the same way on the CPU."""
+    (a CUDA device-side assert in the layer deep dive on the H200); `even_positions` clamps them.
+    4097 × 4096 is past 2**24; the old positions fail the same way on the CPU."""
     n = 4097 * 4096
     assert int(torch.linspace(0, n - 1, 1 << 20).long().max()) == n  # the old float32 positions
-    idx = layer_error.sample_positions(n, 1 << 20)
-    assert int(idx.min()) == 0 and int(idx.max()) == n - 1 and idx.numel() == 1 << 20
-    assert bool((idx[1:] >= idx[:-1]).all())
+    idx = even_positions(n, 1 << 20, "cpu")
+    assert int(idx.min()) == 0 and int(idx.max()) == n - 1 and idx.numel() > (1 << 20) - 16
+    assert bool((idx[1:] > idx[:-1]).all())
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4097, 4096, generator=g)
     r = torch.rand(4097, 4096, generator=g) - 0.5

@@ -24,6 +24,7 @@ from awqnb.core.errors import AwqnbError
 from awqnb.core.primitives import compute_qparams, dequantize, expand_groups, quantize
 from awqnb.model.arch import SPECS, blocks, get_module, resolve_spec
 from awqnb.quant.method_config import MethodConfig
+from awqnb.quant.methods.rounding import even_positions
 from awqnb.quant.pipeline import quantize as _quantize
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -37,17 +38,11 @@ def _quant(cfg) -> QuantConfig:
     raise AwqnbError(f"expected a QuantConfig or MethodConfig, got {type(cfg).__name__}.")
 
 
-def sample_positions(n: int, k: int, device=None) -> torch.Tensor:
-    """k evenly spread indices into range(n), in float64: float32 rounds n − 1 up to n once n > 2**24
-    (every MLP linear of a 7–8B model), one past the end."""
-    return torch.linspace(0, n - 1, k, dtype=torch.float64, device=device).long().clamp_(0, n - 1)
-
-
 def _residual_stats(w: torch.Tensor, r: torch.Tensor, step: torch.Tensor | None) -> dict:
     a = r.abs().reshape(-1).float()
     n = a.numel()
     k = min(n, 1 << 20)
-    sample = a if n <= k else a[sample_positions(n, k, a.device)]
+    sample = a if n <= k else a[even_positions(n, k, a.device)]
     qs = torch.quantile(sample, torch.tensor(QUANTILES, device=a.device)).tolist()
     d = {"rel_err": float(r.double().norm() / w.double().norm().clamp(min=1e-30)),
          "mse": float(r.double().pow(2).mean()), "mean_abs": float(a.double().mean()), "max_abs": float(a.max())}

@@ -268,10 +268,11 @@ def james_stein(mu: torch.Tensor, var: torch.Tensor, n: int) -> tuple[torch.Tens
 
 
 def even_positions(T: int, n: int, device) -> torch.Tensor:
-    """At most `n` evenly spread positions in `range(T)` (all of them when n ≥ T)."""
+    """At most `n` evenly spread positions in `range(T)` (all of them when n ≥ T). Clamped: above
+    2**24 float32 rounds T − 1 up to T, one past the end (an 8B MLP linear's weights)."""
     if n >= T:
         return torch.arange(T, device=device)
-    return torch.linspace(0, T - 1, n, device=device).round().long().clamp_(max=T - 1).unique()  # float32: T > 2**24
+    return torch.linspace(0, T - 1, n, device=device).round().long().clamp_(max=T - 1).unique()
 
 
 def input_moments(ctx: BlockContext, key: str, max_tokens_per_sample: int = 0):
